@@ -1,0 +1,98 @@
+//! SQL pools through sqlx's `Any` driver, so the same queries run on MySQL
+//! (production) and SQLite (the embedded default). Placeholders are `?` in both.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::Migrator;
+
+/// True for an SQLite URL (`sqlite:` / `sqlite://`).
+pub fn is_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
+/// Connects a pool. For SQLite the file and its directory are created; for
+/// MySQL the database is created when it does not exist yet.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool> {
+    sqlx::any::install_default_drivers();
+    let mut url = url.to_string();
+    let mut max_connections = max_connections.max(1);
+    if is_sqlite(&url) {
+        if url.contains(":memory:") {
+            // Every connection to :memory: is a database of its own.
+            max_connections = 1;
+        } else {
+            let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+            let path = path.split('?').next().unwrap_or(path);
+            if let Some(parent) = std::path::Path::new(path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent)?;
+            }
+            if !url.contains("mode=") {
+                url.push_str(if url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+            }
+        }
+    } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+        create_mysql_database(&url).await?;
+    }
+    let pool = AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot connect to {}: {error}", redact(&url)))?;
+    if is_sqlite(&url) && !url.contains(":memory:") {
+        sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+    }
+    Ok(pool)
+}
+
+/// Runs `migrator` recording applied migrations in `table`, so several roles
+/// can share one database.
+pub async fn migrate(pool: &AnyPool, mut migrator: Migrator, table: &'static str) -> anyhow::Result<()> {
+    migrator.dangerous_set_table_name(table);
+    migrator.run(pool).await.map_err(|error| anyhow::anyhow!("migration failed: {error}"))
+}
+
+async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
+    use sqlx::ConnectOptions;
+    let options = sqlx::mysql::MySqlConnectOptions::from_str(url)?;
+    let Some(database) = options.get_database().map(str::to_string) else {
+        return Ok(());
+    };
+    if !database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        anyhow::bail!("database name {database:?} must be letters, digits and underscores");
+    }
+    // The same URL without its path: the server, not the missing database.
+    let host_start = url.find("://").map_or(0, |index| index + 3);
+    let server_url = match url[host_start..].find('/') {
+        Some(slash) => &url[..host_start + slash],
+        None => url,
+    };
+    let mut connection = sqlx::mysql::MySqlConnectOptions::from_str(server_url)?
+        .connect()
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot connect to {}: {error}", redact(url)))?;
+    // The name was checked above to be letters, digits and underscores.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE IF NOT EXISTS `{database}`")))
+        .execute(&mut connection)
+        .await?;
+    Ok(())
+}
+
+/// A URL with its password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

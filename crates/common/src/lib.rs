@@ -1,0 +1,25 @@
+//! Plumbing shared by every pushgrid role: configuration, the keeper client and
+//! cluster view, RPC channel pools and batching, consistent hashing, tokens,
+//! telemetry and shutdown.
+
+pub mod batch;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod db;
+pub mod ids;
+pub mod jwt;
+pub mod net;
+pub mod ring;
+pub mod rpc;
+pub mod telemetry;
+
+pub use tokio_util::sync::CancellationToken;
+
+/// Milliseconds since the Unix epoch, from the wall clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}

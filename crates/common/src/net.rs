@@ -1,0 +1,45 @@
+//! Listener helpers: binding, advertised addresses and the bound-address line
+//! that test harnesses and the cluster launcher read from a role's stdout.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+/// Prefix of the line a process prints on stdout for every listener it bound.
+pub const BOUND_LINE_PREFIX: &str = "PUSHGRID_BOUND";
+
+/// Binds a TCP listener, naming the address in the error.
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {addr}: {error}"))
+}
+
+/// Prints `PUSHGRID_BOUND <role> <name> <addr>` on stdout and flushes it.
+pub fn announce(role: &str, name: &str, addr: SocketAddr) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{BOUND_LINE_PREFIX} {role} {name} {addr}");
+    let _ = stdout.flush();
+}
+
+/// The address others should dial to reach `bound`: `advertise_host` when set,
+/// else the bound IP (a wildcard bind falls back to 127.0.0.1).
+pub fn advertised(bound: SocketAddr, advertise_host: &str) -> String {
+    if !advertise_host.is_empty() {
+        return format!("{advertise_host}:{}", bound.port());
+    }
+    if bound.ip().is_unspecified() {
+        return format!("127.0.0.1:{}", bound.port());
+    }
+    bound.to_string()
+}
+
+/// `host:port` or a URI, as a URI tonic can dial.
+pub fn grpc_uri(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}

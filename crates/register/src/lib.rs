@@ -1,0 +1,244 @@
+//! register: the global session table, `(app, user) -> [(room, conn, device)]`,
+//! in memory. Rooms report sessions with batched Online/Offline calls; center
+//! and coordinator find a user's connections with batched Lookup calls.
+//!
+//! Sessions of a room whose keeper lease is gone are dropped, so a room that
+//! died leaves no stale sessions behind.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use pushgrid_common::cli::RoleConfig;
+use pushgrid_common::cluster::Cluster;
+use pushgrid_common::config::NodeConfig;
+use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_proto::cluster::register_server::{Register, RegisterServer};
+use pushgrid_proto::cluster::{
+    LookupRequest, LookupResponse, NodeInfo, Role, Session, SessionBatch, SessionBatchResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+pub const ROLE: &str = "register";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RegisterConfig {
+    #[serde(flatten)]
+    pub node: NodeConfig,
+}
+
+impl Default for RegisterConfig {
+    fn default() -> Self {
+        RegisterConfig { node: NodeConfig::with_ports(7001, 9001) }
+    }
+}
+
+impl RoleConfig for RegisterConfig {
+    fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+}
+
+/// The sockets register serves on, bound by the caller.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &RegisterConfig) -> anyhow::Result<Listeners> {
+        Ok(Listeners { grpc: net::bind(&config.node.listen).await?, admin: net::bind(&config.node.admin_listen).await? })
+    }
+}
+
+/// Sessions keyed by `app \0 user`.
+#[derive(Default)]
+pub struct SessionTable {
+    users: DashMap<String, Vec<Session>>,
+}
+
+fn user_key(app: &str, user: &str) -> String {
+    let mut key = String::with_capacity(app.len() + user.len() + 1);
+    key.push_str(app);
+    key.push('\0');
+    key.push_str(user);
+    key
+}
+
+impl SessionTable {
+    pub fn online(&self, session: Session) {
+        let mut sessions = self.users.entry(user_key(&session.app, &session.user)).or_default();
+        sessions.retain(|existing| !(existing.room == session.room && existing.conn_id == session.conn_id));
+        sessions.push(session);
+    }
+
+    pub fn offline(&self, session: &Session) {
+        let key = user_key(&session.app, &session.user);
+        let emptied = match self.users.get_mut(&key) {
+            Some(mut sessions) => {
+                sessions.retain(|existing| !(existing.room == session.room && existing.conn_id == session.conn_id));
+                sessions.is_empty()
+            }
+            None => false,
+        };
+        if emptied {
+            self.users.remove_if(&key, |_, sessions| sessions.is_empty());
+        }
+    }
+
+    pub fn lookup(&self, app: &str, user: &str) -> Vec<Session> {
+        self.users.get(&user_key(app, user)).map(|sessions| sessions.clone()).unwrap_or_default()
+    }
+
+    /// Drops every session held by a room not in `live_rooms`; returns how many.
+    pub fn retain_rooms(&self, live_rooms: &HashSet<String>) -> usize {
+        let mut dropped = 0;
+        self.users.retain(|_, sessions| {
+            let before = sessions.len();
+            sessions.retain(|session| live_rooms.contains(&session.room));
+            dropped += before - sessions.len();
+            !sessions.is_empty()
+        });
+        dropped
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.iter().map(|entry| entry.value().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+struct RegisterService {
+    epoch: u64,
+    table: Arc<SessionTable>,
+}
+
+#[tonic::async_trait]
+impl Register for RegisterService {
+    async fn online(&self, request: Request<SessionBatch>) -> Result<Response<SessionBatchResponse>, Status> {
+        let sessions = request.into_inner().sessions;
+        metrics::counter!("pushgrid_register_online_total").increment(sessions.len() as u64);
+        for session in sessions {
+            self.table.online(session);
+        }
+        metrics::gauge!("pushgrid_register_sessions").set(self.table.len() as f64);
+        Ok(Response::new(SessionBatchResponse { epoch: self.epoch }))
+    }
+
+    async fn offline(&self, request: Request<SessionBatch>) -> Result<Response<SessionBatchResponse>, Status> {
+        let sessions = request.into_inner().sessions;
+        metrics::counter!("pushgrid_register_offline_total").increment(sessions.len() as u64);
+        for session in &sessions {
+            self.table.offline(session);
+        }
+        metrics::gauge!("pushgrid_register_sessions").set(self.table.len() as f64);
+        Ok(Response::new(SessionBatchResponse { epoch: self.epoch }))
+    }
+
+    async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+        let users = request.into_inner().users;
+        metrics::counter!("pushgrid_register_lookups_total").increment(users.len() as u64);
+        let mut sessions = Vec::with_capacity(users.len());
+        for user in &users {
+            sessions.extend(self.table.lookup(&user.app, &user.user));
+        }
+        Ok(Response::new(LookupResponse { sessions, epoch: self.epoch }))
+    }
+}
+
+/// Runs register until `shutdown`.
+pub async fn run(config: RegisterConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node_id = config.node.resolved_node_id(ROLE);
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    net::announce(ROLE, "grpc", grpc_addr);
+    net::announce(ROLE, "admin", admin_addr);
+    tokio::spawn(telemetry::serve_admin(listeners.admin, ROLE, shutdown.clone()));
+
+    let epoch = now_ms();
+    let node = NodeInfo {
+        id: node_id.clone(),
+        role: Role::Register as i32,
+        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
+        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
+        started_ms: epoch,
+        ..Default::default()
+    };
+    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let table = Arc::new(SessionTable::default());
+    tokio::spawn(drop_sessions_of_dead_rooms(cluster.clone(), table.clone(), shutdown.clone()));
+
+    tracing::info!(node = %node_id, %grpc_addr, "register serving");
+    net::announce(ROLE, "ready", grpc_addr);
+    let service = RegisterService { epoch, table };
+    tonic::transport::Server::builder()
+        .add_service(RegisterServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+            shutdown.cancelled_owned(),
+        )
+        .await?;
+    cluster.leave().await;
+    tracing::info!(node = %node_id, "register stopped");
+    Ok(())
+}
+
+async fn drop_sessions_of_dead_rooms(cluster: Cluster, table: Arc<SessionTable>, shutdown: CancellationToken) {
+    let mut views = cluster.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = views.changed() => if changed.is_err() { return },
+        }
+        let view = views.borrow_and_update().clone();
+        if view.version == 0 {
+            continue;
+        }
+        let live: HashSet<String> = view.nodes_of(Role::Room).map(|node| node.id.clone()).collect();
+        let dropped = table.retain_rooms(&live);
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped sessions of rooms whose lease ended");
+            metrics::counter!("pushgrid_register_sessions_dropped_total").increment(dropped as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(user: &str, room: &str, conn_id: u64) -> Session {
+        Session { app: "a".into(), user: user.into(), room: room.into(), conn_id, ..Default::default() }
+    }
+
+    #[test]
+    fn online_offline_lookup() {
+        let table = SessionTable::default();
+        table.online(session("u", "r1", 1));
+        table.online(session("u", "r2", 2));
+        table.online(session("u", "r1", 1)); // a repeat replaces, not duplicates
+        assert_eq!(table.lookup("a", "u").len(), 2);
+        table.offline(&session("u", "r1", 1));
+        assert_eq!(table.lookup("a", "u"), vec![session("u", "r2", 2)]);
+        table.offline(&session("u", "r2", 2));
+        assert!(table.lookup("a", "u").is_empty());
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn sessions_of_dead_rooms_are_dropped() {
+        let table = SessionTable::default();
+        table.online(session("u", "r1", 1));
+        table.online(session("v", "r2", 2));
+        let live: HashSet<String> = ["r2".to_string()].into();
+        assert_eq!(table.retain_rooms(&live), 1);
+        assert!(table.lookup("a", "u").is_empty());
+        assert_eq!(table.len(), 1);
+    }
+}
