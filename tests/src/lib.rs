@@ -1,1 +1,396 @@
-//! End-to-end test harness.
+//! End-to-end test harness: starts real processes of every role on port 0,
+//! reads the addresses they bound from their stdout, and cleans up after.
+//!
+//! Each cluster gets its own MariaDB database and its own app id (so Redis
+//! keys never collide between tests running in parallel).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use pushgrid_client::{Connection, msg};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
+
+/// `target/<profile>`, from the test binary's own path (`target/<profile>/deps/x`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// Builds the role binaries once per test process (a no-op when they are
+/// fresh): `cargo test` builds only the binaries of packages with tests of
+/// their own.
+pub fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile_dir = target_dir();
+        let profile = profile_dir.file_name().unwrap().to_string_lossy().to_string();
+        let target = profile_dir.parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = std::process::Command::new(cargo);
+        command.args(["build", "--quiet", "--workspace", "--bins", "--target-dir"]).arg(target);
+        if profile != "debug" {
+            command.args(["--profile", &profile]);
+        }
+        command.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let status = command.status().expect("run cargo build");
+        assert!(status.success(), "building the role binaries failed");
+    });
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    ensure_built();
+    target_dir().join(name)
+}
+
+/// A running role process. Killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub bound: HashMap<String, SocketAddr>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        *self.bound.get(listener).unwrap_or_else(|| panic!("{} did not bind {listener}", self.name))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// kill -9.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Starts `binary` with `args`, stderr to `dir/<name>.log`, and waits until it
+/// prints its `ready` line (collecting every bound address on the way).
+pub async fn spawn(dir: &Path, name: &str, binary_name: &str, args: &[String]) -> anyhow::Result<Proc> {
+    spawn_until(dir, name, binary_name, args, binary_name).await
+}
+
+/// Like [`spawn`], waiting for the `ready` line of `ready_role`. Bound
+/// addresses are kept as `<listener>` and `<role>/<listener>`.
+pub async fn spawn_until(
+    dir: &Path,
+    name: &str,
+    binary_name: &str,
+    args: &[String],
+    ready_role: &str,
+) -> anyhow::Result<Proc> {
+    let log = dir.join(format!("{name}.log"));
+    let stderr = std::fs::File::create(&log)?;
+    let mut child = Command::new(binary(binary_name))
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {binary_name}"))?;
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, mut lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut bound = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => bail!("{name} exited before it was ready:\n{}", std::fs::read_to_string(&log)?),
+            Err(_) => bail!("{name} was not ready in 60 s:\n{}", std::fs::read_to_string(&log)?),
+        };
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.len() == 4 && parts[0] == pushgrid_common::net::BOUND_LINE_PREFIX {
+            let addr: SocketAddr = parts[3].parse()?;
+            if parts[2] == "ready" && parts[1] == ready_role {
+                break;
+            }
+            bound.insert(parts[2].to_string(), addr);
+            bound.insert(format!("{}/{}", parts[1], parts[2]), addr);
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while lines.recv().await.is_some() {} });
+    Ok(Proc { name: name.to_string(), child, bound, log })
+}
+
+/// The app a test cluster is seeded with.
+#[derive(Debug, Clone)]
+pub struct TestApp {
+    pub id: String,
+    pub secret: String,
+    pub api_key: String,
+    pub webhook_url: String,
+}
+
+impl TestApp {
+    pub fn random() -> TestApp {
+        let suffix: u32 = rand::random();
+        TestApp {
+            id: format!("app{suffix:08x}"),
+            secret: format!("secret-{suffix}"),
+            api_key: format!("key-{suffix}"),
+            webhook_url: String::new(),
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        token(&self.id, user, &self.secret, 3600)
+    }
+}
+
+/// A device token; `ttl_secs` may be negative for an expired one.
+pub fn token(app: &str, user: &str, secret: &str, ttl_secs: i64) -> String {
+    let exp = (pushgrid_common::now_ms() / 1000) as i64 + ttl_secs;
+    let claims = pushgrid_common::jwt::Claims { sub: user.into(), app: app.into(), exp: exp as u64, dev: String::new() };
+    pushgrid_common::jwt::sign(&claims, secret)
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub webhook_url: String,
+    pub heartbeat_secs: u32,
+    pub rooms: usize,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { webhook_url: String::new(), heartbeat_secs: 30, rooms: 1 }
+    }
+}
+
+/// Seven roles as separate processes against the real Redis and MariaDB.
+pub struct TestCluster {
+    pub app: TestApp,
+    pub dir: PathBuf,
+    pub database: String,
+    pub keeper: Proc,
+    pub register: Proc,
+    pub saver: Proc,
+    pub coordinator: Proc,
+    pub center: Proc,
+    pub dispatcher: Proc,
+    pub rooms: Vec<Proc>,
+    pub http: reqwest::Client,
+}
+
+fn node_args(keeper: &str) -> Vec<String> {
+    [
+        format!("keeper={keeper}"),
+        "listen=127.0.0.1:0".into(),
+        "admin_listen=127.0.0.1:0".into(),
+        "lease_ttl_secs=3".into(),
+    ]
+    .into_iter()
+    .flat_map(|setting| ["--set".to_string(), setting])
+    .collect()
+}
+
+fn set(args: &mut Vec<String>, setting: String) {
+    args.push("--set".into());
+    args.push(setting);
+}
+
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl TestCluster {
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        let mut app = TestApp::random();
+        app.webhook_url = options.webhook_url.clone();
+        let dir = temp_dir("pushgrid-e2e");
+        let database = format!("pg_e2e_{}", &app.id[3..]);
+        let database_url = format!("{MYSQL_SERVER}/{database}");
+
+        let mut keeper_args = node_args("127.0.0.1:1");
+        set(&mut keeper_args, format!("database_url={database_url}"));
+        set(
+            &mut keeper_args,
+            format!(
+                "apps=[{{id=\"{}\", jwt_secret=\"{}\", api_key=\"{}\", webhook_url=\"{}\"}}]",
+                app.id, app.secret, app.api_key, app.webhook_url
+            ),
+        );
+        let keeper = spawn(&dir, "keeper", "keeper", &keeper_args).await?;
+        let keeper_addr = keeper.addr("grpc").to_string();
+
+        let register = spawn(&dir, "register", "register", &node_args(&keeper_addr)).await?;
+        let mut saver_args = node_args(&keeper_addr);
+        set(&mut saver_args, format!("database_url={database_url}"));
+        set(&mut saver_args, format!("redis_url={REDIS_URL}"));
+        let saver = spawn(&dir, "saver", "saver", &saver_args).await?;
+        let coordinator = spawn(&dir, "coordinator", "coordinator", &node_args(&keeper_addr)).await?;
+        let mut center_args = node_args(&keeper_addr);
+        set(&mut center_args, "http_listen=127.0.0.1:0".into());
+        let center = spawn(&dir, "center", "center", &center_args).await?;
+        let mut dispatcher_args = node_args(&keeper_addr);
+        set(&mut dispatcher_args, "http_listen=127.0.0.1:0".into());
+        let dispatcher = spawn(&dir, "dispatcher", "dispatcher", &dispatcher_args).await?;
+        let mut rooms = Vec::new();
+        for index in 0..options.rooms.max(1) {
+            let mut room_args = node_args(&keeper_addr);
+            set(&mut room_args, "tcp_listen=127.0.0.1:0".into());
+            set(&mut room_args, format!("heartbeat_secs={}", options.heartbeat_secs));
+            set(&mut room_args, "auth_timeout_secs=2".into());
+            rooms.push(spawn(&dir, &format!("room{index}"), "room", &room_args).await?);
+        }
+        let cluster = TestCluster {
+            app,
+            dir,
+            database,
+            keeper,
+            register,
+            saver,
+            coordinator,
+            center,
+            dispatcher,
+            rooms,
+            http: reqwest::Client::new(),
+        };
+        cluster.wait_for_rooms(options.rooms.max(1)).await?;
+        Ok(cluster)
+    }
+
+    pub fn center_url(&self) -> String {
+        format!("http://{}", self.center.addr("http"))
+    }
+
+    pub fn dispatcher_url(&self) -> String {
+        format!("http://{}", self.dispatcher.addr("http"))
+    }
+
+    pub fn room_addr(&self, index: usize) -> String {
+        self.rooms[index].addr("tcp").to_string()
+    }
+
+    /// Waits until the dispatcher knows `count` rooms (every role registered).
+    async fn wait_for_rooms(&self, count: usize) -> anyhow::Result<()> {
+        let url = format!("{}/v1/dispatch?user=probe", self.dispatcher_url());
+        for _ in 0..200 {
+            if let Ok(response) = self.http.get(&url).send().await
+                && response.status().is_success()
+            {
+                let body: serde_json::Value = response.json().await?;
+                if body["result"]["rooms"].as_array().map_or(0, Vec::len) >= count.min(3) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("dispatcher never listed {count} rooms")
+    }
+
+    /// `POST /api/push` with the cluster app's API key.
+    pub async fn push(&self, users: &[&str], payload: &str) -> anyhow::Result<Vec<u64>> {
+        let response = self
+            .http
+            .post(format!("{}/api/push", self.center_url()))
+            .header("Authorization", format!("apikey {}", self.app.api_key))
+            .json(&serde_json::json!({ "users": users, "payload": payload }))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        if !status.is_success() {
+            bail!("push answered {status}: {body}");
+        }
+        body["result"]["messages"]
+            .as_array()
+            .context("no messages in answer")?
+            .iter()
+            .map(|message| message["id"].as_str().context("id is a string")?.parse::<u64>().map_err(Into::into))
+            .collect()
+    }
+
+    /// Connects a raw device through the dispatcher's first room.
+    pub async fn device(&self, user: &str) -> anyhow::Result<(Connection, msg::AuthOk)> {
+        let dispatch = pushgrid_client::dispatch(&self.http, &self.dispatcher_url(), user).await?;
+        let room = dispatch.rooms.first().context("no room")?;
+        let auth = msg::Auth { token: self.app.token(user), device_id: format!("{user}-phone"), platform: "test".into() };
+        let tcp = room.tcp.as_deref().context("room without a TCP address")?;
+        Ok(Connection::connect(tcp, auth).await?)
+    }
+
+    /// A SQL pool on this cluster's database.
+    pub async fn mysql(&self) -> anyhow::Result<sqlx::AnyPool> {
+        pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{}", self.database), 2).await
+    }
+
+    /// Drops the cluster's database; call at the end of a test.
+    pub async fn cleanup(self) {
+        if let Ok(pool) = pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{}", self.database), 1).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{}`", self.database)))
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The next frame, or an error after `timeout`.
+pub async fn next_frame(connection: &mut Connection, timeout: Duration) -> anyhow::Result<Option<pushgrid_client::Frame>> {
+    match tokio::time::timeout(timeout, connection.next_frame()).await {
+        Ok(result) => Ok(result?),
+        Err(_) => bail!("no frame within {timeout:?}"),
+    }
+}
+
+/// Reads frames until a PUSH arrives (answering nothing else).
+pub async fn next_push(connection: &mut Connection, timeout: Duration) -> anyhow::Result<msg::Push> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let frame = next_frame(connection, remaining).await?.context("connection closed before a push")?;
+        if frame.op == pushgrid_client::Op::Push {
+            return Ok(frame.decode::<msg::Push>()?);
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -1,1 +1,116 @@
+//! center: the public HTTP push API for application backends.
+//!
+//! `POST /api/push` stores one message per user in saver first and answers
+//! with their ids only then; routing (register lookup, room delivery) happens
+//! after the answer, in a resident worker pool fed by a bounded queue. A full
+//! queue answers 503 with Retry-After before anything is stored, so memory
+//! never grows with load.
 
+mod api;
+mod route;
+
+use std::sync::Arc;
+
+use pushgrid_common::cli::RoleConfig;
+use pushgrid_common::cluster::Cluster;
+use pushgrid_common::config::NodeConfig;
+use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_proto::cluster::{NodeInfo, Role};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub const ROLE: &str = "center";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CenterConfig {
+    /// `listen` (gRPC) is unused: center serves only HTTP.
+    #[serde(flatten)]
+    pub node: NodeConfig,
+    /// The push API's HTTP listener.
+    pub http_listen: String,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_request_bytes: usize,
+    /// Largest message payload, after base64 decoding.
+    pub max_payload_bytes: usize,
+    /// Most users in one push call.
+    pub max_users_per_push: usize,
+    /// Routing workers.
+    pub route_workers: usize,
+    /// Pushes waiting for a routing worker before the API answers 503.
+    pub route_queue: usize,
+    /// Seconds a client is told to wait when the queue is full.
+    pub retry_after_secs: u32,
+}
+
+impl Default for CenterConfig {
+    fn default() -> Self {
+        CenterConfig {
+            node: NodeConfig::with_ports(7004, 9004),
+            http_listen: "127.0.0.1:8080".into(),
+            max_request_bytes: 1024 * 1024,
+            max_payload_bytes: 60 * 1024,
+            max_users_per_push: 10_000,
+            route_workers: 8,
+            route_queue: 10_000,
+            retry_after_secs: 1,
+        }
+    }
+}
+
+impl RoleConfig for CenterConfig {
+    fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+}
+
+pub struct Listeners {
+    pub admin: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &CenterConfig) -> anyhow::Result<Listeners> {
+        Ok(Listeners {
+            admin: net::bind(&config.node.admin_listen).await?,
+            http: net::bind(&config.http_listen).await?,
+        })
+    }
+}
+
+/// Runs center until `shutdown`.
+pub async fn run(config: CenterConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node_id = config.node.resolved_node_id(ROLE);
+    let admin_addr = listeners.admin.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
+    net::announce(ROLE, "admin", admin_addr);
+    net::announce(ROLE, "http", http_addr);
+    let joined = Arc::new(std::sync::OnceLock::new());
+    const NEEDED: &[Role] = &[Role::Saver, Role::Register];
+    let health = pushgrid_common::cluster::requires_roles(joined.clone(), NEEDED);
+    tokio::spawn(telemetry::serve_admin_with(listeners.admin, ROLE, health, shutdown.clone()));
+
+    let node = NodeInfo {
+        id: node_id.clone(),
+        role: Role::Center as i32,
+        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
+        http_addr: net::advertised(http_addr, &config.node.advertise_host),
+        started_ms: now_ms(),
+        ..Default::default()
+    };
+    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let _ = joined.set(cluster.clone());
+    let router = Arc::new(route::Router::new(cluster.clone()));
+    let workers = route::WorkerPool::start(router.clone(), config.route_workers, config.route_queue);
+    let state = Arc::new(api::ApiState { config: config.clone(), cluster: cluster.clone(), workers: workers.clone(), channels: pushgrid_common::rpc::ChannelPool::new(2) });
+
+    tracing::info!(node = %node_id, %http_addr, "center serving");
+    net::announce(ROLE, "ready", http_addr);
+    let served = axum::serve(listeners.http, api::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    cluster.leave().await;
+    workers.drain().await;
+    tracing::info!(node = %node_id, "center stopped");
+    served.map_err(Into::into)
+}

@@ -1,1 +1,115 @@
-fn main(){}
+//! `pushgrid-client`: connects as one device, prints each push's payload on its
+//! own line of stdout and acknowledges it. Logs go to stderr.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use pushgrid_client::{Client, ClientConfig, Event};
+use tracing::{info, warn};
+
+#[derive(Debug, Parser)]
+#[command(name = "pushgrid-client", version, about = "Connect to pushgrid as one device and print the pushes it receives")]
+struct Args {
+    /// Dispatcher base URL, e.g. http://127.0.0.1:8070.
+    #[arg(long, env = "PUSHGRID_DISPATCHER")]
+    dispatcher: Option<String>,
+    /// Room TCP address (host:port); repeat for fallbacks. Used when there is no
+    /// dispatcher or it cannot be reached.
+    #[arg(long = "addr")]
+    addrs: Vec<String>,
+    /// The device's JWT.
+    #[arg(long, env = "PUSHGRID_TOKEN")]
+    token: String,
+    /// User id sent to the dispatcher (default: the token's `sub` claim).
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long, default_value = "cli")]
+    device_id: String,
+    #[arg(long, default_value = "cli")]
+    platform: String,
+    /// Exit (status 0) after printing this many pushes.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Ping interval in seconds (default: what the server says).
+    #[arg(long)]
+    heartbeat_secs: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    if args.dispatcher.is_none() && args.addrs.is_empty() {
+        eprintln!("error: give --dispatcher <url> or at least one --addr <host:port>");
+        return ExitCode::from(2);
+    }
+    if args.count == Some(0) {
+        return ExitCode::SUCCESS;
+    }
+
+    let mut config = ClientConfig::new(args.token, args.device_id);
+    config.dispatcher = args.dispatcher;
+    config.addrs = args.addrs;
+    config.user = args.user;
+    config.platform = args.platform;
+    config.auto_ack = true;
+    config.heartbeat = args.heartbeat_secs.map(Duration::from_secs);
+    let (client, mut events) = Client::start(config);
+
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = tokio::signal::ctrl_c() => {
+                info!("interrupted");
+                client.close().await;
+                return ExitCode::from(130);
+            }
+        };
+        let Some(event) = event else {
+            eprintln!("error: the client stopped");
+            return ExitCode::FAILURE;
+        };
+        match event {
+            Event::Push(push) => {
+                let line = String::from_utf8_lossy(&push.payload);
+                let written = {
+                    let mut out = stdout.lock();
+                    writeln!(out, "{line}").and_then(|()| out.flush())
+                };
+                if written.is_err() {
+                    // stdout closed (e.g. `| head`): nothing left to do.
+                    client.close().await;
+                    return ExitCode::SUCCESS;
+                }
+                printed += 1;
+                if args.count.is_some_and(|count| printed >= count) {
+                    // Let the auto-ack of the last push reach the server.
+                    client.close().await;
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Event::Connected { conn_id, room_addr, heartbeat } => {
+                info!(conn_id, room = %room_addr, ?heartbeat, "connected");
+            }
+            Event::Disconnected { reason } => warn!(%reason, "disconnected"),
+            Event::Kicked(kick) => {
+                warn!(code = kick.code().as_str_name(), reason = %kick.reason, "kicked");
+            }
+            Event::AuthFailed { code, message } => {
+                eprintln!("error: authentication refused by the server ({}): {message}", code.as_str_name());
+                return ExitCode::from(3);
+            }
+            Event::UpstreamAck { .. } => {}
+        }
+    }
+}

@@ -260,3 +260,15 @@ async fn watch_loop(inner: Arc<Inner>, sender: watch::Sender<Arc<ClusterView>>) 
         }
     }
 }
+
+/// A health check that passes once `slot` holds a joined cluster whose view
+/// has at least one live node of each of `roles`.
+pub fn requires_roles(slot: Arc<std::sync::OnceLock<Cluster>>, roles: &'static [Role]) -> crate::telemetry::HealthCheck {
+    Arc::new(move || {
+        let cluster = slot.get().ok_or_else(|| "not joined to keeper yet".to_string())?;
+        let view = cluster.view();
+        let missing: Vec<&str> =
+            roles.iter().filter(|role| view.nodes_of(**role).next().is_none()).map(|role| role.as_str_name()).collect();
+        if missing.is_empty() { Ok(()) } else { Err(format!("no live {}", missing.join(", "))) }
+    })
+}

@@ -105,7 +105,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[derive(Debug, Default, Serialize, Deserialize)]
     #[serde(default)]
     struct Sample {
         #[serde(flatten)]

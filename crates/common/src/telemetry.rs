@@ -1,7 +1,7 @@
 //! Logging, metrics and the admin HTTP server (`/metrics`, `/healthz`) that
 //! every role serves on its own port, apart from the hot path.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,7 +18,11 @@ static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 /// overrides the default `info` filter.
 pub fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
@@ -43,12 +47,32 @@ pub fn metrics() -> &'static PrometheusHandle {
     })
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown`.
+/// Says whether a role can do its work: `Err` names what is missing.
+pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Serves `/metrics` and an always-healthy `/healthz` until `shutdown`.
 pub async fn serve_admin(listener: TcpListener, role: &'static str, shutdown: CancellationToken) {
+    serve_admin_with(listener, role, Arc::new(|| Ok(())), shutdown).await
+}
+
+/// Serves `/metrics` and `/healthz` (503 with the reason while `health` fails)
+/// until `shutdown`.
+pub async fn serve_admin_with(listener: TcpListener, role: &'static str, health: HealthCheck, shutdown: CancellationToken) {
     let handle = metrics();
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
-        .route("/healthz", get(move || async move { (StatusCode::OK, format!("ok {role}\n")) }));
+        .route(
+            "/healthz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    match health() {
+                        Ok(()) => (StatusCode::OK, format!("ok {role}\n")),
+                        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready {role}: {reason}\n")),
+                    }
+                }
+            }),
+        );
     if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(%error, role, "admin server failed");
     }

@@ -1,1 +1,215 @@
+//! room: holds the devices' long connections.
+//!
+//! A device connects over TCP, authenticates with a JWT signed by its app's
+//! secret, and is reported to register; then its offline inbox is fetched
+//! from saver and pushed. center delivers live messages through the `Room`
+//! RPC; the device's ACKs go to saver in batches; UPSTREAM frames and
+//! online/offline events go to coordinator.
 
+mod conn;
+mod peers;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use pushgrid_common::cli::RoleConfig;
+use pushgrid_common::cluster::Cluster;
+use pushgrid_common::config::NodeConfig;
+use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_proto::cluster::room_server::RoomServer;
+use pushgrid_proto::cluster::{NodeInfo, Role};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+pub use conn::ConnHandle;
+
+pub const ROLE: &str = "room";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoomConfig {
+    #[serde(flatten)]
+    pub node: NodeConfig,
+    /// Device TCP listener.
+    pub tcp_listen: String,
+    /// Interval at which devices must ping; 2.5 intervals of silence close the
+    /// connection. Mobile networks favour minutes.
+    pub heartbeat_secs: u32,
+    /// A device must finish AUTH within this many seconds of connecting.
+    pub auth_timeout_secs: u32,
+    /// Body limit of a frame before AUTH succeeded.
+    pub pre_auth_max_body: u32,
+    /// Body limit of a frame after AUTH.
+    pub max_body: u32,
+    /// Frames queued for one connection before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    /// Hard cap on open device connections.
+    pub max_connections: usize,
+    /// How long a draining room waits for connections to close on SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        RoomConfig {
+            node: NodeConfig::with_ports(7005, 9005),
+            tcp_listen: "127.0.0.1:8090".into(),
+            heartbeat_secs: 180,
+            auth_timeout_secs: 10,
+            pre_auth_max_body: pushgrid_wire::DEFAULT_PRE_AUTH_MAX_BODY,
+            max_body: pushgrid_wire::DEFAULT_MAX_BODY,
+            outbound_queue: 64,
+            max_connections: 100_000,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl RoleConfig for RoomConfig {
+    fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+}
+
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+    pub tcp: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &RoomConfig) -> anyhow::Result<Listeners> {
+        Ok(Listeners {
+            grpc: net::bind(&config.node.listen).await?,
+            admin: net::bind(&config.node.admin_listen).await?,
+            tcp: net::bind(&config.tcp_listen).await?,
+        })
+    }
+}
+
+/// State shared by the accept loop, the connections and the RPC service.
+pub(crate) struct Room {
+    pub config: RoomConfig,
+    pub node_id: String,
+    pub cluster: Cluster,
+    pub conns: DashMap<u64, Arc<ConnHandle>>,
+    pub peers: peers::Peers,
+    pub shutdown: CancellationToken,
+    next_conn_id: std::sync::atomic::AtomicU64,
+}
+
+impl Room {
+    fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Runs a room until `shutdown`, then drains its connections.
+pub async fn run(config: RoomConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node_id = config.node.resolved_node_id(ROLE);
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let tcp_addr = listeners.tcp.local_addr()?;
+    net::announce(ROLE, "grpc", grpc_addr);
+    net::announce(ROLE, "admin", admin_addr);
+    net::announce(ROLE, "tcp", tcp_addr);
+    let joined = Arc::new(std::sync::OnceLock::new());
+    const NEEDED: &[Role] = &[Role::Register, Role::Saver];
+    let health = pushgrid_common::cluster::requires_roles(joined.clone(), NEEDED);
+    tokio::spawn(telemetry::serve_admin_with(listeners.admin, ROLE, health, shutdown.clone()));
+
+    let node = NodeInfo {
+        id: node_id.clone(),
+        role: Role::Room as i32,
+        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
+        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
+        tcp_addr: net::advertised(tcp_addr, &config.node.advertise_host),
+        started_ms: now_ms(),
+        ..Default::default()
+    };
+    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let _ = joined.set(cluster.clone());
+    // Connections are stopped by their own token, after the RPC server and the
+    // accept loop: in-flight deliveries still reach devices while draining.
+    let connections_stop = CancellationToken::new();
+    let room = Arc::new(Room {
+        peers: peers::Peers::new(cluster.clone()),
+        config,
+        node_id: node_id.clone(),
+        cluster,
+        conns: DashMap::new(),
+        shutdown: connections_stop.clone(),
+        // Connection ids start from the clock: a room that restarts under the
+        // same node id never reuses an id an old session still carries.
+        next_conn_id: std::sync::atomic::AtomicU64::new(now_ms() << 10),
+    });
+    let tracker = TaskTracker::new();
+    tokio::spawn(conn::sweep_silent_connections(room.clone()));
+    let accept = tokio::spawn(accept_loop(room.clone(), listeners.tcp, tracker.clone(), shutdown.clone()));
+
+    tracing::info!(node = %node_id, %tcp_addr, %grpc_addr, "room serving");
+    net::announce(ROLE, "ready", grpc_addr);
+    let served = tonic::transport::Server::builder()
+        .add_service(RoomServer::new(service::RoomService::new(room.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await;
+
+    // Drain: leave the cluster so nothing new is routed here, stop accepting,
+    // tell every device to reconnect elsewhere, wait for them under a grace.
+    room.cluster.leave().await;
+    let _ = accept.await;
+    connections_stop.cancel();
+    tracker.close();
+    let grace = Duration::from_secs(room.config.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(left = room.conns.len(), "connections still open after the grace period");
+    }
+    room.peers.flush().await;
+    tracing::info!(node = %node_id, "room stopped");
+    served.map_err(Into::into)
+}
+
+async fn accept_loop(room: Arc<Room>, listener: TcpListener, tracker: TaskTracker, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(room.config.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        // Take the permit before accepting: a full room leaves new devices in
+        // the kernel's backlog instead of accepting and dropping them.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                metrics::counter!("pushgrid_room_accepted_total").increment(1);
+                let room = room.clone();
+                tracker.spawn(async move {
+                    conn::serve(room, stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning.
+                metrics::counter!("pushgrid_room_accept_errors_total").increment(1);
+                tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,1 +1,265 @@
+//! saver: stores messages before anything is sent, and keeps them until the
+//! device acknowledges them or their TTL ends.
+//!
+//! Storage is a [`store::MessageStore`]: SQL alone ([`store::SqlStore`], MySQL
+//! or SQLite) when no Redis URL is configured, else a Redis hot inbox with SQL
+//! as the durable copy ([`store::RedisSqlStore`]). Message ids come from the
+//! worker id keeper assigns this node, so they are unique across savers.
 
+pub mod error;
+mod metrics;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pushgrid_common::cli::RoleConfig;
+use pushgrid_common::cluster::Cluster;
+use pushgrid_common::config::NodeConfig;
+use pushgrid_common::{CancellationToken, db, net, now_ms, telemetry};
+use pushgrid_proto::cluster::saver_server::{Saver, SaverServer};
+use pushgrid_proto::cluster::{
+    AckRequest, AckResponse, NodeInfo, PendingRequest, PendingResponse, Role, StoreRequest,
+    StoreResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::error::StoreError;
+use crate::store::{MessageIds, MessageStore, RedisSqlStore, SqlStore, StoreLimits};
+
+pub const ROLE: &str = "saver";
+
+/// How often expired rows are deleted from SQL, and how long after expiry.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
+const PURGE_GRACE_MS: u64 = 3_600_000;
+const PURGE_BATCH_ROWS: u32 = 5000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SaverConfig {
+    #[serde(flatten)]
+    pub node: NodeConfig,
+    /// Redis for the hot inbox, e.g. `redis://127.0.0.1:6379`; empty: SQL only.
+    pub redis_url: String,
+    /// The durable store: `mysql://...` or `sqlite://path`.
+    pub database_url: String,
+    /// SQL pool size.
+    pub database_max_connections: u32,
+    /// Unacked messages kept per user; beyond it the oldest are dropped.
+    pub max_inbox: u32,
+    /// TTL of a message stored with `ttl_secs = 0`.
+    pub default_ttl_secs: u32,
+    /// Longer TTLs are cut to this.
+    pub max_ttl_secs: u32,
+}
+
+impl Default for SaverConfig {
+    fn default() -> Self {
+        let limits = StoreLimits::default();
+        SaverConfig {
+            node: NodeConfig::with_ports(7002, 9002),
+            redis_url: String::new(),
+            database_url: "sqlite://pushgrid-data/saver.db".into(),
+            database_max_connections: 16,
+            max_inbox: limits.max_inbox,
+            default_ttl_secs: limits.default_ttl_secs,
+            max_ttl_secs: limits.max_ttl_secs,
+        }
+    }
+}
+
+impl SaverConfig {
+    pub fn limits(&self) -> StoreLimits {
+        StoreLimits {
+            max_inbox: self.max_inbox.max(1),
+            default_ttl_secs: self.default_ttl_secs.max(1),
+            max_ttl_secs: self.max_ttl_secs.max(1),
+        }
+    }
+}
+
+impl RoleConfig for SaverConfig {
+    fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+}
+
+/// The sockets saver serves on, bound by the caller.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &SaverConfig) -> anyhow::Result<Listeners> {
+        Ok(Listeners {
+            grpc: net::bind(&config.node.listen).await?,
+            admin: net::bind(&config.node.admin_listen).await?,
+        })
+    }
+}
+
+/// The tonic service over any store.
+pub struct SaverService {
+    store: Arc<dyn MessageStore>,
+}
+
+impl SaverService {
+    pub fn new(store: Arc<dyn MessageStore>) -> SaverService {
+        SaverService { store }
+    }
+}
+
+fn to_status(operation: &'static str, error: StoreError) -> Status {
+    if !matches!(error, StoreError::InvalidArgument(_)) {
+        tracing::warn!(operation, %error, "storage failed");
+    }
+    error.into()
+}
+
+#[tonic::async_trait]
+impl Saver for SaverService {
+    async fn store(
+        &self,
+        request: Request<StoreRequest>,
+    ) -> Result<Response<StoreResponse>, Status> {
+        let request = request.into_inner();
+        let messages = self
+            .store
+            .store(
+                &request.app,
+                &request.users,
+                request.payload,
+                request.ttl_secs,
+            )
+            .await
+            .map_err(|error| to_status("store", error))?;
+        metrics::stored(messages.len());
+        Ok(Response::new(StoreResponse { messages }))
+    }
+
+    async fn pending(
+        &self,
+        request: Request<PendingRequest>,
+    ) -> Result<Response<PendingResponse>, Status> {
+        let request = request.into_inner();
+        let messages = self
+            .store
+            .pending(&request.app, &request.user, request.limit)
+            .await
+            .map_err(|error| to_status("pending", error))?;
+        metrics::pending_served(messages.len());
+        Ok(Response::new(PendingResponse { messages }))
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let items = request.into_inner().items;
+        let acked = self
+            .store
+            .ack(items)
+            .await
+            .map_err(|error| to_status("ack", error))?;
+        metrics::acked(acked);
+        Ok(Response::new(AckResponse { acked }))
+    }
+}
+
+/// Runs saver until `shutdown`.
+pub async fn run(
+    config: SaverConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let node_id = config.node.resolved_node_id(ROLE);
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    net::announce(ROLE, "grpc", grpc_addr);
+    net::announce(ROLE, "admin", admin_addr);
+    tokio::spawn(telemetry::serve_admin(
+        listeners.admin,
+        ROLE,
+        shutdown.clone(),
+    ));
+
+    // Storage first: a saver that cannot store must not join the cluster.
+    let sql = SqlStore::connect_with(&config.database_url, config.database_max_connections).await?;
+    let pool = sql.pool().clone();
+    tracing::info!(database = %db::redact(&config.database_url), "sql store ready");
+    let redis = if config.redis_url.is_empty() {
+        None
+    } else {
+        let store =
+            RedisSqlStore::connect(&config.redis_url, SqlStore::from_pool(pool.clone())).await?;
+        tracing::info!(redis = %db::redact(&config.redis_url), "redis inbox ready");
+        Some(store)
+    };
+
+    let node = NodeInfo {
+        id: node_id.clone(),
+        role: Role::Saver as i32,
+        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
+        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
+        started_ms: now_ms(),
+        ..Default::default()
+    };
+    let cluster = Cluster::join(
+        &config.node.keeper,
+        node,
+        config.node.lease_ttl_secs,
+        shutdown.clone(),
+    )
+    .await?;
+
+    // Ids follow the worker id keeper assigned, which can change after a lost lease.
+    let ids = || MessageIds::new(cluster.worker_id());
+    let store: Arc<dyn MessageStore> = match redis {
+        Some(redis) => Arc::new(redis.with_ids(ids()).with_limits(config.limits())),
+        None => Arc::new(sql.with_ids(ids()).with_limits(config.limits())),
+    };
+    let purge = tokio::spawn(purge_expired(
+        SqlStore::from_pool(pool.clone()),
+        shutdown.clone(),
+    ));
+
+    tracing::info!(node = %node_id, %grpc_addr, "saver serving");
+    net::announce(ROLE, "ready", grpc_addr);
+    tonic::transport::Server::builder()
+        .add_service(SaverServer::new(SaverService::new(store)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+            shutdown.cancelled_owned(),
+        )
+        .await?;
+    cluster.leave().await;
+    let _ = purge.await;
+    pool.close().await;
+    tracing::info!(node = %node_id, "saver stopped");
+    Ok(())
+}
+
+/// Deletes rows an hour after they expired, in batches, every ten minutes.
+async fn purge_expired(sql: SqlStore, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+        let before_ms = now_ms().saturating_sub(PURGE_GRACE_MS);
+        loop {
+            match sql.purge_expired(before_ms, PURGE_BATCH_ROWS).await {
+                Ok(deleted) => {
+                    metrics::purged(deleted);
+                    if deleted < u64::from(PURGE_BATCH_ROWS) || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot purge expired messages");
+                    break;
+                }
+            }
+        }
+    }
+}

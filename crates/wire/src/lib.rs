@@ -304,10 +304,15 @@ mod tests {
                 state ^= state << 17;
                 data.push(state as u8);
             }
-            if data.len() > 4 {
-                data[4] = VERSION; // get past the version check half the time
-                if state % 2 == 0 {
-                    data[0..4].copy_from_slice(&((len.saturating_sub(12)) as u32).to_be_bytes());
+            // Steer a share of the inputs past each header check in turn, so
+            // every path (frame, incomplete, each error) is exercised.
+            let steer = data.first().copied().unwrap_or(0) % 4;
+            if data.len() >= HEADER_LEN && steer > 0 {
+                data[4] = VERSION;
+                data[5] = 1 + data[5] % 13;
+                if steer > 1 {
+                    let body_len = ((data.len() - HEADER_LEN) as u32).saturating_sub(u32::from(steer == 2));
+                    data[0..4].copy_from_slice(&body_len.to_be_bytes());
                 }
             }
             let mut buf = BytesMut::from(&data[..]);

@@ -1,0 +1,183 @@
+//! The room's clients of register, saver and coordinator. Small, frequent
+//! calls (sessions, acks, state events) go through per-peer batchers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pushgrid_common::batch::{BatchConfig, Batcher, BatcherMap};
+use pushgrid_common::cluster::Cluster;
+use pushgrid_common::ring;
+use pushgrid_common::rpc::ChannelPool;
+use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
+use pushgrid_proto::cluster::register_client::RegisterClient;
+use pushgrid_proto::cluster::saver_client::SaverClient;
+use pushgrid_proto::cluster::{
+    AckItem, AckRequest, Message, PendingRequest, Role, Session, SessionBatch, StateBatch, StateEvent,
+    UpstreamRequest,
+};
+use tokio_util::task::TaskTracker;
+use tonic::Status;
+
+/// Most messages fetched from an inbox when a device connects.
+const PENDING_LIMIT: u32 = 1000;
+
+pub(crate) struct Peers {
+    cluster: Cluster,
+    pool: Arc<ChannelPool>,
+    online: BatcherMap<Session, ()>,
+    offline: BatcherMap<Session, ()>,
+    acks: BatcherMap<AckItem, ()>,
+    states: BatcherMap<StateEvent, ()>,
+    background: TaskTracker,
+}
+
+fn batch_config() -> BatchConfig {
+    BatchConfig { max_items: 512, max_wait: Duration::from_micros(500), queue: 8192, in_flight: 4 }
+}
+
+impl Peers {
+    pub fn new(cluster: Cluster) -> Peers {
+        let pool = Arc::new(ChannelPool::new(2));
+        let online = {
+            let pool = pool.clone();
+            BatcherMap::new(move |addr: &str| {
+                let (pool, addr) = (pool.clone(), addr.to_string());
+                Batcher::spawn(batch_config(), move |sessions: Vec<Session>| {
+                    let (pool, addr) = (pool.clone(), addr.clone());
+                    async move {
+                        let count = sessions.len();
+                        RegisterClient::new(pool.get(&addr)?).online(SessionBatch { sessions }).await?;
+                        Ok(vec![(); count])
+                    }
+                })
+            })
+        };
+        let offline = {
+            let pool = pool.clone();
+            BatcherMap::new(move |addr: &str| {
+                let (pool, addr) = (pool.clone(), addr.to_string());
+                Batcher::spawn(batch_config(), move |sessions: Vec<Session>| {
+                    let (pool, addr) = (pool.clone(), addr.clone());
+                    async move {
+                        let count = sessions.len();
+                        RegisterClient::new(pool.get(&addr)?).offline(SessionBatch { sessions }).await?;
+                        Ok(vec![(); count])
+                    }
+                })
+            })
+        };
+        let acks = {
+            let pool = pool.clone();
+            BatcherMap::new(move |addr: &str| {
+                let (pool, addr) = (pool.clone(), addr.to_string());
+                Batcher::spawn(batch_config(), move |items: Vec<AckItem>| {
+                    let (pool, addr) = (pool.clone(), addr.clone());
+                    async move {
+                        let count = items.len();
+                        SaverClient::new(pool.get(&addr)?).ack(AckRequest { items }).await?;
+                        Ok(vec![(); count])
+                    }
+                })
+            })
+        };
+        let states = {
+            let pool = pool.clone();
+            BatcherMap::new(move |addr: &str| {
+                let (pool, addr) = (pool.clone(), addr.to_string());
+                Batcher::spawn(batch_config(), move |events: Vec<StateEvent>| {
+                    let (pool, addr) = (pool.clone(), addr.clone());
+                    async move {
+                        let count = events.len();
+                        CoordinatorClient::new(pool.get(&addr)?).state_changes(StateBatch { events }).await?;
+                        Ok(vec![(); count])
+                    }
+                })
+            })
+        };
+        Peers { cluster, pool, online, offline, acks, states, background: TaskTracker::new() }
+    }
+
+    fn register_addr(&self, app: &str, user: &str) -> Result<String, Status> {
+        let view = self.cluster.view();
+        view.register_for(app, user)
+            .map(|node| node.grpc_addr.clone())
+            .ok_or_else(|| Status::unavailable("no register is live"))
+    }
+
+    fn addr_of(&self, role: Role, app: &str, user: &str) -> Result<String, Status> {
+        let view = self.cluster.view();
+        view.pick(role, ring::user_key(app, user))
+            .map(|node| node.grpc_addr.clone())
+            .ok_or_else(|| Status::unavailable(format!("no {} is live", role.as_str_name())))
+    }
+
+    /// Reports a session; the device is routable once this returns Ok.
+    pub async fn online(&self, session: Session) -> Result<(), Status> {
+        let addr = self.register_addr(&session.app, &session.user)?;
+        self.online.get(&addr).call(session).await
+    }
+
+    /// Reports a closed session, in the background.
+    pub fn offline(&self, session: Session) {
+        let Ok(addr) = self.register_addr(&session.app, &session.user) else { return };
+        let batcher = self.offline.get(&addr);
+        self.background.spawn(async move {
+            if let Err(status) = batcher.call(session).await {
+                tracing::warn!(error = %status.message(), "offline report failed");
+            }
+        });
+    }
+
+    /// The user's unacked inbox.
+    pub async fn pending(&self, app: &str, user: &str) -> Result<Vec<Message>, Status> {
+        let addr = self.addr_of(Role::Saver, app, user)?;
+        let request = PendingRequest { app: app.to_string(), user: user.to_string(), limit: PENDING_LIMIT };
+        let response = SaverClient::new(self.pool.get(&addr)?).pending(request).await?;
+        Ok(response.into_inner().messages)
+    }
+
+    /// Forwards a device's ACK to saver, in the background.
+    pub fn ack(&self, app: &str, user: &str, msg_ids: Vec<u64>) {
+        let addr = match self.addr_of(Role::Saver, app, user) {
+            Ok(addr) => addr,
+            Err(status) => {
+                // The message stays in the inbox and is delivered again later.
+                tracing::warn!(error = %status.message(), "ack dropped");
+                return;
+            }
+        };
+        let item = AckItem { app: app.to_string(), user: user.to_string(), msg_ids };
+        let batcher = self.acks.get(&addr);
+        self.background.spawn(async move {
+            match batcher.call(item).await {
+                Ok(()) => metrics::counter!("pushgrid_room_acks_forwarded_total").increment(1),
+                Err(status) => tracing::warn!(error = %status.message(), "ack forward failed"),
+            }
+        });
+    }
+
+    /// Sends an online/offline event to coordinator, in the background.
+    pub fn state(&self, event: StateEvent) {
+        let Some(session) = event.session.as_ref() else { return };
+        let Ok(addr) = self.addr_of(Role::Coordinator, &session.app, &session.user) else { return };
+        let batcher = self.states.get(&addr);
+        self.background.spawn(async move {
+            if let Err(status) = batcher.call(event).await {
+                tracing::debug!(error = %status.message(), "state event not delivered");
+            }
+        });
+    }
+
+    /// Routes an UPSTREAM frame; Ok once the app's backend accepted it.
+    pub async fn upstream(&self, request: UpstreamRequest) -> Result<(), Status> {
+        let addr = self.addr_of(Role::Coordinator, &request.app, &request.user)?;
+        CoordinatorClient::new(self.pool.get(&addr)?).upstream(request).await?;
+        Ok(())
+    }
+
+    /// Waits (bounded) for background reports to finish, at shutdown.
+    pub async fn flush(&self) {
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.background.wait()).await;
+    }
+}

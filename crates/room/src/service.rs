@@ -1,0 +1,60 @@
+//! The `Room` RPC service: center hands over messages for live connections.
+
+use std::sync::Arc;
+
+use pushgrid_proto::client::{Push, PushKind};
+use pushgrid_proto::cluster::room_server::Room as RoomRpc;
+use pushgrid_proto::cluster::{DeliverRequest, DeliverResponse};
+use pushgrid_wire::{Op, encode};
+use tonic::{Request, Response, Status};
+
+use crate::Room;
+
+pub(crate) struct RoomService {
+    room: Arc<Room>,
+}
+
+impl RoomService {
+    pub fn new(room: Arc<Room>) -> RoomService {
+        RoomService { room }
+    }
+}
+
+#[tonic::async_trait]
+impl RoomRpc for RoomService {
+    async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+        let mut delivered = 0;
+        let mut missing = 0;
+        for delivery in request.into_inner().deliveries {
+            let Some(message) = delivery.message else {
+                return Err(Status::invalid_argument("delivery without a message"));
+            };
+            let conn = self.room.conns.get(&delivery.conn_id).map(|entry| entry.value().clone());
+            // The connection must still belong to the message's user: a stale
+            // session must never route one user's message to another.
+            let Some(conn) = conn.filter(|conn| conn.app == message.app && conn.user == message.user) else {
+                missing += 1;
+                continue;
+            };
+            let frame = encode(
+                Op::Push,
+                0,
+                &Push {
+                    msg_id: message.id,
+                    kind: PushKind::Unicast as i32,
+                    payload: message.payload,
+                    created_ms: message.created_ms,
+                    ..Default::default()
+                },
+            );
+            if conn.send(frame) {
+                delivered += 1;
+            } else {
+                missing += 1;
+            }
+        }
+        metrics::counter!("pushgrid_room_delivered_total").increment(u64::from(delivered));
+        metrics::counter!("pushgrid_room_delivery_missing_total").increment(u64::from(missing));
+        Ok(Response::new(DeliverResponse { delivered, missing }))
+    }
+}

@@ -1,0 +1,39 @@
+//! The saver's error type and its one mapping to a tonic `Status`.
+
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The caller sent something the saver will never accept.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("cannot connect to storage: {0}")]
+    Connect(String),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(String),
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Stored bytes that do not decode: a bug or a foreign writer, never the caller's fault.
+    #[error("corrupt stored message: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn invalid(message: impl Into<String>) -> StoreError {
+        StoreError::InvalidArgument(message.into())
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Status {
+        match error {
+            StoreError::InvalidArgument(message) => Status::invalid_argument(message),
+            StoreError::Corrupt(message) => {
+                Status::internal(format!("corrupt stored message: {message}"))
+            }
+            storage => Status::unavailable(storage.to_string()),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Message storage behind one trait, with two implementations:
+//!
+//! * [`SqlStore`]: MySQL/MariaDB or SQLite through sqlx's `Any` driver; the
+//!   whole store on its own (dev, small clusters).
+//! * [`RedisSqlStore`]: a Redis hot inbox in front of a [`SqlStore`] that keeps
+//!   the durable copy used for recovery.
+//!
+//! Both validate their input the same way ([`validate_store`] and friends), so
+//! a caller gets the same answer whichever is configured.
+
+mod redis_sql;
+mod sql;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use pushgrid_common::ids::{IdGenerator, MAX_WORKER_ID};
+use pushgrid_common::now_ms;
+use pushgrid_proto::cluster::{AckItem, Message};
+
+pub use redis_sql::RedisSqlStore;
+pub use sql::SqlStore;
+
+use crate::error::StoreError;
+
+/// The longest app id (the `app` column is `VARCHAR(64)`).
+pub const MAX_APP_BYTES: usize = 64;
+/// The longest user id (the `user_id` column is `VARCHAR(255)`).
+pub const MAX_USER_BYTES: usize = 255;
+/// The largest payload, the device frame limit after AUTH.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// The most users one Store call may name; larger pushes are split by center.
+pub const MAX_USERS_PER_STORE: usize = 10_000;
+/// Pending answers at most this many messages; 0 asks for [`DEFAULT_PENDING_LIMIT`].
+pub const MAX_PENDING_LIMIT: u32 = 1000;
+pub const DEFAULT_PENDING_LIMIT: u32 = 100;
+
+#[tonic::async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Stores one message per user, durably, and returns them in `users` order.
+    /// `ttl_secs` 0 means the configured default; above the maximum it is capped.
+    async fn store(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// The unacked, unexpired inbox of one user, oldest first, at most `limit`
+    /// messages (0 means the default). Counts one more delivery attempt for each
+    /// message returned; `attempts` in the answer includes this one.
+    async fn pending(&self, app: &str, user: &str, limit: u32) -> Result<Vec<Message>, StoreError>;
+
+    /// Marks messages acknowledged; returns how many were pending until now
+    /// (acking twice counts once).
+    async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError>;
+}
+
+/// Limits every store applies.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// Unacked messages kept per user; the oldest are dropped beyond it.
+    pub max_inbox: u32,
+    pub default_ttl_secs: u32,
+    pub max_ttl_secs: u32,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_inbox: 1000,
+            default_ttl_secs: 7 * 24 * 3600,
+            max_ttl_secs: 30 * 24 * 3600,
+        }
+    }
+}
+
+impl StoreLimits {
+    /// The TTL a message stored with `requested` seconds gets.
+    pub fn effective_ttl_secs(&self, requested: u32) -> u32 {
+        let max = self.max_ttl_secs.max(1);
+        let ttl = if requested == 0 {
+            self.default_ttl_secs
+        } else {
+            requested
+        };
+        ttl.clamp(1, max)
+    }
+}
+
+/// Message ids for the worker id keeper assigned to this node, which may
+/// change while the node runs (after a lost lease).
+///
+/// One generator is kept per worker id ever used, never rebuilt: a fresh
+/// generator forgets the sequence state, and could repeat an id its
+/// predecessor made in the same millisecond.
+pub struct MessageIds {
+    worker_id: Arc<AtomicU32>,
+    generators: Mutex<HashMap<u32, Arc<IdGenerator>>>,
+}
+
+impl MessageIds {
+    /// Follows `worker_id` (e.g. `Cluster::worker_id()`), read at every call.
+    pub fn new(worker_id: Arc<AtomicU32>) -> MessageIds {
+        MessageIds {
+            worker_id,
+            generators: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A fixed worker id, for tests and single-node use.
+    pub fn fixed(worker_id: u32) -> MessageIds {
+        MessageIds::new(Arc::new(AtomicU32::new(worker_id)))
+    }
+
+    /// `count` new ids, increasing.
+    pub fn next_ids(&self, count: usize) -> Vec<u64> {
+        let worker_id = self.worker_id.load(Ordering::Relaxed) & MAX_WORKER_ID;
+        let generator = {
+            // Held only for the map lookup; never across an await.
+            let mut generators = self
+                .generators
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            generators
+                .entry(worker_id)
+                .or_insert_with(|| Arc::new(IdGenerator::new(worker_id)))
+                .clone()
+        };
+        generator.next_ids(count)
+    }
+}
+
+fn validate_app(app: &str) -> Result<(), StoreError> {
+    if app.is_empty() {
+        return Err(StoreError::invalid("app must not be empty"));
+    }
+    if app.len() > MAX_APP_BYTES {
+        return Err(StoreError::invalid(format!(
+            "app is {} bytes, at most {MAX_APP_BYTES} allowed",
+            app.len()
+        )));
+    }
+    // `<app>:<user>` names a user's Redis keys; a `:` in the app would make it ambiguous.
+    if app.contains(':') {
+        return Err(StoreError::invalid(format!(
+            "app {app:?} must not contain ':'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_user(user: &str) -> Result<(), StoreError> {
+    if user.is_empty() {
+        return Err(StoreError::invalid("user must not be empty"));
+    }
+    if user.len() > MAX_USER_BYTES {
+        return Err(StoreError::invalid(format!(
+            "user is {} bytes, at most {MAX_USER_BYTES} allowed",
+            user.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a Store call's arguments.
+pub fn validate_store(app: &str, users: &[String], payload: &[u8]) -> Result<(), StoreError> {
+    validate_app(app)?;
+    if users.len() > MAX_USERS_PER_STORE {
+        return Err(StoreError::invalid(format!(
+            "{} users in one store call, at most {MAX_USERS_PER_STORE} allowed",
+            users.len()
+        )));
+    }
+    for user in users {
+        validate_user(user)?;
+    }
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(StoreError::invalid(format!(
+            "payload is {} bytes, at most {MAX_PAYLOAD_BYTES} allowed",
+            payload.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a Pending call's arguments and returns the limit to apply.
+pub fn validate_pending(app: &str, user: &str, limit: u32) -> Result<u32, StoreError> {
+    validate_app(app)?;
+    validate_user(user)?;
+    Ok(if limit == 0 {
+        DEFAULT_PENDING_LIMIT
+    } else {
+        limit.min(MAX_PENDING_LIMIT)
+    })
+}
+
+/// Checks an Ack call's items.
+pub fn validate_ack(items: &[AckItem]) -> Result<(), StoreError> {
+    for item in items {
+        validate_app(&item.app)?;
+        validate_user(&item.user)?;
+    }
+    Ok(())
+}
+
+/// The messages a Store call creates, one per user in order, with fresh ids.
+fn new_messages(
+    ids: &MessageIds,
+    limits: &StoreLimits,
+    app: &str,
+    users: &[String],
+    payload: &Bytes,
+    ttl_secs: u32,
+) -> Vec<Message> {
+    let created_ms = now_ms();
+    let expires_ms = created_ms + u64::from(limits.effective_ttl_secs(ttl_secs)) * 1000;
+    ids.next_ids(users.len())
+        .into_iter()
+        .zip(users)
+        .map(|(id, user)| Message {
+            id,
+            app: app.to_string(),
+            user: user.clone(),
+            payload: payload.clone(),
+            created_ms,
+            expires_ms,
+            attempts: 0,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_defaults_and_caps() {
+        let limits = StoreLimits {
+            max_inbox: 10,
+            default_ttl_secs: 60,
+            max_ttl_secs: 120,
+        };
+        assert_eq!(limits.effective_ttl_secs(0), 60);
+        assert_eq!(limits.effective_ttl_secs(5), 5);
+        assert_eq!(limits.effective_ttl_secs(1000), 120);
+    }
+
+    #[test]
+    fn a_changed_worker_id_keeps_ids_unique() {
+        let worker = Arc::new(AtomicU32::new(1));
+        let ids = MessageIds::new(worker.clone());
+        let mut all = ids.next_ids(3000);
+        worker.store(2, Ordering::Relaxed);
+        all.extend(ids.next_ids(3000));
+        worker.store(1, Ordering::Relaxed);
+        all.extend(ids.next_ids(3000));
+        let unique: std::collections::HashSet<u64> = all.iter().copied().collect();
+        assert_eq!(unique.len(), all.len());
+    }
+}
