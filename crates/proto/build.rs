@@ -2,7 +2,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [proto_dir.join("client.proto"), proto_dir.join("cluster.proto")];
+    let files = [
+        proto_dir.join("client.proto"),
+        proto_dir.join("cluster.proto"),
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

@@ -34,11 +34,17 @@ pub fn ensure_built() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let profile_dir = target_dir();
-        let profile = profile_dir.file_name().unwrap().to_string_lossy().to_string();
+        let profile = profile_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         let target = profile_dir.parent().unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = std::process::Command::new(cargo);
-        command.args(["build", "--quiet", "--workspace", "--bins", "--target-dir"]).arg(target);
+        command
+            .args(["build", "--quiet", "--workspace", "--bins", "--target-dir"])
+            .arg(target);
         if profile != "debug" {
             command.args(["--profile", &profile]);
         }
@@ -63,7 +69,10 @@ pub struct Proc {
 
 impl Proc {
     pub fn addr(&self, listener: &str) -> SocketAddr {
-        *self.bound.get(listener).unwrap_or_else(|| panic!("{} did not bind {listener}", self.name))
+        *self
+            .bound
+            .get(listener)
+            .unwrap_or_else(|| panic!("{} did not bind {listener}", self.name))
     }
 
     pub fn pid(&self) -> u32 {
@@ -86,7 +95,12 @@ impl Proc {
 
 /// Starts `binary` with `args`, stderr to `dir/<name>.log`, and waits until it
 /// prints its `ready` line (collecting every bound address on the way).
-pub async fn spawn(dir: &Path, name: &str, binary_name: &str, args: &[String]) -> anyhow::Result<Proc> {
+pub async fn spawn(
+    dir: &Path,
+    name: &str,
+    binary_name: &str,
+    args: &[String],
+) -> anyhow::Result<Proc> {
     spawn_until(dir, name, binary_name, args, binary_name).await
 }
 
@@ -103,7 +117,10 @@ pub async fn spawn_until(
     let stderr = std::fs::File::create(&log)?;
     let mut child = Command::new(binary(binary_name))
         .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
         .kill_on_drop(true)
@@ -124,8 +141,14 @@ pub async fn spawn_until(
     loop {
         let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
             Ok(Some(line)) => line,
-            Ok(None) => bail!("{name} exited before it was ready:\n{}", std::fs::read_to_string(&log)?),
-            Err(_) => bail!("{name} was not ready in 60 s:\n{}", std::fs::read_to_string(&log)?),
+            Ok(None) => bail!(
+                "{name} exited before it was ready:\n{}",
+                std::fs::read_to_string(&log)?
+            ),
+            Err(_) => bail!(
+                "{name} was not ready in 60 s:\n{}",
+                std::fs::read_to_string(&log)?
+            ),
         };
         let parts: Vec<&str> = line.split_whitespace().collect();
         if parts.len() == 4 && parts[0] == pushgrid_common::net::BOUND_LINE_PREFIX {
@@ -139,7 +162,12 @@ pub async fn spawn_until(
     }
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while lines.recv().await.is_some() {} });
-    Ok(Proc { name: name.to_string(), child, bound, log })
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        bound,
+        log,
+    })
 }
 
 /// The app a test cluster is seeded with.
@@ -170,7 +198,12 @@ impl TestApp {
 /// A device token; `ttl_secs` may be negative for an expired one.
 pub fn token(app: &str, user: &str, secret: &str, ttl_secs: i64) -> String {
     let exp = (pushgrid_common::now_ms() / 1000) as i64 + ttl_secs;
-    let claims = pushgrid_common::jwt::Claims { sub: user.into(), app: app.into(), exp: exp as u64, dev: String::new() };
+    let claims = pushgrid_common::jwt::Claims {
+        sub: user.into(),
+        app: app.into(),
+        exp: exp as u64,
+        dev: String::new(),
+    };
     pushgrid_common::jwt::sign(&claims, secret)
 }
 
@@ -183,7 +216,11 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { webhook_url: String::new(), heartbeat_secs: 30, rooms: 1 }
+        ClusterOptions {
+            webhook_url: String::new(),
+            heartbeat_secs: 30,
+            rooms: 1,
+        }
     }
 }
 
@@ -250,7 +287,8 @@ impl TestCluster {
         set(&mut saver_args, format!("database_url={database_url}"));
         set(&mut saver_args, format!("redis_url={REDIS_URL}"));
         let saver = spawn(&dir, "saver", "saver", &saver_args).await?;
-        let coordinator = spawn(&dir, "coordinator", "coordinator", &node_args(&keeper_addr)).await?;
+        let coordinator =
+            spawn(&dir, "coordinator", "coordinator", &node_args(&keeper_addr)).await?;
         let mut center_args = node_args(&keeper_addr);
         set(&mut center_args, "http_listen=127.0.0.1:0".into());
         let center = spawn(&dir, "center", "center", &center_args).await?;
@@ -261,7 +299,10 @@ impl TestCluster {
         for index in 0..options.rooms.max(1) {
             let mut room_args = node_args(&keeper_addr);
             set(&mut room_args, "tcp_listen=127.0.0.1:0".into());
-            set(&mut room_args, format!("heartbeat_secs={}", options.heartbeat_secs));
+            set(
+                &mut room_args,
+                format!("heartbeat_secs={}", options.heartbeat_secs),
+            );
             set(&mut room_args, "auth_timeout_secs=2".into());
             rooms.push(spawn(&dir, &format!("room{index}"), "room", &room_args).await?);
         }
@@ -329,7 +370,13 @@ impl TestCluster {
             .as_array()
             .context("no messages in answer")?
             .iter()
-            .map(|message| message["id"].as_str().context("id is a string")?.parse::<u64>().map_err(Into::into))
+            .map(|message| {
+                message["id"]
+                    .as_str()
+                    .context("id is a string")?
+                    .parse::<u64>()
+                    .map_err(Into::into)
+            })
             .collect()
     }
 
@@ -337,7 +384,11 @@ impl TestCluster {
     pub async fn device(&self, user: &str) -> anyhow::Result<(Connection, msg::AuthOk)> {
         let dispatch = pushgrid_client::dispatch(&self.http, &self.dispatcher_url(), user).await?;
         let room = dispatch.rooms.first().context("no room")?;
-        let auth = msg::Auth { token: self.app.token(user), device_id: format!("{user}-phone"), platform: "test".into() };
+        let auth = msg::Auth {
+            token: self.app.token(user),
+            device_id: format!("{user}-phone"),
+            platform: "test".into(),
+        };
         let tcp = room.tcp.as_deref().context("room without a TCP address")?;
         Ok(Connection::connect(tcp, auth).await?)
     }
@@ -349,10 +400,15 @@ impl TestCluster {
 
     /// Drops the cluster's database; call at the end of a test.
     pub async fn cleanup(self) {
-        if let Ok(pool) = pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{}", self.database), 1).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{}`", self.database)))
-                .execute(&pool)
-                .await;
+        if let Ok(pool) =
+            pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{}", self.database), 1).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS `{}`",
+                self.database
+            )))
+            .execute(&pool)
+            .await;
             pool.close().await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -360,7 +416,10 @@ impl TestCluster {
 }
 
 /// The next frame, or an error after `timeout`.
-pub async fn next_frame(connection: &mut Connection, timeout: Duration) -> anyhow::Result<Option<pushgrid_client::Frame>> {
+pub async fn next_frame(
+    connection: &mut Connection,
+    timeout: Duration,
+) -> anyhow::Result<Option<pushgrid_client::Frame>> {
     match tokio::time::timeout(timeout, connection.next_frame()).await {
         Ok(result) => Ok(result?),
         Err(_) => bail!("no frame within {timeout:?}"),
@@ -368,11 +427,16 @@ pub async fn next_frame(connection: &mut Connection, timeout: Duration) -> anyho
 }
 
 /// Reads frames until a PUSH arrives (answering nothing else).
-pub async fn next_push(connection: &mut Connection, timeout: Duration) -> anyhow::Result<msg::Push> {
+pub async fn next_push(
+    connection: &mut Connection,
+    timeout: Duration,
+) -> anyhow::Result<msg::Push> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let frame = next_frame(connection, remaining).await?.context("connection closed before a push")?;
+        let frame = next_frame(connection, remaining)
+            .await?
+            .context("connection closed before a push")?;
         if frame.op == pushgrid_client::Op::Push {
             return Ok(frame.decode::<msg::Push>()?);
         }

@@ -24,7 +24,9 @@ async fn dev_mode_delivers_on_the_embedded_store() {
     .iter()
     .map(|arg| arg.to_string())
     .collect();
-    let dev = spawn_until(&dir, "dev", "pushgrid", &args, "dev").await.unwrap();
+    let dev = spawn_until(&dir, "dev", "pushgrid", &args, "dev")
+        .await
+        .unwrap();
     let center = dev.addr("center/http");
     let dispatcher = dev.addr("dispatcher/http");
 
@@ -38,7 +40,14 @@ async fn dev_mode_delivers_on_the_embedded_store() {
 
     // The client CLI of the README, waiting for two pushes.
     let client = tokio::process::Command::new(binary("pushgrid-client"))
-        .args(["--dispatcher", &format!("http://{dispatcher}"), "--token", &token, "--count", "2"])
+        .args([
+            "--dispatcher",
+            &format!("http://{dispatcher}"),
+            "--token",
+            &token,
+            "--count",
+            "2",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -60,26 +69,50 @@ async fn dev_mode_delivers_on_the_embedded_store() {
             let status = response.status().as_u16();
             let body: serde_json::Value = response.json().await.unwrap();
             assert_eq!(status, 200, "{body}");
-            body["result"]["messages"][0]["id"].as_str().unwrap().parse::<u64>().unwrap()
+            body["result"]["messages"][0]["id"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
         }
     };
     push("hello").await;
     push("world").await;
-    let output = tokio::time::timeout(Duration::from_secs(20), client.wait_with_output()).await.unwrap().unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(20), client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(output.status.success());
     assert_eq!(String::from_utf8(output.stdout).unwrap(), "hello\nworld\n");
 
     // The CLI acked both: a raw device for alice gets nothing on connect; a new
     // message still arrives, and is redelivered until it is acked.
-    let auth = || msg::Auth { token: token.clone(), device_id: "raw".into(), platform: "test".into() };
+    let auth = || msg::Auth {
+        token: token.clone(),
+        device_id: "raw".into(),
+        platform: "test".into(),
+    };
     let room = dev.addr("room/tcp").to_string();
     let (mut device, _) = Connection::connect(&room, auth()).await.unwrap();
-    assert!(next_frame(&mut device, Duration::from_millis(700)).await.is_err(), "acked messages came back");
+    assert!(
+        next_frame(&mut device, Duration::from_millis(700))
+            .await
+            .is_err(),
+        "acked messages came back"
+    );
     let id = push("third").await;
-    assert_eq!(next_push(&mut device, Duration::from_secs(10)).await.unwrap().msg_id, id);
+    assert_eq!(
+        next_push(&mut device, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .msg_id,
+        id
+    );
     drop(device);
     let (mut device, _) = Connection::connect(&room, auth()).await.unwrap();
-    let again = next_push(&mut device, Duration::from_secs(10)).await.unwrap();
+    let again = next_push(&mut device, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!((again.msg_id, &again.payload[..]), (id, &b"third"[..]));
     drop(dev);
     let _ = std::fs::remove_dir_all(&dir);

@@ -13,17 +13,29 @@ use sqlx::Row;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(REDIS_URL).unwrap().get_multiplexed_async_connection().await.unwrap()
+    redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
 }
 
 async fn inbox_len(app: &str, user: &str) -> i64 {
     let mut redis = redis().await;
-    redis::cmd("ZCARD").arg(format!("pg:{{{app}:{user}}}:inbox")).query_async(&mut redis).await.unwrap()
+    redis::cmd("ZCARD")
+        .arg(format!("pg:{{{app}:{user}}}:inbox"))
+        .query_async(&mut redis)
+        .await
+        .unwrap()
 }
 
 async fn acked_ms(cluster: &TestCluster, id: u64) -> Option<i64> {
     let pool = cluster.mysql().await.unwrap();
-    let row = sqlx::query("SELECT acked_ms FROM messages WHERE id = ?").bind(id as i64).fetch_one(&pool).await.unwrap();
+    let row = sqlx::query("SELECT acked_ms FROM messages WHERE id = ?")
+        .bind(id as i64)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let acked: Option<i64> = row.try_get("acked_ms").unwrap();
     pool.close().await;
     acked
@@ -52,10 +64,28 @@ async fn push_reaches_the_device_once_and_its_ack_clears_redis_and_mysql() {
     assert_eq!(acked_ms(&cluster, ids[0]).await, None);
 
     // ...and gone from the Redis inbox, marked acked in MySQL after it.
-    device.send_frame(Op::Ack, 1, &msg::Ack { msg_ids: vec![ids[0]] }).await.unwrap();
+    device
+        .send_frame(
+            Op::Ack,
+            1,
+            &msg::Ack {
+                msg_ids: vec![ids[0]],
+            },
+        )
+        .await
+        .unwrap();
     let app = cluster.app.id.clone();
-    assert!(eventually(WAIT, || async { inbox_len(&app, "alice").await == 0 }).await, "inbox not emptied");
-    assert!(eventually(WAIT, || async { acked_ms(&cluster, ids[0]).await.is_some() }).await, "not acked in MySQL");
+    assert!(
+        eventually(WAIT, || async { inbox_len(&app, "alice").await == 0 }).await,
+        "inbox not emptied"
+    );
+    assert!(
+        eventually(WAIT, || async {
+            acked_ms(&cluster, ids[0]).await.is_some()
+        })
+        .await,
+        "not acked in MySQL"
+    );
     cluster.cleanup().await;
 }
 
@@ -72,7 +102,10 @@ async fn offline_inbox_is_delivered_on_connect_and_again_until_acked() {
     drop(device);
     let (mut device, _) = cluster.device("bob").await.unwrap();
     let again = next_push(&mut device, WAIT).await.unwrap();
-    assert_eq!(again.msg_id, ids[0], "an unacked message is delivered again");
+    assert_eq!(
+        again.msg_id, ids[0],
+        "an unacked message is delivered again"
+    );
     drop(device);
 
     // The SDK hands it to the application once, however often it arrives.
@@ -83,7 +116,11 @@ async fn offline_inbox_is_delivered_on_connect_and_again_until_acked() {
     let mut connects = 0;
     let deadline = tokio::time::Instant::now() + WAIT;
     while connects < 1 || pushes.is_empty() {
-        match tokio::time::timeout_at(deadline, events.recv()).await.unwrap().unwrap() {
+        match tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Event::Push(push) => pushes.push(push),
             Event::Connected { .. } => connects += 1,
             _ => {}
@@ -96,8 +133,13 @@ async fn offline_inbox_is_delivered_on_connect_and_again_until_acked() {
         "the redelivery after the reconnect was not seen"
     );
     // Nothing new reached the application.
-    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await {
-        assert!(!matches!(event, Event::Push(_)), "duplicate handed to the app: {event:?}");
+    while let Ok(Some(event)) =
+        tokio::time::timeout(Duration::from_millis(300), events.recv()).await
+    {
+        assert!(
+            !matches!(event, Event::Push(_)),
+            "duplicate handed to the app: {event:?}"
+        );
     }
     assert_eq!(client.stats().pushes_received, 1);
 
@@ -107,22 +149,40 @@ async fn offline_inbox_is_delivered_on_connect_and_again_until_acked() {
     assert!(eventually(WAIT, || async { inbox_len(&app, "bob").await == 0 }).await);
     client.close().await;
     let (mut device, _) = cluster.device("bob").await.unwrap();
-    assert!(next_frame(&mut device, Duration::from_millis(700)).await.is_err(), "acked message came back");
+    assert!(
+        next_frame(&mut device, Duration::from_millis(700))
+            .await
+            .is_err(),
+        "acked message came back"
+    );
     cluster.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multicast_reaches_every_connected_user() {
-    let cluster = TestCluster::start(ClusterOptions { rooms: 2, ..Default::default() }).await.unwrap();
+    let cluster = TestCluster::start(ClusterOptions {
+        rooms: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (mut carol, _) = pushgrid_client::Connection::connect(
         &cluster.room_addr(0),
-        msg::Auth { token: cluster.app.token("carol"), device_id: "c".into(), platform: "t".into() },
+        msg::Auth {
+            token: cluster.app.token("carol"),
+            device_id: "c".into(),
+            platform: "t".into(),
+        },
     )
     .await
     .unwrap();
     let (mut dave, _) = pushgrid_client::Connection::connect(
         &cluster.room_addr(1),
-        msg::Auth { token: cluster.app.token("dave"), device_id: "d".into(), platform: "t".into() },
+        msg::Auth {
+            token: cluster.app.token("dave"),
+            device_id: "d".into(),
+            platform: "t".into(),
+        },
     )
     .await
     .unwrap();
@@ -157,7 +217,12 @@ async fn webhook(status: u16) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reaches_the_webhook_and_the_device_gets_upstream_ok() {
     let (url, received) = webhook(200).await;
-    let cluster = TestCluster::start(ClusterOptions { webhook_url: url, ..Default::default() }).await.unwrap();
+    let cluster = TestCluster::start(ClusterOptions {
+        webhook_url: url,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (mut device, _) = cluster.device("erin").await.unwrap();
     let upstream = msg::Upstream {
         product: "chat".into(),
@@ -173,10 +238,18 @@ async fn upstream_reaches_the_webhook_and_the_device_gets_upstream_ok() {
         }
     };
     assert_eq!(frame.seq, 7);
-    assert_eq!(frame.decode::<msg::UpstreamOk>().unwrap().client_msg_id, "c-1");
+    assert_eq!(
+        frame.decode::<msg::UpstreamOk>().unwrap().client_msg_id,
+        "c-1"
+    );
 
-    let upstreams: Vec<serde_json::Value> =
-        received.lock().unwrap().iter().filter(|body| body["event"] == "upstream").cloned().collect();
+    let upstreams: Vec<serde_json::Value> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|body| body["event"] == "upstream")
+        .cloned()
+        .collect();
     assert_eq!(upstreams.len(), 1);
     let body = &upstreams[0];
     assert_eq!(body["app"], cluster.app.id.as_str());
@@ -190,7 +263,9 @@ async fn upstream_reaches_the_webhook_and_the_device_gets_upstream_ok() {
         received.lock().unwrap().iter().any(|body| {
             body["event"] == "state"
                 && body["events"].as_array().is_some_and(|events| {
-                    events.iter().any(|event| event["user"] == "erin" && event["online"] == true)
+                    events
+                        .iter()
+                        .any(|event| event["user"] == "erin" && event["online"] == true)
                 })
         })
     })
@@ -202,9 +277,19 @@ async fn upstream_reaches_the_webhook_and_the_device_gets_upstream_ok() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_webhook_gives_the_device_an_error_frame() {
     let (url, _received) = webhook(500).await;
-    let cluster = TestCluster::start(ClusterOptions { webhook_url: url, ..Default::default() }).await.unwrap();
+    let cluster = TestCluster::start(ClusterOptions {
+        webhook_url: url,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (mut device, _) = cluster.device("frank").await.unwrap();
-    let upstream = msg::Upstream { product: "p".into(), r#type: "t".into(), client_msg_id: "x".into(), ..Default::default() };
+    let upstream = msg::Upstream {
+        product: "p".into(),
+        r#type: "t".into(),
+        client_msg_id: "x".into(),
+        ..Default::default()
+    };
     device.send_frame(Op::Upstream, 9, &upstream).await.unwrap();
     let frame = next_frame(&mut device, WAIT).await.unwrap().unwrap();
     assert_eq!(frame.op, Op::Error);
@@ -241,35 +326,86 @@ async fn the_push_api_refuses_bad_input_with_clear_errors() {
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "unauthorized");
 
-    let response = cluster.http.post(format!("{}/api/push", cluster.center_url())).body("{}").send().await.unwrap();
-    assert_eq!(response.status().as_u16(), 401, "a missing Authorization header is 401");
+    let response = cluster
+        .http
+        .post(format!("{}/api/push", cluster.center_url()))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        401,
+        "a missing Authorization header is 401"
+    );
 
     let (status, body) = api(&cluster, &key, r#"{"users":["a"],"payload":"x""#).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "bad_request");
-    assert!(body["error"]["message"].as_str().unwrap().contains("JSON"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("JSON"),
+        "{body}"
+    );
 
     let (status, body) = api(&cluster, &key, r#"{"users":"a","payload":"x"}"#).await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().contains("invalid type"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid type"),
+        "{body}"
+    );
 
-    let (status, body) = api(&cluster, &key, r#"{"users":["a"],"payload":"x","colour":"red"}"#).await;
+    let (status, body) = api(
+        &cluster,
+        &key,
+        r#"{"users":["a"],"payload":"x","colour":"red"}"#,
+    )
+    .await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().contains("colour"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour"),
+        "{body}"
+    );
 
     let (status, body) = api(&cluster, &key, r#"{"users":[],"payload":"x"}"#).await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("users"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("users"),
+        "{body}"
+    );
 
     let (status, body) = api(&cluster, &key, r#"{"users":["a"]}"#).await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().contains("payload"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("payload"),
+        "{body}"
+    );
 
     let (status, body) = api(&cluster, &key, r#"{"users":["a"],"payload_b64":"***"}"#).await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().contains("payload_b64"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("payload_b64"),
+        "{body}"
+    );
 
-    let huge = format!(r#"{{"users":["a"],"payload":"{}"}}"#, "x".repeat(2 * 1024 * 1024));
+    let huge = format!(
+        r#"{{"users":["a"],"payload":"{}"}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
     let response = cluster
         .http
         .post(format!("{}/api/push", cluster.center_url()))
@@ -282,13 +418,20 @@ async fn the_push_api_refuses_bad_input_with_clear_errors() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_large");
 
-    let response = cluster.http.post(format!("{}/api/nope", cluster.center_url())).send().await.unwrap();
+    let response = cluster
+        .http
+        .post(format!("{}/api/nope", cluster.center_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 404);
     cluster.cleanup().await;
 }
 
 /// Reads until the server closes; returns the frames read before the close.
-async fn frames_until_close(device: &mut pushgrid_client::Connection) -> Vec<pushgrid_client::Frame> {
+async fn frames_until_close(
+    device: &mut pushgrid_client::Connection,
+) -> Vec<pushgrid_client::Frame> {
     let mut frames = Vec::new();
     loop {
         match next_frame(device, WAIT).await {
@@ -311,24 +454,54 @@ async fn bad_tokens_get_an_error_frame_and_a_close() {
     let app = &cluster.app;
     let cases = [
         ("garbage", "not.a.jwt".to_string()),
-        ("wrong secret", pushgrid_e2e::token(&app.id, "u", "other-secret", 3600)),
-        ("expired", pushgrid_e2e::token(&app.id, "u", &app.secret, -3600)),
-        ("unknown app", pushgrid_e2e::token("no-such-app", "u", &app.secret, 3600)),
+        (
+            "wrong secret",
+            pushgrid_e2e::token(&app.id, "u", "other-secret", 3600),
+        ),
+        (
+            "expired",
+            pushgrid_e2e::token(&app.id, "u", &app.secret, -3600),
+        ),
+        (
+            "unknown app",
+            pushgrid_e2e::token("no-such-app", "u", &app.secret, 3600),
+        ),
     ];
     for (case, token) in cases {
         let mut device = pushgrid_client::Connection::open(&room).await.unwrap();
-        device.send_frame(Op::Auth, 1, &msg::Auth { token, device_id: "d".into(), platform: "t".into() }).await.unwrap();
+        device
+            .send_frame(
+                Op::Auth,
+                1,
+                &msg::Auth {
+                    token,
+                    device_id: "d".into(),
+                    platform: "t".into(),
+                },
+            )
+            .await
+            .unwrap();
         let error = only_error(&frames_until_close(&mut device).await);
-        assert_eq!(error.code(), msg::ErrorCode::AuthFailed, "{case}: {error:?}");
+        assert_eq!(
+            error.code(),
+            msg::ErrorCode::AuthFailed,
+            "{case}: {error:?}"
+        );
         assert!(!error.message.is_empty(), "{case}");
     }
     // A first frame that is not AUTH.
     let mut device = pushgrid_client::Connection::open(&room).await.unwrap();
     device.send_empty(Op::Ping, 1).await.unwrap();
-    assert_eq!(only_error(&frames_until_close(&mut device).await).code(), msg::ErrorCode::AuthRequired);
+    assert_eq!(
+        only_error(&frames_until_close(&mut device).await).code(),
+        msg::ErrorCode::AuthRequired
+    );
     // Nothing at all: closed after the pre-auth deadline (2 s in tests).
     let mut device = pushgrid_client::Connection::open(&room).await.unwrap();
-    assert_eq!(only_error(&frames_until_close(&mut device).await).code(), msg::ErrorCode::AuthTimeout);
+    assert_eq!(
+        only_error(&frames_until_close(&mut device).await).code(),
+        msg::ErrorCode::AuthTimeout
+    );
     cluster.cleanup().await;
 }
 
@@ -358,18 +531,30 @@ async fn garbage_and_oversize_headers_are_refused_without_allocating() {
         header.put_u16(0);
         header.put_u32(0);
         device.send_raw(&header).await.unwrap();
-        assert_eq!(only_error(&frames_until_close(&mut device).await).code(), msg::ErrorCode::FrameTooLarge);
+        assert_eq!(
+            only_error(&frames_until_close(&mut device).await).code(),
+            msg::ErrorCode::FrameTooLarge
+        );
     }
     let rss_after = room_rss_kib(cluster.rooms[0].pid()).await;
-    assert!(rss_after < rss_before + 64 * 1024, "room RSS grew from {rss_before} KiB to {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "room RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
 
     // A bad version byte, an unknown op, and random bytes.
     let bad_version = [0u8, 0, 0, 0, 9, 1, 0, 0, 0, 0, 0, 0];
     let unknown_op = [0u8, 0, 0, 0, 1, 200, 0, 0, 0, 0, 0, 0];
-    for (raw, code) in [(&bad_version[..], msg::ErrorCode::BadVersion), (&unknown_op[..], msg::ErrorCode::UnknownOp)] {
+    for (raw, code) in [
+        (&bad_version[..], msg::ErrorCode::BadVersion),
+        (&unknown_op[..], msg::ErrorCode::UnknownOp),
+    ] {
         let mut device = pushgrid_client::Connection::open(&room).await.unwrap();
         device.send_raw(raw).await.unwrap();
-        assert_eq!(only_error(&frames_until_close(&mut device).await).code(), code);
+        assert_eq!(
+            only_error(&frames_until_close(&mut device).await).code(),
+            code
+        );
     }
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..50 {
@@ -383,12 +568,37 @@ async fn garbage_and_oversize_headers_are_refused_without_allocating() {
         let mut device = pushgrid_client::Connection::open(&room).await.unwrap();
         let _ = device.send_raw(&junk).await;
         let frames = frames_until_close(&mut device).await;
-        assert!(frames.len() <= 1 && frames.iter().all(|frame| frame.op == Op::Error), "{frames:?}");
+        assert!(
+            frames.len() <= 1 && frames.iter().all(|frame| frame.op == Op::Error),
+            "{frames:?}"
+        );
     }
     // An undecodable AUTH body.
     let mut device = pushgrid_client::Connection::open(&room).await.unwrap();
-    device.send_raw(&[0, 0, 0, 3, 1, Op::Auth as u8, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff]).await.unwrap();
-    assert_eq!(only_error(&frames_until_close(&mut device).await).code(), msg::ErrorCode::BadBody);
+    device
+        .send_raw(&[
+            0,
+            0,
+            0,
+            3,
+            1,
+            Op::Auth as u8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xff,
+            0xff,
+            0xff,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        only_error(&frames_until_close(&mut device).await).code(),
+        msg::ErrorCode::BadBody
+    );
 
     // Nothing panicked: the room is alive and still serves devices.
     assert!(cluster.rooms[0].is_running());
@@ -401,14 +611,25 @@ async fn garbage_and_oversize_headers_are_refused_without_allocating() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_device_is_kicked_after_two_and_a_half_heartbeats() {
-    let cluster = TestCluster::start(ClusterOptions { heartbeat_secs: 1, ..Default::default() }).await.unwrap();
+    let cluster = TestCluster::start(ClusterOptions {
+        heartbeat_secs: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (mut silent, _) = cluster.device("henry").await.unwrap();
     let started = std::time::Instant::now();
     let frames = frames_until_close(&mut silent).await;
     assert_eq!(frames.len(), 1, "{frames:?}");
     assert_eq!(frames[0].op, Op::Kick);
-    assert_eq!(frames[0].decode::<msg::Kick>().unwrap().code(), msg::KickCode::Heartbeat);
-    assert!(started.elapsed() >= Duration::from_secs(2), "kicked too early");
+    assert_eq!(
+        frames[0].decode::<msg::Kick>().unwrap().code(),
+        msg::KickCode::Heartbeat
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "kicked too early"
+    );
 
     // A device that pings stays.
     let (mut pinging, _) = cluster.device("ivy").await.unwrap();

@@ -38,7 +38,12 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), retry_after_secs: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
     }
 
     fn bad_request(message: impl Into<String>) -> ApiError {
@@ -48,7 +53,11 @@ impl ApiError {
     fn from_status(status: tonic::Status) -> ApiError {
         match status.code() {
             tonic::Code::InvalidArgument => ApiError::bad_request(status.message()),
-            _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("storage unavailable: {}", status.message())),
+            _ => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("storage unavailable: {}", status.message()),
+            ),
         }
     }
 }
@@ -59,7 +68,9 @@ impl IntoResponse for ApiError {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after_secs {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -72,34 +83,52 @@ fn ok(result: serde_json::Value) -> Response {
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/push", post(push))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API method") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API method")
+        })
         .with_state(state)
 }
 
 /// The app an `Authorization: apikey <key>` header belongs to.
 fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> {
-    let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let unauthorized =
+        |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| unauthorized("missing Authorization header (expected: apikey <key>)"))?;
-    let value = value.to_str().map_err(|_| unauthorized("Authorization header is not text"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| unauthorized("Authorization header is not text"))?;
     let key = value
         .strip_prefix("apikey ")
         .map(str::trim)
         .filter(|key| !key.is_empty())
         .ok_or_else(|| unauthorized("Authorization header must be: apikey <key>"))?;
-    state.cluster.view().app_by_api_key(key).cloned().ok_or_else(|| unauthorized("unknown API key"))
+    state
+        .cluster
+        .view()
+        .app_by_api_key(key)
+        .cloned()
+        .ok_or_else(|| unauthorized("unknown API key"))
 }
 
 /// Parses a JSON body strictly: unknown fields and wrong types are errors that
 /// name the field and position.
-async fn parse_json<T: for<'de> Deserialize<'de>>(state: &ApiState, body: Body) -> Result<T, ApiError> {
+async fn parse_json<T: for<'de> Deserialize<'de>>(
+    state: &ApiState,
+    body: Body,
+) -> Result<T, ApiError> {
     let limit = state.config.max_request_bytes;
     // Read at most `limit` bytes: a larger body is refused without buffering it.
     let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body exceeds {limit} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
     })?;
-    serde_json::from_slice(&body).map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
+    serde_json::from_slice(&body)
+        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,11 +150,17 @@ struct PushedMessage {
     id: String,
 }
 
-async fn push(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn push(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let app = authenticate(&state, &headers)?;
     let request: PushRequest = parse_json(&state, body).await?;
     if request.users.is_empty() {
-        return Err(ApiError::bad_request("users: at least one user is required"));
+        return Err(ApiError::bad_request(
+            "users: at least one user is required",
+        ));
     }
     if request.users.len() > state.config.max_users_per_push {
         return Err(ApiError::bad_request(format!(
@@ -134,29 +169,49 @@ async fn push(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body
             state.config.max_users_per_push
         )));
     }
-    if let Some(index) = request.users.iter().position(|user| user.is_empty() || user.len() > 255) {
-        return Err(ApiError::bad_request(format!("users[{index}]: a user id must be 1 to 255 bytes")));
+    if let Some(index) = request
+        .users
+        .iter()
+        .position(|user| user.is_empty() || user.len() > 255)
+    {
+        return Err(ApiError::bad_request(format!(
+            "users[{index}]: a user id must be 1 to 255 bytes"
+        )));
     }
     let payload = match (request.payload, request.payload_b64) {
         (Some(text), None) => Bytes::from(text),
         (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
             .decode(encoded.as_bytes())
             .map(Bytes::from)
-            .map_err(|error| ApiError::bad_request(format!("payload_b64: not valid base64: {error}")))?,
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("give payload or payload_b64, not both")),
+            .map_err(|error| {
+                ApiError::bad_request(format!("payload_b64: not valid base64: {error}"))
+            })?,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give payload or payload_b64, not both",
+            ));
+        }
         (None, None) => return Err(ApiError::bad_request("payload or payload_b64 is required")),
     };
     if payload.len() > state.config.max_payload_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("payload of {} bytes exceeds {} bytes", payload.len(), state.config.max_payload_bytes),
+            format!(
+                "payload of {} bytes exceeds {} bytes",
+                payload.len(),
+                state.config.max_payload_bytes
+            ),
         ));
     }
 
     // A place in the routing queue first: when it is full nothing is stored.
     let Some(slot) = state.workers.reserve() else {
-        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "routing queue is full; retry later");
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "routing queue is full; retry later",
+        );
         error.retry_after_secs = Some(state.config.retry_after_secs);
         return Err(error);
     };
@@ -165,7 +220,13 @@ async fn push(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body
     let saver = view
         .pick(Role::Saver, rand::random::<u64>())
         .map(|node| node.grpc_addr.clone())
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no saver is live"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "no saver is live",
+            )
+        })?;
     let channel = state.channels.get(&saver).map_err(ApiError::from_status)?;
     let store = StoreRequest {
         app: app.id.clone(),
@@ -174,12 +235,22 @@ async fn push(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body
         ttl_secs: request.ttl_secs.unwrap_or(0),
     };
     let started = tokio::time::Instant::now();
-    let stored = SaverClient::new(channel).store(store).await.map_err(ApiError::from_status)?.into_inner().messages;
+    let stored = SaverClient::new(channel)
+        .store(store)
+        .await
+        .map_err(ApiError::from_status)?
+        .into_inner()
+        .messages;
     metrics::histogram!("pushgrid_center_store_seconds").record(started.elapsed().as_secs_f64());
     metrics::counter!("pushgrid_center_pushed_total").increment(stored.len() as u64);
 
-    let answer: Vec<PushedMessage> =
-        stored.iter().map(|message| PushedMessage { user: message.user.clone(), id: message.id.to_string() }).collect();
+    let answer: Vec<PushedMessage> = stored
+        .iter()
+        .map(|message| PushedMessage {
+            user: message.user.clone(),
+            id: message.id.to_string(),
+        })
+        .collect();
     state.workers.submit(slot, stored);
     Ok(ok(json!({ "messages": answer })))
 }

@@ -79,7 +79,11 @@ impl Listeners {
 }
 
 /// Runs center until `shutdown`.
-pub async fn run(config: CenterConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: CenterConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node_id = config.node.resolved_node_id(ROLE);
     let admin_addr = listeners.admin.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
@@ -88,7 +92,12 @@ pub async fn run(config: CenterConfig, listeners: Listeners, shutdown: Cancellat
     let joined = Arc::new(std::sync::OnceLock::new());
     const NEEDED: &[Role] = &[Role::Saver, Role::Register];
     let health = pushgrid_common::cluster::requires_roles(joined.clone(), NEEDED);
-    tokio::spawn(telemetry::serve_admin_with(listeners.admin, ROLE, health, shutdown.clone()));
+    tokio::spawn(telemetry::serve_admin_with(
+        listeners.admin,
+        ROLE,
+        health,
+        shutdown.clone(),
+    ));
 
     let node = NodeInfo {
         id: node_id.clone(),
@@ -98,11 +107,23 @@ pub async fn run(config: CenterConfig, listeners: Listeners, shutdown: Cancellat
         started_ms: now_ms(),
         ..Default::default()
     };
-    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let cluster = Cluster::join(
+        &config.node.keeper,
+        node,
+        config.node.lease_ttl_secs,
+        shutdown.clone(),
+    )
+    .await?;
     let _ = joined.set(cluster.clone());
     let router = Arc::new(route::Router::new(cluster.clone()));
-    let workers = route::WorkerPool::start(router.clone(), config.route_workers, config.route_queue);
-    let state = Arc::new(api::ApiState { config: config.clone(), cluster: cluster.clone(), workers: workers.clone(), channels: pushgrid_common::rpc::ChannelPool::new(2) });
+    let workers =
+        route::WorkerPool::start(router.clone(), config.route_workers, config.route_queue);
+    let state = Arc::new(api::ApiState {
+        config: config.clone(),
+        cluster: cluster.clone(),
+        workers: workers.clone(),
+        channels: pushgrid_common::rpc::ChannelPool::new(2),
+    });
 
     tracing::info!(node = %node_id, %http_addr, "center serving");
     net::announce(ROLE, "ready", http_addr);

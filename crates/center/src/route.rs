@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pushgrid_common::batch::{BatchConfig, Batcher, BatcherMap};
+use futures::StreamExt;
+use pushgrid_common::batch::{BatchConfig, BatcherMap};
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::rpc::ChannelPool;
 use pushgrid_proto::cluster::register_client::RegisterClient;
@@ -16,8 +17,16 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+/// Messages of one job routed at once.
+const ROUTE_CONCURRENCY: usize = 256;
+
 fn batch_config() -> BatchConfig {
-    BatchConfig { max_items: 512, max_wait: Duration::from_micros(300), queue: 16_384, in_flight: 8 }
+    BatchConfig {
+        max_items: 512,
+        max_wait: Duration::from_micros(300),
+        queue: 16_384,
+        in_flight: 8,
+    }
 }
 
 pub(crate) struct Router {
@@ -29,43 +38,49 @@ pub(crate) struct Router {
 impl Router {
     pub fn new(cluster: Cluster) -> Router {
         let pool = Arc::new(ChannelPool::new(2));
-        let lookups = {
-            let pool = pool.clone();
-            BatcherMap::new(move |addr: &str| {
-                let (pool, addr) = (pool.clone(), addr.to_string());
-                Batcher::spawn(batch_config(), move |users: Vec<UserKey>| {
-                    let (pool, addr) = (pool.clone(), addr.clone());
-                    async move {
-                        let keys: Vec<(String, String)> =
-                            users.iter().map(|key| (key.app.clone(), key.user.clone())).collect();
-                        let response = RegisterClient::new(pool.get(&addr)?).lookup(LookupRequest { users }).await?;
-                        let mut by_user: HashMap<(String, String), Vec<Session>> = HashMap::new();
-                        for session in response.into_inner().sessions {
-                            by_user.entry((session.app.clone(), session.user.clone())).or_default().push(session);
-                        }
-                        // A user asked twice in one batch gets its sessions both times.
-                        Ok(keys.iter().map(|key| by_user.get(key).cloned().unwrap_or_default()).collect())
-                    }
-                })
-            })
-        };
-        let deliveries = {
-            let pool = pool.clone();
-            BatcherMap::new(move |addr: &str| {
-                let (pool, addr) = (pool.clone(), addr.to_string());
-                Batcher::spawn(batch_config(), move |deliveries: Vec<Delivery>| {
-                    let (pool, addr) = (pool.clone(), addr.clone());
-                    async move {
-                        let count = deliveries.len();
-                        // A connection that closed meanwhile is no failure: the
-                        // message waits in its inbox for the next connect.
-                        RoomClient::new(pool.get(&addr)?).deliver(DeliverRequest { deliveries }).await?;
-                        Ok(vec![(); count])
-                    }
-                })
-            })
-        };
-        Router { cluster, lookups, deliveries }
+        let lookups = BatcherMap::per_peer(
+            pool.clone(),
+            batch_config(),
+            |channel, users: Vec<UserKey>| async move {
+                let keys: Vec<(String, String)> = users
+                    .iter()
+                    .map(|key| (key.app.clone(), key.user.clone()))
+                    .collect();
+                let response = RegisterClient::new(channel)
+                    .lookup(LookupRequest { users })
+                    .await?;
+                let mut by_user: HashMap<(String, String), Vec<Session>> = HashMap::new();
+                for session in response.into_inner().sessions {
+                    by_user
+                        .entry((session.app.clone(), session.user.clone()))
+                        .or_default()
+                        .push(session);
+                }
+                // A user asked twice in one batch gets its sessions both times.
+                Ok(keys
+                    .iter()
+                    .map(|key| by_user.get(key).cloned().unwrap_or_default())
+                    .collect())
+            },
+        );
+        let deliveries = BatcherMap::per_peer(
+            pool,
+            batch_config(),
+            |channel, deliveries: Vec<Delivery>| async move {
+                // A connection that closed meanwhile is no failure: the message
+                // waits in its inbox for the next connect.
+                let count = deliveries.len();
+                RoomClient::new(channel)
+                    .deliver(DeliverRequest { deliveries })
+                    .await?;
+                Ok(vec![(); count])
+            },
+        );
+        Router {
+            cluster,
+            lookups,
+            deliveries,
+        }
     }
 
     /// Finds the user's live sessions and hands the message to their rooms.
@@ -77,17 +92,25 @@ impl Router {
             .ok_or_else(|| Status::unavailable("no register is live"))?
             .grpc_addr
             .clone();
-        let key = UserKey { app: message.app.clone(), user: message.user.clone() };
+        let key = UserKey {
+            app: message.app.clone(),
+            user: message.user.clone(),
+        };
         let sessions = self.lookups.get(&register).call(key).await?;
         let mut handed = 0;
         for session in sessions {
             let Some(room) = view.node(&session.room) else {
                 continue; // the room is gone; the message waits in the inbox
             };
-            let delivery = Delivery { conn_id: session.conn_id, message: Some(message.clone()) };
+            let delivery = Delivery {
+                conn_id: session.conn_id,
+                message: Some(message.clone()),
+            };
             match self.deliveries.get(&room.grpc_addr).call(delivery).await {
                 Ok(_) => handed += 1,
-                Err(status) => tracing::warn!(room = %session.room, error = %status.message(), "delivery failed"),
+                Err(status) => {
+                    tracing::warn!(room = %session.room, error = %status.message(), "delivery failed")
+                }
             }
         }
         Ok(handed)
@@ -123,30 +146,45 @@ impl WorkerPool {
                     let job = { receiver.lock().await.recv().await };
                     let Some(job) = job else { return };
                     metrics::histogram!("pushgrid_center_route_wait_seconds").record(job.queued_at.elapsed().as_secs_f64());
-                    for message in job.messages {
-                        match router.route(message).await {
-                            Ok(handed) => metrics::counter!("pushgrid_center_routed_total").increment(handed as u64),
-                            Err(status) => {
-                                metrics::counter!("pushgrid_center_route_failures_total").increment(1);
-                                tracing::warn!(error = %status.message(), "routing failed; message waits in the inbox");
+                    // The messages of one job (a multicast) are routed together,
+                    // so their lookups and deliveries share batches.
+                    futures::stream::iter(job.messages)
+                        .for_each_concurrent(ROUTE_CONCURRENCY, |message| {
+                            let router = router.clone();
+                            async move {
+                                match router.route(message).await {
+                                    Ok(handed) => metrics::counter!("pushgrid_center_routed_total").increment(handed as u64),
+                                    Err(status) => {
+                                        metrics::counter!("pushgrid_center_route_failures_total").increment(1);
+                                        tracing::warn!(error = %status.message(), "routing failed; message waits in the inbox");
+                                    }
+                                }
                             }
-                        }
-                    }
+                        })
+                        .await;
                 }
             });
         }
-        WorkerPool { queue, tracker, capacity: capacity.max(1) }
+        WorkerPool {
+            queue,
+            tracker,
+            capacity: capacity.max(1),
+        }
     }
 
     /// A place in the queue, or None when it is full.
     pub fn reserve(&self) -> Option<Slot> {
         let slot = self.queue.clone().try_reserve_owned().ok().map(Slot);
-        metrics::gauge!("pushgrid_center_route_queue_depth").set((self.capacity - self.queue.capacity()) as f64);
+        metrics::gauge!("pushgrid_center_route_queue_depth")
+            .set((self.capacity - self.queue.capacity()) as f64);
         slot
     }
 
     pub fn submit(&self, slot: Slot, messages: Vec<Message>) {
-        slot.0.send(Job { messages, queued_at: Instant::now() });
+        slot.0.send(Job {
+            messages,
+            queued_at: Instant::now(),
+        });
     }
 
     /// Lets the workers finish what is queued (bounded), at shutdown.

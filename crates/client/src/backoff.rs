@@ -20,7 +20,11 @@ impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
         let min = min.max(Duration::from_millis(1));
         let max = max.max(min);
-        Backoff { min, max, attempt: 0 }
+        Backoff {
+            min,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The delay before the next attempt, using the thread-local RNG.
@@ -73,17 +77,23 @@ mod tests {
             assert!(base >= previous_base, "the bound never shrinks");
             assert!(base <= max, "capped");
             let delay = backoff.next_delay_with(&mut rng);
-            assert!(delay <= base && delay >= base / 2, "attempt {attempt}: {delay:?} not in [{:?}, {base:?}]", base / 2);
+            assert!(
+                delay <= base && delay >= base / 2,
+                "attempt {attempt}: {delay:?} not in [{:?}, {base:?}]",
+                base / 2
+            );
             previous_base = base;
         }
         assert_eq!(backoff.base(), max);
         // The first delays grow: 100ms, 200ms, 400ms, 800ms bounds.
         let mut fresh = Backoff::new(min, max);
-        let bounds: Vec<_> = (0..4).map(|_| {
-            let bound = fresh.base();
-            fresh.next_delay_with(&mut rng);
-            bound
-        }).collect();
+        let bounds: Vec<_> = (0..4)
+            .map(|_| {
+                let bound = fresh.base();
+                fresh.next_delay_with(&mut rng);
+                bound
+            })
+            .collect();
         assert_eq!(bounds, [100, 200, 400, 800].map(Duration::from_millis));
     }
 
@@ -97,7 +107,11 @@ mod tests {
                 backoff.next_delay_with(&mut rng)
             })
             .collect();
-        assert!(delays.len() > 40, "50 devices must not all wait the same time: {} distinct", delays.len());
+        assert!(
+            delays.len() > 40,
+            "50 devices must not all wait the same time: {} distinct",
+            delays.len()
+        );
     }
 
     #[test]

@@ -99,7 +99,11 @@ impl Default for ClientConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// AUTH succeeded on `room_addr`.
-    Connected { conn_id: u64, room_addr: String, heartbeat: Duration },
+    Connected {
+        conn_id: u64,
+        room_addr: String,
+        heartbeat: Duration,
+    },
     /// A message not seen before (duplicates by `msg_id` are filtered out).
     Push(msg::Push),
     /// The connection ended; the client reconnects unless it was closed.
@@ -107,9 +111,17 @@ pub enum Event {
     /// The server sent KICK; a `Disconnected` follows.
     Kicked(msg::Kick),
     /// The server refused AUTH permanently; the client stopped.
-    AuthFailed { code: msg::ErrorCode, message: String },
+    AuthFailed {
+        code: msg::ErrorCode,
+        message: String,
+    },
     /// The server answered (or the connection lost) an UPSTREAM frame.
-    UpstreamAck { seq: u32, client_msg_id: String, ok: bool, error: Option<String> },
+    UpstreamAck {
+        seq: u32,
+        client_msg_id: String,
+        ok: bool,
+        error: Option<String>,
+    },
 }
 
 /// Counters since [`Client::start`].
@@ -228,7 +240,10 @@ impl Client {
         if msg_ids.is_empty() {
             return Ok(());
         }
-        self.commands.send(Command::Ack(msg_ids)).await.map_err(|_| ClientError::ClientClosed)
+        self.commands
+            .send(Command::Ack(msg_ids))
+            .await
+            .map_err(|_| ClientError::ClientClosed)
     }
 
     /// Sends an UPSTREAM message (waiting for a connection if there is none) and
@@ -249,7 +264,10 @@ impl Client {
         };
         let len = prost::Message::encoded_len(&upstream);
         if len > self.max_body as usize {
-            return Err(ClientError::TooLarge { len, limit: self.max_body });
+            return Err(ClientError::TooLarge {
+                len,
+                limit: self.max_body,
+            });
         }
         let (reply, answer) = oneshot::channel();
         let deadline = tokio::time::sleep(self.upstream_timeout);
@@ -269,7 +287,10 @@ impl Client {
     /// Drops the current connection and reconnects at once (no backoff), as after
     /// a network change. Does nothing while no connection is up.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        self.commands.send(Command::Reconnect).await.map_err(|_| ClientError::ClientClosed)
+        self.commands
+            .send(Command::Reconnect)
+            .await
+            .map_err(|_| ClientError::ClientClosed)
     }
 
     /// Stops the client: closes the connection, ends the task (the event channel
@@ -322,9 +343,16 @@ enum SessionEnd {
 }
 
 enum ConnectOutcome {
-    Connected { connection: Connection, auth_ok: msg::AuthOk, addr: String },
+    Connected {
+        connection: Connection,
+        auth_ok: msg::AuthOk,
+        addr: String,
+    },
     AllFailed(String),
-    AuthFailed { code: msg::ErrorCode, message: String },
+    AuthFailed {
+        code: msg::ErrorCode,
+        message: String,
+    },
     Close(Option<oneshot::Sender<()>>),
 }
 
@@ -413,7 +441,8 @@ impl Worker {
         loop {
             if !wait.is_zero() {
                 debug!(?wait, "waiting before reconnecting");
-                if let Err(Interrupt::Close(done)) = self.idle(tokio::time::sleep(wait), true).await {
+                if let Err(Interrupt::Close(done)) = self.idle(tokio::time::sleep(wait), true).await
+                {
                     return done;
                 }
             }
@@ -429,7 +458,11 @@ impl Worker {
                     wait = self.backoff.next_delay();
                     warn!(%reason, ?wait, "no room reachable");
                 }
-                ConnectOutcome::Connected { connection, auth_ok, addr } => {
+                ConnectOutcome::Connected {
+                    connection,
+                    auth_ok,
+                    addr,
+                } => {
                     let started = Instant::now();
                     let end = self.session(connection, auth_ok, addr).await;
                     self.counters.connected.store(false, Ordering::Relaxed);
@@ -444,7 +477,12 @@ impl Worker {
                         }
                         SessionEnd::Reconnect => {
                             info!("reconnect requested");
-                            if !self.emit(Event::Disconnected { reason: "reconnect requested".into() }).await {
+                            if !self
+                                .emit(Event::Disconnected {
+                                    reason: "reconnect requested".into(),
+                                })
+                                .await
+                            {
                                 return None;
                             }
                             wait = Duration::ZERO;
@@ -458,7 +496,8 @@ impl Worker {
                         }
                         SessionEnd::Kicked(kick) => {
                             let code = kick.code();
-                            let reason = format!("kicked ({}): {}", code.as_str_name(), kick.reason);
+                            let reason =
+                                format!("kicked ({}): {}", code.as_str_name(), kick.reason);
                             info!(code = code.as_str_name(), reason = %kick.reason, after_ms = kick.reconnect_after_ms, to = %kick.reconnect_to, "kicked");
                             if !kick.reconnect_to.is_empty() {
                                 self.redirect = Some(kick.reconnect_to.clone());
@@ -468,10 +507,14 @@ impl Worker {
                             } else {
                                 self.backoff.next_delay()
                             };
-                            if !self.emit(Event::Kicked(kick)).await || !self.emit(Event::Disconnected { reason }).await {
+                            if !self.emit(Event::Kicked(kick)).await
+                                || !self.emit(Event::Disconnected { reason }).await
+                            {
                                 return None;
                             }
-                            if code == msg::KickCode::SingleLogin && self.config.stop_on_single_login {
+                            if code == msg::KickCode::SingleLogin
+                                && self.config.stop_on_single_login
+                            {
                                 info!("another login of this device took over; stopping");
                                 return None;
                             }
@@ -489,7 +532,11 @@ impl Worker {
 
     /// Runs `future` while serving commands: acks and upstreams are queued for the
     /// next connection; `reconnect()` interrupts only when `reconnect_interrupts`.
-    async fn idle<T>(&mut self, future: impl Future<Output = T>, reconnect_interrupts: bool) -> Result<T, Interrupt> {
+    async fn idle<T>(
+        &mut self,
+        future: impl Future<Output = T>,
+        reconnect_interrupts: bool,
+    ) -> Result<T, Interrupt> {
         tokio::pin!(future);
         loop {
             tokio::select! {
@@ -520,7 +567,8 @@ impl Worker {
     }
 
     fn queue_upstream(&mut self, request: UpstreamRequest) {
-        self.queued_upstreams.retain(|queued| !queued.reply.is_closed());
+        self.queued_upstreams
+            .retain(|queued| !queued.reply.is_closed());
         if self.queued_upstreams.len() >= MAX_QUEUED_UPSTREAMS {
             let _ = request.reply.send(Err(ClientError::QueueFull));
             return;
@@ -557,7 +605,10 @@ impl Worker {
         Ok(Ok(unique))
     }
 
-    async fn dispatched_addrs(&mut self, base: &str) -> Result<Result<Vec<String>, String>, Interrupt> {
+    async fn dispatched_addrs(
+        &mut self,
+        base: &str,
+    ) -> Result<Result<Vec<String>, String>, Interrupt> {
         if let Some((addrs, expires)) = &self.dispatched
             && Instant::now() < *expires
         {
@@ -566,14 +617,25 @@ impl Worker {
         let Some(http) = self.http.clone() else {
             return Ok(Err("no HTTP client for the dispatcher".into()));
         };
-        let Some(user) = self.config.user.clone().or_else(|| user_from_token(&self.config.token)) else {
+        let Some(user) = self
+            .config
+            .user
+            .clone()
+            .or_else(|| user_from_token(&self.config.token))
+        else {
             return Ok(Err("cannot tell the user id for the dispatcher: set ClientConfig::user or use a JWT with a sub claim".into()));
         };
         let base = base.to_owned();
-        let answer = self.idle(async move { dispatch(&http, &base, &user).await }, false).await?;
+        let answer = self
+            .idle(async move { dispatch(&http, &base, &user).await }, false)
+            .await?;
         match answer {
             Ok(dispatch) => {
-                let addrs: Vec<String> = dispatch.rooms.into_iter().filter_map(|room| room.tcp).collect();
+                let addrs: Vec<String> = dispatch
+                    .rooms
+                    .into_iter()
+                    .filter_map(|room| room.tcp)
+                    .collect();
                 debug!(?addrs, "dispatcher answered");
                 if !dispatch.ttl.is_zero() {
                     self.dispatched = Some((addrs.clone(), Instant::now() + dispatch.ttl));
@@ -611,7 +673,13 @@ impl Worker {
             match self.idle(attempt, false).await {
                 Err(Interrupt::Close(done)) => return ConnectOutcome::Close(done),
                 Err(Interrupt::Reconnect) => {}
-                Ok(Ok((connection, auth_ok))) => return ConnectOutcome::Connected { connection, auth_ok, addr },
+                Ok(Ok((connection, auth_ok))) => {
+                    return ConnectOutcome::Connected {
+                        connection,
+                        auth_ok,
+                        addr,
+                    };
+                }
                 Ok(Err(error)) if error.is_permanent_auth_failure() => {
                     if let ClientError::AuthRefused { code, message } = error {
                         return ConnectOutcome::AuthFailed { code, message };
@@ -634,7 +702,12 @@ impl Worker {
         self.next_seq
     }
 
-    async fn session(&mut self, mut connection: Connection, auth_ok: msg::AuthOk, addr: String) -> SessionEnd {
+    async fn session(
+        &mut self,
+        mut connection: Connection,
+        auth_ok: msg::AuthOk,
+        addr: String,
+    ) -> SessionEnd {
         let first = self.counters.connects.fetch_add(1, Ordering::Relaxed) == 0;
         if !first {
             bump(&self.counters.reconnects, 1);
@@ -645,7 +718,14 @@ impl Worker {
             .heartbeat
             .unwrap_or_else(|| Duration::from_secs(u64::from(auth_ok.heartbeat_secs.max(1))));
         info!(conn_id = auth_ok.conn_id, room = %addr, ?heartbeat, "connected");
-        if !self.emit(Event::Connected { conn_id: auth_ok.conn_id, room_addr: addr, heartbeat }).await {
+        if !self
+            .emit(Event::Connected {
+                conn_id: auth_ok.conn_id,
+                room_addr: addr,
+                heartbeat,
+            })
+            .await
+        {
             return SessionEnd::EventsGone;
         }
         let mut in_flight: HashMap<u32, InFlight> = HashMap::new();
@@ -746,11 +826,19 @@ impl Worker {
     ) -> Option<SessionEnd> {
         match frame.op {
             Op::Pong => None,
-            Op::Ping => write(connection, &pushgrid_wire::encode_empty(Op::Pong, frame.seq)).await.err().map(SessionEnd::Lost),
+            Op::Ping => write(
+                connection,
+                &pushgrid_wire::encode_empty(Op::Pong, frame.seq),
+            )
+            .await
+            .err()
+            .map(SessionEnd::Lost),
             Op::Push => {
                 let push: msg::Push = match frame.decode() {
                     Ok(push) => push,
-                    Err(error) => return Some(SessionEnd::Lost(format!("undecodable PUSH: {error}"))),
+                    Err(error) => {
+                        return Some(SessionEnd::Lost(format!("undecodable PUSH: {error}")));
+                    }
                 };
                 self.handle_push(connection, push).await
             }
@@ -760,13 +848,25 @@ impl Worker {
                     return None;
                 };
                 let _ = pending.reply.send(Ok(()));
-                let event = Event::UpstreamAck { seq: frame.seq, client_msg_id: pending.client_msg_id, ok: true, error: None };
-                if self.emit(event).await { None } else { Some(SessionEnd::EventsGone) }
+                let event = Event::UpstreamAck {
+                    seq: frame.seq,
+                    client_msg_id: pending.client_msg_id,
+                    ok: true,
+                    error: None,
+                };
+                if self.emit(event).await {
+                    None
+                } else {
+                    Some(SessionEnd::EventsGone)
+                }
             }
             Op::Error => {
                 let (code, message) = match frame.decode::<msg::Error>() {
                     Ok(error) => (error.code(), error.message),
-                    Err(error) => (msg::ErrorCode::Unspecified, format!("undecodable ERROR: {error}")),
+                    Err(error) => (
+                        msg::ErrorCode::Unspecified,
+                        format!("undecodable ERROR: {error}"),
+                    ),
                 };
                 if let Some(pending) = in_flight.remove(&frame.seq).filter(|_| frame.seq != 0) {
                     let failure = ClientError::UpstreamRefused { code, message };
@@ -777,9 +877,16 @@ impl Worker {
                         error: Some(failure.to_string()),
                     };
                     let _ = pending.reply.send(Err(failure));
-                    return if self.emit(event).await { None } else { Some(SessionEnd::EventsGone) };
+                    return if self.emit(event).await {
+                        None
+                    } else {
+                        Some(SessionEnd::EventsGone)
+                    };
                 }
-                Some(SessionEnd::Lost(format!("server error ({}): {message}", code.as_str_name())))
+                Some(SessionEnd::Lost(format!(
+                    "server error ({}): {message}",
+                    code.as_str_name()
+                )))
             }
             Op::Kick => match frame.decode::<msg::Kick>() {
                 Ok(kick) => Some(SessionEnd::Kicked(kick)),
@@ -792,10 +899,18 @@ impl Worker {
         }
     }
 
-    async fn handle_push(&mut self, connection: &mut Connection, push: msg::Push) -> Option<SessionEnd> {
+    async fn handle_push(
+        &mut self,
+        connection: &mut Connection,
+        push: msg::Push,
+    ) -> Option<SessionEnd> {
         let msg_id = push.msg_id;
         let ackable = push.kind() != msg::PushKind::Broadcast;
-        let seen = if msg_id == 0 { Seen::New } else { self.dedup.check(msg_id) };
+        let seen = if msg_id == 0 {
+            Seen::New
+        } else {
+            self.dedup.check(msg_id)
+        };
         match seen {
             Seen::DuplicateUnacked => {
                 bump(&self.counters.duplicates_dropped, 1);
@@ -808,7 +923,10 @@ impl Worker {
                 if !ackable {
                     return None;
                 }
-                self.send_acks(connection, &[msg_id]).await.err().map(SessionEnd::Lost)
+                self.send_acks(connection, &[msg_id])
+                    .await
+                    .err()
+                    .map(SessionEnd::Lost)
             }
             Seen::New => {
                 if !self.emit(Event::Push(push)).await {
@@ -834,7 +952,17 @@ impl Worker {
 
     async fn send_acks(&self, connection: &mut Connection, msg_ids: &[u64]) -> Result<(), String> {
         for chunk in msg_ids.chunks(ACK_CHUNK) {
-            write(connection, &encode(Op::Ack, 0, &msg::Ack { msg_ids: chunk.to_vec() })).await?;
+            write(
+                connection,
+                &encode(
+                    Op::Ack,
+                    0,
+                    &msg::Ack {
+                        msg_ids: chunk.to_vec(),
+                    },
+                ),
+            )
+            .await?;
             bump(&self.counters.acks_sent, chunk.len() as u64);
         }
         Ok(())
@@ -862,7 +990,13 @@ impl Worker {
             return Err(reason);
         }
         debug!(seq, client_msg_id = %request.upstream.client_msg_id, "upstream sent");
-        in_flight.insert(seq, InFlight { client_msg_id: request.upstream.client_msg_id, reply: request.reply });
+        in_flight.insert(
+            seq,
+            InFlight {
+                client_msg_id: request.upstream.client_msg_id,
+                reply: request.reply,
+            },
+        );
         Ok(())
     }
 }

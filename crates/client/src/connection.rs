@@ -66,7 +66,10 @@ impl Connection {
     ///
     /// An ERROR answer becomes [`ClientError::AuthRefused`] with the server's code
     /// and message.
-    pub async fn connect(addr: &str, auth: msg::Auth) -> Result<(Connection, msg::AuthOk), ClientError> {
+    pub async fn connect(
+        addr: &str,
+        auth: msg::Auth,
+    ) -> Result<(Connection, msg::AuthOk), ClientError> {
         Connection::connect_with(addr, auth, &ConnectOptions::default()).await
     }
 
@@ -93,10 +96,18 @@ impl Connection {
         let stream = tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Timeout("opening the TCP connection"))?
-            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
         stream.set_nodelay(true)?;
         let peer_addr = stream.peer_addr()?;
-        Ok(Connection { stream, read_buffer: BytesMut::with_capacity(IDLE_BUFFER_CAPACITY), max_body: options.max_body, peer_addr })
+        Ok(Connection {
+            stream,
+            read_buffer: BytesMut::with_capacity(IDLE_BUFFER_CAPACITY),
+            max_body: options.max_body,
+            peer_addr,
+        })
     }
 
     /// Sends AUTH and reads the answer (no timeout: wrap it in one).
@@ -109,7 +120,10 @@ impl Connection {
             Op::AuthOk => Ok(frame.decode::<msg::AuthOk>()?),
             Op::Error => {
                 let error: msg::Error = frame.decode()?;
-                Err(ClientError::AuthRefused { code: error.code(), message: error.message })
+                Err(ClientError::AuthRefused {
+                    code: error.code(),
+                    message: error.message,
+                })
             }
             Op::Kick => {
                 let kick: msg::Kick = frame.decode()?;
@@ -119,12 +133,19 @@ impl Connection {
                     kick.reason
                 )))
             }
-            other => Err(ClientError::Protocol(format!("expected AUTH_OK, got {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "expected AUTH_OK, got {other:?}"
+            ))),
         }
     }
 
     /// Encodes and writes one frame.
-    pub async fn send_frame(&mut self, op: Op, seq: u32, body: &impl prost::Message) -> Result<(), ClientError> {
+    pub async fn send_frame(
+        &mut self,
+        op: Op,
+        seq: u32,
+        body: &impl prost::Message,
+    ) -> Result<(), ClientError> {
         self.send_raw(&encode(op, seq, body)).await
     }
 
@@ -147,7 +168,9 @@ impl Connection {
         loop {
             match decode_frame(&mut self.read_buffer, self.max_body)? {
                 Decoded::Frame(frame) => {
-                    if self.read_buffer.is_empty() && self.read_buffer.capacity() > 4 * IDLE_BUFFER_CAPACITY {
+                    if self.read_buffer.is_empty()
+                        && self.read_buffer.capacity() > 4 * IDLE_BUFFER_CAPACITY
+                    {
                         // A large frame grew the buffer; do not keep that memory while idle.
                         self.read_buffer = BytesMut::with_capacity(IDLE_BUFFER_CAPACITY);
                     }
@@ -157,7 +180,11 @@ impl Connection {
                     self.read_buffer.reserve(needed.max(1024));
                     let read = self.stream.read_buf(&mut self.read_buffer).await?;
                     if read == 0 {
-                        return if self.read_buffer.is_empty() { Ok(None) } else { Err(ClientError::Closed) };
+                        return if self.read_buffer.is_empty() {
+                            Ok(None)
+                        } else {
+                            Err(ClientError::Closed)
+                        };
                     }
                 }
             }

@@ -27,7 +27,11 @@ pub struct DedupFilter {
 impl DedupFilter {
     pub fn new(capacity: usize) -> DedupFilter {
         let capacity = capacity.max(1);
-        DedupFilter { capacity, order: VecDeque::new(), acked: HashMap::new() }
+        DedupFilter {
+            capacity,
+            order: VecDeque::new(),
+            acked: HashMap::new(),
+        }
     }
 
     /// Looks `msg_id` up without recording it.
@@ -85,7 +89,11 @@ mod tests {
         filter.mark_acked(1);
         assert_eq!(filter.check(1), Seen::DuplicateAcked);
         filter.insert(1);
-        assert_eq!(filter.check(1), Seen::DuplicateAcked, "insert never un-acks");
+        assert_eq!(
+            filter.check(1),
+            Seen::DuplicateAcked,
+            "insert never un-acks"
+        );
     }
 
     #[test]

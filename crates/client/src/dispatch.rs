@@ -52,7 +52,11 @@ struct ApiError {
 }
 
 /// `GET {base}/v1/dispatch?user=<user>`.
-pub async fn dispatch(http: &reqwest::Client, base: &str, user: &str) -> Result<Dispatch, ClientError> {
+pub async fn dispatch(
+    http: &reqwest::Client,
+    base: &str,
+    user: &str,
+) -> Result<Dispatch, ClientError> {
     let url = format!("{}/v1/dispatch", base.trim_end_matches('/'));
     let response = http
         .get(&url)
@@ -74,28 +78,45 @@ pub fn parse_dispatch(status: u16, body: &[u8]) -> Result<Dispatch, ClientError>
         Ok(envelope) => envelope,
         Err(error) => {
             let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            return Err(ClientError::Dispatch(format!("HTTP {status}, undecodable answer ({error}): {excerpt}")));
+            return Err(ClientError::Dispatch(format!(
+                "HTTP {status}, undecodable answer ({error}): {excerpt}"
+            )));
         }
     };
     if let Some(error) = envelope.error {
-        return Err(ClientError::Dispatch(format!("HTTP {status}, {}: {}", error.code, error.message)));
+        return Err(ClientError::Dispatch(format!(
+            "HTTP {status}, {}: {}",
+            error.code, error.message
+        )));
     }
     let Some(result) = envelope.result else {
-        return Err(ClientError::Dispatch(format!("HTTP {status}, answer has neither result nor error")));
+        return Err(ClientError::Dispatch(format!(
+            "HTTP {status}, answer has neither result nor error"
+        )));
     };
-    let rooms: Vec<DispatchedRoom> =
-        result.rooms.into_iter().filter(|room| room.tcp.as_deref().is_some_and(|tcp| !tcp.is_empty())).collect();
+    let rooms: Vec<DispatchedRoom> = result
+        .rooms
+        .into_iter()
+        .filter(|room| room.tcp.as_deref().is_some_and(|tcp| !tcp.is_empty()))
+        .collect();
     if rooms.is_empty() {
-        return Err(ClientError::Dispatch("no room with a TCP address available".into()));
+        return Err(ClientError::Dispatch(
+            "no room with a TCP address available".into(),
+        ));
     }
-    Ok(Dispatch { rooms, ttl: Duration::from_secs(result.ttl_secs) })
+    Ok(Dispatch {
+        rooms,
+        ttl: Duration::from_secs(result.ttl_secs),
+    })
 }
 
 /// The `sub` claim of a JWT, read without verifying the signature (the room
 /// verifies it; the SDK only needs the user id to ask the dispatcher).
 pub fn user_from_token(token: &str) -> Option<String> {
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     match claims.get("sub")? {
         serde_json::Value::String(sub) => Some(sub.clone()),
@@ -114,7 +135,11 @@ mod tests {
         let body = br#"{"result": {"rooms": [{"node": "room-1", "tcp": "127.0.0.1:8090"},
             {"node": "room-ws", "ws": "ws://x"}, {"node": "room-2", "tcp": "127.0.0.1:8091", "extra": 1}], "ttl_secs": 60}}"#;
         let dispatch = parse_dispatch(200, body).unwrap();
-        let addrs: Vec<_> = dispatch.rooms.iter().map(|room| room.tcp.clone().unwrap()).collect();
+        let addrs: Vec<_> = dispatch
+            .rooms
+            .iter()
+            .map(|room| room.tcp.clone().unwrap())
+            .collect();
         assert_eq!(addrs, ["127.0.0.1:8090", "127.0.0.1:8091"]);
         assert_eq!(dispatch.ttl, Duration::from_secs(60));
     }
@@ -123,16 +148,27 @@ mod tests {
     fn error_answer_says_what_the_dispatcher_said() {
         let body = br#"{"error": {"code": "no_rooms", "message": "no room is alive"}}"#;
         let error = parse_dispatch(503, body).unwrap_err().to_string();
-        assert!(error.contains("no_rooms") && error.contains("no room is alive"), "{error}");
-        let error = parse_dispatch(502, b"<html>bad gateway</html>").unwrap_err().to_string();
-        assert!(error.contains("502") && error.contains("bad gateway"), "{error}");
+        assert!(
+            error.contains("no_rooms") && error.contains("no room is alive"),
+            "{error}"
+        );
+        let error = parse_dispatch(502, b"<html>bad gateway</html>")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("502") && error.contains("bad gateway"),
+            "{error}"
+        );
     }
 
     #[test]
     fn user_comes_from_the_sub_claim() {
         let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let payload = engine.encode(br#"{"sub":"alice","app":"demo","exp":1}"#);
-        let token = format!("{}.{payload}.signature", engine.encode(br#"{"alg":"HS256"}"#));
+        let token = format!(
+            "{}.{payload}.signature",
+            engine.encode(br#"{"alg":"HS256"}"#)
+        );
         assert_eq!(user_from_token(&token).as_deref(), Some("alice"));
         assert_eq!(user_from_token("not a jwt"), None);
         assert_eq!(user_from_token("a.!!!.c"), None);

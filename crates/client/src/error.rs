@@ -10,7 +10,10 @@ use pushgrid_wire::msg::ErrorCode;
 pub enum ClientError {
     /// The TCP connection could not be opened.
     #[error("could not connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     /// Reading from or writing to an open connection failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -61,9 +64,10 @@ impl ClientError {
     /// `UNAVAILABLE`, `INTERNAL` and `AUTH_TIMEOUT` refusals are transient.
     pub fn is_permanent_auth_failure(&self) -> bool {
         match self {
-            ClientError::AuthRefused { code, .. } => {
-                !matches!(code, ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::AuthTimeout)
-            }
+            ClientError::AuthRefused { code, .. } => !matches!(
+                code,
+                ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::AuthTimeout
+            ),
             _ => false,
         }
     }

@@ -10,7 +10,11 @@ use pushgrid_client::{Client, ClientConfig, Event};
 use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
-#[command(name = "pushgrid-client", version, about = "Connect to pushgrid as one device and print the pushes it receives")]
+#[command(
+    name = "pushgrid-client",
+    version,
+    about = "Connect to pushgrid as one device and print the pushes it receives"
+)]
 struct Args {
     /// Dispatcher base URL, e.g. http://127.0.0.1:8070.
     #[arg(long, env = "PUSHGRID_DISPATCHER")]
@@ -98,7 +102,11 @@ async fn main() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
             }
-            Event::Connected { conn_id, room_addr, heartbeat } => {
+            Event::Connected {
+                conn_id,
+                room_addr,
+                heartbeat,
+            } => {
                 info!(conn_id, room = %room_addr, ?heartbeat, "connected");
             }
             Event::Disconnected { reason } => warn!(%reason, "disconnected"),
@@ -106,7 +114,10 @@ async fn main() -> ExitCode {
                 warn!(code = kick.code().as_str_name(), reason = %kick.reason, "kicked");
             }
             Event::AuthFailed { code, message } => {
-                eprintln!("error: authentication refused by the server ({}): {message}", code.as_str_name());
+                eprintln!(
+                    "error: authentication refused by the server ({}): {message}",
+                    code.as_str_name()
+                );
                 return ExitCode::from(3);
             }
             Event::UpstreamAck { .. } => {}

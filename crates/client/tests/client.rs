@@ -30,7 +30,11 @@ async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
 }
 
 /// Skips events until one matches.
-async fn wait_for(events: &mut mpsc::Receiver<Event>, what: &str, matches: impl Fn(&Event) -> bool) -> Event {
+async fn wait_for(
+    events: &mut mpsc::Receiver<Event>,
+    what: &str,
+    matches: impl Fn(&Event) -> bool,
+) -> Event {
     for _ in 0..100 {
         let event = next_event(events).await;
         if matches(&event) {
@@ -53,27 +57,48 @@ async fn duplicates_are_dropped_across_reconnects_and_acked_ones_are_reacked() {
     let (client, mut events) = Client::start(config("good", vec![room.addr.clone()]));
 
     let connected = next_event(&mut events).await;
-    assert!(matches!(&connected, Event::Connected { conn_id: 1, room_addr, .. } if *room_addr == room.addr), "{connected:?}");
-    let ids: Vec<u64> = [next_push(&mut events).await, next_push(&mut events).await, next_push(&mut events).await]
-        .iter()
-        .map(|push| push.msg_id)
-        .collect();
+    assert!(
+        matches!(&connected, Event::Connected { conn_id: 1, room_addr, .. } if *room_addr == room.addr),
+        "{connected:?}"
+    );
+    let ids: Vec<u64> = [
+        next_push(&mut events).await,
+        next_push(&mut events).await,
+        next_push(&mut events).await,
+    ]
+    .iter()
+    .map(|push| push.msg_id)
+    .collect();
     assert_eq!(ids, [1, 2, 3]);
 
     client.ack(vec![1]).await.unwrap();
-    room.wait_until("message 1 is acked", |state| state.acked == [1]).await;
+    room.wait_until("message 1 is acked", |state| state.acked == [1])
+        .await;
 
     // A network drop: the room redelivers its unacked inbox (2 and 3) on the new connection.
     client.reconnect().await.unwrap();
-    wait_for(&mut events, "disconnect", |event| matches!(event, Event::Disconnected { .. })).await;
-    wait_for(&mut events, "reconnect", |event| matches!(event, Event::Connected { conn_id: 2, .. })).await;
+    wait_for(&mut events, "disconnect", |event| {
+        matches!(event, Event::Disconnected { .. })
+    })
+    .await;
+    wait_for(&mut events, "reconnect", |event| {
+        matches!(event, Event::Connected { conn_id: 2, .. })
+    })
+    .await;
     // The ACK of 1 was lost on the way: the room sends it again.
     room.resend(1, "one").await;
     room.push(4, "four").await;
 
     let push = next_push(&mut events).await;
-    assert_eq!((push.msg_id, &push.payload[..]), (4, &b"four"[..]), "2, 3 and 1 were dropped as duplicates");
-    room.wait_until("the redelivered 1 is re-acked", |state| state.acked == [1, 1]).await;
+    assert_eq!(
+        (push.msg_id, &push.payload[..]),
+        (4, &b"four"[..]),
+        "2, 3 and 1 were dropped as duplicates"
+    );
+    room.wait_until("the redelivered 1 is re-acked", |state| {
+        state.acked == [1, 1]
+    })
+    .await;
 
     let stats = client.stats();
     assert_eq!(stats.pushes_received, 4);
@@ -82,9 +107,13 @@ async fn duplicates_are_dropped_across_reconnects_and_acked_ones_are_reacked() {
 
     // The application's later acks go to the current connection.
     client.ack(vec![2, 3, 4]).await.unwrap();
-    room.wait_until("the inbox is empty", |state| state.inbox.is_empty()).await;
+    room.wait_until("the inbox is empty", |state| state.inbox.is_empty())
+        .await;
     client.close().await;
-    assert!(events.recv().await.is_none(), "the event channel closes after close()");
+    assert!(
+        events.recv().await.is_none(),
+        "the event channel closes after close()"
+    );
 }
 
 #[tokio::test]
@@ -96,7 +125,10 @@ async fn auto_ack_acks_every_push_once() {
     assert_eq!(next_push(&mut events).await.msg_id, 7);
     room.push(8, "eight").await;
     assert_eq!(next_push(&mut events).await.msg_id, 8);
-    room.wait_until("both are acked", |state| state.inbox.is_empty() && state.acked == [7, 8]).await;
+    room.wait_until("both are acked", |state| {
+        state.inbox.is_empty() && state.acked == [7, 8]
+    })
+    .await;
     client.close().await;
 }
 
@@ -105,12 +137,25 @@ async fn auth_failure_surfaces_the_servers_code_and_message_and_stops() {
     let room = FakeRoom::start().await;
     let (client, mut events) = Client::start(config("bad", vec![room.addr.clone()]));
     let event = next_event(&mut events).await;
-    assert_eq!(event, Event::AuthFailed { code: msg::ErrorCode::AuthFailed, message: "token expired".into() });
-    assert!(events.recv().await.is_none(), "no reconnect after an auth failure");
+    assert_eq!(
+        event,
+        Event::AuthFailed {
+            code: msg::ErrorCode::AuthFailed,
+            message: "token expired".into()
+        }
+    );
+    assert!(
+        events.recv().await.is_none(),
+        "no reconnect after an auth failure"
+    );
     assert!(client.is_closed());
     assert_eq!(room.state.lock().await.auths.len(), 1);
 
-    let auth = msg::Auth { token: "bad".into(), device_id: "d".into(), platform: "test".into() };
+    let auth = msg::Auth {
+        token: "bad".into(),
+        device_id: "d".into(),
+        platform: "test".into(),
+    };
     let error = Connection::connect(&room.addr, auth).await.unwrap_err();
     assert!(
         matches!(&error, ClientError::AuthRefused { code: msg::ErrorCode::AuthFailed, message } if message == "token expired"),
@@ -123,7 +168,8 @@ async fn auth_failure_surfaces_the_servers_code_and_message_and_stops() {
 async fn a_transient_auth_refusal_is_retried() {
     let room = FakeRoom::start().await;
     let (client, mut events) = Client::start(config("busy", vec![room.addr.clone()]));
-    room.wait_until("three attempts", |state| state.auths.len() >= 3).await;
+    room.wait_until("three attempts", |state| state.auths.len() >= 3)
+        .await;
     assert!(!client.is_closed());
     client.close().await;
     assert!(events.recv().await.is_none());
@@ -133,7 +179,10 @@ async fn a_transient_auth_refusal_is_retried() {
 async fn upstream_answers_are_matched_by_seq() {
     let room = FakeRoom::start().await;
     let (client, mut events) = Client::start(config("good", vec![room.addr.clone()]));
-    wait_for(&mut events, "connect", |event| matches!(event, Event::Connected { .. })).await;
+    wait_for(&mut events, "connect", |event| {
+        matches!(event, Event::Connected { .. })
+    })
+    .await;
 
     // "slow" is answered last; each caller still gets its own answer.
     let slow = client.upstream("slow", "chat", "m-slow", &b"a"[..]);
@@ -149,22 +198,39 @@ async fn upstream_answers_are_matched_by_seq() {
     slow.unwrap();
     fast.unwrap();
     match fail {
-        Err(ClientError::UpstreamRefused { code: msg::ErrorCode::UpstreamFailed, message }) => {
+        Err(ClientError::UpstreamRefused {
+            code: msg::ErrorCode::UpstreamFailed,
+            message,
+        }) => {
             assert_eq!(message, "no route for fail");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
 
     let sent = room.state.lock().await.upstreams.clone();
-    let seq_of = |id: &str| sent.iter().find(|(_, upstream)| upstream.client_msg_id == id).unwrap().0;
+    let seq_of = |id: &str| {
+        sent.iter()
+            .find(|(_, upstream)| upstream.client_msg_id == id)
+            .unwrap()
+            .0
+    };
     let seqs = [seq_of("m-slow"), seq_of("m-fast"), seq_of("m-fail")];
-    assert!(seqs[0] != seqs[1] && seqs[1] != seqs[2] && seqs[0] != seqs[2], "{seqs:?}");
+    assert!(
+        seqs[0] != seqs[1] && seqs[1] != seqs[2] && seqs[0] != seqs[2],
+        "{seqs:?}"
+    );
     assert_eq!(sent[0].1.r#type, "chat");
     assert_eq!(&sent[0].1.payload[..], b"a");
 
     let mut acks = Vec::new();
     while acks.len() < 3 {
-        if let Event::UpstreamAck { seq, client_msg_id, ok, error } = next_event(&mut events).await {
+        if let Event::UpstreamAck {
+            seq,
+            client_msg_id,
+            ok,
+            error,
+        } = next_event(&mut events).await
+        {
             acks.push((client_msg_id, seq, ok, error.is_some()));
         }
     }
@@ -186,8 +252,14 @@ async fn upstream_waits_for_a_connection_and_times_out_without_one() {
     let mut config = config("good", vec!["127.0.0.1:1".into()]);
     config.upstream_timeout = Duration::from_millis(200);
     let (client, _events) = Client::start(config);
-    let error = client.upstream("chat", "text", "m", &b""[..]).await.unwrap_err();
-    assert!(matches!(error, ClientError::UpstreamTimeout(_)), "{error:?}");
+    let error = client
+        .upstream("chat", "text", "m", &b""[..])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::UpstreamTimeout(_)),
+        "{error:?}"
+    );
     client.close().await;
 }
 
@@ -197,12 +269,24 @@ async fn reconnects_after_the_room_drops_the_connection_and_pings() {
     let mut config = config("good", vec![room.addr.clone()]);
     config.heartbeat = Some(Duration::from_millis(50));
     let (client, mut events) = Client::start(config);
-    wait_for(&mut events, "connect", |event| matches!(event, Event::Connected { .. })).await;
+    wait_for(&mut events, "connect", |event| {
+        matches!(event, Event::Connected { .. })
+    })
+    .await;
     room.wait_until("two pings", |state| state.pings >= 2).await;
     room.drop_connection().await;
-    let event = wait_for(&mut events, "disconnect", |event| matches!(event, Event::Disconnected { .. })).await;
-    assert!(matches!(&event, Event::Disconnected { reason } if reason.contains("closed")), "{event:?}");
-    wait_for(&mut events, "reconnect", |event| matches!(event, Event::Connected { conn_id: 2, .. })).await;
+    let event = wait_for(&mut events, "disconnect", |event| {
+        matches!(event, Event::Disconnected { .. })
+    })
+    .await;
+    assert!(
+        matches!(&event, Event::Disconnected { reason } if reason.contains("closed")),
+        "{event:?}"
+    );
+    wait_for(&mut events, "reconnect", |event| {
+        matches!(event, Event::Connected { conn_id: 2, .. })
+    })
+    .await;
     assert_eq!(client.stats().reconnects, 1);
     client.close().await;
 }
@@ -212,7 +296,10 @@ async fn kick_redirects_to_the_given_room() {
     let first = FakeRoom::start().await;
     let second = FakeRoom::start().await;
     let (client, mut events) = Client::start(config("good", vec![first.addr.clone()]));
-    wait_for(&mut events, "connect", |event| matches!(event, Event::Connected { .. })).await;
+    wait_for(&mut events, "connect", |event| {
+        matches!(event, Event::Connected { .. })
+    })
+    .await;
     let kick = msg::Kick {
         code: msg::KickCode::Shutdown as i32,
         reason: "draining".into(),
@@ -220,9 +307,22 @@ async fn kick_redirects_to_the_given_room() {
         reconnect_to: second.addr.clone(),
     };
     first.kick(kick.clone()).await;
-    assert_eq!(wait_for(&mut events, "kick", |event| matches!(event, Event::Kicked(_))).await, Event::Kicked(kick));
-    let event = wait_for(&mut events, "reconnect", |event| matches!(event, Event::Connected { .. })).await;
-    assert!(matches!(&event, Event::Connected { room_addr, .. } if *room_addr == second.addr), "{event:?}");
+    assert_eq!(
+        wait_for(&mut events, "kick", |event| matches!(
+            event,
+            Event::Kicked(_)
+        ))
+        .await,
+        Event::Kicked(kick)
+    );
+    let event = wait_for(&mut events, "reconnect", |event| {
+        matches!(event, Event::Connected { .. })
+    })
+    .await;
+    assert!(
+        matches!(&event, Event::Connected { room_addr, .. } if *room_addr == second.addr),
+        "{event:?}"
+    );
     client.close().await;
 }
 
@@ -230,12 +330,30 @@ async fn kick_redirects_to_the_given_room() {
 async fn single_login_kick_stops_the_client() {
     let room = FakeRoom::start().await;
     let (client, mut events) = Client::start(config("good", vec![room.addr.clone()]));
-    wait_for(&mut events, "connect", |event| matches!(event, Event::Connected { .. })).await;
-    let kick = msg::Kick { code: msg::KickCode::SingleLogin as i32, reason: "newer login".into(), ..Default::default() };
+    wait_for(&mut events, "connect", |event| {
+        matches!(event, Event::Connected { .. })
+    })
+    .await;
+    let kick = msg::Kick {
+        code: msg::KickCode::SingleLogin as i32,
+        reason: "newer login".into(),
+        ..Default::default()
+    };
     room.kick(kick).await;
-    wait_for(&mut events, "kick", |event| matches!(event, Event::Kicked(_))).await;
-    wait_for(&mut events, "disconnect", |event| matches!(event, Event::Disconnected { .. })).await;
-    assert!(tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().is_none());
+    wait_for(&mut events, "kick", |event| {
+        matches!(event, Event::Kicked(_))
+    })
+    .await;
+    wait_for(&mut events, "disconnect", |event| {
+        matches!(event, Event::Disconnected { .. })
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(client.is_closed());
 }
 
@@ -254,7 +372,11 @@ async fn fake_dispatcher(body: String) -> (String, mpsc::Receiver<String>) {
                     Ok(read) => request.extend_from_slice(&chunk[..read]),
                 }
             }
-            let first_line = String::from_utf8_lossy(&request).lines().next().unwrap_or_default().to_owned();
+            let first_line = String::from_utf8_lossy(&request)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             let _ = requests.try_send(first_line);
             let response = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -279,28 +401,51 @@ async fn dispatcher_rooms_are_tried_in_order() {
     config.dispatcher = Some(url);
     config.user = Some("alice".into());
     let (client, mut events) = Client::start(config);
-    let event = wait_for(&mut events, "connect", |event| matches!(event, Event::Connected { .. })).await;
-    assert!(matches!(&event, Event::Connected { room_addr, .. } if *room_addr == room.addr), "{event:?}");
+    let event = wait_for(&mut events, "connect", |event| {
+        matches!(event, Event::Connected { .. })
+    })
+    .await;
+    assert!(
+        matches!(&event, Event::Connected { room_addr, .. } if *room_addr == room.addr),
+        "{event:?}"
+    );
     let request = requests.recv().await.unwrap();
-    assert!(request.starts_with("GET /v1/dispatch?user=alice "), "{request}");
+    assert!(
+        request.starts_with("GET /v1/dispatch?user=alice "),
+        "{request}"
+    );
     client.close().await;
 }
 
 #[tokio::test]
 async fn raw_connection_speaks_the_protocol() {
     let room = FakeRoom::start_with(&[(5, "five")], 7).await;
-    let auth = msg::Auth { token: "good".into(), device_id: "raw".into(), platform: "test".into() };
+    let auth = msg::Auth {
+        token: "good".into(),
+        device_id: "raw".into(),
+        platform: "test".into(),
+    };
     let (mut connection, auth_ok) = Connection::connect(&room.addr, auth).await.unwrap();
     assert_eq!(auth_ok.heartbeat_secs, 7);
     let frame = connection.next_frame().await.unwrap().unwrap();
     assert_eq!(frame.op, pushgrid_client::Op::Push);
     let push: msg::Push = frame.decode().unwrap();
     assert_eq!(push.msg_id, 5);
-    connection.send_empty(pushgrid_client::Op::Ping, 9).await.unwrap();
+    connection
+        .send_empty(pushgrid_client::Op::Ping, 9)
+        .await
+        .unwrap();
     let pong = connection.next_frame().await.unwrap().unwrap();
     assert_eq!((pong.op, pong.seq), (pushgrid_client::Op::Pong, 9));
-    connection.send_frame(pushgrid_client::Op::Ack, 0, &msg::Ack { msg_ids: vec![5] }).await.unwrap();
-    room.wait_until("5 is acked", |state| state.inbox.is_empty()).await;
+    connection
+        .send_frame(pushgrid_client::Op::Ack, 0, &msg::Ack { msg_ids: vec![5] })
+        .await
+        .unwrap();
+    room.wait_until("5 is acked", |state| state.inbox.is_empty())
+        .await;
     room.drop_connection().await;
-    assert!(connection.next_frame().await.unwrap().is_none(), "a clean close is Ok(None)");
+    assert!(
+        connection.next_frame().await.unwrap().is_none(),
+        "a clean close is Ok(None)"
+    );
 }

@@ -13,6 +13,9 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::rpc::ChannelPool;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -24,7 +27,12 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { max_items: 256, max_wait: Duration::from_micros(500), queue: 4096, in_flight: 4 }
+        BatchConfig {
+            max_items: 256,
+            max_wait: Duration::from_micros(500),
+            queue: 4096,
+            in_flight: 4,
+        }
     }
 }
 
@@ -36,7 +44,9 @@ pub struct Batcher<T, R> {
 
 impl<T, R> Clone for Batcher<T, R> {
     fn clone(&self) -> Self {
-        Batcher { queue: self.queue.clone() }
+        Batcher {
+            queue: self.queue.clone(),
+        }
     }
 }
 
@@ -68,7 +78,9 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                         }
                     }
                 }
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
                 let call = call.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -108,26 +120,58 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
             .send((item, reply))
             .await
             .map_err(|_| Status::unavailable("batcher stopped"))?;
-        answer.await.map_err(|_| Status::unavailable("batch dropped"))?
+        answer
+            .await
+            .map_err(|_| Status::unavailable("batch dropped"))?
     }
 }
+
+type MakeBatcher<T, R> = Box<dyn Fn(&str) -> Batcher<T, R> + Send + Sync>;
 
 /// One batcher per destination (a peer's address), made on first use.
 pub struct BatcherMap<T, R> {
     batchers: DashMap<String, Batcher<T, R>>,
-    make: Box<dyn Fn(&str) -> Batcher<T, R> + Send + Sync>,
+    make: MakeBatcher<T, R>,
 }
 
 impl<T: Send + 'static, R: Send + 'static> BatcherMap<T, R> {
     pub fn new(make: impl Fn(&str) -> Batcher<T, R> + Send + Sync + 'static) -> BatcherMap<T, R> {
-        BatcherMap { batchers: DashMap::new(), make: Box::new(make) }
+        BatcherMap {
+            batchers: DashMap::new(),
+            make: Box::new(make),
+        }
     }
 
     pub fn get(&self, destination: &str) -> Batcher<T, R> {
         if let Some(batcher) = self.batchers.get(destination) {
             return batcher.clone();
         }
-        self.batchers.entry(destination.to_string()).or_insert_with(|| (self.make)(destination)).clone()
+        self.batchers
+            .entry(destination.to_string())
+            .or_insert_with(|| (self.make)(destination))
+            .clone()
+    }
+
+    /// One batcher per peer address, each calling `call` with a channel from
+    /// `pool` to that peer and a batch of items.
+    pub fn per_peer<F, Fut>(
+        pool: Arc<ChannelPool>,
+        config: BatchConfig,
+        call: F,
+    ) -> BatcherMap<T, R>
+    where
+        F: Fn(Channel, Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<R>, Status>> + Send + 'static,
+    {
+        let call = Arc::new(call);
+        BatcherMap::new(move |addr: &str| {
+            let (pool, addr, call) = (pool.clone(), addr.to_string(), call.clone());
+            Batcher::spawn(config, move |items: Vec<T>| {
+                let channel = pool.get(&addr);
+                let call = call.clone();
+                async move { call(channel?, items).await }
+            })
+        })
     }
 
     /// Drops the batchers of destinations not in `live`.
@@ -146,7 +190,12 @@ mod tests {
     async fn concurrent_calls_share_batches_and_get_their_own_answers() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();
-        let config = BatchConfig { max_items: 100, max_wait: Duration::from_millis(20), queue: 1000, in_flight: 2 };
+        let config = BatchConfig {
+            max_items: 100,
+            max_wait: Duration::from_millis(20),
+            queue: 1000,
+            in_flight: 2,
+        };
         let batcher = Batcher::spawn(config, move |items: Vec<u32>| {
             counter.fetch_add(1, Ordering::SeqCst);
             async move { Ok(items.into_iter().map(|item| item * 2).collect()) }
@@ -154,7 +203,9 @@ mod tests {
         let mut tasks = Vec::new();
         for item in 0..500u32 {
             let batcher = batcher.clone();
-            tasks.push(tokio::spawn(async move { (item, batcher.call(item).await.unwrap()) }));
+            tasks.push(tokio::spawn(async move {
+                (item, batcher.call(item).await.unwrap())
+            }));
         }
         for task in tasks {
             let (item, doubled) = task.await.unwrap();

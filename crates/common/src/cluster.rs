@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use pushgrid_proto::cluster::keeper_client::KeeperClient;
 use pushgrid_proto::cluster::{
-    App, ClusterState, DeregisterRequest, HeartbeatRequest, NodeInfo, RegisterNodeRequest, Role, WatchRequest,
+    App, ClusterState, DeregisterRequest, HeartbeatRequest, NodeInfo, RegisterNodeRequest, Role,
+    WatchRequest,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -42,8 +43,19 @@ impl ClusterView {
         }
         let mut nodes = state.nodes;
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        let register_ring = Ring::new(nodes.iter().filter(|node| node.role() == Role::Register).map(|node| node.id.clone()));
-        ClusterView { version: state.version, nodes, apps, apps_by_api_key, register_ring }
+        let register_ring = Ring::new(
+            nodes
+                .iter()
+                .filter(|node| node.role() == Role::Register)
+                .map(|node| node.id.clone()),
+        );
+        ClusterView {
+            version: state.version,
+            nodes,
+            apps,
+            apps_by_api_key,
+            register_ring,
+        }
     }
 
     /// Live nodes of one role, ordered by id.
@@ -60,13 +72,17 @@ impl ClusterView {
     }
 
     pub fn app_by_api_key(&self, api_key: &str) -> Option<&App> {
-        self.apps_by_api_key.get(api_key).and_then(|id| self.apps.get(id))
+        self.apps_by_api_key
+            .get(api_key)
+            .and_then(|id| self.apps.get(id))
     }
 
     /// The register instance that owns a user, by the consistent hash shared
     /// by every role.
     pub fn register_for(&self, app: &str, user: &str) -> Option<&NodeInfo> {
-        let node_id = self.register_ring.node_for(crate::ring::user_key(app, user))?;
+        let node_id = self
+            .register_ring
+            .node_for(crate::ring::user_key(app, user))?;
         self.node(node_id)
     }
 
@@ -112,7 +128,11 @@ impl Cluster {
         let ttl_secs = ttl_secs.max(2);
         let mut backoff = Duration::from_millis(100);
         let registered = loop {
-            let request = RegisterNodeRequest { node: Some(node.clone()), ttl_secs, preferred_worker_id: None };
+            let request = RegisterNodeRequest {
+                node: Some(node.clone()),
+                ttl_secs,
+                preferred_worker_id: None,
+            };
             match keeper.register(request).await {
                 Ok(response) => break response.into_inner(),
                 Err(status) => {
@@ -141,7 +161,11 @@ impl Cluster {
         tokio::spawn(watch_loop(inner.clone(), view_sender));
         let cluster = Cluster { inner };
         let mut first = cluster.inner.view.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(10), first.wait_for(|view| view.version > 0)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            first.wait_for(|view| view.version > 0),
+        )
+        .await;
         Ok(cluster)
     }
 
@@ -174,9 +198,15 @@ impl Cluster {
     }
 
     /// Waits until `predicate` holds for the view, or `timeout`.
-    pub async fn wait_for(&self, timeout: Duration, predicate: impl Fn(&ClusterView) -> bool) -> bool {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        predicate: impl Fn(&ClusterView) -> bool,
+    ) -> bool {
         let mut receiver = self.inner.view.clone();
-        tokio::time::timeout(timeout, receiver.wait_for(|view| predicate(view))).await.is_ok()
+        tokio::time::timeout(timeout, receiver.wait_for(|view| predicate(view)))
+            .await
+            .is_ok()
     }
 
     /// Gives the lease back so others stop routing here at once.
@@ -215,7 +245,10 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
                         let response = response.into_inner();
                         inner.lease_id.store(response.lease_id, Ordering::Relaxed);
                         inner.worker_id.store(response.worker_id, Ordering::Relaxed);
-                        tracing::info!(lease = response.lease_id, "lease expired at keeper; registered again");
+                        tracing::info!(
+                            lease = response.lease_id,
+                            "lease expired at keeper; registered again"
+                        );
                     }
                     Err(status) => tracing::warn!(error = %status.message(), "re-register failed"),
                 }
@@ -263,12 +296,24 @@ async fn watch_loop(inner: Arc<Inner>, sender: watch::Sender<Arc<ClusterView>>) 
 
 /// A health check that passes once `slot` holds a joined cluster whose view
 /// has at least one live node of each of `roles`.
-pub fn requires_roles(slot: Arc<std::sync::OnceLock<Cluster>>, roles: &'static [Role]) -> crate::telemetry::HealthCheck {
+pub fn requires_roles(
+    slot: Arc<std::sync::OnceLock<Cluster>>,
+    roles: &'static [Role],
+) -> crate::telemetry::HealthCheck {
     Arc::new(move || {
-        let cluster = slot.get().ok_or_else(|| "not joined to keeper yet".to_string())?;
+        let cluster = slot
+            .get()
+            .ok_or_else(|| "not joined to keeper yet".to_string())?;
         let view = cluster.view();
-        let missing: Vec<&str> =
-            roles.iter().filter(|role| view.nodes_of(**role).next().is_none()).map(|role| role.as_str_name()).collect();
-        if missing.is_empty() { Ok(()) } else { Err(format!("no live {}", missing.join(", "))) }
+        let missing: Vec<&str> = roles
+            .iter()
+            .filter(|role| view.nodes_of(**role).next().is_none())
+            .map(|role| role.as_str_name())
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("no live {}", missing.join(", ")))
+        }
     })
 }

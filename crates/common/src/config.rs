@@ -73,7 +73,10 @@ where
     let mut figment = Figment::from(Serialized::defaults(T::default()));
     if let Some(path) = file {
         if !path.exists() {
-            return Err(ConfigError(format!("config file {} does not exist", path.display())));
+            return Err(ConfigError(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
         }
         figment = figment.merge(Toml::file(path));
     }
@@ -119,9 +122,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pgcfg-{}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "limit = 5\nname = \"file\"\nkeeper = \"10.0.0.1:7000\"\n").unwrap();
-        let sample: Sample =
-            load("sampletest", Some(&file), &["limit=9".into(), "listen=127.0.0.1:1".into()]).unwrap();
+        std::fs::write(
+            &file,
+            "limit = 5\nname = \"file\"\nkeeper = \"10.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let sample: Sample = load(
+            "sampletest",
+            Some(&file),
+            &["limit=9".into(), "listen=127.0.0.1:1".into()],
+        )
+        .unwrap();
         assert_eq!(sample.limit, 9);
         assert_eq!(sample.name, "file");
         assert_eq!(sample.node.keeper, "10.0.0.1:7000");
@@ -136,7 +147,8 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_error() {
-        let error = load::<Sample>("sampletest", Some(Path::new("/nonexistent/x.toml")), &[]).unwrap_err();
+        let error =
+            load::<Sample>("sampletest", Some(Path::new("/nonexistent/x.toml")), &[]).unwrap_err();
         assert!(error.to_string().contains("does not exist"), "{error}");
     }
 }

@@ -24,7 +24,9 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool>
             // Every connection to :memory: is a database of its own.
             max_connections = 1;
         } else {
-            let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+            let path = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
             let path = path.split('?').next().unwrap_or(path);
             if let Some(parent) = std::path::Path::new(path).parent()
                 && !parent.as_os_str().is_empty()
@@ -32,7 +34,11 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool>
                 std::fs::create_dir_all(parent)?;
             }
             if !url.contains("mode=") {
-                url.push_str(if url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                url.push_str(if url.contains('?') {
+                    "&mode=rwc"
+                } else {
+                    "?mode=rwc"
+                });
             }
         }
     } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
@@ -45,16 +51,25 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool>
         .await
         .map_err(|error| anyhow::anyhow!("cannot connect to {}: {error}", redact(&url)))?;
     if is_sqlite(&url) && !url.contains(":memory:") {
-        sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+        sqlx::query("PRAGMA journal_mode=WAL")
+            .execute(&pool)
+            .await?;
     }
     Ok(pool)
 }
 
 /// Runs `migrator` recording applied migrations in `table`, so several roles
 /// can share one database.
-pub async fn migrate(pool: &AnyPool, mut migrator: Migrator, table: &'static str) -> anyhow::Result<()> {
+pub async fn migrate(
+    pool: &AnyPool,
+    mut migrator: Migrator,
+    table: &'static str,
+) -> anyhow::Result<()> {
     migrator.dangerous_set_table_name(table);
-    migrator.run(pool).await.map_err(|error| anyhow::anyhow!("migration failed: {error}"))
+    migrator
+        .run(pool)
+        .await
+        .map_err(|error| anyhow::anyhow!("migration failed: {error}"))
 }
 
 async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
@@ -63,7 +78,10 @@ async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
     let Some(database) = options.get_database().map(str::to_string) else {
         return Ok(());
     };
-    if !database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    if !database
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
         anyhow::bail!("database name {database:?} must be letters, digits and underscores");
     }
     // The same URL without its path: the server, not the missing database.
@@ -77,9 +95,11 @@ async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
         .await
         .map_err(|error| anyhow::anyhow!("cannot connect to {}: {error}", redact(url)))?;
     // The name was checked above to be letters, digits and underscores.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE IF NOT EXISTS `{database}`")))
-        .execute(&mut connection)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE IF NOT EXISTS `{database}`"
+    )))
+    .execute(&mut connection)
+    .await?;
     Ok(())
 }
 

@@ -20,14 +20,20 @@ pub struct IdGenerator {
 
 impl IdGenerator {
     pub fn new(worker_id: u32) -> IdGenerator {
-        IdGenerator { worker_id: u64::from(worker_id & MAX_WORKER_ID), state: Mutex::new((0, 0)) }
+        IdGenerator {
+            worker_id: u64::from(worker_id & MAX_WORKER_ID),
+            state: Mutex::new((0, 0)),
+        }
     }
 
     /// Reserves `count` consecutive ids and returns the first ... in a Vec.
     pub fn next_ids(&self, count: usize) -> Vec<u64> {
         let now = crate::now_ms().saturating_sub(EPOCH_MS);
         let mut ids = Vec::with_capacity(count);
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (mut millis, mut sequence) = *state;
         for _ in 0..count {
             if now > millis {
@@ -40,7 +46,11 @@ impl IdGenerator {
                     sequence = 0;
                 }
             }
-            ids.push((millis << (WORKER_BITS + SEQUENCE_BITS)) | (self.worker_id << SEQUENCE_BITS) | sequence);
+            ids.push(
+                (millis << (WORKER_BITS + SEQUENCE_BITS))
+                    | (self.worker_id << SEQUENCE_BITS)
+                    | sequence,
+            );
         }
         *state = (millis, sequence);
         ids
@@ -75,7 +85,8 @@ mod tests {
     fn two_workers_never_collide() {
         let first = IdGenerator::new(1).next_ids(5000);
         let second = IdGenerator::new(2).next_ids(5000);
-        let all: std::collections::HashSet<u64> = first.iter().chain(second.iter()).copied().collect();
+        let all: std::collections::HashSet<u64> =
+            first.iter().chain(second.iter()).copied().collect();
         assert_eq!(all.len(), 10_000);
     }
 }

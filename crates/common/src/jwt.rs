@@ -24,8 +24,12 @@ pub enum TokenError {
 
 /// Signs a token.
 pub fn sign(claims: &Claims, secret: &str) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .expect("HS256 signing with an in-memory key cannot fail")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing with an in-memory key cannot fail")
 }
 
 /// Reads the `app` claim without verifying, to find which secret to verify with.
@@ -40,9 +44,13 @@ pub fn verify(token: &str, secret: &str) -> Result<Claims, TokenError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 30;
     validation.set_required_spec_claims(&["exp", "sub"]);
-    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &validation)
-        .map(|data| data.claims)
-        .map_err(|error| TokenError::Rejected(error.to_string()))
+    jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .map(|data| data.claims)
+    .map_err(|error| TokenError::Rejected(error.to_string()))
 }
 
 #[cfg(test)]
@@ -51,7 +59,12 @@ mod tests {
     use super::*;
 
     fn claims(exp: u64) -> Claims {
-        Claims { sub: "alice".into(), app: "demo".into(), exp, dev: "d1".into() }
+        Claims {
+            sub: "alice".into(),
+            app: "demo".into(),
+            exp,
+            dev: "d1".into(),
+        }
     }
 
     #[test]
@@ -64,13 +77,22 @@ mod tests {
     #[test]
     fn wrong_secret_expired_and_alg_none_are_refused() {
         let token = sign(&claims(crate::now_ms() / 1000 + 60), "s");
-        assert!(matches!(verify(&token, "other"), Err(TokenError::Rejected(_))));
+        assert!(matches!(
+            verify(&token, "other"),
+            Err(TokenError::Rejected(_))
+        ));
         let expired = sign(&claims(crate::now_ms() / 1000 - 3600), "s");
-        assert!(matches!(verify(&expired, "s"), Err(TokenError::Rejected(_))));
+        assert!(matches!(
+            verify(&expired, "s"),
+            Err(TokenError::Rejected(_))
+        ));
         // {"alg":"none"} with the same claims and an empty signature.
         let parts: Vec<&str> = token.split('.').collect();
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", parts[1]);
         assert!(verify(&none, "s").is_err());
-        assert!(matches!(unverified_app("garbage"), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            unverified_app("garbage"),
+            Err(TokenError::Malformed(_))
+        ));
     }
 }

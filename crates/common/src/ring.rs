@@ -81,7 +81,11 @@ mod tests {
             let before = full.node_for(key).map(str::to_string);
             let after = reduced.node_for(key).map(str::to_string);
             if before != after {
-                assert_eq!(before.as_deref(), Some("c"), "only keys of the removed node move");
+                assert_eq!(
+                    before.as_deref(),
+                    Some("c"),
+                    "only keys of the removed node move"
+                );
                 moved += 1;
             }
         }

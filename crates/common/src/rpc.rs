@@ -21,7 +21,10 @@ struct PeerChannels {
 
 impl ChannelPool {
     pub fn new(per_peer: usize) -> ChannelPool {
-        ChannelPool { per_peer: per_peer.max(1), peers: DashMap::new() }
+        ChannelPool {
+            per_peer: per_peer.max(1),
+            peers: DashMap::new(),
+        }
     }
 
     /// A channel to `addr` (`host:port`). Channels connect lazily and reconnect
@@ -37,7 +40,12 @@ impl ChannelPool {
         let peer = self
             .peers
             .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(PeerChannels { channels, next: AtomicUsize::new(0) }))
+            .or_insert_with(|| {
+                Arc::new(PeerChannels {
+                    channels,
+                    next: AtomicUsize::new(0),
+                })
+            })
             .clone();
         Ok(peer.pick())
     }

@@ -23,7 +23,11 @@ pub fn init_tracing(json: bool) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// The process-wide Prometheus recorder, installed on first use. Several roles
@@ -57,7 +61,12 @@ pub async fn serve_admin(listener: TcpListener, role: &'static str, shutdown: Ca
 
 /// Serves `/metrics` and `/healthz` (503 with the reason while `health` fails)
 /// until `shutdown`.
-pub async fn serve_admin_with(listener: TcpListener, role: &'static str, health: HealthCheck, shutdown: CancellationToken) {
+pub async fn serve_admin_with(
+    listener: TcpListener,
+    role: &'static str,
+    health: HealthCheck,
+    shutdown: CancellationToken,
+) {
     let handle = metrics();
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
@@ -68,12 +77,18 @@ pub async fn serve_admin_with(listener: TcpListener, role: &'static str, health:
                 async move {
                     match health() {
                         Ok(()) => (StatusCode::OK, format!("ok {role}\n")),
-                        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready {role}: {reason}\n")),
+                        Err(reason) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready {role}: {reason}\n"),
+                        ),
                     }
                 }
             }),
         );
-    if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
         tracing::error!(%error, role, "admin server failed");
     }
 }

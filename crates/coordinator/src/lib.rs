@@ -65,7 +65,10 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<Listeners> {
-        Ok(Listeners { grpc: net::bind(&config.node.listen).await?, admin: net::bind(&config.node.admin_listen).await? })
+        Ok(Listeners {
+            grpc: net::bind(&config.node.listen).await?,
+            admin: net::bind(&config.node.admin_listen).await?,
+        })
     }
 }
 
@@ -85,7 +88,10 @@ fn payload_fields(payload: &[u8]) -> serde_json::Value {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn state_changes(&self, request: Request<StateBatch>) -> Result<Response<StateBatchResponse>, Status> {
+    async fn state_changes(
+        &self,
+        request: Request<StateBatch>,
+    ) -> Result<Response<StateBatchResponse>, Status> {
         for event in request.into_inner().events {
             if self.states.try_send(event).is_err() {
                 metrics::counter!("pushgrid_coordinator_state_events_dropped_total").increment(1);
@@ -94,13 +100,21 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(StateBatchResponse {}))
     }
 
-    async fn upstream(&self, request: Request<UpstreamRequest>) -> Result<Response<UpstreamResponse>, Status> {
+    async fn upstream(
+        &self,
+        request: Request<UpstreamRequest>,
+    ) -> Result<Response<UpstreamResponse>, Status> {
         let upstream = request.into_inner();
         let view = self.cluster.view();
-        let app = view.app(&upstream.app).ok_or_else(|| Status::not_found(format!("unknown app {:?}", upstream.app)))?;
+        let app = view
+            .app(&upstream.app)
+            .ok_or_else(|| Status::not_found(format!("unknown app {:?}", upstream.app)))?;
         if app.webhook_url.is_empty() {
-            metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "no_webhook").increment(1);
-            return Err(Status::failed_precondition("the app has no webhook for upstream messages"));
+            metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "no_webhook")
+                .increment(1);
+            return Err(Status::failed_precondition(
+                "the app has no webhook for upstream messages",
+            ));
         }
         let mut body = json!({
             "event": "upstream",
@@ -112,25 +126,40 @@ impl Coordinator for CoordinatorService {
             "client_msg_id": upstream.client_msg_id,
             "at_ms": now_ms(),
         });
-        if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), payload_fields(&upstream.payload)) {
+        if let (Some(body), serde_json::Value::Object(fields)) =
+            (body.as_object_mut(), payload_fields(&upstream.payload))
+        {
             body.extend(fields);
         }
         let started = tokio::time::Instant::now();
         let result = self.http.post(&app.webhook_url).json(&body).send().await;
-        metrics::histogram!("pushgrid_coordinator_webhook_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("pushgrid_coordinator_webhook_seconds")
+            .record(started.elapsed().as_secs_f64());
         match result {
             Ok(response) if response.status().is_success() => {
-                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "ok").increment(1);
+                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "ok")
+                    .increment(1);
                 Ok(Response::new(UpstreamResponse {}))
             }
             Ok(response) => {
-                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "rejected").increment(1);
-                Err(Status::unavailable(format!("the app's webhook answered {}", response.status())))
+                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "rejected")
+                    .increment(1);
+                Err(Status::unavailable(format!(
+                    "the app's webhook answered {}",
+                    response.status()
+                )))
             }
             Err(error) => {
-                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "error").increment(1);
-                let reason = if error.is_timeout() { "timed out".to_string() } else { error.to_string() };
-                Err(Status::unavailable(format!("the app's webhook failed: {reason}")))
+                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "error")
+                    .increment(1);
+                let reason = if error.is_timeout() {
+                    "timed out".to_string()
+                } else {
+                    error.to_string()
+                };
+                Err(Status::unavailable(format!(
+                    "the app's webhook failed: {reason}"
+                )))
             }
         }
     }
@@ -146,7 +175,9 @@ async fn send_state_events(
     let flush_every = Duration::from_millis(config.state_flush_ms.max(1));
     let mut batch: Vec<StateEvent> = Vec::new();
     loop {
-        let Some(first) = events.recv().await else { return };
+        let Some(first) = events.recv().await else {
+            return;
+        };
         batch.push(first);
         let deadline = tokio::time::Instant::now() + flush_every;
         while batch.len() < config.state_batch_max {
@@ -157,7 +188,9 @@ async fn send_state_events(
         }
         let mut by_app: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
         for event in batch.drain(..) {
-            let Some(session) = event.session else { continue };
+            let Some(session) = event.session else {
+                continue;
+            };
             by_app.entry(session.app.clone()).or_default().push(json!({
                 "user": session.user,
                 "device": session.device,
@@ -170,7 +203,9 @@ async fn send_state_events(
         }
         let view = cluster.view();
         for (app_id, app_events) in by_app {
-            let Some(app) = view.app(&app_id) else { continue };
+            let Some(app) = view.app(&app_id) else {
+                continue;
+            };
             if app.webhook_url.is_empty() {
                 continue;
             }
@@ -178,14 +213,17 @@ async fn send_state_events(
             let body = json!({ "event": "state", "app": app_id, "events": app_events });
             match http.post(&app.webhook_url).json(&body).send().await {
                 Ok(response) if response.status().is_success() => {
-                    metrics::counter!("pushgrid_coordinator_state_events_sent_total").increment(count);
+                    metrics::counter!("pushgrid_coordinator_state_events_sent_total")
+                        .increment(count);
                 }
                 Ok(response) => {
-                    metrics::counter!("pushgrid_coordinator_state_events_failed_total").increment(count);
+                    metrics::counter!("pushgrid_coordinator_state_events_failed_total")
+                        .increment(count);
                     tracing::warn!(app = %app_id, status = %response.status(), "state webhook refused events");
                 }
                 Err(error) => {
-                    metrics::counter!("pushgrid_coordinator_state_events_failed_total").increment(count);
+                    metrics::counter!("pushgrid_coordinator_state_events_failed_total")
+                        .increment(count);
                     tracing::warn!(app = %app_id, %error, "state webhook failed");
                 }
             }
@@ -194,13 +232,21 @@ async fn send_state_events(
 }
 
 /// Runs coordinator until `shutdown`.
-pub async fn run(config: CoordinatorConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: CoordinatorConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node_id = config.node.resolved_node_id(ROLE);
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     net::announce(ROLE, "grpc", grpc_addr);
     net::announce(ROLE, "admin", admin_addr);
-    tokio::spawn(telemetry::serve_admin(listeners.admin, ROLE, shutdown.clone()));
+    tokio::spawn(telemetry::serve_admin(
+        listeners.admin,
+        ROLE,
+        shutdown.clone(),
+    ));
 
     let node = NodeInfo {
         id: node_id.clone(),
@@ -210,16 +256,31 @@ pub async fn run(config: CoordinatorConfig, listeners: Listeners, shutdown: Canc
         started_ms: now_ms(),
         ..Default::default()
     };
-    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let cluster = Cluster::join(
+        &config.node.keeper,
+        node,
+        config.node.lease_ttl_secs,
+        shutdown.clone(),
+    )
+    .await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(config.webhook_timeout_ms.max(1)))
         .build()?;
     let (states, state_receiver) = mpsc::channel(config.state_queue.max(1));
-    tokio::spawn(send_state_events(cluster.clone(), http.clone(), state_receiver, config.clone()));
+    tokio::spawn(send_state_events(
+        cluster.clone(),
+        http.clone(),
+        state_receiver,
+        config.clone(),
+    ));
 
     tracing::info!(node = %node_id, %grpc_addr, "coordinator serving");
     net::announce(ROLE, "ready", grpc_addr);
-    let service = CoordinatorService { cluster: cluster.clone(), http, states };
+    let service = CoordinatorService {
+        cluster: cluster.clone(),
+        http,
+        states,
+    };
     let served = tonic::transport::Server::builder()
         .add_service(CoordinatorServer::new(service))
         .serve_with_incoming_shutdown(

@@ -60,7 +60,10 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &DispatcherConfig) -> anyhow::Result<Listeners> {
-        Ok(Listeners { admin: net::bind(&config.node.admin_listen).await?, http: net::bind(&config.http_listen).await? })
+        Ok(Listeners {
+            admin: net::bind(&config.node.admin_listen).await?,
+            http: net::bind(&config.http_listen).await?,
+        })
     }
 }
 
@@ -70,31 +73,60 @@ struct DispatchState {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, axum::Json(json!({ "error": { "code": code, "message": message } }))).into_response()
+    (
+        status,
+        axum::Json(json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
 }
 
-async fn dispatch(State(state): State<Arc<DispatchState>>, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn dispatch(
+    State(state): State<Arc<DispatchState>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let user = query.get("user").map(String::as_str).unwrap_or("");
     if user.is_empty() || user.len() > 255 {
-        metrics::counter!("pushgrid_dispatcher_requests_total", "result" => "bad_request").increment(1);
-        return error(StatusCode::BAD_REQUEST, "bad_request", "user: required, 1 to 255 bytes");
+        metrics::counter!("pushgrid_dispatcher_requests_total", "result" => "bad_request")
+            .increment(1);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "user: required, 1 to 255 bytes",
+        );
     }
     let view = state.cluster.view();
-    let mut rooms: Vec<&NodeInfo> = view.nodes_of(Role::Room).filter(|room| !room.tcp_addr.is_empty()).collect();
+    let mut rooms: Vec<&NodeInfo> = view
+        .nodes_of(Role::Room)
+        .filter(|room| !room.tcp_addr.is_empty())
+        .collect();
     if rooms.is_empty() {
         metrics::counter!("pushgrid_dispatcher_requests_total", "result" => "no_room").increment(1);
-        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no room is live");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "no room is live",
+        );
     }
     rooms.shuffle(&mut rand::rng());
     rooms.truncate(state.config.max_rooms.max(1));
-    let rooms: Vec<_> = rooms.iter().map(|room| json!({ "node": room.id, "tcp": room.tcp_addr })).collect();
+    let rooms: Vec<_> = rooms
+        .iter()
+        .map(|room| json!({ "node": room.id, "tcp": room.tcp_addr }))
+        .collect();
     metrics::counter!("pushgrid_dispatcher_requests_total", "result" => "ok").increment(1);
-    (StatusCode::OK, axum::Json(json!({ "result": { "rooms": rooms, "ttl_secs": state.config.ttl_secs } })))
+    (
+        StatusCode::OK,
+        axum::Json(json!({ "result": { "rooms": rooms, "ttl_secs": state.config.ttl_secs } })),
+    )
         .into_response()
 }
 
 /// Runs dispatcher until `shutdown`.
-pub async fn run(config: DispatcherConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: DispatcherConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node_id = config.node.resolved_node_id(ROLE);
     let admin_addr = listeners.admin.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
@@ -103,7 +135,12 @@ pub async fn run(config: DispatcherConfig, listeners: Listeners, shutdown: Cance
     let joined = Arc::new(std::sync::OnceLock::new());
     const NEEDED: &[Role] = &[Role::Room];
     let health = pushgrid_common::cluster::requires_roles(joined.clone(), NEEDED);
-    tokio::spawn(telemetry::serve_admin_with(listeners.admin, ROLE, health, shutdown.clone()));
+    tokio::spawn(telemetry::serve_admin_with(
+        listeners.admin,
+        ROLE,
+        health,
+        shutdown.clone(),
+    ));
 
     let node = NodeInfo {
         id: node_id.clone(),
@@ -113,9 +150,18 @@ pub async fn run(config: DispatcherConfig, listeners: Listeners, shutdown: Cance
         started_ms: now_ms(),
         ..Default::default()
     };
-    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let cluster = Cluster::join(
+        &config.node.keeper,
+        node,
+        config.node.lease_ttl_secs,
+        shutdown.clone(),
+    )
+    .await?;
     let _ = joined.set(cluster.clone());
-    let state = Arc::new(DispatchState { cluster: cluster.clone(), config });
+    let state = Arc::new(DispatchState {
+        cluster: cluster.clone(),
+        config,
+    });
     let app = Router::new()
         .route("/v1/dispatch", get(dispatch))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -123,7 +169,9 @@ pub async fn run(config: DispatcherConfig, listeners: Listeners, shutdown: Cance
 
     tracing::info!(node = %node_id, %http_addr, "dispatcher serving");
     net::announce(ROLE, "ready", http_addr);
-    let served = axum::serve(listeners.http, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let served = axum::serve(listeners.http, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
     cluster.leave().await;
     tracing::info!(node = %node_id, "dispatcher stopped");
     served.map_err(Into::into)

@@ -20,8 +20,8 @@ use pushgrid_common::config::NodeConfig;
 use pushgrid_common::{CancellationToken, db, ids, net, now_ms, telemetry};
 use pushgrid_proto::cluster::keeper_server::{Keeper, KeeperServer};
 use pushgrid_proto::cluster::{
-    App, ClusterState, DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, NodeInfo,
-    RegisterNodeRequest, RegisterNodeResponse, WatchRequest,
+    App, ClusterState, DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
+    NodeInfo, RegisterNodeRequest, RegisterNodeResponse, WatchRequest,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyPool, Row};
@@ -82,7 +82,10 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &KeeperConfig) -> anyhow::Result<Listeners> {
-        Ok(Listeners { grpc: net::bind(&config.node.listen).await?, admin: net::bind(&config.node.admin_listen).await? })
+        Ok(Listeners {
+            grpc: net::bind(&config.node.listen).await?,
+            admin: net::bind(&config.node.admin_listen).await?,
+        })
     }
 }
 
@@ -100,14 +103,26 @@ struct Registry {
 
 impl Registry {
     fn snapshot(&self, version: u64) -> ClusterState {
-        let mut nodes: Vec<NodeInfo> = self.leases.values().map(|lease| lease.node.clone()).collect();
+        let mut nodes: Vec<NodeInfo> = self
+            .leases
+            .values()
+            .map(|lease| lease.node.clone())
+            .collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        ClusterState { version, nodes, apps: self.apps.values().cloned().collect() }
+        ClusterState {
+            version,
+            nodes,
+            apps: self.apps.values().cloned().collect(),
+        }
     }
 
     /// The smallest worker id no live node holds, or `preferred` when free.
     fn free_worker_id(&self, preferred: Option<u32>) -> Result<u32, Status> {
-        let taken: HashSet<u32> = self.leases.values().map(|lease| lease.node.worker_id).collect();
+        let taken: HashSet<u32> = self
+            .leases
+            .values()
+            .map(|lease| lease.node.worker_id)
+            .collect();
         if let Some(preferred) = preferred
             && preferred <= ids::MAX_WORKER_ID
             && !taken.contains(&preferred)
@@ -133,7 +148,8 @@ impl KeeperState {
     /// and contents go out in the same order.
     fn publish(&self, registry: &Registry) {
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
-        self.snapshots.send_replace(Arc::new(registry.snapshot(version)));
+        self.snapshots
+            .send_replace(Arc::new(registry.snapshot(version)));
         metrics::gauge!("pushgrid_keeper_nodes").set(registry.leases.len() as f64);
     }
 }
@@ -144,13 +160,18 @@ struct KeeperService {
 
 #[tonic::async_trait]
 impl Keeper for KeeperService {
-    async fn register(&self, request: Request<RegisterNodeRequest>) -> Result<Response<RegisterNodeResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
         let request = request.into_inner();
         let Some(mut node) = request.node else {
             return Err(Status::invalid_argument("node is required"));
         };
         if node.id.is_empty() || (node.grpc_addr.is_empty() && node.http_addr.is_empty()) {
-            return Err(Status::invalid_argument("node id and an address (grpc or http) are required"));
+            return Err(Status::invalid_argument(
+                "node id and an address (grpc or http) are required",
+            ));
         }
         let ttl_secs = request.ttl_secs.clamp(2, self.state.max_ttl_secs);
         let mut registry = self.state.registry.lock().await;
@@ -162,17 +183,34 @@ impl Keeper for KeeperService {
         let ttl = Duration::from_secs(u64::from(ttl_secs));
         tracing::info!(node = %node.id, role = ?node.role(), addr = %node.grpc_addr, lease_id, "node registered");
         let worker_id = node.worker_id;
-        registry.leases.insert(lease_id, Lease { node, ttl, deadline: Instant::now() + ttl });
+        registry.leases.insert(
+            lease_id,
+            Lease {
+                node,
+                ttl,
+                deadline: Instant::now() + ttl,
+            },
+        );
         self.state.publish(&registry);
         metrics::counter!("pushgrid_keeper_registrations_total").increment(1);
-        Ok(Response::new(RegisterNodeResponse { lease_id, ttl_secs, worker_id }))
+        Ok(Response::new(RegisterNodeResponse {
+            lease_id,
+            ttl_secs,
+            worker_id,
+        }))
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let request = request.into_inner();
         let mut registry = self.state.registry.lock().await;
         let Some(lease) = registry.leases.get_mut(&request.lease_id) else {
-            return Err(Status::not_found(format!("lease {} is unknown or expired", request.lease_id)));
+            return Err(Status::not_found(format!(
+                "lease {} is unknown or expired",
+                request.lease_id
+            )));
         };
         lease.deadline = Instant::now() + lease.ttl;
         let load_changed = lease.node.load != request.load;
@@ -183,7 +221,10 @@ impl Keeper for KeeperService {
         Ok(Response::new(HeartbeatResponse {}))
     }
 
-    async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
         let lease_id = request.into_inner().lease_id;
         let mut registry = self.state.registry.lock().await;
         if let Some(lease) = registry.leases.remove(&lease_id) {
@@ -193,9 +234,13 @@ impl Keeper for KeeperService {
         Ok(Response::new(DeregisterResponse {}))
     }
 
-    type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ClusterState, Status>> + Send>>;
+    type WatchStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ClusterState, Status>> + Send>>;
 
-    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let stream = tokio_stream::wrappers::WatchStream::new(self.state.snapshots.subscribe())
             .map(|snapshot| Ok(ClusterState::clone(&snapshot)));
         Ok(Response::new(Box::pin(stream)))
@@ -210,7 +255,12 @@ pub struct AppStore {
 impl AppStore {
     pub async fn connect(url: &str) -> anyhow::Result<AppStore> {
         let pool = db::connect(url, 4).await?;
-        db::migrate(&pool, sqlx::migrate!("./migrations"), "_pushgrid_keeper_migrations").await?;
+        db::migrate(
+            &pool,
+            sqlx::migrate!("./migrations"),
+            "_pushgrid_keeper_migrations",
+        )
+        .await?;
         Ok(AppStore { pool })
     }
 
@@ -218,7 +268,10 @@ impl AppStore {
     pub async fn seed(&self, apps: &[AppSeed]) -> anyhow::Result<()> {
         let mut transaction = self.pool.begin().await?;
         for app in apps {
-            sqlx::query("DELETE FROM apps WHERE id = ?").bind(&app.id).execute(&mut *transaction).await?;
+            sqlx::query("DELETE FROM apps WHERE id = ?")
+                .bind(&app.id)
+                .execute(&mut *transaction)
+                .await?;
             sqlx::query("INSERT INTO apps (id, jwt_secret, api_key, webhook_url, updated_ms) VALUES (?, ?, ?, ?, ?)")
                 .bind(&app.id)
                 .bind(&app.jwt_secret)
@@ -233,7 +286,9 @@ impl AppStore {
     }
 
     pub async fn load(&self) -> anyhow::Result<BTreeMap<String, App>> {
-        let rows = sqlx::query("SELECT id, jwt_secret, api_key, webhook_url FROM apps").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT id, jwt_secret, api_key, webhook_url FROM apps")
+            .fetch_all(&self.pool)
+            .await?;
         let mut apps = BTreeMap::new();
         for row in rows {
             let app = App {
@@ -268,24 +323,39 @@ fn validate_seeds(apps: &[AppSeed]) -> anyhow::Result<()> {
             problems.push(format!("apps[{index}].api_key is used by another app"));
         }
     }
-    if problems.is_empty() { Ok(()) } else { anyhow::bail!("invalid apps: {}", problems.join("; ")) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("invalid apps: {}", problems.join("; "))
+    }
 }
 
 /// Runs keeper until `shutdown`.
-pub async fn run(config: KeeperConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: KeeperConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     validate_seeds(&config.apps)?;
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     net::announce(ROLE, "grpc", grpc_addr);
     net::announce(ROLE, "admin", admin_addr);
-    tokio::spawn(telemetry::serve_admin(listeners.admin, ROLE, shutdown.clone()));
+    tokio::spawn(telemetry::serve_admin(
+        listeners.admin,
+        ROLE,
+        shutdown.clone(),
+    ));
 
     let store = Arc::new(AppStore::connect(&config.database_url).await?);
     store.seed(&config.apps).await?;
     let apps = store.load().await?;
     tracing::info!(apps = apps.len(), database = %db::redact(&config.database_url), "apps loaded");
 
-    let registry = Registry { leases: HashMap::new(), apps };
+    let registry = Registry {
+        leases: HashMap::new(),
+        apps,
+    };
     let (snapshots, _) = watch::channel(Arc::new(registry.snapshot(1)));
     let state = Arc::new(KeeperState {
         registry: Mutex::new(registry),
@@ -297,7 +367,12 @@ pub async fn run(config: KeeperConfig, listeners: Listeners, shutdown: Cancellat
         max_ttl_secs: config.max_lease_ttl_secs.max(2),
     });
     tokio::spawn(expire_leases(state.clone(), shutdown.clone()));
-    tokio::spawn(poll_apps(state.clone(), store.clone(), config.config_poll_secs, shutdown.clone()));
+    tokio::spawn(poll_apps(
+        state.clone(),
+        store.clone(),
+        config.config_poll_secs,
+        shutdown.clone(),
+    ));
 
     tracing::info!(%grpc_addr, "keeper serving");
     net::announce(ROLE, "ready", grpc_addr);
@@ -338,7 +413,12 @@ async fn expire_leases(state: Arc<KeeperState>, shutdown: CancellationToken) {
     }
 }
 
-async fn poll_apps(state: Arc<KeeperState>, store: Arc<AppStore>, every_secs: u64, shutdown: CancellationToken) {
+async fn poll_apps(
+    state: Arc<KeeperState>,
+    store: Arc<AppStore>,
+    every_secs: u64,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(every_secs.max(1)));
     tick.tick().await;
     loop {

@@ -41,7 +41,11 @@ struct Spec {
 }
 
 fn spec(name: impl Into<String>, binary: &'static str, settings: &[String]) -> Spec {
-    Spec { name: name.into(), binary, settings: settings.to_vec() }
+    Spec {
+        name: name.into(),
+        binary,
+        settings: settings.to_vec(),
+    }
 }
 
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
@@ -62,7 +66,9 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             format!("admin_listen=127.0.0.1:{admin}"),
         ]
     };
-    let apps = format!("[{{id=\"{DEMO_APP}\", jwt_secret=\"{DEMO_SECRET}\", api_key=\"{DEMO_API_KEY}\"}}]");
+    let apps = format!(
+        "[{{id=\"{DEMO_APP}\", jwt_secret=\"{DEMO_SECRET}\", api_key=\"{DEMO_API_KEY}\"}}]"
+    );
 
     let mut keeper = common(7000, 9000);
     keeper.push(format!("database_url={}", args.mysql));
@@ -93,7 +99,13 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let keeper_child = start(&bin_dir, &spec("keeper", "keeper", &keeper), lines.clone())?;
     children.push(("keeper".into(), keeper_child));
     // Others would wait for keeper anyway; starting it first keeps logs tidy.
-    wait_for_line(&mut line_receiver, "keeper", " ready ", Duration::from_secs(30)).await?;
+    wait_for_line(
+        &mut line_receiver,
+        "keeper",
+        " ready ",
+        Duration::from_secs(30),
+    )
+    .await?;
     for spec in &specs {
         children.push((spec.name.clone(), start(&bin_dir, spec, lines.clone())?));
     }
@@ -135,16 +147,23 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start(bin_dir: &Path, spec: &Spec, lines: mpsc::Sender<(String, String)>) -> anyhow::Result<Child> {
+fn start(
+    bin_dir: &Path,
+    spec: &Spec,
+    lines: mpsc::Sender<(String, String)>,
+) -> anyhow::Result<Child> {
     let binary = bin_dir.join(spec.binary);
     let mut command = Command::new(&binary);
     for setting in &spec.settings {
         command.arg("--set").arg(setting);
     }
-    command.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-    let mut child = command
-        .spawn()
-        .map_err(|error| anyhow::anyhow!("cannot start {} ({}): {error}", spec.name, binary.display()))?;
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|error| {
+        anyhow::anyhow!("cannot start {} ({}): {error}", spec.name, binary.display())
+    })?;
     if let Some(stdout) = child.stdout.take() {
         let name = spec.name.clone();
         tokio::spawn(async move {

@@ -50,7 +50,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.canonicalize()?;
     let sqlite = |name: &str| format!("sqlite://{}", data_dir.join(name).display());
 
-    let mut keeper = pushgrid_keeper::KeeperConfig { node: internal_node(), ..Default::default() };
+    let mut keeper = pushgrid_keeper::KeeperConfig {
+        node: internal_node(),
+        ..Default::default()
+    };
     keeper.database_url = sqlite("keeper.db");
     keeper.apps = vec![AppSeed {
         id: DEMO_APP.into(),
@@ -60,12 +63,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }];
     let keeper_listeners = pushgrid_keeper::Listeners::bind(&keeper).await?;
     let keeper_addr = keeper_listeners.grpc.local_addr()?.to_string();
-    let node = || NodeConfig { keeper: keeper_addr.clone(), ..internal_node() };
+    let node = || NodeConfig {
+        keeper: keeper_addr.clone(),
+        ..internal_node()
+    };
 
     let register = pushgrid_register::RegisterConfig { node: node() };
-    let saver = pushgrid_saver::SaverConfig { node: node(), database_url: sqlite("saver.db"), ..Default::default() };
-    let coordinator = pushgrid_coordinator::CoordinatorConfig { node: node(), ..Default::default() };
-    let center = pushgrid_center::CenterConfig { node: node(), http_listen: args.center_listen.clone(), ..Default::default() };
+    let saver = pushgrid_saver::SaverConfig {
+        node: node(),
+        database_url: sqlite("saver.db"),
+        ..Default::default()
+    };
+    let coordinator = pushgrid_coordinator::CoordinatorConfig {
+        node: node(),
+        ..Default::default()
+    };
+    let center = pushgrid_center::CenterConfig {
+        node: node(),
+        http_listen: args.center_listen.clone(),
+        ..Default::default()
+    };
     let dispatcher = pushgrid_dispatcher::DispatcherConfig {
         node: node(),
         http_listen: args.dispatcher_listen.clone(),
@@ -92,21 +109,53 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let room_admin = room_listeners.admin.local_addr()?;
 
     let mut roles = tokio::task::JoinSet::new();
-    roles.spawn(named("keeper", pushgrid_keeper::run(keeper, keeper_listeners, shutdown.clone())));
-    roles.spawn(named("register", pushgrid_register::run(register, register_listeners, shutdown.clone())));
-    roles.spawn(named("saver", pushgrid_saver::run(saver, saver_listeners, shutdown.clone())));
-    roles.spawn(named("coordinator", pushgrid_coordinator::run(coordinator, coordinator_listeners, shutdown.clone())));
-    roles.spawn(named("center", pushgrid_center::run(center, center_listeners, shutdown.clone())));
-    roles.spawn(named("dispatcher", pushgrid_dispatcher::run(dispatcher, dispatcher_listeners, shutdown.clone())));
-    roles.spawn(named("room", pushgrid_room::run(room, room_listeners, shutdown.clone())));
+    roles.spawn(named(
+        "keeper",
+        pushgrid_keeper::run(keeper, keeper_listeners, shutdown.clone()),
+    ));
+    roles.spawn(named(
+        "register",
+        pushgrid_register::run(register, register_listeners, shutdown.clone()),
+    ));
+    roles.spawn(named(
+        "saver",
+        pushgrid_saver::run(saver, saver_listeners, shutdown.clone()),
+    ));
+    roles.spawn(named(
+        "coordinator",
+        pushgrid_coordinator::run(coordinator, coordinator_listeners, shutdown.clone()),
+    ));
+    roles.spawn(named(
+        "center",
+        pushgrid_center::run(center, center_listeners, shutdown.clone()),
+    ));
+    roles.spawn(named(
+        "dispatcher",
+        pushgrid_dispatcher::run(dispatcher, dispatcher_listeners, shutdown.clone()),
+    ));
+    roles.spawn(named(
+        "room",
+        pushgrid_room::run(room, room_listeners, shutdown.clone()),
+    ));
 
     let checks = [center_admin, dispatcher_admin, room_admin];
-    if tokio::time::timeout(Duration::from_secs(60), wait_until_healthy(&checks, &shutdown)).await.is_err() {
+    if tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_until_healthy(&checks, &shutdown),
+    )
+    .await
+    .is_err()
+    {
         tracing::warn!("roles were not healthy within 60 s; see /healthz on their admin ports");
     }
     if !shutdown.is_cancelled() {
         net::announce("dev", "ready", center_addr);
-        print_banner(&center_addr.to_string(), &dispatcher_addr.to_string(), &room_addr.to_string(), &data_dir);
+        print_banner(
+            &center_addr.to_string(),
+            &dispatcher_addr.to_string(),
+            &room_addr.to_string(),
+            &data_dir,
+        );
     }
 
     // One role failing ends the whole process: a half cluster is worse than none.

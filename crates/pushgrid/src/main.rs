@@ -12,7 +12,11 @@ mod dev;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "pushgrid", version, about = "pushgrid: a long-connection push messaging cluster")]
+#[command(
+    name = "pushgrid",
+    version,
+    about = "pushgrid: a long-connection push messaging cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

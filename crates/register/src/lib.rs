@@ -32,7 +32,9 @@ pub struct RegisterConfig {
 
 impl Default for RegisterConfig {
     fn default() -> Self {
-        RegisterConfig { node: NodeConfig::with_ports(7001, 9001) }
+        RegisterConfig {
+            node: NodeConfig::with_ports(7001, 9001),
+        }
     }
 }
 
@@ -50,7 +52,10 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &RegisterConfig) -> anyhow::Result<Listeners> {
-        Ok(Listeners { grpc: net::bind(&config.node.listen).await?, admin: net::bind(&config.node.admin_listen).await? })
+        Ok(Listeners {
+            grpc: net::bind(&config.node.listen).await?,
+            admin: net::bind(&config.node.admin_listen).await?,
+        })
     }
 }
 
@@ -70,8 +75,13 @@ fn user_key(app: &str, user: &str) -> String {
 
 impl SessionTable {
     pub fn online(&self, session: Session) {
-        let mut sessions = self.users.entry(user_key(&session.app, &session.user)).or_default();
-        sessions.retain(|existing| !(existing.room == session.room && existing.conn_id == session.conn_id));
+        let mut sessions = self
+            .users
+            .entry(user_key(&session.app, &session.user))
+            .or_default();
+        sessions.retain(|existing| {
+            !(existing.room == session.room && existing.conn_id == session.conn_id)
+        });
         sessions.push(session);
     }
 
@@ -79,18 +89,24 @@ impl SessionTable {
         let key = user_key(&session.app, &session.user);
         let emptied = match self.users.get_mut(&key) {
             Some(mut sessions) => {
-                sessions.retain(|existing| !(existing.room == session.room && existing.conn_id == session.conn_id));
+                sessions.retain(|existing| {
+                    !(existing.room == session.room && existing.conn_id == session.conn_id)
+                });
                 sessions.is_empty()
             }
             None => false,
         };
         if emptied {
-            self.users.remove_if(&key, |_, sessions| sessions.is_empty());
+            self.users
+                .remove_if(&key, |_, sessions| sessions.is_empty());
         }
     }
 
     pub fn lookup(&self, app: &str, user: &str) -> Vec<Session> {
-        self.users.get(&user_key(app, user)).map(|sessions| sessions.clone()).unwrap_or_default()
+        self.users
+            .get(&user_key(app, user))
+            .map(|sessions| sessions.clone())
+            .unwrap_or_default()
     }
 
     /// Drops every session held by a room not in `live_rooms`; returns how many.
@@ -121,7 +137,10 @@ struct RegisterService {
 
 #[tonic::async_trait]
 impl Register for RegisterService {
-    async fn online(&self, request: Request<SessionBatch>) -> Result<Response<SessionBatchResponse>, Status> {
+    async fn online(
+        &self,
+        request: Request<SessionBatch>,
+    ) -> Result<Response<SessionBatchResponse>, Status> {
         let sessions = request.into_inner().sessions;
         metrics::counter!("pushgrid_register_online_total").increment(sessions.len() as u64);
         for session in sessions {
@@ -131,7 +150,10 @@ impl Register for RegisterService {
         Ok(Response::new(SessionBatchResponse { epoch: self.epoch }))
     }
 
-    async fn offline(&self, request: Request<SessionBatch>) -> Result<Response<SessionBatchResponse>, Status> {
+    async fn offline(
+        &self,
+        request: Request<SessionBatch>,
+    ) -> Result<Response<SessionBatchResponse>, Status> {
         let sessions = request.into_inner().sessions;
         metrics::counter!("pushgrid_register_offline_total").increment(sessions.len() as u64);
         for session in &sessions {
@@ -141,25 +163,39 @@ impl Register for RegisterService {
         Ok(Response::new(SessionBatchResponse { epoch: self.epoch }))
     }
 
-    async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
         let users = request.into_inner().users;
         metrics::counter!("pushgrid_register_lookups_total").increment(users.len() as u64);
         let mut sessions = Vec::with_capacity(users.len());
         for user in &users {
             sessions.extend(self.table.lookup(&user.app, &user.user));
         }
-        Ok(Response::new(LookupResponse { sessions, epoch: self.epoch }))
+        Ok(Response::new(LookupResponse {
+            sessions,
+            epoch: self.epoch,
+        }))
     }
 }
 
 /// Runs register until `shutdown`.
-pub async fn run(config: RegisterConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: RegisterConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node_id = config.node.resolved_node_id(ROLE);
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     net::announce(ROLE, "grpc", grpc_addr);
     net::announce(ROLE, "admin", admin_addr);
-    tokio::spawn(telemetry::serve_admin(listeners.admin, ROLE, shutdown.clone()));
+    tokio::spawn(telemetry::serve_admin(
+        listeners.admin,
+        ROLE,
+        shutdown.clone(),
+    ));
 
     let epoch = now_ms();
     let node = NodeInfo {
@@ -170,9 +206,19 @@ pub async fn run(config: RegisterConfig, listeners: Listeners, shutdown: Cancell
         started_ms: epoch,
         ..Default::default()
     };
-    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let cluster = Cluster::join(
+        &config.node.keeper,
+        node,
+        config.node.lease_ttl_secs,
+        shutdown.clone(),
+    )
+    .await?;
     let table = Arc::new(SessionTable::default());
-    tokio::spawn(drop_sessions_of_dead_rooms(cluster.clone(), table.clone(), shutdown.clone()));
+    tokio::spawn(drop_sessions_of_dead_rooms(
+        cluster.clone(),
+        table.clone(),
+        shutdown.clone(),
+    ));
 
     tracing::info!(node = %node_id, %grpc_addr, "register serving");
     net::announce(ROLE, "ready", grpc_addr);
@@ -189,7 +235,11 @@ pub async fn run(config: RegisterConfig, listeners: Listeners, shutdown: Cancell
     Ok(())
 }
 
-async fn drop_sessions_of_dead_rooms(cluster: Cluster, table: Arc<SessionTable>, shutdown: CancellationToken) {
+async fn drop_sessions_of_dead_rooms(
+    cluster: Cluster,
+    table: Arc<SessionTable>,
+    shutdown: CancellationToken,
+) {
     let mut views = cluster.subscribe();
     loop {
         tokio::select! {
@@ -200,7 +250,10 @@ async fn drop_sessions_of_dead_rooms(cluster: Cluster, table: Arc<SessionTable>,
         if view.version == 0 {
             continue;
         }
-        let live: HashSet<String> = view.nodes_of(Role::Room).map(|node| node.id.clone()).collect();
+        let live: HashSet<String> = view
+            .nodes_of(Role::Room)
+            .map(|node| node.id.clone())
+            .collect();
         let dropped = table.retain_rooms(&live);
         if dropped > 0 {
             tracing::info!(dropped, "dropped sessions of rooms whose lease ended");
@@ -214,7 +267,13 @@ mod tests {
     use super::*;
 
     fn session(user: &str, room: &str, conn_id: u64) -> Session {
-        Session { app: "a".into(), user: user.into(), room: room.into(), conn_id, ..Default::default() }
+        Session {
+            app: "a".into(),
+            user: user.into(),
+            room: room.into(),
+            conn_id,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-use pushgrid_register::{Listeners, RegisterConfig, ROLE, run};
+use pushgrid_register::{Listeners, ROLE, RegisterConfig, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

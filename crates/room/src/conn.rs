@@ -63,7 +63,11 @@ impl ConnHandle {
 
     /// Asks the connection to send KICK with `code` and close.
     pub fn kick(&self, code: KickCode) {
-        if self.kick_code.compare_exchange(0, code as i32, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if self
+            .kick_code
+            .compare_exchange(0, code as i32, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             self.kicked.notify_one();
         }
     }
@@ -81,7 +85,11 @@ enum ReadError {
 
 /// Reads until one whole frame is buffered. The buffer grows only to the size
 /// the (already validated) header asks for.
-async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max_body: u32) -> Result<Frame, ReadError> {
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_body: u32,
+) -> Result<Frame, ReadError> {
     use tokio::io::AsyncReadExt;
     loop {
         match decode_frame(buf, max_body) {
@@ -135,7 +143,14 @@ async fn close_politely(mut stream: TcpStream, last_frame: Bytes) {
 }
 
 fn error_frame(code: ErrorCode, message: impl Into<String>, seq: u32) -> Bytes {
-    encode(Op::Error, seq, &pushgrid_proto::client::Error { code: code as i32, message: message.into() })
+    encode(
+        Op::Error,
+        seq,
+        &pushgrid_proto::client::Error {
+            code: code as i32,
+            message: message.into(),
+        },
+    )
 }
 
 fn refuse(reason: &'static str) {
@@ -152,7 +167,9 @@ struct Identity {
 fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
     let app_id = jwt::unverified_app(&auth.token).map_err(|error| error.to_string())?;
     let view = room.cluster.view();
-    let app = view.app(&app_id).ok_or_else(|| format!("unknown app {app_id:?}"))?;
+    let app = view
+        .app(&app_id)
+        .ok_or_else(|| format!("unknown app {app_id:?}"))?;
     let claims = jwt::verify(&auth.token, &app.jwt_secret).map_err(|error| error.to_string())?;
     if claims.sub.is_empty() || claims.sub.len() > 255 {
         return Err("token subject (user) must be 1 to 255 bytes".into());
@@ -164,7 +181,12 @@ fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
     } else {
         "default".to_string()
     };
-    Ok(Identity { app: claims.app, user: claims.sub, device, platform: auth.platform.clone() })
+    Ok(Identity {
+        app: claims.app,
+        user: claims.sub,
+        device,
+        platform: auth.platform.clone(),
+    })
 }
 
 /// Serves one device connection from accept to close.
@@ -174,11 +196,19 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
 
     // ---- AUTH, under the pre-auth deadline and the pre-auth frame limit.
     let deadline = Duration::from_secs(u64::from(room.config.auth_timeout_secs));
-    let first = tokio::time::timeout(deadline, read_frame(&mut stream, &mut buf, room.config.pre_auth_max_body)).await;
+    let first = tokio::time::timeout(
+        deadline,
+        read_frame(&mut stream, &mut buf, room.config.pre_auth_max_body),
+    )
+    .await;
     let frame = match first {
         Err(_) => {
             refuse("auth_timeout");
-            return close_politely(stream, error_frame(ErrorCode::AuthTimeout, "no AUTH within the deadline", 0)).await;
+            return close_politely(
+                stream,
+                error_frame(ErrorCode::AuthTimeout, "no AUTH within the deadline", 0),
+            )
+            .await;
         }
         Ok(Err(ReadError::Closed)) => return,
         Ok(Err(ReadError::Frame(error))) => {
@@ -190,14 +220,25 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
     };
     if frame.op != Op::Auth {
         refuse("auth_required");
-        return close_politely(stream, error_frame(ErrorCode::AuthRequired, "the first frame must be AUTH", frame.seq))
-            .await;
+        return close_politely(
+            stream,
+            error_frame(
+                ErrorCode::AuthRequired,
+                "the first frame must be AUTH",
+                frame.seq,
+            ),
+        )
+        .await;
     }
     let auth: Auth = match frame.decode() {
         Ok(auth) => auth,
         Err(error) => {
             refuse("bad_body");
-            return close_politely(stream, error_frame(error.code(), error.to_string(), frame.seq)).await;
+            return close_politely(
+                stream,
+                error_frame(error.code(), error.to_string(), frame.seq),
+            )
+            .await;
         }
     };
     let identity = match authenticate(&room, &auth) {
@@ -205,7 +246,11 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
         Err(reason) => {
             refuse("auth_failed");
             tracing::debug!(%peer, %reason, "auth failed");
-            return close_politely(stream, error_frame(ErrorCode::AuthFailed, reason, frame.seq)).await;
+            return close_politely(
+                stream,
+                error_frame(ErrorCode::AuthFailed, reason, frame.seq),
+            )
+            .await;
         }
     };
 
@@ -235,15 +280,32 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
     if let Err(status) = room.peers.online(session.clone()).await {
         room.conns.remove(&conn_id);
         tracing::warn!(error = %status.message(), "cannot register session");
-        return close_politely(stream, error_frame(ErrorCode::Unavailable, "session registry unavailable; retry", 0))
-            .await;
+        return close_politely(
+            stream,
+            error_frame(
+                ErrorCode::Unavailable,
+                "session registry unavailable; retry",
+                0,
+            ),
+        )
+        .await;
     }
     metrics::gauge!("pushgrid_room_connections").set(room.conns.len() as f64);
     room.cluster.set_load(room.conns.len() as u64);
-    room.peers.state(StateEvent { session: Some(session.clone()), online: true, at_ms: now_ms() });
+    room.peers.state(StateEvent {
+        session: Some(session.clone()),
+        online: true,
+        at_ms: now_ms(),
+    });
 
-    let auth_ok = AuthOk { conn_id, heartbeat_secs: room.config.heartbeat_secs, server_time_ms: now_ms() };
-    let mut alive = write_frame(&mut stream, &encode(Op::AuthOk, frame.seq, &auth_ok)).await.is_ok();
+    let auth_ok = AuthOk {
+        conn_id,
+        heartbeat_secs: room.config.heartbeat_secs,
+        server_time_ms: now_ms(),
+    };
+    let mut alive = write_frame(&mut stream, &encode(Op::AuthOk, frame.seq, &auth_ok))
+        .await
+        .is_ok();
 
     // ---- The offline inbox, oldest first.
     if alive {
@@ -257,7 +319,10 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
                         created_ms: message.created_ms,
                         ..Default::default()
                     };
-                    if write_frame(&mut stream, &encode(Op::Push, 0, &push)).await.is_err() {
+                    if write_frame(&mut stream, &encode(Op::Push, 0, &push))
+                        .await
+                        .is_err()
+                    {
                         alive = false;
                         break;
                     }
@@ -268,13 +333,20 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
                 // The inbox stays stored; make the device come back for it.
                 tracing::warn!(error = %status.message(), "cannot read inbox");
                 finish(&room, &session);
-                return close_politely(stream, error_frame(ErrorCode::Unavailable, "inbox unavailable; retry", 0))
-                    .await;
+                return close_politely(
+                    stream,
+                    error_frame(ErrorCode::Unavailable, "inbox unavailable; retry", 0),
+                )
+                .await;
             }
         }
     }
 
-    let last = if alive { connection_loop(&room, &handle, &mut stream, &mut buf, &mut queue).await } else { None };
+    let last = if alive {
+        connection_loop(&room, &handle, &mut stream, &mut buf, &mut queue).await
+    } else {
+        None
+    };
     finish(&room, &session);
     if let Some(last_frame) = last {
         close_politely(stream, last_frame).await;
@@ -286,7 +358,11 @@ fn finish(room: &Room, session: &Session) {
     metrics::gauge!("pushgrid_room_connections").set(room.conns.len() as f64);
     room.cluster.set_load(room.conns.len() as u64);
     room.peers.offline(session.clone());
-    room.peers.state(StateEvent { session: Some(session.clone()), online: false, at_ms: now_ms() });
+    room.peers.state(StateEvent {
+        session: Some(session.clone()),
+        online: false,
+        at_ms: now_ms(),
+    });
 }
 
 /// Runs until the device leaves or must be closed; returns the last frame to
@@ -321,7 +397,7 @@ async fn connection_loop(
                 return Some(encode(Op::Kick, 0, &kick));
             }
             frame = queue.recv() => {
-                let Some(frame) = frame else { return None };
+                let frame = frame?;
                 if write_frame(stream, &frame).await.is_err() {
                     return None;
                 }
@@ -368,10 +444,18 @@ async fn connection_loop(
 }
 
 /// Handles one frame from an authenticated device; `Some(frame)` closes.
-async fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut TcpStream, frame: Frame) -> Option<Bytes> {
+async fn handle_frame(
+    room: &Arc<Room>,
+    handle: &Arc<ConnHandle>,
+    stream: &mut TcpStream,
+    frame: Frame,
+) -> Option<Bytes> {
     match frame.op {
         Op::Ping => {
-            if write_frame(stream, &encode_empty(Op::Pong, frame.seq)).await.is_err() {
+            if write_frame(stream, &encode_empty(Op::Pong, frame.seq))
+                .await
+                .is_err()
+            {
                 return Some(Bytes::new());
             }
             None
@@ -407,7 +491,13 @@ async fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut T
             let (room, handle, seq) = (room.clone(), handle.clone(), frame.seq);
             tokio::spawn(async move {
                 let answer = match room.peers.upstream(request).await {
-                    Ok(()) => encode(Op::UpstreamOk, seq, &UpstreamOk { client_msg_id: upstream.client_msg_id }),
+                    Ok(()) => encode(
+                        Op::UpstreamOk,
+                        seq,
+                        &UpstreamOk {
+                            client_msg_id: upstream.client_msg_id,
+                        },
+                    ),
                     Err(status) => error_frame(ErrorCode::UpstreamFailed, status.message(), seq),
                 };
                 handle.send(answer);
@@ -416,13 +506,21 @@ async fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut T
         }
         Op::Sub | Op::Unsub => {
             // Topic streams arrive with broadcast; say so without closing.
-            let error = error_frame(ErrorCode::Unavailable, "topic subscriptions are not enabled on this room", frame.seq);
+            let error = error_frame(
+                ErrorCode::Unavailable,
+                "topic subscriptions are not enabled on this room",
+                frame.seq,
+            );
             if write_frame(stream, &error).await.is_err() {
                 return Some(Bytes::new());
             }
             None
         }
-        other => Some(error_frame(ErrorCode::UnknownOp, format!("{other:?} is not a device-to-server op"), frame.seq)),
+        other => Some(error_frame(
+            ErrorCode::UnknownOp,
+            format!("{other:?} is not a device-to-server op"),
+            frame.seq,
+        )),
     }
 }
 
@@ -431,7 +529,8 @@ async fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut T
 pub(crate) async fn sweep_silent_connections(room: Arc<Room>) {
     let heartbeat = room.config.heartbeat_secs.max(1);
     let allowed_silence = heartbeat * 5 / 2;
-    let period = Duration::from_millis(u64::from(heartbeat) * 1000 / 4).max(Duration::from_millis(250));
+    let period =
+        Duration::from_millis(u64::from(heartbeat) * 1000 / 4).max(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = room.shutdown.cancelled() => return,

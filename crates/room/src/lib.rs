@@ -104,12 +104,17 @@ pub(crate) struct Room {
 
 impl Room {
     fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.next_conn_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 /// Runs a room until `shutdown`, then drains its connections.
-pub async fn run(config: RoomConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: RoomConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node_id = config.node.resolved_node_id(ROLE);
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
@@ -120,7 +125,12 @@ pub async fn run(config: RoomConfig, listeners: Listeners, shutdown: Cancellatio
     let joined = Arc::new(std::sync::OnceLock::new());
     const NEEDED: &[Role] = &[Role::Register, Role::Saver];
     let health = pushgrid_common::cluster::requires_roles(joined.clone(), NEEDED);
-    tokio::spawn(telemetry::serve_admin_with(listeners.admin, ROLE, health, shutdown.clone()));
+    tokio::spawn(telemetry::serve_admin_with(
+        listeners.admin,
+        ROLE,
+        health,
+        shutdown.clone(),
+    ));
 
     let node = NodeInfo {
         id: node_id.clone(),
@@ -131,7 +141,13 @@ pub async fn run(config: RoomConfig, listeners: Listeners, shutdown: Cancellatio
         started_ms: now_ms(),
         ..Default::default()
     };
-    let cluster = Cluster::join(&config.node.keeper, node, config.node.lease_ttl_secs, shutdown.clone()).await?;
+    let cluster = Cluster::join(
+        &config.node.keeper,
+        node,
+        config.node.lease_ttl_secs,
+        shutdown.clone(),
+    )
+    .await?;
     let _ = joined.set(cluster.clone());
     // Connections are stopped by their own token, after the RPC server and the
     // accept loop: in-flight deliveries still reach devices while draining.
@@ -149,7 +165,12 @@ pub async fn run(config: RoomConfig, listeners: Listeners, shutdown: Cancellatio
     });
     let tracker = TaskTracker::new();
     tokio::spawn(conn::sweep_silent_connections(room.clone()));
-    let accept = tokio::spawn(accept_loop(room.clone(), listeners.tcp, tracker.clone(), shutdown.clone()));
+    let accept = tokio::spawn(accept_loop(
+        room.clone(),
+        listeners.tcp,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
 
     tracing::info!(node = %node_id, %tcp_addr, %grpc_addr, "room serving");
     net::announce(ROLE, "ready", grpc_addr);
@@ -169,14 +190,22 @@ pub async fn run(config: RoomConfig, listeners: Listeners, shutdown: Cancellatio
     tracker.close();
     let grace = Duration::from_secs(room.config.shutdown_grace_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(left = room.conns.len(), "connections still open after the grace period");
+        tracing::warn!(
+            left = room.conns.len(),
+            "connections still open after the grace period"
+        );
     }
     room.peers.flush().await;
     tracing::info!(node = %node_id, "room stopped");
     served.map_err(Into::into)
 }
 
-async fn accept_loop(room: Arc<Room>, listener: TcpListener, tracker: TaskTracker, shutdown: CancellationToken) {
+async fn accept_loop(
+    room: Arc<Room>,
+    listener: TcpListener,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(room.config.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pushgrid_common::batch::{BatchConfig, Batcher, BatcherMap};
+use pushgrid_common::batch::{BatchConfig, BatcherMap};
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::ring;
 use pushgrid_common::rpc::ChannelPool;
@@ -12,8 +12,8 @@ use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
-    AckItem, AckRequest, Message, PendingRequest, Role, Session, SessionBatch, StateBatch, StateEvent,
-    UpstreamRequest,
+    AckItem, AckRequest, Message, PendingRequest, Role, Session, SessionBatch, StateBatch,
+    StateEvent, UpstreamRequest,
 };
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -32,69 +32,68 @@ pub(crate) struct Peers {
 }
 
 fn batch_config() -> BatchConfig {
-    BatchConfig { max_items: 512, max_wait: Duration::from_micros(500), queue: 8192, in_flight: 4 }
+    BatchConfig {
+        max_items: 512,
+        max_wait: Duration::from_micros(500),
+        queue: 8192,
+        in_flight: 4,
+    }
 }
 
 impl Peers {
     pub fn new(cluster: Cluster) -> Peers {
         let pool = Arc::new(ChannelPool::new(2));
-        let online = {
-            let pool = pool.clone();
-            BatcherMap::new(move |addr: &str| {
-                let (pool, addr) = (pool.clone(), addr.to_string());
-                Batcher::spawn(batch_config(), move |sessions: Vec<Session>| {
-                    let (pool, addr) = (pool.clone(), addr.clone());
-                    async move {
-                        let count = sessions.len();
-                        RegisterClient::new(pool.get(&addr)?).online(SessionBatch { sessions }).await?;
-                        Ok(vec![(); count])
-                    }
-                })
-            })
-        };
-        let offline = {
-            let pool = pool.clone();
-            BatcherMap::new(move |addr: &str| {
-                let (pool, addr) = (pool.clone(), addr.to_string());
-                Batcher::spawn(batch_config(), move |sessions: Vec<Session>| {
-                    let (pool, addr) = (pool.clone(), addr.clone());
-                    async move {
-                        let count = sessions.len();
-                        RegisterClient::new(pool.get(&addr)?).offline(SessionBatch { sessions }).await?;
-                        Ok(vec![(); count])
-                    }
-                })
-            })
-        };
-        let acks = {
-            let pool = pool.clone();
-            BatcherMap::new(move |addr: &str| {
-                let (pool, addr) = (pool.clone(), addr.to_string());
-                Batcher::spawn(batch_config(), move |items: Vec<AckItem>| {
-                    let (pool, addr) = (pool.clone(), addr.clone());
-                    async move {
-                        let count = items.len();
-                        SaverClient::new(pool.get(&addr)?).ack(AckRequest { items }).await?;
-                        Ok(vec![(); count])
-                    }
-                })
-            })
-        };
-        let states = {
-            let pool = pool.clone();
-            BatcherMap::new(move |addr: &str| {
-                let (pool, addr) = (pool.clone(), addr.to_string());
-                Batcher::spawn(batch_config(), move |events: Vec<StateEvent>| {
-                    let (pool, addr) = (pool.clone(), addr.clone());
-                    async move {
-                        let count = events.len();
-                        CoordinatorClient::new(pool.get(&addr)?).state_changes(StateBatch { events }).await?;
-                        Ok(vec![(); count])
-                    }
-                })
-            })
-        };
-        Peers { cluster, pool, online, offline, acks, states, background: TaskTracker::new() }
+        let online = BatcherMap::per_peer(
+            pool.clone(),
+            batch_config(),
+            |channel, sessions: Vec<Session>| async move {
+                let count = sessions.len();
+                RegisterClient::new(channel)
+                    .online(SessionBatch { sessions })
+                    .await?;
+                Ok(vec![(); count])
+            },
+        );
+        let offline = BatcherMap::per_peer(
+            pool.clone(),
+            batch_config(),
+            |channel, sessions: Vec<Session>| async move {
+                let count = sessions.len();
+                RegisterClient::new(channel)
+                    .offline(SessionBatch { sessions })
+                    .await?;
+                Ok(vec![(); count])
+            },
+        );
+        let acks = BatcherMap::per_peer(
+            pool.clone(),
+            batch_config(),
+            |channel, items: Vec<AckItem>| async move {
+                let count = items.len();
+                SaverClient::new(channel).ack(AckRequest { items }).await?;
+                Ok(vec![(); count])
+            },
+        );
+        let states = BatcherMap::per_peer(
+            pool.clone(),
+            batch_config(),
+            |channel, events: Vec<StateEvent>| async move {
+                let count = events.len();
+                CoordinatorClient::new(channel)
+                    .state_changes(StateBatch { events })
+                    .await?;
+                Ok(vec![(); count])
+            },
+        );
+        Peers {
+            cluster,
+            pool,
+            online,
+            offline,
+            acks,
+            states,
+            background: TaskTracker::new(),
+        }
     }
 
     fn register_addr(&self, app: &str, user: &str) -> Result<String, Status> {
@@ -119,7 +118,9 @@ impl Peers {
 
     /// Reports a closed session, in the background.
     pub fn offline(&self, session: Session) {
-        let Ok(addr) = self.register_addr(&session.app, &session.user) else { return };
+        let Ok(addr) = self.register_addr(&session.app, &session.user) else {
+            return;
+        };
         let batcher = self.offline.get(&addr);
         self.background.spawn(async move {
             if let Err(status) = batcher.call(session).await {
@@ -131,8 +132,14 @@ impl Peers {
     /// The user's unacked inbox.
     pub async fn pending(&self, app: &str, user: &str) -> Result<Vec<Message>, Status> {
         let addr = self.addr_of(Role::Saver, app, user)?;
-        let request = PendingRequest { app: app.to_string(), user: user.to_string(), limit: PENDING_LIMIT };
-        let response = SaverClient::new(self.pool.get(&addr)?).pending(request).await?;
+        let request = PendingRequest {
+            app: app.to_string(),
+            user: user.to_string(),
+            limit: PENDING_LIMIT,
+        };
+        let response = SaverClient::new(self.pool.get(&addr)?)
+            .pending(request)
+            .await?;
         Ok(response.into_inner().messages)
     }
 
@@ -146,7 +153,11 @@ impl Peers {
                 return;
             }
         };
-        let item = AckItem { app: app.to_string(), user: user.to_string(), msg_ids };
+        let item = AckItem {
+            app: app.to_string(),
+            user: user.to_string(),
+            msg_ids,
+        };
         let batcher = self.acks.get(&addr);
         self.background.spawn(async move {
             match batcher.call(item).await {
@@ -158,8 +169,12 @@ impl Peers {
 
     /// Sends an online/offline event to coordinator, in the background.
     pub fn state(&self, event: StateEvent) {
-        let Some(session) = event.session.as_ref() else { return };
-        let Ok(addr) = self.addr_of(Role::Coordinator, &session.app, &session.user) else { return };
+        let Some(session) = event.session.as_ref() else {
+            return;
+        };
+        let Ok(addr) = self.addr_of(Role::Coordinator, &session.app, &session.user) else {
+            return;
+        };
         let batcher = self.states.get(&addr);
         self.background.spawn(async move {
             if let Err(status) = batcher.call(event).await {
@@ -171,7 +186,9 @@ impl Peers {
     /// Routes an UPSTREAM frame; Ok once the app's backend accepted it.
     pub async fn upstream(&self, request: UpstreamRequest) -> Result<(), Status> {
         let addr = self.addr_of(Role::Coordinator, &request.app, &request.user)?;
-        CoordinatorClient::new(self.pool.get(&addr)?).upstream(request).await?;
+        CoordinatorClient::new(self.pool.get(&addr)?)
+            .upstream(request)
+            .await?;
         Ok(())
     }
 

@@ -22,17 +22,26 @@ impl RoomService {
 
 #[tonic::async_trait]
 impl RoomRpc for RoomService {
-    async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
         let mut delivered = 0;
         let mut missing = 0;
         for delivery in request.into_inner().deliveries {
             let Some(message) = delivery.message else {
                 return Err(Status::invalid_argument("delivery without a message"));
             };
-            let conn = self.room.conns.get(&delivery.conn_id).map(|entry| entry.value().clone());
+            let conn = self
+                .room
+                .conns
+                .get(&delivery.conn_id)
+                .map(|entry| entry.value().clone());
             // The connection must still belong to the message's user: a stale
             // session must never route one user's message to another.
-            let Some(conn) = conn.filter(|conn| conn.app == message.app && conn.user == message.user) else {
+            let Some(conn) =
+                conn.filter(|conn| conn.app == message.app && conn.user == message.user)
+            else {
                 missing += 1;
                 continue;
             };

@@ -113,7 +113,9 @@ impl FrameError {
 pub enum Decoded {
     Frame(Frame),
     /// At least this many more bytes are needed before a frame can be returned.
-    Incomplete { needed: usize },
+    Incomplete {
+        needed: usize,
+    },
 }
 
 /// Parses and validates a header. `buf` must hold at least [`HEADER_LEN`] bytes.
@@ -130,9 +132,17 @@ pub fn parse_header(buf: &[u8], max_body: u32) -> Result<Header, FrameError> {
     }
     let op = Op::from_u8(op_byte).ok_or(FrameError::UnknownOp(op_byte))?;
     if body_len > max_body {
-        return Err(FrameError::TooLarge { len: body_len, limit: max_body });
+        return Err(FrameError::TooLarge {
+            len: body_len,
+            limit: max_body,
+        });
     }
-    Ok(Header { body_len, op, flags, seq })
+    Ok(Header {
+        body_len,
+        op,
+        flags,
+        seq,
+    })
 }
 
 /// Takes one frame off the front of `buf` if a whole one is there.
@@ -142,16 +152,25 @@ pub fn parse_header(buf: &[u8], max_body: u32) -> Result<Header, FrameError> {
 /// buffer is left untouched.
 pub fn decode_frame(buf: &mut BytesMut, max_body: u32) -> Result<Decoded, FrameError> {
     if buf.len() < HEADER_LEN {
-        return Ok(Decoded::Incomplete { needed: HEADER_LEN - buf.len() });
+        return Ok(Decoded::Incomplete {
+            needed: HEADER_LEN - buf.len(),
+        });
     }
     let header = parse_header(buf, max_body)?;
     let frame_len = HEADER_LEN + header.body_len as usize;
     if buf.len() < frame_len {
-        return Ok(Decoded::Incomplete { needed: frame_len - buf.len() });
+        return Ok(Decoded::Incomplete {
+            needed: frame_len - buf.len(),
+        });
     }
     buf.advance(HEADER_LEN);
     let body = buf.split_to(header.body_len as usize).freeze();
-    Ok(Decoded::Frame(Frame { op: header.op, flags: header.flags, seq: header.seq, body }))
+    Ok(Decoded::Frame(Frame {
+        op: header.op,
+        flags: header.flags,
+        seq: header.seq,
+        body,
+    }))
 }
 
 /// Writes a header and a protobuf body into `dst`.
@@ -189,14 +208,23 @@ fn put_header(dst: &mut BytesMut, op: Op, seq: u32, body_len: u32) {
 impl Frame {
     /// Decodes the body as the protobuf message `M`.
     pub fn decode<M: prost::Message + Default>(&self) -> Result<M, FrameError> {
-        M::decode(self.body.clone())
-            .map_err(|error| FrameError::BadBody { op: self.op, reason: error.to_string() })
+        M::decode(self.body.clone()).map_err(|error| FrameError::BadBody {
+            op: self.op,
+            reason: error.to_string(),
+        })
     }
 }
 
 /// The ERROR frame for a codec failure.
 pub fn error_frame(code: msg::ErrorCode, message: impl Into<String>) -> Bytes {
-    encode(Op::Error, 0, &msg::Error { code: code as i32, message: message.into() })
+    encode(
+        Op::Error,
+        0,
+        &msg::Error {
+            code: code as i32,
+            message: message.into(),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -205,14 +233,20 @@ mod tests {
     use super::*;
 
     fn auth() -> msg::Auth {
-        msg::Auth { token: "t".into(), device_id: "d1".into(), platform: "ios".into() }
+        msg::Auth {
+            token: "t".into(),
+            device_id: "d1".into(),
+            platform: "ios".into(),
+        }
     }
 
     #[test]
     fn round_trip() {
         let bytes = encode(Op::Auth, 7, &auth());
         let mut buf = BytesMut::from(&bytes[..]);
-        let Decoded::Frame(frame) = decode_frame(&mut buf, 1024).unwrap() else { panic!("incomplete") };
+        let Decoded::Frame(frame) = decode_frame(&mut buf, 1024).unwrap() else {
+            panic!("incomplete")
+        };
         assert_eq!(frame.op, Op::Auth);
         assert_eq!(frame.seq, 7);
         assert_eq!(frame.decode::<msg::Auth>().unwrap(), auth());
@@ -223,10 +257,16 @@ mod tests {
     fn incomplete_says_how_much_is_missing_and_keeps_the_buffer() {
         let bytes = encode(Op::Auth, 1, &auth());
         let mut buf = BytesMut::from(&bytes[..5]);
-        assert_eq!(decode_frame(&mut buf, 1024).unwrap(), Decoded::Incomplete { needed: 7 });
+        assert_eq!(
+            decode_frame(&mut buf, 1024).unwrap(),
+            Decoded::Incomplete { needed: 7 }
+        );
         assert_eq!(buf.len(), 5);
         let mut buf = BytesMut::from(&bytes[..bytes.len() - 2]);
-        assert_eq!(decode_frame(&mut buf, 1024).unwrap(), Decoded::Incomplete { needed: 2 });
+        assert_eq!(
+            decode_frame(&mut buf, 1024).unwrap(),
+            Decoded::Incomplete { needed: 2 }
+        );
         assert_eq!(buf.len(), bytes.len() - 2);
     }
 
@@ -234,12 +274,26 @@ mod tests {
     fn two_frames_in_one_buffer() {
         let mut buf = BytesMut::new();
         encode_into(&mut buf, Op::Ping, 1, &msg::Ack::default());
-        encode_into(&mut buf, Op::Ack, 2, &msg::Ack { msg_ids: vec![1, 2, 3] });
-        let Decoded::Frame(first) = decode_frame(&mut buf, 1024).unwrap() else { panic!() };
-        let Decoded::Frame(second) = decode_frame(&mut buf, 1024).unwrap() else { panic!() };
+        encode_into(
+            &mut buf,
+            Op::Ack,
+            2,
+            &msg::Ack {
+                msg_ids: vec![1, 2, 3],
+            },
+        );
+        let Decoded::Frame(first) = decode_frame(&mut buf, 1024).unwrap() else {
+            panic!()
+        };
+        let Decoded::Frame(second) = decode_frame(&mut buf, 1024).unwrap() else {
+            panic!()
+        };
         assert_eq!(first.op, Op::Ping);
         assert_eq!(second.decode::<msg::Ack>().unwrap().msg_ids, vec![1, 2, 3]);
-        assert_eq!(decode_frame(&mut buf, 1024).unwrap(), Decoded::Incomplete { needed: 12 });
+        assert_eq!(
+            decode_frame(&mut buf, 1024).unwrap(),
+            Decoded::Incomplete { needed: 12 }
+        );
     }
 
     #[test]
@@ -252,21 +306,39 @@ mod tests {
         buf.put_u16(0);
         buf.put_u32(0);
         let error = decode_frame(&mut buf, 1024).unwrap_err();
-        assert_eq!(error, FrameError::TooLarge { len: u32::MAX, limit: 1024 });
+        assert_eq!(
+            error,
+            FrameError::TooLarge {
+                len: u32::MAX,
+                limit: 1024
+            }
+        );
         assert_eq!(error.code(), msg::ErrorCode::FrameTooLarge);
-        assert!(buf.capacity() < 1024, "no memory was reserved for the claimed body");
+        assert!(
+            buf.capacity() < 1024,
+            "no memory was reserved for the claimed body"
+        );
     }
 
     #[test]
     fn bad_version_and_unknown_op() {
         let mut frame = encode(Op::Ping, 0, &msg::Ack::default()).to_vec();
         frame[4] = 2;
-        assert_eq!(decode_frame(&mut BytesMut::from(&frame[..]), 1024), Err(FrameError::BadVersion(2)));
+        assert_eq!(
+            decode_frame(&mut BytesMut::from(&frame[..]), 1024),
+            Err(FrameError::BadVersion(2))
+        );
         frame[4] = VERSION;
         frame[5] = 99;
-        assert_eq!(decode_frame(&mut BytesMut::from(&frame[..]), 1024), Err(FrameError::UnknownOp(99)));
+        assert_eq!(
+            decode_frame(&mut BytesMut::from(&frame[..]), 1024),
+            Err(FrameError::UnknownOp(99))
+        );
         frame[5] = 0;
-        assert_eq!(decode_frame(&mut BytesMut::from(&frame[..]), 1024), Err(FrameError::UnknownOp(0)));
+        assert_eq!(
+            decode_frame(&mut BytesMut::from(&frame[..]), 1024),
+            Err(FrameError::UnknownOp(0))
+        );
     }
 
     #[test]
@@ -274,7 +346,9 @@ mod tests {
         let mut buf = BytesMut::new();
         put_header(&mut buf, Op::Auth, 0, 3);
         buf.put_slice(&[0xff, 0xff, 0xff]);
-        let Decoded::Frame(frame) = decode_frame(&mut buf, 1024).unwrap() else { panic!() };
+        let Decoded::Frame(frame) = decode_frame(&mut buf, 1024).unwrap() else {
+            panic!()
+        };
         let error = frame.decode::<msg::Auth>().unwrap_err();
         assert_eq!(error.code(), msg::ErrorCode::BadBody);
     }
@@ -311,7 +385,8 @@ mod tests {
                 data[4] = VERSION;
                 data[5] = 1 + data[5] % 13;
                 if steer > 1 {
-                    let body_len = ((data.len() - HEADER_LEN) as u32).saturating_sub(u32::from(steer == 2));
+                    let body_len =
+                        ((data.len() - HEADER_LEN) as u32).saturating_sub(u32::from(steer == 2));
                     data[0..4].copy_from_slice(&body_len.to_be_bytes());
                 }
             }
@@ -335,6 +410,9 @@ mod tests {
                 }
             }
         }
-        assert!(frames > 0 && incomplete > 0 && errors > 0, "{frames} {incomplete} {errors}");
+        assert!(
+            frames > 0 && incomplete > 0 && errors > 0,
+            "{frames} {incomplete} {errors}"
+        );
     }
 }

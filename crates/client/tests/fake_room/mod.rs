@@ -53,7 +53,9 @@ impl FakeRoom {
         let addr = listener.local_addr().unwrap().to_string();
         let mut state = RoomState::default();
         for (msg_id, payload) in messages {
-            state.inbox.insert(*msg_id, Bytes::copy_from_slice(payload.as_bytes()));
+            state
+                .inbox
+                .insert(*msg_id, Bytes::copy_from_slice(payload.as_bytes()));
         }
         let state = Arc::new(Mutex::new(state));
         let accept_state = state.clone();
@@ -62,13 +64,19 @@ impl FakeRoom {
                 tokio::spawn(serve(stream, accept_state.clone(), heartbeat_secs));
             }
         });
-        FakeRoom { addr, state, heartbeat_secs }
+        FakeRoom {
+            addr,
+            state,
+            heartbeat_secs,
+        }
     }
 
     /// Stores a message and sends it on the current connection.
     pub async fn push(&self, msg_id: u64, payload: &str) {
         let mut state = self.state.lock().await;
-        state.inbox.insert(msg_id, Bytes::copy_from_slice(payload.as_bytes()));
+        state
+            .inbox
+            .insert(msg_id, Bytes::copy_from_slice(payload.as_bytes()));
         if let Some(current) = &state.current {
             let _ = current.try_send(Out::Frame(push_frame(msg_id, payload.as_bytes())));
         }
@@ -112,7 +120,12 @@ impl FakeRoom {
 }
 
 pub fn push_frame(msg_id: u64, payload: &[u8]) -> Bytes {
-    let push = msg::Push { msg_id, payload: Bytes::copy_from_slice(payload), created_ms: 1, ..Default::default() };
+    let push = msg::Push {
+        msg_id,
+        payload: Bytes::copy_from_slice(payload),
+        created_ms: 1,
+        ..Default::default()
+    };
     encode(Op::Push, 0, &push)
 }
 
@@ -163,14 +176,21 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<RoomState>>, heartbeat_secs: 
                 let mut state = state.lock().await;
                 state.auths.push(auth);
                 if let Some((code, message)) = refusal {
-                    let error = msg::Error { code: code as i32, message: message.into() };
+                    let error = msg::Error {
+                        code: code as i32,
+                        message: message.into(),
+                    };
                     let _ = out_sender.try_send(Out::Frame(encode(Op::Error, 0, &error)));
                     let _ = out_sender.try_send(Out::Close);
                     continue;
                 }
                 authenticated = true;
                 state.connections += 1;
-                let auth_ok = msg::AuthOk { conn_id: state.connections, heartbeat_secs, server_time_ms: 1 };
+                let auth_ok = msg::AuthOk {
+                    conn_id: state.connections,
+                    heartbeat_secs,
+                    server_time_ms: 1,
+                };
                 let _ = out_sender.try_send(Out::Frame(encode(Op::AuthOk, 0, &auth_ok)));
                 for (msg_id, payload) in &state.inbox {
                     let _ = out_sender.try_send(Out::Frame(push_frame(*msg_id, payload)));
@@ -191,7 +211,11 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<RoomState>>, heartbeat_secs: 
             }
             Op::Upstream => {
                 let upstream: msg::Upstream = frame.decode().unwrap();
-                state.lock().await.upstreams.push((frame.seq, upstream.clone()));
+                state
+                    .lock()
+                    .await
+                    .upstreams
+                    .push((frame.seq, upstream.clone()));
                 let answer = if upstream.product == "fail" {
                     let error = msg::Error {
                         code: msg::ErrorCode::UpstreamFailed as i32,
@@ -199,7 +223,13 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<RoomState>>, heartbeat_secs: 
                     };
                     encode(Op::Error, frame.seq, &error)
                 } else {
-                    encode(Op::UpstreamOk, frame.seq, &msg::UpstreamOk { client_msg_id: upstream.client_msg_id.clone() })
+                    encode(
+                        Op::UpstreamOk,
+                        frame.seq,
+                        &msg::UpstreamOk {
+                            client_msg_id: upstream.client_msg_id.clone(),
+                        },
+                    )
                 };
                 if upstream.product == "slow" {
                     let out_sender = out_sender.clone();
@@ -212,7 +242,10 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<RoomState>>, heartbeat_secs: 
                 }
             }
             _ => {
-                let error = msg::Error { code: msg::ErrorCode::AuthRequired as i32, message: "auth first".into() };
+                let error = msg::Error {
+                    code: msg::ErrorCode::AuthRequired as i32,
+                    message: "auth first".into(),
+                };
                 let _ = out_sender.try_send(Out::Frame(encode(Op::Error, 0, &error)));
                 let _ = out_sender.try_send(Out::Close);
             }
