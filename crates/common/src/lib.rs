@@ -10,6 +10,7 @@ pub mod db;
 pub mod ids;
 pub mod jwt;
 pub mod net;
+pub mod node;
 pub mod ring;
 pub mod rpc;
 pub mod telemetry;

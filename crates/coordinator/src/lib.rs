@@ -12,15 +12,17 @@ use base64::Engine;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
-use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_common::node;
+use pushgrid_common::{CancellationToken, net, now_ms};
 use pushgrid_proto::cluster::coordinator_server::{Coordinator, CoordinatorServer};
 use pushgrid_proto::cluster::{
-    NodeInfo, Role, StateBatch, StateBatchResponse, StateEvent, UpstreamRequest, UpstreamResponse,
+    Role, StateBatch, StateBatchResponse, StateEvent, UpstreamRequest, UpstreamResponse,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 pub const ROLE: &str = "coordinator";
@@ -237,32 +239,22 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node_id = config.node.resolved_node_id(ROLE);
     let grpc_addr = listeners.grpc.local_addr()?;
-    let admin_addr = listeners.admin.local_addr()?;
-    net::announce(ROLE, "grpc", grpc_addr);
-    net::announce(ROLE, "admin", admin_addr);
-    tokio::spawn(telemetry::serve_admin(
-        listeners.admin,
-        ROLE,
-        shutdown.clone(),
-    ));
-
-    let node = NodeInfo {
-        id: node_id.clone(),
-        role: Role::Coordinator as i32,
-        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
-        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
-        started_ms: now_ms(),
+    let endpoints = node::Endpoints {
+        grpc: Some(grpc_addr),
         ..Default::default()
     };
-    let cluster = Cluster::join(
-        &config.node.keeper,
-        node,
-        config.node.lease_ttl_secs,
-        shutdown.clone(),
+    let cluster = node::start(
+        ROLE,
+        Role::Coordinator,
+        &config.node,
+        listeners.admin,
+        endpoints,
+        &[],
+        &shutdown,
     )
     .await?;
+    let node_id = cluster.node_id().to_string();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(config.webhook_timeout_ms.max(1)))
         .build()?;
@@ -281,16 +273,11 @@ pub async fn run(
         http,
         states,
     };
-    let served = tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::new(service))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
-            shutdown.cancelled_owned(),
-        )
-        .await;
+    let router = Server::builder().add_service(CoordinatorServer::new(service));
+    let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
     cluster.leave().await;
     tracing::info!(node = %node_id, "coordinator stopped");
-    served.map_err(Into::into)
+    served
 }
 
 #[cfg(test)]

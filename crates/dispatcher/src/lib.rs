@@ -14,7 +14,8 @@ use axum::routing::get;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
-use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_common::node;
+use pushgrid_common::{CancellationToken, net};
 use pushgrid_proto::cluster::{NodeInfo, Role};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -127,37 +128,23 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node_id = config.node.resolved_node_id(ROLE);
-    let admin_addr = listeners.admin.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
-    net::announce(ROLE, "admin", admin_addr);
-    net::announce(ROLE, "http", http_addr);
-    let joined = Arc::new(std::sync::OnceLock::new());
-    const NEEDED: &[Role] = &[Role::Room];
-    let health = pushgrid_common::cluster::requires_roles(joined.clone(), NEEDED);
-    tokio::spawn(telemetry::serve_admin_with(
-        listeners.admin,
-        ROLE,
-        health,
-        shutdown.clone(),
-    ));
-
-    let node = NodeInfo {
-        id: node_id.clone(),
-        role: Role::Dispatcher as i32,
-        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
-        http_addr: net::advertised(http_addr, &config.node.advertise_host),
-        started_ms: now_ms(),
+    let endpoints = node::Endpoints {
+        http: Some(http_addr),
         ..Default::default()
     };
-    let cluster = Cluster::join(
-        &config.node.keeper,
-        node,
-        config.node.lease_ttl_secs,
-        shutdown.clone(),
+    const NEEDS: &[Role] = &[Role::Room];
+    let cluster = node::start(
+        ROLE,
+        Role::Dispatcher,
+        &config.node,
+        listeners.admin,
+        endpoints,
+        NEEDS,
+        &shutdown,
     )
     .await?;
-    let _ = joined.set(cluster.clone());
+    let node_id = cluster.node_id().to_string();
     let state = Arc::new(DispatchState {
         cluster: cluster.clone(),
         config,

@@ -12,13 +12,15 @@ use dashmap::DashMap;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
-use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_common::node;
+use pushgrid_common::{CancellationToken, net};
 use pushgrid_proto::cluster::register_server::{Register, RegisterServer};
 use pushgrid_proto::cluster::{
-    LookupRequest, LookupResponse, NodeInfo, Role, Session, SessionBatch, SessionBatchResponse,
+    LookupRequest, LookupResponse, Role, Session, SessionBatch, SessionBatchResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 pub const ROLE: &str = "register";
@@ -186,33 +188,23 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node_id = config.node.resolved_node_id(ROLE);
     let grpc_addr = listeners.grpc.local_addr()?;
-    let admin_addr = listeners.admin.local_addr()?;
-    net::announce(ROLE, "grpc", grpc_addr);
-    net::announce(ROLE, "admin", admin_addr);
-    tokio::spawn(telemetry::serve_admin(
-        listeners.admin,
-        ROLE,
-        shutdown.clone(),
-    ));
-
-    let epoch = now_ms();
-    let node = NodeInfo {
-        id: node_id.clone(),
-        role: Role::Register as i32,
-        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
-        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
-        started_ms: epoch,
+    let endpoints = node::Endpoints {
+        grpc: Some(grpc_addr),
         ..Default::default()
     };
-    let cluster = Cluster::join(
-        &config.node.keeper,
-        node,
-        config.node.lease_ttl_secs,
-        shutdown.clone(),
+    let cluster = node::start(
+        ROLE,
+        Role::Register,
+        &config.node,
+        listeners.admin,
+        endpoints,
+        &[],
+        &shutdown,
     )
     .await?;
+    let node_id = cluster.node_id().to_string();
+    let epoch = cluster.node().started_ms;
     let table = Arc::new(SessionTable::default());
     tokio::spawn(drop_sessions_of_dead_rooms(
         cluster.clone(),
@@ -223,16 +215,15 @@ pub async fn run(
     tracing::info!(node = %node_id, %grpc_addr, "register serving");
     net::announce(ROLE, "ready", grpc_addr);
     let service = RegisterService { epoch, table };
-    tonic::transport::Server::builder()
-        .add_service(RegisterServer::new(service))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
-            shutdown.cancelled_owned(),
-        )
-        .await?;
+    let served = node::serve_grpc(
+        Server::builder().add_service(RegisterServer::new(service)),
+        listeners.grpc,
+        &shutdown,
+    )
+    .await;
     cluster.leave().await;
     tracing::info!(node = %node_id, "register stopped");
-    Ok(())
+    served
 }
 
 async fn drop_sessions_of_dead_rooms(

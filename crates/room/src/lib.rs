@@ -17,13 +17,15 @@ use dashmap::DashMap;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
-use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_common::node;
+use pushgrid_common::{CancellationToken, net, now_ms};
+use pushgrid_proto::cluster::Role;
 use pushgrid_proto::cluster::room_server::RoomServer;
-use pushgrid_proto::cluster::{NodeInfo, Role};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
 
 pub use conn::ConnHandle;
 
@@ -115,40 +117,25 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node_id = config.node.resolved_node_id(ROLE);
     let grpc_addr = listeners.grpc.local_addr()?;
-    let admin_addr = listeners.admin.local_addr()?;
     let tcp_addr = listeners.tcp.local_addr()?;
-    net::announce(ROLE, "grpc", grpc_addr);
-    net::announce(ROLE, "admin", admin_addr);
-    net::announce(ROLE, "tcp", tcp_addr);
-    let joined = Arc::new(std::sync::OnceLock::new());
-    const NEEDED: &[Role] = &[Role::Register, Role::Saver];
-    let health = pushgrid_common::cluster::requires_roles(joined.clone(), NEEDED);
-    tokio::spawn(telemetry::serve_admin_with(
-        listeners.admin,
-        ROLE,
-        health,
-        shutdown.clone(),
-    ));
-
-    let node = NodeInfo {
-        id: node_id.clone(),
-        role: Role::Room as i32,
-        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
-        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
-        tcp_addr: net::advertised(tcp_addr, &config.node.advertise_host),
-        started_ms: now_ms(),
+    let endpoints = node::Endpoints {
+        grpc: Some(grpc_addr),
+        tcp: Some(tcp_addr),
         ..Default::default()
     };
-    let cluster = Cluster::join(
-        &config.node.keeper,
-        node,
-        config.node.lease_ttl_secs,
-        shutdown.clone(),
+    const NEEDS: &[Role] = &[Role::Register, Role::Saver];
+    let cluster = node::start(
+        ROLE,
+        Role::Room,
+        &config.node,
+        listeners.admin,
+        endpoints,
+        NEEDS,
+        &shutdown,
     )
     .await?;
-    let _ = joined.set(cluster.clone());
+    let node_id = cluster.node_id().to_string();
     // Connections are stopped by their own token, after the RPC server and the
     // accept loop: in-flight deliveries still reach devices while draining.
     let connections_stop = CancellationToken::new();
@@ -174,13 +161,9 @@ pub async fn run(
 
     tracing::info!(node = %node_id, %tcp_addr, %grpc_addr, "room serving");
     net::announce(ROLE, "ready", grpc_addr);
-    let served = tonic::transport::Server::builder()
-        .add_service(RoomServer::new(service::RoomService::new(room.clone())))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
-            shutdown.clone().cancelled_owned(),
-        )
-        .await;
+    let router =
+        Server::builder().add_service(RoomServer::new(service::RoomService::new(room.clone())));
+    let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
 
     // Drain: leave the cluster so nothing new is routed here, stop accepting,
     // tell every device to reconnect elsewhere, wait for them under a grace.
@@ -197,7 +180,7 @@ pub async fn run(
     }
     room.peers.flush().await;
     tracing::info!(node = %node_id, "room stopped");
-    served.map_err(Into::into)
+    served
 }
 
 async fn accept_loop(

@@ -14,16 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pushgrid_common::cli::RoleConfig;
-use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
-use pushgrid_common::{CancellationToken, db, net, now_ms, telemetry};
+use pushgrid_common::node;
+use pushgrid_common::{CancellationToken, db, net, now_ms};
 use pushgrid_proto::cluster::saver_server::{Saver, SaverServer};
 use pushgrid_proto::cluster::{
-    AckRequest, AckResponse, NodeInfo, PendingRequest, PendingResponse, Role, StoreRequest,
-    StoreResponse,
+    AckRequest, AckResponse, PendingRequest, PendingResponse, Role, StoreRequest, StoreResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::error::StoreError;
@@ -172,17 +172,6 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node_id = config.node.resolved_node_id(ROLE);
-    let grpc_addr = listeners.grpc.local_addr()?;
-    let admin_addr = listeners.admin.local_addr()?;
-    net::announce(ROLE, "grpc", grpc_addr);
-    net::announce(ROLE, "admin", admin_addr);
-    tokio::spawn(telemetry::serve_admin(
-        listeners.admin,
-        ROLE,
-        shutdown.clone(),
-    ));
-
     // Storage first: a saver that cannot store must not join the cluster.
     let sql = SqlStore::connect_with(&config.database_url, config.database_max_connections).await?;
     let pool = sql.pool().clone();
@@ -196,21 +185,22 @@ pub async fn run(
         Some(store)
     };
 
-    let node = NodeInfo {
-        id: node_id.clone(),
-        role: Role::Saver as i32,
-        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
-        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
-        started_ms: now_ms(),
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let endpoints = node::Endpoints {
+        grpc: Some(grpc_addr),
         ..Default::default()
     };
-    let cluster = Cluster::join(
-        &config.node.keeper,
-        node,
-        config.node.lease_ttl_secs,
-        shutdown.clone(),
+    let cluster = node::start(
+        ROLE,
+        Role::Saver,
+        &config.node,
+        listeners.admin,
+        endpoints,
+        &[],
+        &shutdown,
     )
     .await?;
+    let node_id = cluster.node_id().to_string();
 
     // Ids follow the worker id keeper assigned, which can change after a lost lease.
     let ids = || MessageIds::new(cluster.worker_id());
@@ -225,18 +215,13 @@ pub async fn run(
 
     tracing::info!(node = %node_id, %grpc_addr, "saver serving");
     net::announce(ROLE, "ready", grpc_addr);
-    tonic::transport::Server::builder()
-        .add_service(SaverServer::new(SaverService::new(store)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
-            shutdown.cancelled_owned(),
-        )
-        .await?;
+    let router = Server::builder().add_service(SaverServer::new(SaverService::new(store)));
+    let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
     cluster.leave().await;
     let _ = purge.await;
     pool.close().await;
     tracing::info!(node = %node_id, "saver stopped");
-    Ok(())
+    served
 }
 
 /// Deletes rows an hour after they expired, in batches, every ten minutes.

@@ -1,0 +1,98 @@
+//! The start every role shares: announce the bound addresses, serve the admin
+//! port, register with keeper and report healthy once the roles this one
+//! depends on are live.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use pushgrid_proto::cluster::{NodeInfo, Role};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Cluster, requires_roles};
+use crate::config::NodeConfig;
+use crate::{net, now_ms, telemetry};
+
+/// What a role exposes, besides its admin port.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Endpoints {
+    pub grpc: Option<SocketAddr>,
+    /// room: the device TCP listener.
+    pub tcp: Option<SocketAddr>,
+    /// center and dispatcher: the public HTTP listener.
+    pub http: Option<SocketAddr>,
+}
+
+/// Announces `endpoints`, serves `/metrics` and `/healthz` on `admin` (healthy
+/// once keeper lists a node of every role in `needs`), registers with keeper
+/// and returns the joined cluster. The node id is `config.node_id` or
+/// generated from `role_name`.
+pub async fn start(
+    role_name: &'static str,
+    role: Role,
+    config: &NodeConfig,
+    admin: TcpListener,
+    endpoints: Endpoints,
+    needs: &'static [Role],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Cluster> {
+    let admin_addr = admin.local_addr()?;
+    let named = [
+        ("grpc", endpoints.grpc),
+        ("tcp", endpoints.tcp),
+        ("http", endpoints.http),
+        ("admin", Some(admin_addr)),
+    ];
+    for (name, addr) in named {
+        if let Some(addr) = addr {
+            net::announce(role_name, name, addr);
+        }
+    }
+    let joined = Arc::new(OnceLock::new());
+    let health = requires_roles(joined.clone(), needs);
+    tokio::spawn(telemetry::serve_admin_with(
+        admin,
+        role_name,
+        health,
+        shutdown.clone(),
+    ));
+
+    let advertise = |addr: Option<SocketAddr>| {
+        addr.map(|addr| net::advertised(addr, &config.advertise_host))
+            .unwrap_or_default()
+    };
+    let node = NodeInfo {
+        id: config.resolved_node_id(role_name),
+        role: role as i32,
+        grpc_addr: advertise(endpoints.grpc),
+        admin_addr: advertise(Some(admin_addr)),
+        tcp_addr: advertise(endpoints.tcp),
+        http_addr: advertise(endpoints.http),
+        started_ms: now_ms(),
+        ..Default::default()
+    };
+    let cluster = Cluster::join(
+        &config.keeper,
+        node,
+        config.lease_ttl_secs,
+        shutdown.clone(),
+    )
+    .await?;
+    let _ = joined.set(cluster.clone());
+    Ok(cluster)
+}
+
+/// Serves a tonic router on `listener` until `shutdown`.
+pub async fn serve_grpc(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    router
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await
+        .map_err(Into::into)
+}
