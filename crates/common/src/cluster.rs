@@ -28,6 +28,7 @@ pub struct ClusterView {
     pub nodes: Vec<NodeInfo>,
     apps: HashMap<String, App>,
     apps_by_api_key: HashMap<String, String>,
+    settings: HashMap<String, String>,
     register_ring: Ring,
 }
 
@@ -54,6 +55,7 @@ impl ClusterView {
             nodes,
             apps,
             apps_by_api_key,
+            settings: state.settings,
             register_ring,
         }
     }
@@ -75,6 +77,11 @@ impl ClusterView {
         self.apps_by_api_key
             .get(api_key)
             .and_then(|id| self.apps.get(id))
+    }
+
+    /// A cluster-wide setting from keeper, e.g. `dispatcher.balancer`.
+    pub fn setting(&self, name: &str) -> Option<&str> {
+        self.settings.get(name).map(String::as_str)
     }
 
     /// The register instance that owns a user, by the consistent hash shared

@@ -27,6 +27,9 @@ pub struct NodeConfig {
     pub lease_ttl_secs: u32,
     /// Log as JSON lines instead of human text.
     pub log_json: bool,
+    /// Free-form labels published with the node, e.g. `region`, `net`, `isp`
+    /// (the dispatcher matches devices to rooms by them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl NodeConfig {
@@ -40,6 +43,7 @@ impl NodeConfig {
             advertise_host: String::new(),
             lease_ttl_secs: 10,
             log_json: false,
+            labels: Default::default(),
         }
     }
 

@@ -69,6 +69,11 @@ pub async fn start(
         tcp_addr: advertise(endpoints.tcp),
         http_addr: advertise(endpoints.http),
         started_ms: now_ms(),
+        labels: config
+            .labels
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
         ..Default::default()
     };
     let cluster = Cluster::join(

@@ -51,6 +51,9 @@ pub struct KeeperConfig {
     pub database_url: String,
     /// Apps written to the database at start (insert or replace by id).
     pub apps: Vec<AppSeed>,
+    /// Settings written to the database at start (insert or replace by name),
+    /// e.g. `"dispatcher.balancer" = "round_robin"`.
+    pub settings: BTreeMap<String, String>,
     /// How often the apps table is re-read for changes made by others.
     pub config_poll_secs: u64,
     /// Upper bound on the lease TTL a node may ask for.
@@ -63,6 +66,7 @@ impl Default for KeeperConfig {
             node: NodeConfig::with_ports(7000, 9000),
             database_url: "sqlite://pushgrid-data/keeper.db".into(),
             apps: Vec::new(),
+            settings: BTreeMap::new(),
             config_poll_secs: 5,
             max_lease_ttl_secs: 60,
         }
@@ -99,6 +103,7 @@ struct Lease {
 struct Registry {
     leases: HashMap<u64, Lease>,
     apps: BTreeMap<String, App>,
+    settings: BTreeMap<String, String>,
 }
 
 impl Registry {
@@ -113,6 +118,11 @@ impl Registry {
             version,
             nodes,
             apps: self.apps.values().cloned().collect(),
+            settings: self
+                .settings
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
         }
     }
 
@@ -285,6 +295,36 @@ impl AppStore {
         Ok(())
     }
 
+    /// Inserts or replaces each setting by name.
+    pub async fn seed_settings(&self, settings: &BTreeMap<String, String>) -> anyhow::Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        for (name, value) in settings {
+            sqlx::query("DELETE FROM settings WHERE name = ?")
+                .bind(name)
+                .execute(&mut *transaction)
+                .await?;
+            sqlx::query("INSERT INTO settings (name, value, updated_ms) VALUES (?, ?, ?)")
+                .bind(name)
+                .bind(value)
+                .bind(now_ms() as i64)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    pub async fn load_settings(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let rows = sqlx::query("SELECT name, value FROM settings")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut settings = BTreeMap::new();
+        for row in rows {
+            settings.insert(row.try_get("name")?, row.try_get("value")?);
+        }
+        Ok(settings)
+    }
+
     pub async fn load(&self) -> anyhow::Result<BTreeMap<String, App>> {
         let rows = sqlx::query("SELECT id, jwt_secret, api_key, webhook_url FROM apps")
             .fetch_all(&self.pool)
@@ -349,12 +389,15 @@ pub async fn run(
 
     let store = Arc::new(AppStore::connect(&config.database_url).await?);
     store.seed(&config.apps).await?;
+    store.seed_settings(&config.settings).await?;
     let apps = store.load().await?;
+    let settings = store.load_settings().await?;
     tracing::info!(apps = apps.len(), database = %db::redact(&config.database_url), "apps loaded");
 
     let registry = Registry {
         leases: HashMap::new(),
         apps,
+        settings,
     };
     let (snapshots, _) = watch::channel(Arc::new(registry.snapshot(1)));
     let state = Arc::new(KeeperState {
@@ -367,7 +410,7 @@ pub async fn run(
         max_ttl_secs: config.max_lease_ttl_secs.max(2),
     });
     tokio::spawn(expire_leases(state.clone(), shutdown.clone()));
-    tokio::spawn(poll_apps(
+    tokio::spawn(poll_config(
         state.clone(),
         store.clone(),
         config.config_poll_secs,
@@ -413,7 +456,7 @@ async fn expire_leases(state: Arc<KeeperState>, shutdown: CancellationToken) {
     }
 }
 
-async fn poll_apps(
+async fn poll_config(
     state: Arc<KeeperState>,
     store: Arc<AppStore>,
     every_secs: u64,
@@ -426,16 +469,25 @@ async fn poll_apps(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match store.load().await {
-            Ok(apps) => {
+        let loaded =
+            async { Ok::<_, anyhow::Error>((store.load().await?, store.load_settings().await?)) };
+        match loaded.await {
+            Ok((apps, settings)) => {
                 let mut registry = state.registry.lock().await;
-                if registry.apps != apps {
-                    tracing::info!(apps = apps.len(), "app configuration changed");
+                if registry.apps != apps || registry.settings != settings {
+                    tracing::info!(
+                        apps = apps.len(),
+                        settings = settings.len(),
+                        "cluster configuration changed"
+                    );
                     registry.apps = apps;
+                    registry.settings = settings;
                     state.publish(&registry);
                 }
             }
-            Err(error) => tracing::warn!(%error, "cannot re-read apps; keeping the last ones"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot re-read the configuration; keeping the last one")
+            }
         }
     }
 }
