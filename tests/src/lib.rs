@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
+/// keeper's admin API token in test clusters.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// `target/<profile>`, from the test binary's own path (`target/<profile>/deps/x`).
 pub fn target_dir() -> PathBuf {
@@ -212,6 +214,12 @@ pub struct ClusterOptions {
     pub webhook_url: String,
     pub heartbeat_secs: u32,
     pub rooms: usize,
+    /// Register instances (users are split between them by the shared hash).
+    pub registers: usize,
+    /// Extra fields of the test app's TOML inline table, e.g. `single_login=true`.
+    pub app_extra: String,
+    /// Extra `--set` settings for keeper, e.g. `routes=[...]`.
+    pub keeper_sets: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -220,6 +228,9 @@ impl Default for ClusterOptions {
             webhook_url: String::new(),
             heartbeat_secs: 30,
             rooms: 1,
+            registers: 1,
+            app_extra: String::new(),
+            keeper_sets: Vec::new(),
         }
     }
 }
@@ -230,7 +241,9 @@ pub struct TestCluster {
     pub dir: PathBuf,
     pub database: String,
     pub keeper: Proc,
+    keeper_args: Vec<String>,
     pub register: Proc,
+    pub extra_registers: Vec<Proc>,
     pub saver: Proc,
     pub coordinator: Proc,
     pub center: Proc,
@@ -264,7 +277,14 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
 
 impl TestCluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
-        let mut app = TestApp::random();
+        TestCluster::start_with_app(options, TestApp::random()).await
+    }
+
+    /// Like [`TestCluster::start`] with a given app (its webhook comes from the options).
+    pub async fn start_with_app(
+        options: ClusterOptions,
+        mut app: TestApp,
+    ) -> anyhow::Result<TestCluster> {
         app.webhook_url = options.webhook_url.clone();
         let dir = temp_dir("pushgrid-e2e");
         let database = format!("pg_e2e_{}", &app.id[3..]);
@@ -272,10 +292,20 @@ impl TestCluster {
 
         let mut keeper_args = node_args("127.0.0.1:1");
         set(&mut keeper_args, format!("database_url={database_url}"));
+        set(&mut keeper_args, "http_listen=127.0.0.1:0".into());
+        set(&mut keeper_args, format!("admin_token={ADMIN_TOKEN}"));
+        for setting in &options.keeper_sets {
+            set(&mut keeper_args, setting.clone());
+        }
+        let extra = if options.app_extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", options.app_extra)
+        };
         set(
             &mut keeper_args,
             format!(
-                "apps=[{{id=\"{}\", jwt_secret=\"{}\", api_key=\"{}\", webhook_url=\"{}\"}}]",
+                "apps=[{{id=\"{}\", jwt_secret=\"{}\", api_key=\"{}\", webhook_url=\"{}\"{extra}}}]",
                 app.id, app.secret, app.api_key, app.webhook_url
             ),
         );
@@ -283,6 +313,18 @@ impl TestCluster {
         let keeper_addr = keeper.addr("grpc").to_string();
 
         let register = spawn(&dir, "register", "register", &node_args(&keeper_addr)).await?;
+        let mut extra_registers = Vec::new();
+        for index in 1..options.registers.max(1) {
+            extra_registers.push(
+                spawn(
+                    &dir,
+                    &format!("register{index}"),
+                    "register",
+                    &node_args(&keeper_addr),
+                )
+                .await?,
+            );
+        }
         let mut saver_args = node_args(&keeper_addr);
         set(&mut saver_args, format!("database_url={database_url}"));
         set(&mut saver_args, format!("redis_url={REDIS_URL}"));
@@ -311,7 +353,9 @@ impl TestCluster {
             dir,
             database,
             keeper,
+            keeper_args,
             register,
+            extra_registers,
             saver,
             coordinator,
             center,
@@ -350,6 +394,56 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("dispatcher never listed {count} rooms")
+    }
+
+    /// `--set` arguments for another role process of this cluster.
+    pub fn node_args(&self) -> Vec<String> {
+        node_args(&self.keeper.addr("grpc").to_string())
+    }
+
+    /// Connects a raw device to room `index` directly.
+    pub async fn device_at(
+        &self,
+        index: usize,
+        user: &str,
+        platform: &str,
+    ) -> anyhow::Result<(Connection, msg::AuthOk)> {
+        let auth = msg::Auth {
+            token: self.app.token(user),
+            device_id: format!("{user}-{platform}"),
+            platform: platform.into(),
+        };
+        Ok(Connection::connect(&self.room_addr(index), auth).await?)
+    }
+
+    /// kill -9 keeper and start it again on the same gRPC address.
+    pub async fn restart_keeper(&mut self) -> anyhow::Result<()> {
+        let grpc = self.keeper.addr("grpc");
+        self.keeper.kill().await;
+        let mut args = self.keeper_args.clone();
+        set(&mut args, format!("listen={grpc}"));
+        self.keeper = spawn(&self.dir, "keeper-restarted", "keeper", &args).await?;
+        Ok(())
+    }
+
+    /// Calls keeper's admin API with the test admin token.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("http://{}{path}", self.keeper.addr("http"));
+        let mut request = self.http.request(method, url).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("keeper admin API answers");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// `POST /api/push` with the cluster app's API key.

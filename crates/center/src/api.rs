@@ -24,6 +24,7 @@ pub(crate) struct ApiState {
     pub cluster: Cluster,
     pub workers: WorkerPool,
     pub channels: pushgrid_common::rpc::ChannelPool,
+    pub limits: crate::limits::AppLimits,
 }
 
 /// An API failure: the HTTP status, a stable machine-readable code and a
@@ -46,11 +47,11 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    fn from_status(status: tonic::Status) -> ApiError {
+    pub(crate) fn from_status(status: tonic::Status) -> ApiError {
         match status.code() {
             tonic::Code::InvalidArgument => ApiError::bad_request(status.message()),
             _ => ApiError::new(
@@ -76,7 +77,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn ok(result: serde_json::Value) -> Response {
+pub(crate) fn ok(result: serde_json::Value) -> Response {
     (StatusCode::OK, axum::Json(json!({ "result": result }))).into_response()
 }
 
@@ -87,10 +88,32 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API method")
         })
         .with_state(state)
+        .layer(pushgrid_common::http_stats::HttpStatsLayer::new("center"))
+}
+
+/// 503 for a missing peer role.
+pub(crate) fn unavailable(message: &str) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+}
+
+/// 429 with Retry-After when the app is over its rate.
+pub(crate) fn rate_limit(state: &ApiState, app: &App) -> Result<(), ApiError> {
+    state.limits.check(app).map_err(|wait| {
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "app {} is over its rate of {} requests per second",
+                app.id, app.rate_per_sec
+            ),
+        );
+        error.retry_after_secs = Some(wait.as_secs_f64().ceil().max(1.0) as u32);
+        error
+    })
 }
 
 /// The app an `Authorization: apikey <key>` header belongs to.
-fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> {
+pub(crate) fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> {
     let unauthorized =
         |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let value = headers
@@ -114,7 +137,7 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> 
 
 /// Parses a JSON body strictly: unknown fields and wrong types are errors that
 /// name the field and position.
-async fn parse_json<T: for<'de> Deserialize<'de>>(
+pub(crate) async fn parse_json<T: for<'de> Deserialize<'de>>(
     state: &ApiState,
     body: Body,
 ) -> Result<T, ApiError> {
@@ -141,6 +164,9 @@ struct PushRequest {
     payload_b64: Option<String>,
     #[serde(default)]
     ttl_secs: Option<u32>,
+    /// The same key within 24 h answers the first push's ids, storing nothing new.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -156,6 +182,7 @@ async fn push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &headers)?;
+    rate_limit(&state, &app)?;
     let request: PushRequest = parse_json(&state, body).await?;
     if request.users.is_empty() {
         return Err(ApiError::bad_request(
@@ -233,6 +260,7 @@ async fn push(
         users: request.users,
         payload,
         ttl_secs: request.ttl_secs.unwrap_or(0),
+        idempotency_key: request.idempotency_key.unwrap_or_default(),
     };
     let started = tokio::time::Instant::now();
     let stored = SaverClient::new(channel)

@@ -7,6 +7,9 @@
 //! never grows with load.
 
 mod api;
+mod dashboard;
+mod limits;
+mod methods;
 mod route;
 
 use std::sync::Arc;
@@ -41,6 +44,10 @@ pub struct CenterConfig {
     pub route_queue: usize,
     /// Seconds a client is told to wait when the queue is full.
     pub retry_after_secs: u32,
+    /// Token for `/dashboard` (Bearer header or `?token=`); empty falls back
+    /// to the `PUSHGRID_ADMIN_TOKEN` environment variable, and with neither
+    /// the dashboard is off.
+    pub admin_token: String,
 }
 
 impl Default for CenterConfig {
@@ -54,6 +61,7 @@ impl Default for CenterConfig {
             route_workers: 8,
             route_queue: 10_000,
             retry_after_secs: 1,
+            admin_token: String::new(),
         }
     }
 }
@@ -109,11 +117,19 @@ pub async fn run(
         cluster: cluster.clone(),
         workers: workers.clone(),
         channels: pushgrid_common::rpc::ChannelPool::new(2),
+        limits: limits::AppLimits::default(),
     });
 
     tracing::info!(node = %node_id, %http_addr, "center serving");
     net::announce(ROLE, "ready", http_addr);
-    let served = axum::serve(listeners.http, api::router(state))
+    let dashboard = Arc::new(dashboard::DashboardState::new(
+        &config.admin_token,
+        cluster.clone(),
+    ));
+    let app = api::router(state.clone())
+        .merge(methods::router(state))
+        .merge(dashboard::router(dashboard));
+    let served = axum::serve(listeners.http, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     cluster.leave().await;

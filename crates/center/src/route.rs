@@ -143,8 +143,13 @@ impl WorkerPool {
             let (router, receiver) = (router.clone(), receiver.clone());
             tracker.spawn(async move {
                 loop {
-                    let job = { receiver.lock().await.recv().await };
+                    let (job, depth) = {
+                        let mut receiver = receiver.lock().await;
+                        let job = receiver.recv().await;
+                        (job, receiver.len())
+                    };
                     let Some(job) = job else { return };
+                    metrics::gauge!("pushgrid_center_route_queue_depth").set(depth as f64);
                     metrics::histogram!("pushgrid_center_route_wait_seconds").record(job.queued_at.elapsed().as_secs_f64());
                     // The messages of one job (a multicast) are routed together,
                     // so their lookups and deliveries share batches.
@@ -178,6 +183,11 @@ impl WorkerPool {
         metrics::gauge!("pushgrid_center_route_queue_depth")
             .set((self.capacity - self.queue.capacity()) as f64);
         slot
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.queue.capacity()
     }
 
     pub fn submit(&self, slot: Slot, messages: Vec<Message>) {

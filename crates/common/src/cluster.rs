@@ -29,6 +29,7 @@ pub struct ClusterView {
     apps: HashMap<String, App>,
     apps_by_api_key: HashMap<String, String>,
     settings: HashMap<String, String>,
+    routes: Vec<pushgrid_proto::cluster::UpstreamRoute>,
     register_ring: Ring,
 }
 
@@ -56,6 +57,7 @@ impl ClusterView {
             apps,
             apps_by_api_key,
             settings: state.settings,
+            routes: state.routes,
             register_ring,
         }
     }
@@ -77,6 +79,22 @@ impl ClusterView {
         self.apps_by_api_key
             .get(api_key)
             .and_then(|id| self.apps.get(id))
+    }
+
+    /// The upstream route of (app, product, type): an exact match first, then
+    /// the product's catch-all (empty type).
+    pub fn route_for(
+        &self,
+        app: &str,
+        product: &str,
+        kind: &str,
+    ) -> Option<&pushgrid_proto::cluster::UpstreamRoute> {
+        let matching = |wanted: &str| {
+            self.routes.iter().find(|route| {
+                route.app == app && route.product == product && route.r#type == wanted
+            })
+        };
+        matching(kind).or_else(|| matching(""))
     }
 
     /// A cluster-wide setting from keeper, e.g. `dispatcher.balancer`.
@@ -265,8 +283,15 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
     }
 }
 
+/// Follows keeper's watch stream. After the stream broke (keeper restarted,
+/// its leases gone), the nodes of the last view are kept for two lease TTLs
+/// even when the new keeper does not list them yet: they are re-registering,
+/// and routing around live peers for a moment would fail requests for nothing.
 async fn watch_loop(inner: Arc<Inner>, sender: watch::Sender<Arc<ClusterView>>) {
     let mut keeper = inner.keeper.clone();
+    let grace = Duration::from_secs(u64::from(inner.ttl_secs) * 2);
+    let mut last_nodes: Vec<NodeInfo> = Vec::new();
+    let mut merge_until: Option<tokio::time::Instant> = None;
     loop {
         let stream = tokio::select! {
             _ = inner.shutdown.cancelled() => return,
@@ -275,13 +300,39 @@ async fn watch_loop(inner: Arc<Inner>, sender: watch::Sender<Arc<ClusterView>>) 
         match stream {
             Ok(response) => {
                 let mut stream = response.into_inner();
+                let mut latest: Option<ClusterState> = None;
+                if !last_nodes.is_empty() {
+                    // A stream after a break: the grace starts now that keeper answers.
+                    merge_until = Some(tokio::time::Instant::now() + grace);
+                }
                 loop {
+                    let grace_end = merge_until;
                     let message = tokio::select! {
                         _ = inner.shutdown.cancelled() => return,
                         message = stream.message() => message,
+                        _ = sleep_until_or_forever(grace_end) => {
+                            // The grace ended: the keeper's own list is the truth now.
+                            merge_until = None;
+                            match latest.clone() {
+                                Some(state) => Ok(Some(state)),
+                                None => continue,
+                            }
+                        }
                     };
                     match message {
                         Ok(Some(state)) => {
+                            latest = Some(state.clone());
+                            let mut state = state;
+                            if merge_until.is_some_and(|until| tokio::time::Instant::now() < until)
+                            {
+                                for node in &last_nodes {
+                                    if !state.nodes.iter().any(|listed| listed.id == node.id) {
+                                        state.nodes.push(node.clone());
+                                    }
+                                }
+                            } else {
+                                last_nodes = state.nodes.clone();
+                            }
                             sender.send_replace(Arc::new(ClusterView::from_state(state)));
                         }
                         Ok(None) => break,
@@ -298,6 +349,13 @@ async fn watch_loop(inner: Arc<Inner>, sender: watch::Sender<Arc<ClusterView>>) 
             _ = inner.shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+async fn sleep_until_or_forever(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

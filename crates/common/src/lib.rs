@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod db;
+pub mod http_stats;
 pub mod ids;
 pub mod jwt;
 pub mod net;

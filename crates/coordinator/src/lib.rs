@@ -8,15 +8,18 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use base64::Engine;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
 use pushgrid_common::node;
-use pushgrid_common::{CancellationToken, net, now_ms};
+use pushgrid_common::rpc::ChannelPool;
+use pushgrid_common::{CancellationToken, net};
 use pushgrid_proto::cluster::coordinator_server::{Coordinator, CoordinatorServer};
+use pushgrid_proto::cluster::register_client::RegisterClient;
+use pushgrid_proto::cluster::room_client::RoomClient;
 use pushgrid_proto::cluster::{
-    Role, StateBatch, StateBatchResponse, StateEvent, UpstreamRequest, UpstreamResponse,
+    KickRequest, KickResponse, LookupRequest, Role, RoomKickRequest, StateBatch,
+    StateBatchResponse, StateEvent, UpstreamRequest, UpstreamResponse, UserKey,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -25,6 +28,8 @@ use tokio::sync::mpsc;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
+mod upstream;
+
 pub const ROLE: &str = "coordinator";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,8 +37,12 @@ pub const ROLE: &str = "coordinator";
 pub struct CoordinatorConfig {
     #[serde(flatten)]
     pub node: NodeConfig,
-    /// Time limit of one webhook request.
+    /// Time limit of one webhook attempt (upstream routes carry their own).
     pub webhook_timeout_ms: u64,
+    /// Retries of a failed upstream webhook request.
+    pub webhook_retries: u32,
+    /// Upstream webhook requests in flight per app.
+    pub webhook_concurrency: u32,
     /// State events held for sending before new ones are dropped (and counted).
     pub state_queue: usize,
     /// Most state events in one webhook request.
@@ -47,6 +56,8 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             node: NodeConfig::with_ports(7003, 9003),
             webhook_timeout_ms: 5000,
+            webhook_retries: 2,
+            webhook_concurrency: 64,
             state_queue: 100_000,
             state_batch_max: 1000,
             state_flush_ms: 200,
@@ -75,17 +86,11 @@ impl Listeners {
 }
 
 struct CoordinatorService {
+    config: CoordinatorConfig,
     cluster: Cluster,
-    http: reqwest::Client,
+    upstreams: upstream::Upstreams,
     states: mpsc::Sender<StateEvent>,
-}
-
-fn payload_fields(payload: &[u8]) -> serde_json::Value {
-    let encoded = base64::engine::general_purpose::STANDARD.encode(payload);
-    match std::str::from_utf8(payload) {
-        Ok(text) => json!({ "payload": text, "payload_b64": encoded }),
-        Err(_) => json!({ "payload": null, "payload_b64": encoded }),
-    }
+    channels: ChannelPool,
 }
 
 #[tonic::async_trait]
@@ -107,63 +112,65 @@ impl Coordinator for CoordinatorService {
         request: Request<UpstreamRequest>,
     ) -> Result<Response<UpstreamResponse>, Status> {
         let upstream = request.into_inner();
+        let target = upstream::target(&self.cluster.view(), &self.config, &upstream)?;
+        self.upstreams.send(&target, &upstream).await?;
+        Ok(Response::new(UpstreamResponse {}))
+    }
+
+    async fn kick(&self, request: Request<KickRequest>) -> Result<Response<KickResponse>, Status> {
+        let kick = request.into_inner();
+        if kick.app.is_empty() || kick.user.is_empty() {
+            return Err(Status::invalid_argument("app and user are required"));
+        }
         let view = self.cluster.view();
-        let app = view
-            .app(&upstream.app)
-            .ok_or_else(|| Status::not_found(format!("unknown app {:?}", upstream.app)))?;
-        if app.webhook_url.is_empty() {
-            metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "no_webhook")
-                .increment(1);
-            return Err(Status::failed_precondition(
-                "the app has no webhook for upstream messages",
-            ));
-        }
-        let mut body = json!({
-            "event": "upstream",
-            "app": upstream.app,
-            "user": upstream.user,
-            "device": upstream.device,
-            "product": upstream.product,
-            "type": upstream.r#type,
-            "client_msg_id": upstream.client_msg_id,
-            "at_ms": now_ms(),
-        });
-        if let (Some(body), serde_json::Value::Object(fields)) =
-            (body.as_object_mut(), payload_fields(&upstream.payload))
-        {
-            body.extend(fields);
-        }
-        let started = tokio::time::Instant::now();
-        let result = self.http.post(&app.webhook_url).json(&body).send().await;
-        metrics::histogram!("pushgrid_coordinator_webhook_seconds")
-            .record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(response) if response.status().is_success() => {
-                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "ok")
-                    .increment(1);
-                Ok(Response::new(UpstreamResponse {}))
-            }
-            Ok(response) => {
-                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "rejected")
-                    .increment(1);
-                Err(Status::unavailable(format!(
-                    "the app's webhook answered {}",
-                    response.status()
-                )))
-            }
-            Err(error) => {
-                metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "error")
-                    .increment(1);
-                let reason = if error.is_timeout() {
-                    "timed out".to_string()
-                } else {
-                    error.to_string()
-                };
-                Err(Status::unavailable(format!(
-                    "the app's webhook failed: {reason}"
-                )))
+        let register = view
+            .register_for(&kick.app, &kick.user)
+            .ok_or_else(|| Status::unavailable("no register is live"))?;
+        let lookup = LookupRequest {
+            users: vec![UserKey {
+                app: kick.app.clone(),
+                user: kick.user.clone(),
+            }],
+        };
+        let sessions = RegisterClient::new(self.channels.get(&register.grpc_addr)?)
+            .lookup(lookup)
+            .await?
+            .into_inner()
+            .sessions;
+        let mut by_room: HashMap<String, Vec<u64>> = HashMap::new();
+        for session in sessions {
+            let spared = session.room == kick.except_room && session.conn_id == kick.except_conn_id;
+            let wanted = (kick.device.is_empty() || session.device == kick.device)
+                && (kick.platform.is_empty() || session.platform == kick.platform);
+            if wanted && !spared {
+                by_room
+                    .entry(session.room)
+                    .or_default()
+                    .push(session.conn_id);
             }
         }
+        let mut kicked = 0;
+        for (room, conn_ids) in by_room {
+            let Some(node) = view.node(&room) else {
+                continue;
+            };
+            let request = RoomKickRequest {
+                conn_ids,
+                code: kick.code,
+                reason: kick.reason.clone(),
+            };
+            match RoomClient::new(self.channels.get(&node.grpc_addr)?)
+                .kick(request)
+                .await
+            {
+                Ok(response) => kicked += response.into_inner().kicked,
+                Err(status) => {
+                    tracing::warn!(%room, error = %status.message(), "kick not delivered to room")
+                }
+            }
+        }
+        metrics::counter!("pushgrid_coordinator_kicked_total").increment(u64::from(kicked));
+        Ok(Response::new(KickResponse { kicked }))
     }
 }
 
@@ -213,7 +220,14 @@ async fn send_state_events(
             }
             let count = app_events.len() as u64;
             let body = json!({ "event": "state", "app": app_id, "events": app_events });
-            match http.post(&app.webhook_url).json(&body).send().await {
+            let timeout = Duration::from_millis(config.webhook_timeout_ms.max(1));
+            match http
+                .post(&app.webhook_url)
+                .timeout(timeout)
+                .json(&body)
+                .send()
+                .await
+            {
                 Ok(response) if response.status().is_success() => {
                     metrics::counter!("pushgrid_coordinator_state_events_sent_total")
                         .increment(count);
@@ -255,8 +269,9 @@ pub async fn run(
     )
     .await?;
     let node_id = cluster.node_id().to_string();
+    // Timeouts are per request: upstream routes carry their own.
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(config.webhook_timeout_ms.max(1)))
+        .timeout(Duration::from_secs(60))
         .build()?;
     let (states, state_receiver) = mpsc::channel(config.state_queue.max(1));
     tokio::spawn(send_state_events(
@@ -269,28 +284,15 @@ pub async fn run(
     tracing::info!(node = %node_id, %grpc_addr, "coordinator serving");
     net::announce(ROLE, "ready", grpc_addr);
     let service = CoordinatorService {
+        config: config.clone(),
         cluster: cluster.clone(),
-        http,
+        upstreams: upstream::Upstreams::new(http.clone()),
         states,
+        channels: ChannelPool::new(2),
     };
     let router = Server::builder().add_service(CoordinatorServer::new(service));
     let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
     cluster.leave().await;
     tracing::info!(node = %node_id, "coordinator stopped");
     served
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payload_is_text_when_utf8_and_always_base64() {
-        let text = payload_fields(b"hi");
-        assert_eq!(text["payload"], "hi");
-        assert_eq!(text["payload_b64"], "aGk=");
-        let binary = payload_fields(&[0xff, 0x00]);
-        assert!(binary["payload"].is_null());
-        assert_eq!(binary["payload_b64"], "/wA=");
-    }
 }

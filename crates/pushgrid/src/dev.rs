@@ -60,7 +60,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         jwt_secret: DEMO_SECRET.into(),
         api_key: DEMO_API_KEY.into(),
         webhook_url: args.webhook_url.clone(),
+        ..Default::default()
     }];
+    keeper.http_listen = "127.0.0.1:0".into();
     let keeper_listeners = pushgrid_keeper::Listeners::bind(&keeper).await?;
     let keeper_addr = keeper_listeners.grpc.local_addr()?.to_string();
     let node = || NodeConfig {

@@ -113,10 +113,15 @@ impl SessionTable {
 
     /// Drops every session held by a room not in `live_rooms`; returns how many.
     pub fn retain_rooms(&self, live_rooms: &HashSet<String>) -> usize {
+        self.retain(|session| live_rooms.contains(&session.room))
+    }
+
+    /// Keeps the sessions for which `keep` holds; returns how many were dropped.
+    pub fn retain(&self, keep: impl Fn(&Session) -> bool) -> usize {
         let mut dropped = 0;
         self.users.retain(|_, sessions| {
             let before = sessions.len();
-            sessions.retain(|session| live_rooms.contains(&session.room));
+            sessions.retain(|session| keep(session));
             dropped += before - sessions.len();
             !sessions.is_empty()
         });
@@ -206,7 +211,7 @@ pub async fn run(
     let node_id = cluster.node_id().to_string();
     let epoch = cluster.node().started_ms;
     let table = Arc::new(SessionTable::default());
-    tokio::spawn(drop_sessions_of_dead_rooms(
+    tokio::spawn(drop_stale_sessions(
         cluster.clone(),
         table.clone(),
         shutdown.clone(),
@@ -226,12 +231,16 @@ pub async fn run(
     served
 }
 
-async fn drop_sessions_of_dead_rooms(
+/// Keeps the table to what is true: sessions of rooms whose lease ended are
+/// dropped, and so are users that the consistent hash now gives to another
+/// register instance (the rooms re-send those sessions to their new owner).
+async fn drop_stale_sessions(
     cluster: Cluster,
     table: Arc<SessionTable>,
     shutdown: CancellationToken,
 ) {
     let mut views = cluster.subscribe();
+    let own_id = cluster.node_id().to_string();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -248,7 +257,21 @@ async fn drop_sessions_of_dead_rooms(
         let dropped = table.retain_rooms(&live);
         if dropped > 0 {
             tracing::info!(dropped, "dropped sessions of rooms whose lease ended");
-            metrics::counter!("pushgrid_register_sessions_dropped_total").increment(dropped as u64);
+            metrics::counter!("pushgrid_register_sessions_dropped_total", "reason" => "room_gone")
+                .increment(dropped as u64);
+        }
+        // Only while this instance is in the view: a view without it (a keeper
+        // that restarted and has not seen our lease yet) says nothing of ownership.
+        if view.node(&own_id).is_some() {
+            let moved = table.retain(|session| {
+                view.register_for(&session.app, &session.user)
+                    .is_none_or(|owner| owner.id == own_id)
+            });
+            if moved > 0 {
+                tracing::info!(moved, "dropped sessions now owned by another register");
+                metrics::counter!("pushgrid_register_sessions_dropped_total", "reason" => "moved")
+                    .increment(moved as u64);
+            }
         }
     }
 }

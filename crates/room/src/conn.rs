@@ -29,6 +29,9 @@ use crate::Room;
 
 /// How long a write may wait for a full socket before the device counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after the inbox was read a live copy of one of its messages is
+/// still recognised and skipped.
+const INBOX_OVERLAP: Duration = Duration::from_secs(10);
 /// After an ERROR or KICK, how long input is drained before the socket closes.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -38,7 +41,9 @@ pub struct ConnHandle {
     pub app: String,
     pub user: String,
     pub device: String,
-    outbound: mpsc::Sender<Bytes>,
+    pub platform: String,
+    pub since_ms: u64,
+    outbound: mpsc::Sender<Outbound>,
     /// Seconds since the room started, at the last frame from the device.
     last_seen: AtomicU32,
     /// A pending kick (a `KickCode`), 0 for none.
@@ -46,11 +51,18 @@ pub struct ConnHandle {
     kicked: Notify,
 }
 
+/// A frame waiting for the socket; `msg_id` is set for PUSH frames.
+pub(crate) struct Outbound {
+    pub msg_id: u64,
+    pub frame: Bytes,
+}
+
 impl ConnHandle {
     /// Queues a frame without waiting. A full queue marks the device a slow
-    /// consumer: it is kicked, and the frame is not queued.
-    pub fn send(&self, frame: Bytes) -> bool {
-        match self.outbound.try_send(frame) {
+    /// consumer: it is kicked, and the frame is not queued. `msg_id` is the
+    /// message of a PUSH frame, 0 for others.
+    pub fn send(&self, msg_id: u64, frame: Bytes) -> bool {
+        match self.outbound.try_send(Outbound { msg_id, frame }) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("pushgrid_room_slow_consumer_kicks_total").increment(1);
@@ -170,7 +182,17 @@ fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
     let app = view
         .app(&app_id)
         .ok_or_else(|| format!("unknown app {app_id:?}"))?;
-    let claims = jwt::verify(&auth.token, &app.jwt_secret).map_err(|error| error.to_string())?;
+    // During a secret rotation, tokens signed with the previous secret stay
+    // valid until the overlap ends.
+    let claims = match jwt::verify(&auth.token, &app.jwt_secret) {
+        Ok(claims) => claims,
+        Err(error)
+            if !app.previous_jwt_secret.is_empty() && now_ms() < app.previous_secret_until_ms =>
+        {
+            jwt::verify(&auth.token, &app.previous_jwt_secret).map_err(|_| error.to_string())?
+        }
+        Err(error) => return Err(error.to_string()),
+    };
     if claims.sub.is_empty() || claims.sub.len() > 255 {
         return Err("token subject (user) must be 1 to 255 bytes".into());
     }
@@ -262,6 +284,8 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
         app: identity.app.clone(),
         user: identity.user.clone(),
         device: identity.device.clone(),
+        platform: identity.platform.clone(),
+        since_ms: now_ms(),
         outbound,
         last_seen: AtomicU32::new(room_clock()),
         kick_code: AtomicI32::new(0),
@@ -274,7 +298,7 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
         platform: identity.platform.clone(),
         room: room.node_id.clone(),
         conn_id,
-        since_ms: now_ms(),
+        since_ms: handle.since_ms,
     };
     room.conns.insert(conn_id, handle.clone());
     if let Err(status) = room.peers.online(session.clone()).await {
@@ -297,6 +321,14 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
         online: true,
         at_ms: now_ms(),
     });
+    if room
+        .cluster
+        .view()
+        .app(&identity.app)
+        .is_some_and(|app| app.single_login)
+    {
+        room.peers.kick_older_logins(&session);
+    }
 
     let auth_ok = AuthOk {
         conn_id,
@@ -307,11 +339,15 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
         .await
         .is_ok();
 
-    // ---- The offline inbox, oldest first.
+    // ---- The offline inbox, oldest first. A message stored while the inbox
+    // was read can also arrive live: its ids are remembered for INBOX_OVERLAP
+    // (checked when frames arrive, no timer), so the device gets it once.
+    let mut inbox_ids = std::collections::HashSet::new();
     if alive {
         match room.peers.pending(&identity.app, &identity.user).await {
             Ok(messages) => {
                 for message in messages {
+                    inbox_ids.insert(message.id);
                     let push = Push {
                         msg_id: message.id,
                         kind: PushKind::Unicast as i32,
@@ -343,7 +379,7 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
     }
 
     let last = if alive {
-        connection_loop(&room, &handle, &mut stream, &mut buf, &mut queue).await
+        connection_loop(&room, &handle, &mut stream, &mut buf, &mut queue, inbox_ids).await
     } else {
         None
     };
@@ -353,8 +389,22 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
     }
 }
 
+/// The register session of a live connection.
+pub(crate) fn session_of(room: &Room, conn: &ConnHandle) -> Session {
+    Session {
+        app: conn.app.clone(),
+        user: conn.user.clone(),
+        device: conn.device.clone(),
+        platform: conn.platform.clone(),
+        room: room.node_id.clone(),
+        conn_id: conn.id,
+        since_ms: conn.since_ms,
+    }
+}
+
 fn finish(room: &Room, session: &Session) {
     room.conns.remove(&session.conn_id);
+    room.kick_reasons.remove(&session.conn_id);
     metrics::gauge!("pushgrid_room_connections").set(room.conns.len() as f64);
     room.cluster.set_load(room.conns.len() as u64);
     room.peers.offline(session.clone());
@@ -372,20 +422,27 @@ async fn connection_loop(
     handle: &Arc<ConnHandle>,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    queue: &mut mpsc::Receiver<Bytes>,
+    queue: &mut mpsc::Receiver<Outbound>,
+    mut inbox_ids: std::collections::HashSet<u64>,
 ) -> Option<Bytes> {
     let max_body = room.config.max_body;
+    let inbox_read_at = Instant::now();
     loop {
         tokio::select! {
             biased;
             _ = handle.kicked.notified() => {
                 let code = KickCode::try_from(handle.kick_code.load(Ordering::Acquire)).unwrap_or(KickCode::Unspecified);
-                let reason = match code {
-                    KickCode::SlowConsumer => "outbound queue full",
-                    KickCode::Heartbeat => "no heartbeat",
-                    _ => "kicked",
-                };
-                return Some(encode(Op::Kick, 0, &Kick { code: code as i32, reason: reason.into(), ..Default::default() }));
+                let reason = room.kick_reasons.remove(&handle.id).map(|(_, reason)| reason).unwrap_or_else(|| {
+                    match code {
+                        KickCode::SlowConsumer => "outbound queue full",
+                        KickCode::Heartbeat => "no heartbeat",
+                        KickCode::SingleLogin => "logged in elsewhere",
+                        _ => "kicked",
+                    }
+                    .to_string()
+                });
+                metrics::counter!("pushgrid_room_kicks_total", "code" => code.as_str_name()).increment(1);
+                return Some(encode(Op::Kick, 0, &Kick { code: code as i32, reason, ..Default::default() }));
             }
             _ = room.shutdown.cancelled() => {
                 let kick = Kick {
@@ -396,12 +453,18 @@ async fn connection_loop(
                 };
                 return Some(encode(Op::Kick, 0, &kick));
             }
-            frame = queue.recv() => {
-                let frame = frame?;
-                if write_frame(stream, &frame).await.is_err() {
-                    return None;
+            outbound = queue.recv() => {
+                let outbound = outbound?;
+                let already_sent = outbound.msg_id != 0 && inbox_ids.contains(&outbound.msg_id);
+                if !already_sent {
+                    if write_frame(stream, &outbound.frame).await.is_err() {
+                        return None;
+                    }
+                    metrics::counter!("pushgrid_room_frames_sent_total").increment(1);
                 }
-                metrics::counter!("pushgrid_room_frames_sent_total").increment(1);
+                if !inbox_ids.is_empty() && inbox_read_at.elapsed() > INBOX_OVERLAP {
+                    inbox_ids = std::collections::HashSet::new();
+                }
             }
             ready = stream.readable() => {
                 if ready.is_err() {
@@ -500,7 +563,7 @@ async fn handle_frame(
                     ),
                     Err(status) => error_frame(ErrorCode::UpstreamFailed, status.message(), seq),
                 };
-                handle.send(answer);
+                handle.send(0, answer);
             });
             None
         }

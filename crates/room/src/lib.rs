@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures::StreamExt;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
@@ -99,6 +100,8 @@ pub(crate) struct Room {
     pub node_id: String,
     pub cluster: Cluster,
     pub conns: DashMap<u64, Arc<ConnHandle>>,
+    /// Reasons of kicks asked for by RPC, until the connection sends them.
+    pub kick_reasons: DashMap<u64, String>,
     pub peers: peers::Peers,
     pub shutdown: CancellationToken,
     next_conn_id: std::sync::atomic::AtomicU64,
@@ -125,6 +128,14 @@ pub async fn run(
         ..Default::default()
     };
     const NEEDS: &[Role] = &[Role::Register, Role::Saver];
+    // The dispatcher weighs rooms by free capacity: capacity minus load.
+    let mut config = config;
+    let capacity = config.max_connections.to_string();
+    config
+        .node
+        .labels
+        .entry("capacity".into())
+        .or_insert(capacity);
     let cluster = node::start(
         ROLE,
         Role::Room,
@@ -145,6 +156,7 @@ pub async fn run(
         node_id: node_id.clone(),
         cluster,
         conns: DashMap::new(),
+        kick_reasons: DashMap::new(),
         shutdown: connections_stop.clone(),
         // Connection ids start from the clock: a room that restarts under the
         // same node id never reuses an id an old session still carries.
@@ -152,6 +164,7 @@ pub async fn run(
     });
     let tracker = TaskTracker::new();
     tokio::spawn(conn::sweep_silent_connections(room.clone()));
+    tokio::spawn(reflush_sessions_on_register_change(room.clone()));
     let accept = tokio::spawn(accept_loop(
         room.clone(),
         listeners.tcp,
@@ -223,5 +236,60 @@ async fn accept_loop(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// Re-sends every session of this room when the set of register instances
+/// changes: a register that restarted (new epoch) has lost its table, and a
+/// register that joined or left moves users between instances. Sessions go in
+/// batches through the same Online batchers as new logins.
+async fn reflush_sessions_on_register_change(room: Arc<Room>) {
+    let signature = |view: &pushgrid_common::cluster::ClusterView| -> Vec<(String, u64)> {
+        view.nodes_of(Role::Register)
+            .map(|node| (node.id.clone(), node.started_ms))
+            .collect()
+    };
+    let mut views = room.cluster.subscribe();
+    let mut known = signature(&views.borrow_and_update());
+    loop {
+        tokio::select! {
+            _ = room.shutdown.cancelled() => return,
+            changed = views.changed() => if changed.is_err() { return },
+        }
+        let current = signature(&views.borrow_and_update());
+        if current == known || current.is_empty() {
+            continue;
+        }
+        known = current;
+        let sessions: Vec<pushgrid_proto::cluster::Session> = room
+            .conns
+            .iter()
+            .map(|entry| conn::session_of(&room, entry.value()))
+            .collect();
+        let started = tokio::time::Instant::now();
+        let total = sessions.len();
+        let failed = std::sync::atomic::AtomicUsize::new(0);
+        futures::stream::iter(sessions)
+            .for_each_concurrent(1024, |session| {
+                let (room, failed) = (&room, &failed);
+                async move {
+                    // A connection that closed meanwhile must not come back.
+                    if !room.conns.contains_key(&session.conn_id) {
+                        return;
+                    }
+                    if room.peers.online(session).await.is_err() {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        let failed = failed.into_inner();
+        metrics::counter!("pushgrid_room_sessions_reflushed_total").increment(total as u64);
+        tracing::info!(
+            sessions = total,
+            failed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sessions re-sent to register"
+        );
     }
 }

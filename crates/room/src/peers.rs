@@ -8,12 +8,13 @@ use pushgrid_common::batch::{BatchConfig, BatcherMap};
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::ring;
 use pushgrid_common::rpc::ChannelPool;
+use pushgrid_proto::client::KickCode;
 use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
-    AckItem, AckRequest, Message, PendingRequest, Role, Session, SessionBatch, StateBatch,
-    StateEvent, UpstreamRequest,
+    AckItem, AckRequest, KickRequest, Message, PendingRequest, Role, Session, SessionBatch,
+    StateBatch, StateEvent, UpstreamRequest,
 };
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -179,6 +180,32 @@ impl Peers {
         self.background.spawn(async move {
             if let Err(status) = batcher.call(event).await {
                 tracing::debug!(error = %status.message(), "state event not delivered");
+            }
+        });
+    }
+
+    /// Has coordinator kick the user's other connections of the same platform
+    /// (the single-login policy), in the background.
+    pub fn kick_older_logins(&self, session: &Session) {
+        let Ok(addr) = self.addr_of(Role::Coordinator, &session.app, &session.user) else {
+            return;
+        };
+        let request = KickRequest {
+            app: session.app.clone(),
+            user: session.user.clone(),
+            device: String::new(),
+            platform: session.platform.clone(),
+            except_room: session.room.clone(),
+            except_conn_id: session.conn_id,
+            code: KickCode::SingleLogin as i32,
+            reason: "logged in on another device".into(),
+        };
+        let Ok(channel) = self.pool.get(&addr) else {
+            return;
+        };
+        self.background.spawn(async move {
+            if let Err(status) = CoordinatorClient::new(channel).kick(request).await {
+                tracing::warn!(error = %status.message(), "single-login kick failed");
             }
         });
     }

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use pushgrid_proto::client::KickCode;
 use pushgrid_proto::client::{Push, PushKind};
 use pushgrid_proto::cluster::room_server::Room as RoomRpc;
-use pushgrid_proto::cluster::{DeliverRequest, DeliverResponse};
+use pushgrid_proto::cluster::{DeliverRequest, DeliverResponse, RoomKickRequest, RoomKickResponse};
 use pushgrid_wire::{Op, encode};
 use tonic::{Request, Response, Status};
 
@@ -56,7 +57,11 @@ impl RoomRpc for RoomService {
                     ..Default::default()
                 },
             );
-            if conn.send(frame) {
+            // From the push API's acceptance to the hand-off to the connection.
+            let latency_ms = pushgrid_common::now_ms().saturating_sub(message.created_ms);
+            metrics::histogram!("pushgrid_room_delivery_latency_seconds")
+                .record(latency_ms as f64 / 1000.0);
+            if conn.send(message.id, frame) {
                 delivered += 1;
             } else {
                 missing += 1;
@@ -65,5 +70,32 @@ impl RoomRpc for RoomService {
         metrics::counter!("pushgrid_room_delivered_total").increment(u64::from(delivered));
         metrics::counter!("pushgrid_room_delivery_missing_total").increment(u64::from(missing));
         Ok(Response::new(DeliverResponse { delivered, missing }))
+    }
+
+    async fn kick(
+        &self,
+        request: Request<RoomKickRequest>,
+    ) -> Result<Response<RoomKickResponse>, Status> {
+        let request = request.into_inner();
+        let code = KickCode::try_from(request.code).unwrap_or(KickCode::Unspecified);
+        let mut kicked = 0;
+        for conn_id in request.conn_ids {
+            let Some(conn) = self
+                .room
+                .conns
+                .get(&conn_id)
+                .map(|entry| entry.value().clone())
+            else {
+                continue;
+            };
+            if !request.reason.is_empty() {
+                self.room
+                    .kick_reasons
+                    .insert(conn_id, request.reason.clone());
+            }
+            conn.kick(code);
+            kicked += 1;
+        }
+        Ok(Response::new(RoomKickResponse { kicked }))
     }
 }

@@ -13,6 +13,9 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(String),
+    /// The group commit failed or timed out: the database is down or slow.
+    #[error("durable write failed: {0}")]
+    Commit(String),
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
     /// Stored bytes that do not decode: a bug or a foreign writer, never the caller's fault.

@@ -19,7 +19,8 @@ use pushgrid_common::node;
 use pushgrid_common::{CancellationToken, db, net, now_ms};
 use pushgrid_proto::cluster::saver_server::{Saver, SaverServer};
 use pushgrid_proto::cluster::{
-    AckRequest, AckResponse, PendingRequest, PendingResponse, Role, StoreRequest, StoreResponse,
+    AckRequest, AckResponse, HistoryRequest, HistoryResponse, PendingRequest, PendingResponse,
+    PublishRequest, PublishResponse, Role, StoreRequest, StoreResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -27,7 +28,10 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::error::StoreError;
-use crate::store::{MessageIds, MessageStore, RedisSqlStore, SqlStore, StoreLimits};
+use crate::store::{
+    Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, RedisSqlStore, SqlStore,
+    StoreLimits,
+};
 
 pub const ROLE: &str = "saver";
 
@@ -42,7 +46,11 @@ pub struct SaverConfig {
     #[serde(flatten)]
     pub node: NodeConfig,
     /// Redis for the hot inbox, e.g. `redis://127.0.0.1:6379`; empty: SQL only.
+    /// Several comma-separated URLs are the seed nodes of a Redis Cluster.
     pub redis_url: String,
+    /// When a push is answered: `mysql` (after Redis and the SQL commit) or
+    /// `redis` (after Redis; SQL written behind). Only with a Redis URL.
+    pub durability: Durability,
     /// The durable store: `mysql://...` or `sqlite://path`.
     pub database_url: String,
     /// SQL pool size.
@@ -53,6 +61,18 @@ pub struct SaverConfig {
     pub default_ttl_secs: u32,
     /// Longer TTLs are cut to this.
     pub max_ttl_secs: u32,
+    /// Deliveries without an ACK before a message goes to the dead letters.
+    pub max_attempts: u32,
+    /// Entries kept per broadcast stream.
+    pub stream_max_len: u32,
+    /// Age after which broadcast entries are dropped.
+    pub stream_max_age_secs: u32,
+    /// Rows one group commit writes at most.
+    pub commit_batch_rows: usize,
+    /// Group commits in flight at once.
+    pub commit_workers: usize,
+    /// A commit slower than this fails its Store calls (answered 503).
+    pub commit_timeout_ms: u64,
 }
 
 impl Default for SaverConfig {
@@ -66,6 +86,13 @@ impl Default for SaverConfig {
             max_inbox: limits.max_inbox,
             default_ttl_secs: limits.default_ttl_secs,
             max_ttl_secs: limits.max_ttl_secs,
+            durability: Durability::Mysql,
+            max_attempts: limits.max_attempts,
+            stream_max_len: limits.stream_max_len,
+            stream_max_age_secs: limits.stream_max_age_secs,
+            commit_batch_rows: GroupCommitConfig::default().batch_rows,
+            commit_workers: GroupCommitConfig::default().workers,
+            commit_timeout_ms: GroupCommitConfig::default().timeout.as_millis() as u64,
         }
     }
 }
@@ -76,6 +103,17 @@ impl SaverConfig {
             max_inbox: self.max_inbox.max(1),
             default_ttl_secs: self.default_ttl_secs.max(1),
             max_ttl_secs: self.max_ttl_secs.max(1),
+            max_attempts: self.max_attempts.max(1),
+            stream_max_len: self.stream_max_len.max(1),
+            stream_max_age_secs: self.stream_max_age_secs.max(1),
+        }
+    }
+
+    pub fn group_commit(&self) -> GroupCommitConfig {
+        GroupCommitConfig {
+            batch_rows: self.commit_batch_rows.max(1),
+            workers: self.commit_workers.max(1),
+            timeout: Duration::from_millis(self.commit_timeout_ms.max(1)),
         }
     }
 }
@@ -126,18 +164,67 @@ impl Saver for SaverService {
         request: Request<StoreRequest>,
     ) -> Result<Response<StoreResponse>, Status> {
         let request = request.into_inner();
-        let messages = self
+        let stored = self
             .store
-            .store(
+            .store_once(
                 &request.app,
                 &request.users,
                 request.payload,
                 request.ttl_secs,
+                &request.idempotency_key,
             )
             .await
             .map_err(|error| to_status("store", error))?;
-        metrics::stored(messages.len());
-        Ok(Response::new(StoreResponse { messages }))
+        if stored.replayed {
+            metrics::idempotent_replay();
+        } else {
+            metrics::stored(stored.messages.len());
+        }
+        Ok(Response::new(StoreResponse {
+            messages: stored.messages,
+            replayed: stored.replayed,
+        }))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let request = request.into_inner();
+        let message = self
+            .store
+            .publish(&request.app, &request.topic, request.payload)
+            .await
+            .map_err(|error| to_status("publish", error))?;
+        metrics::published();
+        Ok(Response::new(PublishResponse {
+            message: Some(message),
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let request = request.into_inner();
+        let history = self
+            .store
+            .history(HistoryQuery {
+                app: request.app,
+                topic: request.topic,
+                since_offset: request.since_offset,
+                epoch: request.epoch,
+                limit: request.limit,
+            })
+            .await
+            .map_err(|error| to_status("history", error))?;
+        metrics::history(history.recovered);
+        Ok(Response::new(HistoryResponse {
+            messages: history.messages,
+            recovered: history.recovered,
+            offset: history.offset,
+            epoch: history.epoch,
+        }))
     }
 
     async fn pending(
@@ -173,15 +260,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Storage first: a saver that cannot store must not join the cluster.
-    let sql = SqlStore::connect_with(&config.database_url, config.database_max_connections).await?;
+    let sql = SqlStore::connect_with(&config.database_url, config.database_max_connections)
+        .await?
+        .with_group_commit(config.group_commit());
     let pool = sql.pool().clone();
     tracing::info!(database = %db::redact(&config.database_url), "sql store ready");
     let redis = if config.redis_url.is_empty() {
         None
     } else {
-        let store =
-            RedisSqlStore::connect(&config.redis_url, SqlStore::from_pool(pool.clone())).await?;
-        tracing::info!(redis = %db::redact(&config.redis_url), "redis inbox ready");
+        let store = RedisSqlStore::connect(&config.redis_url, sql.clone()).await?;
+        tracing::info!(redis = %db::redact(&config.redis_url), durability = ?config.durability, "redis inbox ready");
         Some(store)
     };
 
@@ -204,8 +292,22 @@ pub async fn run(
 
     // Ids follow the worker id keeper assigned, which can change after a lost lease.
     let ids = || MessageIds::new(cluster.worker_id());
+    let mut watcher = None;
     let store: Arc<dyn MessageStore> = match redis {
-        Some(redis) => Arc::new(redis.with_ids(ids()).with_limits(config.limits())),
+        Some(redis) => {
+            let redis = Arc::new(
+                redis
+                    .with_ids(ids())
+                    .with_limits(config.limits())
+                    .with_durability(config.durability),
+            );
+            let watched = redis.clone();
+            let stop = shutdown.clone();
+            watcher = Some(tokio::spawn(async move {
+                watched.watch_for_data_loss(stop).await;
+            }));
+            redis
+        }
         None => Arc::new(sql.with_ids(ids()).with_limits(config.limits())),
     };
     let purge = tokio::spawn(purge_expired(
@@ -219,6 +321,9 @@ pub async fn run(
     let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
     cluster.leave().await;
     let _ = purge.await;
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     pool.close().await;
     tracing::info!(node = %node_id, "saver stopped");
     served

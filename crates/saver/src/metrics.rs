@@ -30,3 +30,47 @@ pub fn purged(count: u64) {
         metrics::counter!("pushgrid_saver_purged_total").increment(count);
     }
 }
+
+/// One group commit: rows written, Store calls served, time taken.
+pub fn group_commit(rows: usize, calls: usize, elapsed: Duration) {
+    metrics::histogram!("pushgrid_saver_group_commit_rows").record(rows as f64);
+    metrics::histogram!("pushgrid_saver_group_commit_calls").record(calls as f64);
+    metrics::histogram!("pushgrid_saver_group_commit_seconds").record(elapsed.as_secs_f64());
+}
+
+/// Messages whose durable copy failed or was skipped (`durability = "redis"`).
+pub fn durable_copy_failed(count: usize) {
+    metrics::counter!("pushgrid_saver_durable_copy_failed_total").increment(count as u64);
+}
+
+/// Messages delivered `max_attempts` times without an ACK, moved to dead letters.
+pub fn dead_lettered(count: u64) {
+    if count > 0 {
+        metrics::counter!("pushgrid_saver_dead_lettered_total").increment(count);
+    }
+}
+
+/// Store calls answered from an earlier call with the same idempotency key.
+pub fn idempotent_replay() {
+    metrics::counter!("pushgrid_saver_idempotent_replays_total").increment(1);
+}
+
+pub fn published() {
+    metrics::counter!("pushgrid_saver_published_total").increment(1);
+}
+
+/// History calls, by whether the gap could be recovered.
+pub fn history(recovered: bool) {
+    let outcome = if recovered { "recovered" } else { "lost" };
+    metrics::counter!("pushgrid_saver_history_total", "outcome" => outcome).increment(1);
+}
+
+/// Times Redis was found empty of saver data (restarted without persistence, flushed).
+pub fn redis_lost() {
+    metrics::counter!("pushgrid_saver_redis_lost_total").increment(1);
+}
+
+/// Messages loaded from SQL back into a Redis inbox.
+pub fn recovered(count: usize) {
+    metrics::counter!("pushgrid_saver_recovered_total").increment(count as u64);
+}

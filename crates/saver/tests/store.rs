@@ -3,13 +3,17 @@
 //! (and its own SQLite file or MySQL database), so tests run in parallel.
 #![allow(clippy::unwrap_used)]
 
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{AckItem, Message};
 use pushgrid_saver::error::StoreError;
-use pushgrid_saver::store::{MessageIds, MessageStore, RedisSqlStore, SqlStore, StoreLimits};
+use pushgrid_saver::store::{
+    Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, RedisSqlStore, SqlStore,
+    StoreLimits,
+};
 use sqlx::{AnyPool, Row};
 
 const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
@@ -20,6 +24,132 @@ enum Backend {
     Sqlite,
     Mysql,
     RedisMysql,
+    /// `durability = "redis"`: answered after Redis, SQL written behind.
+    RedisFirst,
+    /// A local 3-node Redis Cluster started for the test.
+    RedisCluster,
+}
+
+impl Backend {
+    fn has_redis(self) -> bool {
+        matches!(
+            self,
+            Backend::RedisMysql | Backend::RedisFirst | Backend::RedisCluster
+        )
+    }
+}
+
+/// Three `redis-server --cluster-enabled yes` processes joined into a
+/// cluster; killed when dropped. Ports are tried at random until three bind.
+struct RedisCluster {
+    servers: Vec<Child>,
+    ports: Vec<u16>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    fn start() -> anyhow::Result<RedisCluster> {
+        let dir = std::env::temp_dir().join(random_name("pg_rc_"));
+        std::fs::create_dir_all(&dir)?;
+        let mut cluster = RedisCluster {
+            servers: Vec::new(),
+            ports: Vec::new(),
+            dir,
+        };
+        while cluster.ports.len() < 3 {
+            // The cluster bus listens on port + 10000.
+            let port = 20_000 + (rand::random::<u16>() % 30_000);
+            let node_dir = cluster.dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir)?;
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args(["--cluster-node-timeout", "5000"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut up = false;
+            for _ in 0..50 {
+                std::thread::sleep(Duration::from_millis(20));
+                if child.try_wait()?.is_some() {
+                    break; // the port was taken
+                }
+                let ping = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "ping"])
+                    .output()?;
+                if String::from_utf8_lossy(&ping.stdout).contains("PONG") {
+                    up = true;
+                    break;
+                }
+            }
+            if up {
+                cluster.servers.push(child);
+                cluster.ports.push(port);
+            } else {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()?;
+        anyhow::ensure!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        // Wait until every node agrees the cluster is up.
+        for port in &cluster.ports {
+            let mut ok = false;
+            for _ in 0..100 {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()?;
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            anyhow::ensure!(ok, "redis cluster node {port} never became ok");
+        }
+        Ok(cluster)
+    }
+
+    fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 struct Harness {
@@ -28,6 +158,8 @@ struct Harness {
     pool: AnyPool,
     app: String,
     cleanup: Cleanup,
+    redis_url: String,
+    _cluster: Option<RedisCluster>,
 }
 
 enum Cleanup {
@@ -49,7 +181,7 @@ impl Harness {
                     Cleanup::Directory(dir),
                 )
             }
-            Backend::Mysql | Backend::RedisMysql => {
+            _ => {
                 let database = random_name("pg_saver_");
                 (
                     format!("{MYSQL_SERVER}/{database}"),
@@ -61,10 +193,26 @@ impl Harness {
         let sql = SqlStore::connect(&url)
             .await?
             .with_limits(limits)
-            .with_ids(ids);
+            .with_ids(ids)
+            .with_group_commit(GroupCommitConfig::default());
         let pool = sql.pool().clone();
+        let cluster = if backend == Backend::RedisCluster {
+            Some(tokio::task::spawn_blocking(RedisCluster::start).await??)
+        } else {
+            None
+        };
+        let redis_url = cluster
+            .as_ref()
+            .map_or_else(|| REDIS_URL.to_string(), RedisCluster::url);
         let store: Box<dyn MessageStore> = match backend {
-            Backend::RedisMysql => Box::new(RedisSqlStore::connect(REDIS_URL, sql).await?),
+            Backend::RedisMysql | Backend::RedisCluster => {
+                Box::new(RedisSqlStore::connect(&redis_url, sql).await?)
+            }
+            Backend::RedisFirst => Box::new(
+                RedisSqlStore::connect(&redis_url, sql)
+                    .await?
+                    .with_durability(Durability::Redis),
+            ),
             _ => Box::new(sql),
         };
         Ok(Harness {
@@ -73,15 +221,19 @@ impl Harness {
             pool,
             app: random_name("app"),
             cleanup,
+            redis_url,
+            _cluster: cluster,
         })
     }
 
     async fn store(&self, users: &[&str], payload: &str) -> anyhow::Result<Vec<Message>> {
         let users: Vec<String> = users.iter().map(|user| user.to_string()).collect();
-        Ok(self
+        let stored = self
             .store
             .store(&self.app, &users, Bytes::from(payload.to_string()), 0)
-            .await?)
+            .await?;
+        self.settle().await;
+        Ok(stored)
     }
 
     async fn pending(&self, user: &str) -> anyhow::Result<Vec<Message>> {
@@ -95,6 +247,26 @@ impl Harness {
             msg_ids: ids.to_vec(),
         };
         Ok(self.store.ack(vec![item]).await?)
+    }
+
+    /// Deletes keys of one hash tag, on a single Redis or the test's cluster.
+    async fn redis_del(&self, keys: &[String]) -> anyhow::Result<u32> {
+        if self.backend == Backend::RedisCluster {
+            let nodes: Vec<&str> = self.redis_url.split(',').collect();
+            let client = redis::cluster::ClusterClient::new(nodes)?;
+            let mut redis = client.get_async_connection().await?;
+            return Ok(redis::cmd("DEL").arg(keys).query_async(&mut redis).await?);
+        }
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let mut redis = client.get_multiplexed_async_connection().await?;
+        Ok(redis::cmd("DEL").arg(keys).query_async(&mut redis).await?)
+    }
+
+    /// Waits for the SQL copy written behind (`durability = "redis"`).
+    async fn settle(&self) {
+        if self.backend == Backend::RedisFirst {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `acked_ms` of a message as the durable copy has it.
@@ -153,6 +325,7 @@ fn limits() -> StoreLimits {
         max_inbox: 1000,
         default_ttl_secs: 600,
         max_ttl_secs: 3600,
+        ..StoreLimits::default()
     }
 }
 
@@ -402,21 +575,237 @@ async fn a_lost_redis_inbox_is_reloaded_from_sql(backend: Backend) -> anyhow::Re
     harness.ack("kim", &[stored[3].id]).await?;
     harness.store(&["kim"], "5").await?;
     assert_eq!(payloads(&harness.pending("kim").await?), ["2", "3", "5"]);
-    if harness.backend == Backend::RedisMysql {
-        let client = redis::Client::open(REDIS_URL)?;
-        let mut redis = client.get_multiplexed_async_connection().await?;
+    if harness.backend.has_redis() {
         let tag = format!("pg:{{{}:kim}}", harness.app);
         let keys: Vec<String> = ["inbox", "msgs", "att", "warm"]
             .iter()
             .map(|suffix| format!("{tag}:{suffix}"))
             .collect();
-        let deleted: u32 = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
+        let deleted: u32 = harness.redis_del(&keys).await?;
         assert_eq!(deleted, 4);
     }
     let pending = harness.pending("kim").await?;
     assert_eq!(payloads(&pending), ["2", "3", "5"]);
     // Attempts come back from the durable copy only in SQL mode; Redis counts its own.
     assert!(pending.iter().all(|message| message.attempts >= 1));
+    Ok(harness)
+}
+
+/// A message delivered `max_attempts` times without an ACK leaves the inbox
+/// for the dead letters on the next delivery, and never comes back.
+async fn unacked_messages_end_in_dead_letters(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(
+        backend,
+        StoreLimits {
+            max_attempts: 3,
+            ..limits()
+        },
+    )
+    .await?;
+    let looping = harness.store(&["lena"], "loops").await?;
+    for attempt in 1..=3 {
+        let pending = harness.pending("lena").await?;
+        assert_eq!(payloads(&pending)[0], "loops");
+        assert_eq!(pending[0].attempts, attempt);
+        if attempt == 2 {
+            // A newer message joins; it has its own count.
+            harness.store(&["lena"], "fresh").await?;
+        }
+    }
+    // Fourth delivery: the first message goes to the dead letters instead.
+    let pending = harness.pending("lena").await?;
+    assert_eq!(payloads(&pending), ["fresh"]);
+    assert_eq!(pending[0].attempts, 2);
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n, MIN(id) AS id, MIN(attempts) AS attempts FROM dead_letters WHERE app = ?",
+    )
+    .bind(harness.app.clone())
+    .fetch_one(&harness.pool)
+    .await?;
+    assert_eq!(row.try_get::<i64, _>("n")?, 1);
+    assert_eq!(row.try_get::<i64, _>("id")?, looping[0].id as i64);
+    assert_eq!(row.try_get::<i64, _>("attempts")?, 3);
+    // Not recoverable from SQL either: only "fresh" is live there.
+    assert_eq!(harness.live_rows_in_sql("lena").await?, 1);
+    assert_eq!(payloads(&harness.pending("lena").await?), ["fresh"]);
+    Ok(harness)
+}
+
+/// The same idempotency key returns the first call's ids and stores nothing new.
+async fn an_idempotency_key_stores_once(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(backend, limits()).await?;
+    let users = vec!["mia".to_string(), "ned".to_string()];
+    let payload = Bytes::from_static(b"once");
+    let first = harness
+        .store
+        .store_once(&harness.app, &users, payload.clone(), 0, "order-42")
+        .await?;
+    assert!(!first.replayed);
+    assert_eq!(first.messages.len(), 2);
+    harness.settle().await;
+    // Even with another payload and users, the key answers the first call.
+    let again = harness
+        .store
+        .store_once(
+            &harness.app,
+            &users[..1],
+            Bytes::from_static(b"x"),
+            0,
+            "order-42",
+        )
+        .await?;
+    assert!(again.replayed);
+    assert_eq!(ids(&again.messages), ids(&first.messages));
+    // Concurrent retries agree too.
+    let retries = futures::future::join_all((0..8).map(|_| {
+        harness
+            .store
+            .store_once(&harness.app, &users, payload.clone(), 0, "order-42")
+    }))
+    .await;
+    for retry in retries {
+        assert_eq!(ids(&retry?.messages), ids(&first.messages));
+    }
+    // Another key (or none) is a new push.
+    let other = harness
+        .store
+        .store_once(&harness.app, &users, payload.clone(), 0, "order-43")
+        .await?;
+    assert!(!other.replayed);
+    harness.settle().await;
+    assert_eq!(payloads(&harness.pending("mia").await?), ["once", "once"]);
+    assert_eq!(harness.live_rows_in_sql("ned").await?, 2);
+    // Keys are per app.
+    let elsewhere = harness
+        .store
+        .store_once(&format!("{}b", harness.app), &users, payload, 0, "order-42")
+        .await?;
+    assert!(!elsewhere.replayed);
+    Ok(harness)
+}
+
+/// A device that missed broadcasts gets them back in order while the stream
+/// covers its offset, and `recovered = false` once it does not.
+async fn broadcast_history_recovers_or_says_not(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(
+        backend,
+        StoreLimits {
+            stream_max_len: 5,
+            ..limits()
+        },
+    )
+    .await?;
+    let app = harness.app.clone();
+    let publish = |topic: &'static str, text: String| {
+        let app = app.clone();
+        let store = &harness.store;
+        async move { store.publish(&app, topic, Bytes::from(text)).await }
+    };
+    let history = |topic: &str, since_offset: u64, epoch: u64| HistoryQuery {
+        app: harness.app.clone(),
+        topic: topic.into(),
+        since_offset,
+        epoch,
+        limit: 0,
+    };
+
+    // A first subscription: nothing to recover, the current position.
+    let empty = harness.store.history(history("news", 0, 0)).await?;
+    assert!(empty.recovered && empty.messages.is_empty());
+    assert_eq!(empty.offset, 0);
+
+    let first = publish("news", "n1".into()).await?;
+    assert_eq!(first.offset, 1);
+    assert!(first.epoch > 0);
+    for index in 2..=4 {
+        let message = publish("news", format!("n{index}")).await?;
+        assert_eq!((message.offset, message.epoch), (index, first.epoch));
+    }
+    // Topics are separate streams; "" is "all".
+    let everyone = publish("", "a1".into()).await?;
+    assert_eq!((everyone.offset, everyone.topic.as_str()), (1, "all"));
+
+    // Recovered: the device saw offset 1, gets 2..4 in order.
+    let missed = harness
+        .store
+        .history(history("news", 1, first.epoch))
+        .await?;
+    assert!(missed.recovered);
+    assert_eq!(
+        missed.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    assert_eq!(payloads_of(&missed.messages), ["n2", "n3", "n4"]);
+    assert_eq!((missed.offset, missed.epoch), (4, first.epoch));
+    // Up to date.
+    let current = harness
+        .store
+        .history(history("news", 4, first.epoch))
+        .await?;
+    assert!(current.recovered && current.messages.is_empty());
+    // Paged with a limit.
+    let mut paged = history("news", 0, first.epoch);
+    paged.limit = 2;
+    let page = harness.store.history(paged).await?;
+    assert!(page.recovered);
+    assert_eq!(payloads_of(&page.messages), ["n1", "n2"]);
+
+    // Not recoverable: another epoch...
+    let stale_epoch = harness
+        .store
+        .history(history("news", 1, first.epoch + 1))
+        .await?;
+    assert!(!stale_epoch.recovered && stale_epoch.messages.is_empty());
+    assert_eq!((stale_epoch.offset, stale_epoch.epoch), (4, first.epoch));
+    // ...or the history is gone: the stream keeps 5 entries, offsets 4..8 after 8.
+    for index in 5..=8 {
+        publish("news", format!("n{index}")).await?;
+    }
+    let trimmed = harness
+        .store
+        .history(history("news", 1, first.epoch))
+        .await?;
+    assert!(!trimmed.recovered && trimmed.messages.is_empty());
+    assert_eq!(trimmed.offset, 8);
+    let kept = harness
+        .store
+        .history(history("news", 3, first.epoch))
+        .await?;
+    assert!(kept.recovered);
+    assert_eq!(payloads_of(&kept.messages), ["n4", "n5", "n6", "n7", "n8"]);
+    Ok(harness)
+}
+
+fn payloads_of(messages: &[pushgrid_proto::cluster::BroadcastMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|message| String::from_utf8_lossy(&message.payload).into_owned())
+        .collect()
+}
+
+/// Many concurrent Store calls share group commits; each one's messages are
+/// all durable and pending when it answers.
+async fn concurrent_stores_are_all_durable(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(backend, limits()).await?;
+    let calls = futures::future::join_all((0..200).map(|index| {
+        let users = vec![format!("u{}", index % 10), "olga".to_string()];
+        let payload = Bytes::from(format!("m{index}"));
+        let store = &harness.store;
+        let app = harness.app.clone();
+        async move { store.store(&app, &users, payload, 0).await }
+    }))
+    .await;
+    let mut stored = 0;
+    for call in calls {
+        stored += call?.len();
+    }
+    assert_eq!(stored, 400);
+    harness.settle().await;
+    assert_eq!(harness.live_rows_in_sql("olga").await?, 200);
+    assert_eq!(harness.live_rows_in_sql("u3").await?, 20);
+    let pending = harness.store.pending(&harness.app, "olga", 1000).await?;
+    assert_eq!(pending.len(), 200);
+    assert!(ids(&pending).windows(2).all(|pair| pair[0] < pair[1]));
     Ok(harness)
 }
 
@@ -443,6 +832,20 @@ macro_rules! on_every_backend {
                 Ok(())
             })*
         }
+        mod redis_first {
+            $(#[tokio::test]
+            async fn $test() -> anyhow::Result<()> {
+                super::super::$test(super::super::Backend::RedisFirst).await?.finish().await;
+                Ok(())
+            })*
+        }
+        mod redis_cluster {
+            $(#[tokio::test]
+            async fn $test() -> anyhow::Result<()> {
+                super::super::$test(super::super::Backend::RedisCluster).await?.finish().await;
+                Ok(())
+            })*
+        }
     };
 }
 
@@ -455,5 +858,9 @@ mod backends {
         invalid_input_is_rejected,
         attempts_count_each_pending,
         a_lost_redis_inbox_is_reloaded_from_sql,
+        unacked_messages_end_in_dead_letters,
+        an_idempotency_key_stores_once,
+        broadcast_history_recovers_or_says_not,
+        concurrent_stores_are_all_durable,
     );
 }

@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use pushgrid_common::ids::{IdGenerator, MAX_WORKER_ID};
 use pushgrid_common::now_ms;
-use pushgrid_proto::cluster::{AckItem, Message};
+use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message};
 
 pub use redis_sql::RedisSqlStore;
-pub use sql::SqlStore;
+pub use sql::{GroupCommitConfig, SqlStore};
 
 use crate::error::StoreError;
 
@@ -37,6 +37,15 @@ pub const MAX_USERS_PER_STORE: usize = 10_000;
 pub const MAX_PENDING_LIMIT: u32 = 1000;
 pub const DEFAULT_PENDING_LIMIT: u32 = 100;
 
+/// What a Store call stored: one message per user, in `users` order.
+#[derive(Debug, Clone, Default)]
+pub struct Stored {
+    pub messages: Vec<Message>,
+    /// True when an idempotency key matched an earlier call: these are that
+    /// call's messages and nothing new was stored.
+    pub replayed: bool,
+}
+
 #[tonic::async_trait]
 pub trait MessageStore: Send + Sync + 'static {
     /// Stores one message per user, durably, and returns them in `users` order.
@@ -49,14 +58,79 @@ pub trait MessageStore: Send + Sync + 'static {
         ttl_secs: u32,
     ) -> Result<Vec<Message>, StoreError>;
 
+    /// Like [`store`](Self::store), but the same `(app, idempotency_key)`
+    /// within [`IDEMPOTENCY_WINDOW_MS`] answers the first call's messages and
+    /// stores nothing new. An empty key is a plain store.
+    async fn store_once(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+        idempotency_key: &str,
+    ) -> Result<Stored, StoreError>;
+
     /// The unacked, unexpired inbox of one user, oldest first, at most `limit`
     /// messages (0 means the default). Counts one more delivery attempt for each
-    /// message returned; `attempts` in the answer includes this one.
+    /// message returned; `attempts` in the answer includes this one. A message
+    /// already delivered `max_attempts` times moves to the dead letters instead.
     async fn pending(&self, app: &str, user: &str, limit: u32) -> Result<Vec<Message>, StoreError>;
 
     /// Marks messages acknowledged; returns how many were pending until now
     /// (acking twice counts once).
     async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError>;
+
+    /// Appends `payload` to the broadcast stream of `topic` ("" is "all").
+    async fn publish(
+        &self,
+        app: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<BroadcastMessage, StoreError>;
+
+    /// What the stream of `topic` holds after `since_offset` in `epoch`.
+    async fn history(&self, query: HistoryQuery) -> Result<History, StoreError>;
+}
+
+/// A History call.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    pub app: String,
+    pub topic: String,
+    pub since_offset: u64,
+    pub epoch: u64,
+    pub limit: u32,
+}
+
+/// The answer to a History call; see `HistoryResponse` in cluster.proto.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    pub messages: Vec<BroadcastMessage>,
+    pub recovered: bool,
+    pub offset: u64,
+    pub epoch: u64,
+}
+
+/// An idempotency key is remembered this long.
+pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// The longest idempotency key (the `idem_key` column is `VARCHAR(255)`).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+/// The longest topic (the `topic` column is `VARCHAR(255)`).
+pub const MAX_TOPIC_BYTES: usize = 255;
+/// The topic of a broadcast to everyone; an empty topic means it too.
+pub const ALL_TOPIC: &str = "all";
+pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
+pub const MAX_HISTORY_LIMIT: u32 = 1000;
+
+/// When a Store call answers (Redis + SQL stores).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the message is in Redis and committed in SQL (MySQL).
+    #[default]
+    Mysql,
+    /// After Redis alone; the SQL copy is written behind.
+    Redis,
 }
 
 /// Limits every store applies.
@@ -66,6 +140,12 @@ pub struct StoreLimits {
     pub max_inbox: u32,
     pub default_ttl_secs: u32,
     pub max_ttl_secs: u32,
+    /// Deliveries without an ACK after which a message goes to the dead letters.
+    pub max_attempts: u32,
+    /// Entries a broadcast stream keeps (the oldest are trimmed).
+    pub stream_max_len: u32,
+    /// How long a broadcast stream keeps an entry.
+    pub stream_max_age_secs: u32,
 }
 
 impl Default for StoreLimits {
@@ -74,6 +154,9 @@ impl Default for StoreLimits {
             max_inbox: 1000,
             default_ttl_secs: 7 * 24 * 3600,
             max_ttl_secs: 30 * 24 * 3600,
+            max_attempts: 5,
+            stream_max_len: 10_000,
+            stream_max_age_secs: 24 * 3600,
         }
     }
 }
@@ -187,6 +270,107 @@ pub fn validate_store(app: &str, users: &[String], payload: &[u8]) -> Result<(),
     Ok(())
 }
 
+/// Checks an idempotency key (empty: none).
+pub fn validate_idempotency_key(key: &str) -> Result<(), StoreError> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(StoreError::invalid(format!(
+            "idempotency key is {} bytes, at most {MAX_IDEMPOTENCY_KEY_BYTES} allowed",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a Publish call's arguments and returns the topic to use.
+pub fn validate_publish<'a>(
+    app: &str,
+    topic: &'a str,
+    payload: &[u8],
+) -> Result<&'a str, StoreError> {
+    validate_app(app)?;
+    let topic = validate_topic(topic)?;
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(StoreError::invalid(format!(
+            "payload is {} bytes, at most {MAX_PAYLOAD_BYTES} allowed",
+            payload.len()
+        )));
+    }
+    Ok(topic)
+}
+
+/// Checks a topic; "" means [`ALL_TOPIC`].
+pub fn validate_topic(topic: &str) -> Result<&str, StoreError> {
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(StoreError::invalid(format!(
+            "topic is {} bytes, at most {MAX_TOPIC_BYTES} allowed",
+            topic.len()
+        )));
+    }
+    Ok(if topic.is_empty() { ALL_TOPIC } else { topic })
+}
+
+/// Checks a History call and returns it with its topic and limit settled.
+pub fn validate_history(mut query: HistoryQuery) -> Result<HistoryQuery, StoreError> {
+    validate_app(&query.app)?;
+    query.topic = validate_topic(&query.topic)?.to_string();
+    query.limit = if query.limit == 0 {
+        DEFAULT_HISTORY_LIMIT
+    } else {
+        query.limit.min(MAX_HISTORY_LIMIT)
+    };
+    Ok(query)
+}
+
+/// The History answer, given the topic's current epoch and offset (0, 0
+/// when it has no stream) and the entries it holds after `since_offset`
+/// (at most `limit`, oldest first, none older than `oldest_kept_ms`).
+fn history_answer(
+    query: &HistoryQuery,
+    current_epoch: u64,
+    current_offset: u64,
+    mut entries: Vec<BroadcastMessage>,
+    oldest_kept_ms: u64,
+) -> History {
+    let not_recovered = History {
+        messages: Vec::new(),
+        recovered: false,
+        offset: current_offset,
+        epoch: current_epoch,
+    };
+    // A first subscription: nothing to recover, start at the current offset.
+    if query.epoch == 0 {
+        return History {
+            recovered: true,
+            ..not_recovered
+        };
+    }
+    if query.epoch != current_epoch || query.since_offset > current_offset {
+        return not_recovered;
+    }
+    if query.since_offset == current_offset {
+        return History {
+            recovered: true,
+            ..not_recovered
+        };
+    }
+    entries.retain(|entry| entry.created_ms >= oldest_kept_ms);
+    let covers = entries
+        .first()
+        .is_some_and(|entry| entry.offset == query.since_offset + 1);
+    let contiguous = entries
+        .windows(2)
+        .all(|pair| pair[1].offset == pair[0].offset + 1);
+    if !covers || !contiguous {
+        return not_recovered;
+    }
+    History {
+        messages: entries,
+        recovered: true,
+        offset: current_offset,
+        epoch: current_epoch,
+    }
+}
+
 /// Checks a Pending call's arguments and returns the limit to apply.
 pub fn validate_pending(app: &str, user: &str, limit: u32) -> Result<u32, StoreError> {
     validate_app(app)?;
@@ -243,10 +427,45 @@ mod tests {
             max_inbox: 10,
             default_ttl_secs: 60,
             max_ttl_secs: 120,
+            ..StoreLimits::default()
         };
         assert_eq!(limits.effective_ttl_secs(0), 60);
         assert_eq!(limits.effective_ttl_secs(5), 5);
         assert_eq!(limits.effective_ttl_secs(1000), 120);
+    }
+
+    fn entry(offset: u64, created_ms: u64) -> BroadcastMessage {
+        BroadcastMessage {
+            offset,
+            epoch: 7,
+            created_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn history_recovers_only_a_covered_gap_in_the_same_epoch() {
+        let query = |since_offset, epoch| HistoryQuery {
+            since_offset,
+            epoch,
+            ..Default::default()
+        };
+        let held = vec![entry(4, 100), entry(5, 100)];
+        let recovered = history_answer(&query(3, 7), 7, 5, held.clone(), 0);
+        assert!(recovered.recovered);
+        assert_eq!(recovered.messages.len(), 2);
+        // The stream starts after the gap: trimmed history.
+        assert!(!history_answer(&query(2, 7), 7, 5, held.clone(), 0).recovered);
+        // Another epoch, or an offset from the future.
+        assert!(!history_answer(&query(3, 6), 7, 5, held.clone(), 0).recovered);
+        assert!(!history_answer(&query(9, 7), 7, 5, Vec::new(), 0).recovered);
+        // Too old to keep.
+        assert!(!history_answer(&query(3, 7), 7, 5, held, 101).recovered);
+        // Up to date, or a first subscription.
+        let current = history_answer(&query(5, 7), 7, 5, Vec::new(), 0);
+        assert!(current.recovered && current.messages.is_empty());
+        let first = history_answer(&query(0, 0), 7, 5, Vec::new(), 0);
+        assert!(first.recovered && first.offset == 5 && first.epoch == 7);
     }
 
     #[test]

@@ -15,29 +15,161 @@
 //!   the next Pending loads the inbox from SQL first. It lives `max_ttl_secs`,
 //!   after which everything stored before it has expired anyway.
 //!
-//! Writes go to SQL first (durable), then Redis; a call answers after both.
-//! Keys expire `max_ttl_secs` after the last write, which outlives every
-//! message in them.
+//! Writes go to SQL first (durable, through the group commit), then Redis; a
+//! call answers after both. With `durability = "redis"` a call answers after
+//! Redis and the SQL copy is written behind. Keys expire `max_ttl_secs` after
+//! the last write, which outlives every message in them.
+//!
+//! Broadcast streams, per app and topic, tagged `{bc:<app>:<topic>}`:
+//! `:seq` (INCR, the latest offset), `:epoch` (the epoch, set when the
+//! stream starts from offset 1), `:stream` (a Redis Stream whose entry ids are
+//! `<offset>-0`, trimmed by length and age on every publish).
+//!
+//! Idempotency: `pg:idem:{<app>:<key>}` holds the first answer for 24 h.
+//!
+//! Commands for many users are sent as one pipeline per batch (one round
+//! trip); on a Redis Cluster, as one pipeline per user (slot), concurrently.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::try_join_all;
 use prost::Message as _;
 use pushgrid_common::ids::id_time_ms;
 use pushgrid_common::now_ms;
-use pushgrid_proto::cluster::{AckItem, Message};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreResponse};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, RedisFuture, Value};
+use tokio_util::sync::CancellationToken;
 
-use super::{MessageIds, MessageStore, SqlStore, StoreLimits};
+use super::{
+    Durability, History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore, SqlStore,
+    StoreLimits, Stored,
+};
 use crate::error::StoreError;
 use crate::metrics;
 
 /// How many times Pending reads further when the entries read were expired.
 const PENDING_READ_ROUNDS: usize = 4;
+/// A key saver keeps in Redis forever; when it is gone, Redis lost its data.
+const SENTINEL_KEY: &str = "pg:saver:sentinel";
+const SENTINEL_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Appends to a topic's stream. KEYS: seq, stream, epoch. ARGV: new epoch,
+/// max length, message id, payload, created ms, oldest kept ms, seq/epoch key
+/// TTL, stream key TTL. Returns {offset, epoch}.
+const PUBLISH_SCRIPT: &str = r"
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[3], epoch)
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+local offset = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 't', ARGV[5], 'i', ARGV[3], 'p', ARGV[4])
+local cutoff = tonumber(ARGV[6])
+while true do
+  local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 100)
+  local keep = nil
+  local last = nil
+  for _, entry in ipairs(entries) do
+    if tonumber(entry[2][2]) >= cutoff then keep = entry[1] break end
+    last = entry[1]
+  end
+  if keep then
+    if last then redis.call('XTRIM', KEYS[2], 'MINID', keep) end
+    break
+  end
+  if not last then break end
+  local next_offset = tonumber(string.match(last, '^(%d+)')) + 1
+  redis.call('XTRIM', KEYS[2], 'MINID', next_offset .. '-0')
+end
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', KEYS[3], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+return {offset, tonumber(epoch)}
+";
+
+/// One Redis server, or a Redis Cluster.
+#[derive(Clone)]
+enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(connection) => connection.req_packed_command(cmd),
+            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            RedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(connection) => connection.get_db(),
+            RedisConnection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// Commands that touch one hash tag (one cluster slot), in order; `true`
+/// marks the commands whose replies the caller wants.
+#[derive(Default)]
+struct SlotCommands {
+    commands: Vec<(Cmd, bool)>,
+}
+
+impl SlotCommands {
+    /// A command whose reply is not needed.
+    fn run(&mut self, command: Cmd) {
+        self.commands.push((command, false));
+    }
+
+    /// A command whose reply is returned.
+    fn query(&mut self, command: Cmd) {
+        self.commands.push((command, true));
+    }
+
+    fn wanted(&self) -> usize {
+        self.commands.iter().filter(|(_, wanted)| *wanted).count()
+    }
+
+    fn pipeline(&self, pipe: &mut redis::Pipeline) {
+        for (command, wanted) in &self.commands {
+            pipe.add_command(command.clone());
+            if !wanted {
+                pipe.ignore();
+            }
+        }
+    }
+}
+
+fn command(name: &str) -> Cmd {
+    redis::cmd(name)
+}
 
 pub struct RedisSqlStore {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     sql: SqlStore,
+    durability: Durability,
 }
 
 /// The Redis keys of one user's inbox.
@@ -61,6 +193,28 @@ impl UserKeys {
     }
 }
 
+/// The keys of one topic's broadcast stream.
+struct StreamKeys {
+    seq: String,
+    stream: String,
+    epoch: String,
+}
+
+impl StreamKeys {
+    fn new(app: &str, topic: &str) -> StreamKeys {
+        let tag = format!("pg:{{bc:{app}:{topic}}}");
+        StreamKeys {
+            seq: format!("{tag}:seq"),
+            stream: format!("{tag}:stream"),
+            epoch: format!("{tag}:epoch"),
+        }
+    }
+}
+
+fn idempotency_key(app: &str, key: &str) -> String {
+    format!("pg:idem:{{{app}:{key}}}")
+}
+
 /// The inbox member of a message id: zero-padded so bytewise order is numeric order.
 fn member(id: u64) -> String {
     format!("{id:020}")
@@ -71,16 +225,81 @@ fn score(id: u64) -> f64 {
     id_time_ms(id) as f64
 }
 
+fn parse_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("unexpected redis reply: {error}"))
+}
+
+/// A stream entry (`[id, [field, value, ...]]`) as a broadcast message.
+fn stream_entry(app: &str, topic: &str, epoch: u64, entry: Value) -> Option<BroadcastMessage> {
+    let (id, fields): (String, Vec<Vec<u8>>) = redis::from_redis_value(entry).ok()?;
+    let offset = id.split('-').next()?.parse::<u64>().ok()?;
+    let mut message = BroadcastMessage {
+        app: app.to_string(),
+        topic: topic.to_string(),
+        offset,
+        epoch,
+        ..Default::default()
+    };
+    for pair in fields.chunks(2) {
+        let [name, value] = pair else { continue };
+        let text = || String::from_utf8_lossy(value).parse::<u64>().unwrap_or(0);
+        match name.as_slice() {
+            b"t" => message.created_ms = text(),
+            b"i" => message.id = text(),
+            b"p" => message.payload = Bytes::from(value.clone()),
+            _ => {}
+        }
+    }
+    Some(message)
+}
+
 impl RedisSqlStore {
-    /// Connects to Redis; `sql` keeps the durable copy and supplies ids and limits.
+    /// Connects to Redis; `sql` keeps the durable copy and supplies ids and
+    /// limits. A comma-separated list of URLs is a Redis Cluster's seed nodes.
     pub async fn connect(redis_url: &str, sql: SqlStore) -> Result<RedisSqlStore, StoreError> {
+        let urls: Vec<&str> = redis_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        if urls.len() > 1 {
+            return RedisSqlStore::connect_cluster(&urls, sql).await;
+        }
         let client = redis::Client::open(redis_url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(3);
         let redis = ConnectionManager::new_with_config(client, config).await?;
-        Ok(RedisSqlStore { redis, sql })
+        RedisSqlStore::start(RedisConnection::Single(redis), sql).await
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes.
+    pub async fn connect_cluster(
+        seed_urls: &[&str],
+        sql: SqlStore,
+    ) -> Result<RedisSqlStore, StoreError> {
+        let client = redis::cluster::ClusterClient::builder(seed_urls.iter().copied())
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(5))
+            .build()?;
+        let redis = client.get_async_connection().await?;
+        RedisSqlStore::start(RedisConnection::Cluster(redis), sql).await
+    }
+
+    async fn start(redis: RedisConnection, sql: SqlStore) -> Result<RedisSqlStore, StoreError> {
+        let store = RedisSqlStore {
+            redis,
+            sql,
+            durability: Durability::Mysql,
+        };
+        let mut redis = store.redis.clone();
+        command("SET")
+            .arg(SENTINEL_KEY)
+            .arg(1)
+            .exec_async(&mut redis)
+            .await?;
+        Ok(store)
     }
 
     pub fn sql(&self) -> &SqlStore {
@@ -97,6 +316,12 @@ impl RedisSqlStore {
         self
     }
 
+    /// When a Store call answers: after SQL and Redis, or after Redis alone.
+    pub fn with_durability(mut self, durability: Durability) -> RedisSqlStore {
+        self.durability = durability;
+        self
+    }
+
     fn limits(&self) -> StoreLimits {
         self.sql.limits()
     }
@@ -105,53 +330,126 @@ impl RedisSqlStore {
         i64::from(self.limits().max_ttl_secs.max(1))
     }
 
-    /// Adds stored messages to their inboxes in one MULTI, then drops the
-    /// oldest of any inbox now over `max_inbox`.
+    /// Watches for Redis losing its data (a restart without persistence, a
+    /// flush) and counts it. Inboxes come back from SQL on their own: a user
+    /// whose `warm` key is gone is reloaded on the next Pending.
+    pub async fn watch_for_data_loss(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SENTINEL_CHECK_EVERY) => {}
+            }
+            let mut redis = self.redis.clone();
+            let present: Result<bool, _> = command("EXISTS")
+                .arg(SENTINEL_KEY)
+                .query_async(&mut redis)
+                .await;
+            if let Ok(false) = present {
+                metrics::redis_lost();
+                tracing::warn!("redis lost saver's data; inboxes reload from sql as users return");
+                let _ = command("SET")
+                    .arg(SENTINEL_KEY)
+                    .arg(1)
+                    .exec_async(&mut redis)
+                    .await;
+            }
+        }
+    }
+
+    /// Runs per-slot command groups: one pipeline on a single Redis, one
+    /// pipeline per group (concurrently) on a cluster. Returns the wanted
+    /// replies of each group.
+    async fn run_groups(&self, groups: &[SlotCommands]) -> Result<Vec<Vec<Value>>, StoreError> {
+        let mut redis = self.redis.clone();
+        match &self.redis {
+            RedisConnection::Single(_) => {
+                let mut pipe = redis::pipe();
+                for group in groups {
+                    group.pipeline(&mut pipe);
+                }
+                if pipe.is_empty() {
+                    return Ok(groups.iter().map(|_| Vec::new()).collect());
+                }
+                let replies: Vec<Value> = pipe.query_async(&mut redis).await?;
+                let mut replies = replies.into_iter();
+                Ok(groups
+                    .iter()
+                    .map(|group| replies.by_ref().take(group.wanted()).collect())
+                    .collect())
+            }
+            RedisConnection::Cluster(_) => {
+                let calls = groups.iter().map(|group| {
+                    let mut redis = redis.clone();
+                    async move {
+                        let mut pipe = redis::pipe();
+                        group.pipeline(&mut pipe);
+                        if pipe.is_empty() {
+                            return Ok(Vec::new());
+                        }
+                        pipe.query_async::<Vec<Value>>(&mut redis).await
+                    }
+                });
+                Ok(try_join_all(calls).await?)
+            }
+        }
+    }
+
+    /// Adds stored messages to their inboxes in one round trip, then drops
+    /// the oldest of any inbox now over `max_inbox` (a second trip, only then).
     async fn cache(&self, messages: &[Message]) -> Result<(), StoreError> {
         let key_ttl = self.key_ttl_secs();
         let max_inbox = i64::from(self.limits().max_inbox.max(1));
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut groups = Vec::with_capacity(messages.len());
         let mut keys = Vec::with_capacity(messages.len());
         for message in messages {
             let user_keys = UserKeys::new(&message.app, &message.user);
             let member = member(message.id);
-            pipe.cmd("ZADD")
-                .arg(&user_keys.inbox)
+            let mut group = SlotCommands::default();
+            // The body before the inbox entry: a reader that sees the entry finds the body.
+            let mut hset = command("HSET");
+            hset.arg(&user_keys.msgs)
+                .arg(&member)
+                .arg(message.encode_to_vec());
+            group.run(hset);
+            let mut zadd = command("ZADD");
+            zadd.arg(&user_keys.inbox)
                 .arg(score(message.id))
-                .arg(&member)
-                .ignore();
-            pipe.cmd("HSET")
-                .arg(&user_keys.msgs)
-                .arg(&member)
-                .arg(message.encode_to_vec())
-                .ignore();
+                .arg(&member);
+            group.run(zadd);
             for key in [&user_keys.inbox, &user_keys.msgs, &user_keys.attempts] {
-                pipe.cmd("EXPIRE").arg(key).arg(key_ttl).ignore();
+                let mut expire = command("EXPIRE");
+                expire.arg(key).arg(key_ttl);
+                group.run(expire);
             }
             // The members beyond the cap, oldest first (empty when under it).
-            pipe.cmd("ZRANGE")
-                .arg(&user_keys.inbox)
-                .arg(0)
-                .arg(-max_inbox - 1);
+            let mut over = command("ZRANGE");
+            over.arg(&user_keys.inbox).arg(0).arg(-max_inbox - 1);
+            group.query(over);
+            groups.push(group);
             keys.push(user_keys);
         }
-        let mut redis = self.redis.clone();
-        let over_cap: Vec<Vec<String>> = pipe.query_async(&mut redis).await?;
+        let replies = self.run_groups(&groups).await?;
 
-        let mut trim = redis::pipe();
-        trim.atomic();
+        let mut trims = Vec::new();
         let mut dropped_ids = Vec::new();
-        for (user_keys, members) in keys.iter().zip(&over_cap) {
+        for (user_keys, reply) in keys.iter().zip(replies) {
+            let Some(reply) = reply.into_iter().next() else {
+                continue;
+            };
+            let members: Vec<String> = redis::from_redis_value(reply).map_err(parse_error)?;
             if members.is_empty() {
                 continue;
             }
-            trim.cmd("ZREM").arg(&user_keys.inbox).arg(members);
-            trim.cmd("HDEL").arg(&user_keys.msgs).arg(members).ignore();
-            trim.cmd("HDEL")
-                .arg(&user_keys.attempts)
-                .arg(members)
-                .ignore();
+            let mut group = SlotCommands::default();
+            let mut zrem = command("ZREM");
+            zrem.arg(&user_keys.inbox).arg(&members);
+            group.query(zrem);
+            for key in [&user_keys.msgs, &user_keys.attempts] {
+                let mut hdel = command("HDEL");
+                hdel.arg(key).arg(&members);
+                group.run(hdel);
+            }
+            trims.push(group);
             dropped_ids.extend(
                 members
                     .iter()
@@ -162,8 +460,14 @@ impl RedisSqlStore {
             return Ok(());
         }
         // ZREM counts what this call removed, so racing trims count each drop once.
-        let removed: Vec<u64> = trim.query_async(&mut redis).await?;
-        metrics::inbox_dropped(removed.iter().sum());
+        let removed: u64 = self
+            .run_groups(&trims)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter_map(|reply| redis::from_redis_value::<u64>(reply).ok())
+            .sum();
+        metrics::inbox_dropped(removed);
         // The durable copy must not bring dropped messages back in a recovery.
         if let Err(error) = self.sql.expire_now(&dropped_ids).await {
             tracing::warn!(%error, count = dropped_ids.len(), "cannot expire dropped messages in sql");
@@ -188,12 +492,6 @@ impl RedisSqlStore {
                 ..message.clone()
             }
             .encode_to_vec();
-            pipe.cmd("ZADD")
-                .arg(&keys.inbox)
-                .arg("NX")
-                .arg(score(message.id))
-                .arg(&member)
-                .ignore();
             pipe.cmd("HSETNX")
                 .arg(&keys.msgs)
                 .arg(&member)
@@ -203,6 +501,12 @@ impl RedisSqlStore {
                 .arg(&keys.attempts)
                 .arg(&member)
                 .arg(message.attempts)
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(&keys.inbox)
+                .arg("NX")
+                .arg(score(message.id))
+                .arg(&member)
                 .ignore();
         }
         if !messages.is_empty() {
@@ -219,6 +523,7 @@ impl RedisSqlStore {
         let mut redis = self.redis.clone();
         pipe.exec_async(&mut redis).await?;
         if !messages.is_empty() {
+            metrics::recovered(messages.len());
             tracing::debug!(
                 app,
                 count = messages.len(),
@@ -227,6 +532,57 @@ impl RedisSqlStore {
         }
         Ok(())
     }
+
+    /// Writes new messages where the configured durability says, in order.
+    async fn write_new(&self, messages: &[Message]) -> Result<(), StoreError> {
+        match self.durability {
+            Durability::Mysql => {
+                self.sql.insert(messages).await?;
+                if let Err(error) = self.cache(messages).await {
+                    // The caller sees a failure and retries; expire the SQL rows so a
+                    // recovery does not deliver the same push twice under two ids.
+                    let ids: Vec<u64> = messages.iter().map(|message| message.id).collect();
+                    if let Err(sql_error) = self.sql.expire_now(&ids).await {
+                        tracing::warn!(error = %sql_error, "cannot expire messages redis did not take");
+                    }
+                    return Err(error);
+                }
+            }
+            Durability::Redis => {
+                self.cache(messages).await?;
+                self.sql.insert_in_background(messages.to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    async fn remember_answer(&self, app: &str, key: &str, stored: &Stored) {
+        let answer = StoreResponse {
+            messages: stored.messages.clone(),
+            replayed: false,
+        }
+        .encode_to_vec();
+        let mut redis = self.redis.clone();
+        let remembered = command("SET")
+            .arg(idempotency_key(app, key))
+            .arg(answer)
+            .arg("PX")
+            .arg(IDEMPOTENCY_WINDOW_MS)
+            .exec_async(&mut redis)
+            .await;
+        if let Err(error) = remembered {
+            tracing::warn!(%error, "cannot remember an idempotent answer in redis");
+        }
+    }
+}
+
+fn replayed(answer: &[u8]) -> Result<Stored, StoreError> {
+    let response = StoreResponse::decode(answer)
+        .map_err(|error| StoreError::Corrupt(format!("idempotency answer: {error}")))?;
+    Ok(Stored {
+        messages: response.messages,
+        replayed: true,
+    })
 }
 
 #[tonic::async_trait]
@@ -241,26 +597,107 @@ impl MessageStore for RedisSqlStore {
         super::validate_store(app, users, &payload)?;
         let started = Instant::now();
         let messages = self.sql.new_messages(app, users, &payload, ttl_secs);
-        self.sql.insert(&messages).await?;
-        if let Err(error) = self.cache(&messages).await {
-            // The caller sees a failure and retries; expire the SQL rows so a
-            // recovery does not deliver the same push twice under two ids.
-            let ids: Vec<u64> = messages.iter().map(|message| message.id).collect();
-            if let Err(sql_error) = self.sql.expire_now(&ids).await {
-                tracing::warn!(error = %sql_error, "cannot expire messages redis did not take");
-            }
-            return Err(error);
-        }
+        self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
+    }
+
+    async fn store_once(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+        idempotency_key: &str,
+    ) -> Result<Stored, StoreError> {
+        super::validate_idempotency_key(idempotency_key)?;
+        if idempotency_key.is_empty() {
+            let messages = self.store(app, users, payload, ttl_secs).await?;
+            return Ok(Stored {
+                messages,
+                replayed: false,
+            });
+        }
+        super::validate_store(app, users, &payload)?;
+        let started = Instant::now();
+        let redis_key = self::idempotency_key(app, idempotency_key);
+        let mut redis = self.redis.clone();
+        let known: Option<Vec<u8>> = command("GET")
+            .arg(&redis_key)
+            .query_async(&mut redis)
+            .await?;
+        if let Some(answer) = known {
+            return replayed(&answer);
+        }
+        let messages = self.sql.new_messages(app, users, &payload, ttl_secs);
+        let stored = Stored {
+            messages,
+            replayed: false,
+        };
+        match self.durability {
+            Durability::Mysql => {
+                // SQL decides who was first (its primary key), also after Redis lost its data.
+                if let Some(first) = self.sql.idempotent_answer(app, idempotency_key).await? {
+                    self.remember_answer(app, idempotency_key, &first).await;
+                    return Ok(first);
+                }
+                if let Some(first) = self
+                    .sql
+                    .insert_with_key(app, idempotency_key, &stored.messages)
+                    .await?
+                {
+                    self.remember_answer(app, idempotency_key, &first).await;
+                    return Ok(first);
+                }
+                if let Err(error) = self.cache(&stored.messages).await {
+                    let ids: Vec<u64> = stored.messages.iter().map(|message| message.id).collect();
+                    if let Err(sql_error) = self.sql.expire_now(&ids).await {
+                        tracing::warn!(error = %sql_error, "cannot expire messages redis did not take");
+                    }
+                    if let Err(sql_error) = self.sql.forget_key(app, idempotency_key).await {
+                        tracing::warn!(error = %sql_error, "cannot forget a failed idempotency key");
+                    }
+                    return Err(error);
+                }
+                self.remember_answer(app, idempotency_key, &stored).await;
+            }
+            Durability::Redis => {
+                let answer = StoreResponse {
+                    messages: stored.messages.clone(),
+                    replayed: false,
+                }
+                .encode_to_vec();
+                let claimed: Option<String> = command("SET")
+                    .arg(&redis_key)
+                    .arg(answer)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(IDEMPOTENCY_WINDOW_MS)
+                    .query_async(&mut redis)
+                    .await?;
+                if claimed.is_none() {
+                    let first: Option<Vec<u8>> = command("GET")
+                        .arg(&redis_key)
+                        .query_async(&mut redis)
+                        .await?;
+                    if let Some(answer) = first {
+                        return replayed(&answer);
+                    }
+                }
+                self.write_new(&stored.messages).await?;
+            }
+        }
+        metrics::store_seconds(started.elapsed());
+        Ok(stored)
     }
 
     async fn pending(&self, app: &str, user: &str, limit: u32) -> Result<Vec<Message>, StoreError> {
         let limit = super::validate_pending(app, user, limit)? as usize;
         let keys = UserKeys::new(app, user);
         let mut redis = self.redis.clone();
+        let max_attempts = i64::from(self.limits().max_attempts.max(1));
 
-        let warm: bool = redis::cmd("EXISTS")
+        let warm: bool = command("EXISTS")
             .arg(&keys.warm)
             .query_async(&mut redis)
             .await?;
@@ -268,15 +705,17 @@ impl MessageStore for RedisSqlStore {
             self.warm_up(app, user, &keys).await?;
         }
 
-        // Read in id order, setting aside entries that expired or lost their
-        // body; nothing is changed until the end, so the offsets stay valid.
+        // Read in id order, setting aside entries that expired, lost their
+        // body or were delivered too often; nothing is changed until the end,
+        // so the offsets stay valid.
         let now = now_ms();
         let mut served: Vec<Message> = Vec::new();
         let mut stale: Vec<String> = Vec::new();
+        let mut dead: Vec<Message> = Vec::new();
         let mut offset = 0usize;
         for _ in 0..PENDING_READ_ROUNDS {
             let want = limit - served.len();
-            let members: Vec<String> = redis::cmd("ZRANGE")
+            let members: Vec<String> = command("ZRANGE")
                 .arg(&keys.inbox)
                 .arg(offset)
                 .arg(offset + want - 1)
@@ -286,13 +725,17 @@ impl MessageStore for RedisSqlStore {
                 break;
             }
             offset += members.len();
-            let bodies: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            let (bodies, attempts): (Vec<Option<Vec<u8>>>, Vec<Option<i64>>) = redis::pipe()
+                .cmd("HMGET")
                 .arg(&keys.msgs)
+                .arg(&members)
+                .cmd("HMGET")
+                .arg(&keys.attempts)
                 .arg(&members)
                 .query_async(&mut redis)
                 .await?;
-            for (member, body) in members.iter().zip(bodies) {
-                let message = match body.map(|bytes| Message::decode(bytes.as_slice())) {
+            for ((member, body), attempts) in members.iter().zip(bodies).zip(attempts) {
+                let mut message = match body.map(|bytes| Message::decode(bytes.as_slice())) {
                     Some(Ok(message)) => message,
                     Some(Err(error)) => {
                         tracing::error!(%error, %member, "undecodable message in redis inbox, removing it");
@@ -305,8 +748,12 @@ impl MessageStore for RedisSqlStore {
                         continue;
                     }
                 };
+                let attempts = attempts.unwrap_or(0);
                 if message.expires_ms <= now {
                     stale.push(member.clone());
+                } else if attempts >= max_attempts {
+                    message.attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                    dead.push(message);
                 } else {
                     served.push(message);
                 }
@@ -315,7 +762,7 @@ impl MessageStore for RedisSqlStore {
                 break;
             }
         }
-        if served.is_empty() && stale.is_empty() {
+        if served.is_empty() && stale.is_empty() && dead.is_empty() {
             return Ok(served);
         }
 
@@ -332,17 +779,36 @@ impl MessageStore for RedisSqlStore {
                 .arg(member(message.id))
                 .arg(1);
         }
-        if served.is_empty() {
-            pipe.exec_async(&mut redis).await?;
-            return Ok(served);
+        // One ZREM per dead message: its reply says whether this call moved it.
+        for message in &dead {
+            pipe.cmd("ZREM").arg(&keys.inbox).arg(member(message.id));
+        }
+        if !dead.is_empty() {
+            let members: Vec<String> = dead.iter().map(|message| member(message.id)).collect();
+            pipe.cmd("HDEL").arg(&keys.msgs).arg(&members).ignore();
+            pipe.cmd("HDEL").arg(&keys.attempts).arg(&members).ignore();
         }
         pipe.cmd("EXPIRE")
             .arg(&keys.attempts)
             .arg(self.key_ttl_secs())
             .ignore();
-        let attempts: Vec<i64> = pipe.query_async(&mut redis).await?;
+        let replies: Vec<i64> = pipe.query_async(&mut redis).await?;
+        let (attempts, removed) = replies.split_at(served.len().min(replies.len()));
         for (message, attempts) in served.iter_mut().zip(attempts) {
-            message.attempts = u32::try_from(attempts.max(0)).unwrap_or(u32::MAX);
+            message.attempts = u32::try_from((*attempts).max(0)).unwrap_or(u32::MAX);
+        }
+        let owned: Vec<Message> = dead
+            .into_iter()
+            .zip(removed)
+            .filter(|(_, removed)| **removed == 1)
+            .map(|(message, _)| message)
+            .collect();
+        if !owned.is_empty() {
+            // Out of Redis already; a failure here leaves the SQL row live, so a
+            // recovery can bring it back: never lost, at worst delivered again.
+            if let Err(error) = self.sql.dead_letter(&owned, false).await {
+                tracing::warn!(%error, count = owned.len(), "cannot record dead letters in sql");
+            }
         }
         Ok(served)
     }
@@ -350,24 +816,104 @@ impl MessageStore for RedisSqlStore {
     async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError> {
         super::validate_ack(&items)?;
         let acked = self.sql.mark_acked(&items).await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut commands = 0;
+        let mut groups = Vec::with_capacity(items.len());
         for item in &items {
             if item.msg_ids.is_empty() {
                 continue;
             }
             let keys = UserKeys::new(&item.app, &item.user);
             let members: Vec<String> = item.msg_ids.iter().map(|id| member(*id)).collect();
-            pipe.cmd("ZREM").arg(&keys.inbox).arg(&members).ignore();
-            pipe.cmd("HDEL").arg(&keys.msgs).arg(&members).ignore();
-            pipe.cmd("HDEL").arg(&keys.attempts).arg(&members).ignore();
-            commands += 1;
+            let mut group = SlotCommands::default();
+            for key in [&keys.msgs, &keys.attempts] {
+                let mut hdel = command("HDEL");
+                hdel.arg(key).arg(&members);
+                group.run(hdel);
+            }
+            let mut zrem = command("ZREM");
+            zrem.arg(&keys.inbox).arg(&members);
+            group.run(zrem);
+            groups.push(group);
         }
-        if commands > 0 {
-            let mut redis = self.redis.clone();
-            pipe.exec_async(&mut redis).await?;
-        }
+        self.run_groups(&groups).await?;
         Ok(acked)
+    }
+
+    async fn publish(
+        &self,
+        app: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<BroadcastMessage, StoreError> {
+        let topic = super::validate_publish(app, topic, &payload)?;
+        let limits = self.limits();
+        let keys = StreamKeys::new(app, topic);
+        let id = self.sql.next_id();
+        let created_ms = now_ms();
+        let max_age_ms = u64::from(limits.stream_max_age_secs.max(1)) * 1000;
+        let mut redis = self.redis.clone();
+        let (offset, epoch): (u64, u64) = command("EVAL")
+            .arg(PUBLISH_SCRIPT)
+            .arg(3)
+            .arg(&keys.seq)
+            .arg(&keys.stream)
+            .arg(&keys.epoch)
+            .arg(created_ms.max(1))
+            .arg(limits.stream_max_len.max(1))
+            .arg(id)
+            .arg(payload.as_ref())
+            .arg(created_ms)
+            .arg(created_ms.saturating_sub(max_age_ms))
+            .arg(
+                self.key_ttl_secs()
+                    .max(i64::from(limits.stream_max_age_secs)),
+            )
+            .arg(limits.stream_max_age_secs.max(1))
+            .query_async(&mut redis)
+            .await?;
+        Ok(BroadcastMessage {
+            id,
+            app: app.to_string(),
+            topic: topic.to_string(),
+            offset,
+            epoch,
+            payload,
+            created_ms,
+        })
+    }
+
+    async fn history(&self, query: HistoryQuery) -> Result<History, StoreError> {
+        let query = super::validate_history(query)?;
+        let keys = StreamKeys::new(&query.app, &query.topic);
+        let mut redis = self.redis.clone();
+        let first_wanted = query.since_offset.saturating_add(1);
+        let (epoch, offset, entries): (Option<u64>, Option<u64>, Vec<Value>) = redis::pipe()
+            .atomic()
+            .cmd("GET")
+            .arg(&keys.epoch)
+            .cmd("GET")
+            .arg(&keys.seq)
+            .cmd("XRANGE")
+            .arg(&keys.stream)
+            .arg(format!("{first_wanted}-0"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(query.limit)
+            .query_async(&mut redis)
+            .await?;
+        let epoch = epoch.unwrap_or(0);
+        let offset = offset.unwrap_or(0);
+        let entries = entries
+            .into_iter()
+            .filter_map(|entry| stream_entry(&query.app, &query.topic, epoch, entry))
+            .collect();
+        let oldest_kept_ms =
+            now_ms().saturating_sub(u64::from(self.limits().stream_max_age_secs) * 1000);
+        Ok(super::history_answer(
+            &query,
+            epoch,
+            offset,
+            entries,
+            oldest_kept_ms,
+        ))
     }
 }

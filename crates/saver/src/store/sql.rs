@@ -5,15 +5,19 @@
 //! stored as BIGINT (i64).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prost::Message as _;
 use pushgrid_common::{db, now_ms};
-use pushgrid_proto::cluster::{AckItem, Message};
+use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreResponse};
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, AssertSqlSafe, Row};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{MessageIds, MessageStore, StoreLimits};
+use super::{
+    History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore, StoreLimits, Stored,
+};
 use crate::error::StoreError;
 use crate::metrics;
 
@@ -21,13 +25,155 @@ use crate::metrics;
 const INSERT_CHUNK_ROWS: usize = 1000;
 /// Ids per `IN (...)` list.
 const ID_CHUNK: usize = 1000;
+/// (id, app, user) triples per batched ack UPDATE.
+const ACK_CHUNK: usize = 300;
 /// The table recording applied migrations, apart from other roles' tables.
 const MIGRATIONS_TABLE: &str = "_pushgrid_saver_migrations";
+/// Store calls waiting for a group commit; a full queue makes callers wait.
+const COMMIT_QUEUE: usize = 4096;
+/// Background durable writes in flight in `durability = "redis"` mode; beyond
+/// it the durable copy of a push is skipped (and counted), never queued forever.
+const MAX_BACKGROUND_WRITES: usize = 256;
 
+/// How Store calls are written to SQL: many calls share one transaction
+/// with multi-row INSERTs (group commit), `workers` transactions at a time.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCommitConfig {
+    /// Rows one group commit gathers at most (it takes what is queued, never waits).
+    pub batch_rows: usize,
+    /// Group commits in flight at once.
+    pub workers: usize,
+    /// A commit not done by then fails the calls in it (the database is down).
+    pub timeout: Duration,
+}
+
+impl Default for GroupCommitConfig {
+    fn default() -> Self {
+        GroupCommitConfig {
+            batch_rows: 4000,
+            workers: 4,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct CommitJob {
+    messages: Vec<Message>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The queue into the group commit task.
+struct GroupCommit {
+    jobs: mpsc::Sender<CommitJob>,
+}
+
+impl GroupCommit {
+    fn start(pool: AnyPool, config: GroupCommitConfig) -> GroupCommit {
+        let (jobs, queue) = mpsc::channel(COMMIT_QUEUE);
+        tokio::spawn(run_group_commit(pool, config, queue));
+        GroupCommit { jobs }
+    }
+}
+
+/// Takes every queued job (up to `batch_rows` rows) as one batch once a
+/// worker is free, and commits it in one transaction. While all workers are
+/// busy, jobs pile up in the queue and the next batch grows: the busier the
+/// database, the larger its transactions. Ends when every sender is gone.
+async fn run_group_commit(
+    pool: AnyPool,
+    config: GroupCommitConfig,
+    mut queue: mpsc::Receiver<CommitJob>,
+) {
+    let workers = Arc::new(Semaphore::new(config.workers.max(1)));
+    let batch_rows = config.batch_rows.max(1);
+    loop {
+        let Ok(permit) = workers.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut rows = first.messages.len();
+        let mut batch = vec![first];
+        while rows < batch_rows {
+            match queue.try_recv() {
+                Ok(job) => {
+                    rows += job.messages.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let messages: Vec<&Message> = batch.iter().flat_map(|job| &job.messages).collect();
+            let result =
+                match tokio::time::timeout(config.timeout, insert_all(&pool, &messages)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err(format!("commit not done in {:?}", config.timeout)),
+                };
+            drop(permit);
+            metrics::group_commit(messages.len(), batch.len(), started.elapsed());
+            for job in batch {
+                let _ = job.done.send(result.clone());
+            }
+        });
+    }
+}
+
+/// Inserts `messages` in one transaction, a multi-row INSERT per chunk.
+async fn insert_all(pool: &AnyPool, messages: &[&Message]) -> Result<(), StoreError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut transaction = pool.begin().await?;
+    insert_rows(&mut transaction, messages).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+async fn insert_rows(
+    connection: &mut AnyConnection,
+    messages: &[&Message],
+) -> Result<(), StoreError> {
+    for chunk in messages.chunks(INSERT_CHUNK_ROWS) {
+        let mut sql = String::from(
+            "INSERT INTO messages (id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts) VALUES ",
+        );
+        for index in 0..chunk.len() {
+            sql.push_str(if index == 0 { "" } else { ", " });
+            sql.push_str("(?, ?, ?, ?, ?, ?, NULL, 0)");
+        }
+        // Generated from a fixed fragment repeated; every value is a bound parameter.
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for message in chunk {
+            query = query
+                .bind(id_to_sql(message.id))
+                .bind(message.app.clone())
+                .bind(message.user.clone())
+                .bind(message.payload.to_vec())
+                .bind(ms_to_sql(message.created_ms))
+                .bind(ms_to_sql(message.expires_ms));
+        }
+        query.execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
+}
+
+/// Cheap to clone: clones share the pool, ids and group commit.
+#[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
     ids: Arc<MessageIds>,
     limits: StoreLimits,
+    group_commit: Option<Arc<GroupCommit>>,
+    background_writes: Arc<Semaphore>,
 }
 
 impl SqlStore {
@@ -54,7 +200,16 @@ impl SqlStore {
             pool,
             ids: Arc::new(MessageIds::fixed(0)),
             limits: StoreLimits::default(),
+            group_commit: None,
+            background_writes: Arc::new(Semaphore::new(MAX_BACKGROUND_WRITES)),
         }
+    }
+
+    /// Writes Store calls through a group commit (a task on the current
+    /// runtime) instead of one transaction per call.
+    pub fn with_group_commit(mut self, config: GroupCommitConfig) -> SqlStore {
+        self.group_commit = Some(Arc::new(GroupCommit::start(self.pool.clone(), config)));
+        self
     }
 
     pub fn with_ids(mut self, ids: MessageIds) -> SqlStore {
@@ -85,26 +240,190 @@ impl SqlStore {
         super::new_messages(&self.ids, &self.limits, app, users, payload, ttl_secs)
     }
 
+    /// One new message id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.ids.next_ids(1)[0]
+    }
+
+    /// Forgets an idempotency key (its Store call failed after SQL took it).
+    pub(crate) async fn forget_key(&self, app: &str, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency WHERE app = ? AND idem_key = ?")
+            .bind(app.to_string())
+            .bind(key.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Closes the pool, waiting for connections in use to come back.
     pub async fn close(&self) {
         self.pool.close().await;
     }
 
-    /// Inserts `messages` in one transaction, a multi-row INSERT per chunk.
+    /// Makes `messages` durable: through the group commit when there is
+    /// one, else in a transaction of their own.
     pub(crate) async fn insert(&self, messages: &[Message]) -> Result<(), StoreError> {
         if messages.is_empty() {
             return Ok(());
         }
+        let Some(group_commit) = &self.group_commit else {
+            let messages: Vec<&Message> = messages.iter().collect();
+            return insert_all(&self.pool, &messages).await;
+        };
+        let (done, committed) = oneshot::channel();
+        let job = CommitJob {
+            messages: messages.to_vec(),
+            done,
+        };
+        group_commit
+            .jobs
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Commit("group commit stopped".into()))?;
+        committed
+            .await
+            .map_err(|_| StoreError::Commit("group commit stopped".into()))?
+            .map_err(StoreError::Commit)
+    }
+
+    /// Writes `messages` without waiting (`durability = "redis"`). When too
+    /// many writes are in flight the durable copy is skipped and counted.
+    pub(crate) fn insert_in_background(&self, messages: Vec<Message>) {
+        let Ok(permit) = self.background_writes.clone().try_acquire_owned() else {
+            metrics::durable_copy_failed(messages.len());
+            tracing::warn!(
+                count = messages.len(),
+                "too many durable writes in flight, skipping"
+            );
+            return;
+        };
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.insert(&messages).await {
+                metrics::durable_copy_failed(messages.len());
+                tracing::warn!(%error, count = messages.len(), "durable copy failed");
+            }
+            drop(permit);
+        });
+    }
+
+    /// The answer an idempotency key already has, if it is under 24 h old.
+    pub(crate) async fn idempotent_answer(
+        &self,
+        app: &str,
+        key: &str,
+    ) -> Result<Option<Stored>, StoreError> {
+        let row = sqlx::query(
+            "SELECT response FROM idempotency WHERE app = ? AND idem_key = ? AND created_ms > ?",
+        )
+        .bind(app.to_string())
+        .bind(key.to_string())
+        .bind(ms_to_sql(now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS)))
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let bytes: Vec<u8> = row.try_get("response")?;
+        let response = StoreResponse::decode(bytes.as_slice())
+            .map_err(|error| StoreError::Corrupt(format!("idempotency answer: {error}")))?;
+        Ok(Some(Stored {
+            messages: response.messages,
+            replayed: true,
+        }))
+    }
+
+    /// Stores `messages` under an idempotency key in one transaction; when the
+    /// key was taken meanwhile, stores nothing and returns the first answer.
+    pub(crate) async fn insert_with_key(
+        &self,
+        app: &str,
+        key: &str,
+        messages: &[Message],
+    ) -> Result<Option<Stored>, StoreError> {
+        let now = now_ms();
+        let response = StoreResponse {
+            messages: messages.to_vec(),
+            replayed: false,
+        }
+        .encode_to_vec();
         let mut transaction = self.pool.begin().await?;
-        for chunk in messages.chunks(INSERT_CHUNK_ROWS) {
+        sqlx::query("DELETE FROM idempotency WHERE app = ? AND idem_key = ? AND created_ms <= ?")
+            .bind(app.to_string())
+            .bind(key.to_string())
+            .bind(ms_to_sql(now.saturating_sub(IDEMPOTENCY_WINDOW_MS)))
+            .execute(&mut *transaction)
+            .await?;
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency (app, idem_key, response, created_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind(app.to_string())
+        .bind(key.to_string())
+        .bind(response)
+        .bind(ms_to_sql(now))
+        .execute(&mut *transaction)
+        .await;
+        match claimed {
+            Ok(_) => {}
+            Err(error) if is_unique_violation(&error) => {
+                drop(transaction);
+                return self.idempotent_answer(app, key).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+        let rows: Vec<&Message> = messages.iter().collect();
+        insert_rows(&mut transaction, &rows).await?;
+        transaction.commit().await?;
+        Ok(None)
+    }
+
+    /// Moves messages to the dead letters; returns how many moved. With
+    /// `claim` the message row must still be live (so concurrent callers move
+    /// it once); without, the caller already owns it (removed it from Redis).
+    pub(crate) async fn dead_letter(
+        &self,
+        messages: &[Message],
+        claim: bool,
+    ) -> Result<u64, StoreError> {
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        let now = ms_to_sql(now_ms());
+        let mut transaction = self.pool.begin().await?;
+        let mut moved = Vec::with_capacity(messages.len());
+        for message in messages {
+            let expired = sqlx::query(
+                "UPDATE messages SET expires_ms = ? WHERE id = ? AND acked_ms IS NULL AND expires_ms > ?",
+            )
+            .bind(now)
+            .bind(id_to_sql(message.id))
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            if expired == 1 || !claim {
+                moved.push(message);
+            }
+        }
+        for chunk in moved.chunks(INSERT_CHUNK_ROWS) {
+            // A message dead-lettered before (its SQL row was late) is not moved twice.
+            let ids: Vec<i64> = chunk.iter().map(|message| id_to_sql(message.id)).collect();
+            let sql = format!(
+                "DELETE FROM dead_letters WHERE id IN ({})",
+                placeholders(ids.len())
+            );
+            let mut delete = sqlx::query(AssertSqlSafe(sql));
+            for id in &ids {
+                delete = delete.bind(*id);
+            }
+            delete.execute(&mut *transaction).await?;
             let mut sql = String::from(
-                "INSERT INTO messages (id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts) VALUES ",
+                "INSERT INTO dead_letters (id, app, user_id, payload, created_ms, attempts, dead_ms) VALUES ",
             );
             for index in 0..chunk.len() {
                 sql.push_str(if index == 0 { "" } else { ", " });
-                sql.push_str("(?, ?, ?, ?, ?, ?, NULL, 0)");
+                sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
             }
-            // Generated from a fixed fragment repeated; every value is a bound parameter.
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for message in chunk {
                 query = query
@@ -113,12 +432,146 @@ impl SqlStore {
                     .bind(message.user.clone())
                     .bind(message.payload.to_vec())
                     .bind(ms_to_sql(message.created_ms))
-                    .bind(ms_to_sql(message.expires_ms));
+                    .bind(i64::from(message.attempts))
+                    .bind(now);
             }
             query.execute(&mut *transaction).await?;
         }
         transaction.commit().await?;
-        Ok(())
+        metrics::dead_lettered(moved.len() as u64);
+        Ok(moved.len() as u64)
+    }
+
+    /// Appends to a topic's stream: the next offset in the topic's epoch
+    /// (a new epoch for a new topic), then trims by length and age.
+    pub(crate) async fn publish_sql(
+        &self,
+        app: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<BroadcastMessage, StoreError> {
+        let id = self.next_id();
+        let created_ms = now_ms();
+        // A new topic's row may be inserted by two callers at once: retry the loser.
+        for _ in 0..3 {
+            let mut transaction = self.pool.begin().await?;
+            let bumped = sqlx::query(
+                "UPDATE broadcast_topics SET last_seq = last_seq + 1 WHERE app = ? AND topic = ?",
+            )
+            .bind(app.to_string())
+            .bind(topic.to_string())
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            if bumped == 0 {
+                let created = sqlx::query(
+                    "INSERT INTO broadcast_topics (app, topic, epoch, last_seq) VALUES (?, ?, ?, 1)",
+                )
+                .bind(app.to_string())
+                .bind(topic.to_string())
+                .bind(ms_to_sql(created_ms.max(1)))
+                .execute(&mut *transaction)
+                .await;
+                match created {
+                    Ok(_) => {}
+                    Err(error) if is_unique_violation(&error) => continue,
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            let row = sqlx::query(
+                "SELECT epoch, last_seq FROM broadcast_topics WHERE app = ? AND topic = ?",
+            )
+            .bind(app.to_string())
+            .bind(topic.to_string())
+            .fetch_one(&mut *transaction)
+            .await?;
+            let epoch: i64 = row.try_get("epoch")?;
+            let offset: i64 = row.try_get("last_seq")?;
+            sqlx::query(
+                "INSERT INTO broadcasts (app, topic, seq, id, payload, created_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(app.to_string())
+            .bind(topic.to_string())
+            .bind(offset)
+            .bind(id_to_sql(id))
+            .bind(payload.to_vec())
+            .bind(ms_to_sql(created_ms))
+            .execute(&mut *transaction)
+            .await?;
+            let oldest_kept_ms =
+                created_ms.saturating_sub(u64::from(self.limits.stream_max_age_secs) * 1000);
+            sqlx::query(
+                "DELETE FROM broadcasts WHERE app = ? AND topic = ? AND (seq <= ? OR created_ms < ?)",
+            )
+            .bind(app.to_string())
+            .bind(topic.to_string())
+            .bind(offset - i64::from(self.limits.stream_max_len.max(1)))
+            .bind(ms_to_sql(oldest_kept_ms))
+            .execute(&mut *transaction)
+            .await?;
+            transaction.commit().await?;
+            return Ok(BroadcastMessage {
+                id,
+                app: app.to_string(),
+                topic: topic.to_string(),
+                offset: u64::try_from(offset).unwrap_or(0),
+                epoch: u64::try_from(epoch).unwrap_or(0),
+                payload,
+                created_ms,
+            });
+        }
+        Err(StoreError::Commit(format!(
+            "topic {topic:?} kept changing under publish"
+        )))
+    }
+
+    pub(crate) async fn history_sql(&self, query: &HistoryQuery) -> Result<History, StoreError> {
+        let row =
+            sqlx::query("SELECT epoch, last_seq FROM broadcast_topics WHERE app = ? AND topic = ?")
+                .bind(query.app.clone())
+                .bind(query.topic.clone())
+                .fetch_optional(&self.pool)
+                .await?;
+        let (epoch, offset) = match row {
+            Some(row) => (
+                u64::try_from(row.try_get::<i64, _>("epoch")?).unwrap_or(0),
+                u64::try_from(row.try_get::<i64, _>("last_seq")?).unwrap_or(0),
+            ),
+            None => (0, 0),
+        };
+        let mut entries = Vec::new();
+        if query.epoch != 0 && query.epoch == epoch && query.since_offset < offset {
+            let rows = sqlx::query(
+                "SELECT seq, id, payload, created_ms FROM broadcasts \
+                 WHERE app = ? AND topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+            )
+            .bind(query.app.clone())
+            .bind(query.topic.clone())
+            .bind(i64::try_from(query.since_offset).unwrap_or(i64::MAX))
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.pool)
+            .await?;
+            for row in &rows {
+                entries.push(BroadcastMessage {
+                    id: u64::try_from(row.try_get::<i64, _>("id")?).unwrap_or(0),
+                    app: query.app.clone(),
+                    topic: query.topic.clone(),
+                    offset: u64::try_from(row.try_get::<i64, _>("seq")?).unwrap_or(0),
+                    epoch,
+                    payload: Bytes::from(row.try_get::<Vec<u8>, _>("payload")?),
+                    created_ms: u64::try_from(row.try_get::<i64, _>("created_ms")?).unwrap_or(0),
+                });
+            }
+        }
+        let oldest_kept_ms =
+            now_ms().saturating_sub(u64::from(self.limits.stream_max_age_secs) * 1000);
+        Ok(super::history_answer(
+            query,
+            epoch,
+            offset,
+            entries,
+            oldest_kept_ms,
+        ))
     }
 
     /// The oldest `limit` unacked, unexpired messages of a user, as stored
@@ -160,33 +613,35 @@ impl SqlStore {
     }
 
     /// Marks acked every listed message not acked yet; returns how many.
+    /// Every item's ids go into shared UPDATEs, `ACK_CHUNK` ids each.
     pub(crate) async fn mark_acked(&self, items: &[AckItem]) -> Result<u64, StoreError> {
         let acked_ms = ms_to_sql(now_ms());
+        // Ids at or above 2^63 were never made by a saver: nothing to ack.
+        let triples: Vec<(i64, &str, &str)> = items
+            .iter()
+            .flat_map(|item| {
+                item.msg_ids.iter().filter_map(move |id| {
+                    i64::try_from(*id)
+                        .ok()
+                        .map(|id| (id, item.app.as_str(), item.user.as_str()))
+                })
+            })
+            .collect();
         let mut acked = 0;
-        let mut transaction = self.pool.begin().await?;
-        for item in items {
-            // Ids at or above 2^63 were never made by a saver: nothing to ack.
-            let ids: Vec<i64> = item
-                .msg_ids
-                .iter()
-                .filter_map(|id| i64::try_from(*id).ok())
-                .collect();
-            for chunk in ids.chunks(ID_CHUNK) {
-                let sql = format!(
-                    "UPDATE messages SET acked_ms = ? WHERE app = ? AND user_id = ? AND acked_ms IS NULL AND id IN ({})",
-                    placeholders(chunk.len())
-                );
-                let mut query = sqlx::query(AssertSqlSafe(sql))
-                    .bind(acked_ms)
-                    .bind(item.app.clone())
-                    .bind(item.user.clone());
-                for id in chunk {
-                    query = query.bind(*id);
-                }
-                acked += query.execute(&mut *transaction).await?.rows_affected();
+        for chunk in triples.chunks(ACK_CHUNK) {
+            let mut sql =
+                String::from("UPDATE messages SET acked_ms = ? WHERE acked_ms IS NULL AND (");
+            for index in 0..chunk.len() {
+                sql.push_str(if index == 0 { "" } else { " OR " });
+                sql.push_str("(id = ? AND app = ? AND user_id = ?)");
             }
+            sql.push(')');
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(acked_ms);
+            for (id, app, user) in chunk {
+                query = query.bind(*id).bind(app.to_string()).bind(user.to_string());
+            }
+            acked += query.execute(&self.pool).await?.rows_affected();
         }
-        transaction.commit().await?;
         Ok(acked)
     }
 
@@ -288,10 +743,49 @@ impl MessageStore for SqlStore {
         Ok(messages)
     }
 
+    async fn store_once(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+        idempotency_key: &str,
+    ) -> Result<Stored, StoreError> {
+        super::validate_idempotency_key(idempotency_key)?;
+        if idempotency_key.is_empty() {
+            let messages = self.store(app, users, payload, ttl_secs).await?;
+            return Ok(Stored {
+                messages,
+                replayed: false,
+            });
+        }
+        super::validate_store(app, users, &payload)?;
+        if let Some(first) = self.idempotent_answer(app, idempotency_key).await? {
+            return Ok(first);
+        }
+        let messages = self.new_messages(app, users, &payload, ttl_secs);
+        if let Some(first) = self
+            .insert_with_key(app, idempotency_key, &messages)
+            .await?
+        {
+            return Ok(first);
+        }
+        Ok(Stored {
+            messages,
+            replayed: false,
+        })
+    }
+
     async fn pending(&self, app: &str, user: &str, limit: u32) -> Result<Vec<Message>, StoreError> {
         let limit = super::validate_pending(app, user, limit)?;
         metrics::inbox_dropped(self.drop_over_cap(app, user).await?);
-        let mut messages = self.unacked(app, user, limit).await?;
+        let max_attempts = self.limits.max_attempts.max(1);
+        let (dead, mut messages): (Vec<Message>, Vec<Message>) = self
+            .unacked(app, user, limit)
+            .await?
+            .into_iter()
+            .partition(|message| message.attempts >= max_attempts);
+        self.dead_letter(&dead, true).await?;
         let ids: Vec<u64> = messages.iter().map(|message| message.id).collect();
         self.count_attempts(&ids).await?;
         for message in &mut messages {
@@ -303,6 +797,21 @@ impl MessageStore for SqlStore {
     async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError> {
         super::validate_ack(&items)?;
         self.mark_acked(&items).await
+    }
+
+    async fn publish(
+        &self,
+        app: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<BroadcastMessage, StoreError> {
+        let topic = super::validate_publish(app, topic, &payload)?;
+        self.publish_sql(app, topic, payload).await
+    }
+
+    async fn history(&self, query: HistoryQuery) -> Result<History, StoreError> {
+        let query = super::validate_history(query)?;
+        self.history_sql(&query).await
     }
 }
 

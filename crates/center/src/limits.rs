@@ -1,0 +1,87 @@
+//! Per-app token buckets (governor) for the push API. Rates come from the app's
+//! config in keeper; a changed rate takes effect on the next request.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use pushgrid_proto::cluster::App;
+
+#[derive(Default)]
+pub(crate) struct AppLimits {
+    /// app id -> (rate, burst, bucket)
+    buckets: DashMap<String, (u32, u32, Arc<DefaultDirectRateLimiter>)>,
+}
+
+impl AppLimits {
+    /// Takes one token of the app's bucket, or says how long until one is free.
+    pub fn check(&self, app: &App) -> Result<(), Duration> {
+        let Some(rate) = NonZeroU32::new(app.rate_per_sec) else {
+            return Ok(());
+        };
+        let burst = NonZeroU32::new(app.rate_burst).unwrap_or(rate);
+        let bucket = {
+            let mut entry = self.buckets.entry(app.id.clone()).or_insert_with(|| {
+                (
+                    rate.get(),
+                    burst.get(),
+                    Arc::new(RateLimiter::direct(
+                        Quota::per_second(rate).allow_burst(burst),
+                    )),
+                )
+            });
+            if entry.0 != rate.get() || entry.1 != burst.get() {
+                *entry = (
+                    rate.get(),
+                    burst.get(),
+                    Arc::new(RateLimiter::direct(
+                        Quota::per_second(rate).allow_burst(burst),
+                    )),
+                );
+            }
+            entry.2.clone()
+        };
+        bucket
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn burst_then_refused_and_unlimited_apps_pass() {
+        let limits = AppLimits::default();
+        let app = App {
+            id: "a".into(),
+            rate_per_sec: 1,
+            rate_burst: 3,
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            assert!(limits.check(&app).is_ok());
+        }
+        let wait = limits.check(&app).unwrap_err();
+        assert!(wait <= Duration::from_secs(1));
+        let unlimited = App {
+            id: "b".into(),
+            ..Default::default()
+        };
+        for _ in 0..1000 {
+            assert!(limits.check(&unlimited).is_ok());
+        }
+        // A raised rate replaces the bucket at once.
+        let raised = App {
+            rate_per_sec: 100,
+            rate_burst: 100,
+            ..app
+        };
+        assert!(limits.check(&raised).is_ok());
+    }
+}

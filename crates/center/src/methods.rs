@@ -1,0 +1,210 @@
+//! The push API's other methods: `kick`, `presence`, `stats`, `info`.
+//! Same envelope, authentication and error codes as `push` (see `api.rs`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::post;
+use pushgrid_proto::client::KickCode;
+use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
+use pushgrid_proto::cluster::register_client::RegisterClient;
+use pushgrid_proto::cluster::{KickRequest, LookupRequest, Role, UserKey};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::{ApiError, ApiState, authenticate, ok, parse_json, rate_limit, unavailable};
+
+pub(crate) fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/api/kick", post(kick))
+        .route("/api/presence", post(presence))
+        .route("/api/stats", post(stats))
+        .route("/api/info", post(info))
+        .with_state(state)
+}
+
+fn check_user(user: &str) -> Result<(), ApiError> {
+    if user.is_empty() || user.len() > 255 {
+        return Err(ApiError::bad_request(
+            "user: a user id must be 1 to 255 bytes",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KickParams {
+    user: String,
+    #[serde(default)]
+    device: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Closes a user's connections (or one device's) with a KICK frame.
+async fn kick(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &headers)?;
+    rate_limit(&state, &app)?;
+    let params: KickParams = parse_json(&state, body).await?;
+    check_user(&params.user)?;
+    let view = state.cluster.view();
+    let coordinator = view
+        .pick(
+            Role::Coordinator,
+            pushgrid_common::ring::user_key(&app.id, &params.user),
+        )
+        .ok_or_else(|| unavailable("no coordinator is live"))?;
+    let request = KickRequest {
+        app: app.id.clone(),
+        user: params.user,
+        device: params.device,
+        code: KickCode::ByApi as i32,
+        reason: if params.reason.is_empty() {
+            "kicked by the application".into()
+        } else {
+            params.reason
+        },
+        ..Default::default()
+    };
+    let channel = state
+        .channels
+        .get(&coordinator.grpc_addr)
+        .map_err(ApiError::from_status)?;
+    let kicked = CoordinatorClient::new(channel)
+        .kick(request)
+        .await
+        .map_err(ApiError::from_status)?
+        .into_inner()
+        .kicked;
+    Ok(ok(json!({ "kicked": kicked })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceParams {
+    user: String,
+}
+
+/// A user's live sessions.
+async fn presence(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &headers)?;
+    rate_limit(&state, &app)?;
+    let params: PresenceParams = parse_json(&state, body).await?;
+    check_user(&params.user)?;
+    let view = state.cluster.view();
+    let register = view
+        .register_for(&app.id, &params.user)
+        .ok_or_else(|| unavailable("no register is live"))?;
+    let channel = state
+        .channels
+        .get(&register.grpc_addr)
+        .map_err(ApiError::from_status)?;
+    let lookup = LookupRequest {
+        users: vec![UserKey {
+            app: app.id.clone(),
+            user: params.user.clone(),
+        }],
+    };
+    let sessions = RegisterClient::new(channel)
+        .lookup(lookup)
+        .await
+        .map_err(ApiError::from_status)?
+        .into_inner()
+        .sessions;
+    let sessions: Vec<_> = sessions
+        .iter()
+        .map(|session| {
+            json!({
+                "device": session.device,
+                "platform": session.platform,
+                "room": session.room,
+                "conn_id": session.conn_id.to_string(),
+                "since_ms": session.since_ms,
+            })
+        })
+        .collect();
+    Ok(ok(
+        json!({ "user": params.user, "online": !sessions.is_empty(), "sessions": sessions }),
+    ))
+}
+
+/// Accepts `{}` (or an empty body) for methods without parameters.
+async fn no_params(state: &ApiState, body: Body) -> Result<(), ApiError> {
+    let bytes = axum::body::to_bytes(body, state.config.max_request_bytes)
+        .await
+        .map_err(|_| ApiError::bad_request("request body too large"))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    serde_json::from_slice::<Empty>(&bytes)
+        .map(|_| ())
+        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
+}
+
+/// Connections overall and per room, and the routing queue's depth.
+async fn stats(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &headers)?;
+    rate_limit(&state, &app)?;
+    no_params(&state, body).await?;
+    let view = state.cluster.view();
+    let rooms: Vec<_> = view
+        .nodes_of(Role::Room)
+        .map(|room| json!({ "node": room.id, "connections": room.load }))
+        .collect();
+    let online: u64 = view.nodes_of(Role::Room).map(|room| room.load).sum();
+    Ok(ok(json!({
+        "connections": online,
+        "rooms": rooms,
+        "route_queue": { "depth": state.workers.depth(), "capacity": state.config.route_queue },
+    })))
+}
+
+/// The live nodes of the cluster.
+async fn info(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &headers)?;
+    rate_limit(&state, &app)?;
+    no_params(&state, body).await?;
+    let view = state.cluster.view();
+    let nodes: Vec<_> = view
+        .nodes
+        .iter()
+        .map(|node| {
+            json!({
+                "id": node.id,
+                "role": node.role().as_str_name().trim_start_matches("ROLE_").to_lowercase(),
+                "grpc": node.grpc_addr,
+                "http": node.http_addr,
+                "tcp": node.tcp_addr,
+                "admin": node.admin_addr,
+                "load": node.load,
+                "started_ms": node.started_ms,
+                "labels": node.labels,
+            })
+        })
+        .collect();
+    Ok(ok(json!({ "nodes": nodes })))
+}
