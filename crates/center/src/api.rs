@@ -25,6 +25,8 @@ pub(crate) struct ApiState {
     pub workers: WorkerPool,
     pub channels: pushgrid_common::rpc::ChannelPool,
     pub limits: crate::limits::AppLimits,
+    /// Broadcast fan-outs in flight; none free answers 503.
+    pub broadcasts: Arc<tokio::sync::Semaphore>,
 }
 
 /// An API failure: the HTTP status, a stable machine-readable code and a
@@ -89,6 +91,34 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         })
         .with_state(state)
         .layer(pushgrid_common::http_stats::HttpStatsLayer::new("center"))
+}
+
+/// A payload given as text or as base64, within the size limit.
+pub(crate) fn decode_payload(state: &ApiState, text: Option<String>, base64_text: Option<String>) -> Result<Bytes, ApiError> {
+    let payload = match (text, base64_text) {
+        (Some(text), None) => Bytes::from(text),
+        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_bytes())
+            .map(Bytes::from)
+            .map_err(|error| ApiError::bad_request(format!("payload_b64: not valid base64: {error}")))?,
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give payload or payload_b64, not both")),
+        (None, None) => return Err(ApiError::bad_request("payload or payload_b64 is required")),
+    };
+    if payload.len() > state.config.max_payload_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("payload of {} bytes exceeds {} bytes", payload.len(), state.config.max_payload_bytes),
+        ));
+    }
+    Ok(payload)
+}
+
+/// 503 with Retry-After: a bounded queue is full and nothing was stored.
+pub(crate) fn overloaded(state: &ApiState, message: &str) -> ApiError {
+    let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
+    error.retry_after_secs = Some(state.config.retry_after_secs);
+    error
 }
 
 /// 503 for a missing peer role.
@@ -205,42 +235,11 @@ async fn push(
             "users[{index}]: a user id must be 1 to 255 bytes"
         )));
     }
-    let payload = match (request.payload, request.payload_b64) {
-        (Some(text), None) => Bytes::from(text),
-        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-            .decode(encoded.as_bytes())
-            .map(Bytes::from)
-            .map_err(|error| {
-                ApiError::bad_request(format!("payload_b64: not valid base64: {error}"))
-            })?,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "give payload or payload_b64, not both",
-            ));
-        }
-        (None, None) => return Err(ApiError::bad_request("payload or payload_b64 is required")),
-    };
-    if payload.len() > state.config.max_payload_bytes {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "payload of {} bytes exceeds {} bytes",
-                payload.len(),
-                state.config.max_payload_bytes
-            ),
-        ));
-    }
+    let payload = decode_payload(&state, request.payload, request.payload_b64)?;
 
     // A place in the routing queue first: when it is full nothing is stored.
     let Some(slot) = state.workers.reserve() else {
-        let mut error = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "routing queue is full; retry later",
-        );
-        error.retry_after_secs = Some(state.config.retry_after_secs);
-        return Err(error);
+        return Err(overloaded(&state, "routing queue is full; retry later"));
     };
 
     let view = state.cluster.view();

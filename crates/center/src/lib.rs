@@ -42,6 +42,8 @@ pub struct CenterConfig {
     pub route_workers: usize,
     /// Pushes waiting for a routing worker before the API answers 503.
     pub route_queue: usize,
+    /// Broadcast fan-outs in flight before the API answers 503.
+    pub broadcast_in_flight: usize,
     /// Seconds a client is told to wait when the queue is full.
     pub retry_after_secs: u32,
     /// Token for `/dashboard` (Bearer header or `?token=`); empty falls back
@@ -61,6 +63,7 @@ impl Default for CenterConfig {
             route_workers: 8,
             route_queue: 10_000,
             retry_after_secs: 1,
+            broadcast_in_flight: 256,
             admin_token: String::new(),
         }
     }
@@ -118,6 +121,7 @@ pub async fn run(
         workers: workers.clone(),
         channels: pushgrid_common::rpc::ChannelPool::new(2),
         limits: limits::AppLimits::default(),
+        broadcasts: Arc::new(tokio::sync::Semaphore::new(config.broadcast_in_flight.max(1))),
     });
 
     tracing::info!(node = %node_id, %http_addr, "center serving");

@@ -12,7 +12,9 @@ use axum::routing::post;
 use pushgrid_proto::client::KickCode;
 use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
-use pushgrid_proto::cluster::{KickRequest, LookupRequest, Role, UserKey};
+use pushgrid_proto::cluster::room_client::RoomClient;
+use pushgrid_proto::cluster::saver_client::SaverClient;
+use pushgrid_proto::cluster::{KickRequest, LookupRequest, PublishRequest, Role, RoomBroadcastRequest, UserKey};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -24,6 +26,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/api/presence", post(presence))
         .route("/api/stats", post(stats))
         .route("/api/info", post(info))
+        .route("/api/broadcast", post(broadcast))
         .with_state(state)
 }
 
@@ -139,6 +142,72 @@ async fn presence(
     Ok(ok(
         json!({ "user": params.user, "online": !sessions.is_empty(), "sessions": sessions }),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastParams {
+    /// Empty or absent: every device of the app (the topic `all`).
+    #[serde(default)]
+    topic: String,
+    #[serde(default)]
+    payload: Option<String>,
+    #[serde(default)]
+    payload_b64: Option<String>,
+}
+
+/// Longest topic name (rooms refuse longer ones too).
+const MAX_TOPIC_BYTES: usize = 128;
+
+/// Appends to the topic's stream in saver (offset, epoch), answers, then
+/// hands the message to every room, one subtask per room.
+async fn broadcast(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &headers)?;
+    rate_limit(&state, &app)?;
+    let params: BroadcastParams = parse_json(&state, body).await?;
+    let topic = if params.topic.is_empty() { "all".to_string() } else { params.topic };
+    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
+        return Err(ApiError::bad_request(format!("topic: must be 1 to {MAX_TOPIC_BYTES} bytes without NUL")));
+    }
+    let payload = crate::api::decode_payload(&state, params.payload, params.payload_b64)?;
+    // A place among the fan-outs in flight first: when full, nothing is stored.
+    let Some(permit) = state.broadcasts.clone().try_acquire_owned().ok() else {
+        return Err(crate::api::overloaded(&state, "broadcast fan-outs are at their limit; retry later"));
+    };
+    let view = state.cluster.view();
+    let saver = view
+        .pick(Role::Saver, pushgrid_common::ring::user_key(&app.id, &topic))
+        .ok_or_else(|| unavailable("no saver is live"))?;
+    let channel = state.channels.get(&saver.grpc_addr).map_err(ApiError::from_status)?;
+    let request = PublishRequest { app: app.id.clone(), topic: topic.clone(), payload };
+    let message = SaverClient::new(channel)
+        .publish(request)
+        .await
+        .map_err(ApiError::from_status)?
+        .into_inner()
+        .message
+        .ok_or_else(|| unavailable("saver answered without the stored message"))?;
+    metrics::counter!("pushgrid_center_broadcasts_total").increment(1);
+    let answer = json!({ "id": message.id.to_string(), "topic": topic, "offset": message.offset, "epoch": message.epoch });
+    let rooms: Vec<String> = view.nodes_of(Role::Room).map(|room| room.grpc_addr.clone()).collect();
+    let channels: Vec<_> = rooms.iter().filter_map(|addr| state.channels.get(addr).ok()).collect();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let subtasks = channels.into_iter().map(|channel| {
+            let request = RoomBroadcastRequest { message: Some(message.clone()) };
+            async move { RoomClient::new(channel).broadcast(request).await.map(|answer| answer.into_inner().delivered) }
+        });
+        let mut delivered = 0u64;
+        for result in futures::future::join_all(subtasks).await {
+            match result {
+                Ok(count) => delivered += u64::from(count),
+                // Devices of that room recover the message by offset when they resubscribe.
+                Err(status) => tracing::warn!(error = %status.message(), "broadcast subtask failed"),
+            }
+        }
+        metrics::counter!("pushgrid_center_broadcast_deliveries_total").increment(delivered);
+    });
+    Ok(ok(answer))
 }
 
 /// Accepts `{}` (or an empty body) for methods without parameters.

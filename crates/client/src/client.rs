@@ -115,6 +115,15 @@ pub enum Event {
         code: msg::ErrorCode,
         message: String,
     },
+    /// The server answered a SUB: `recovered` says whether the messages missed
+    /// since the last known offset were replayed (they arrive as `Push` events
+    /// before this one); `false` after a gap means they are gone for good.
+    Subscribed {
+        topic: String,
+        recovered: bool,
+        offset: u64,
+        epoch: u64,
+    },
     /// The server answered (or the connection lost) an UPSTREAM frame.
     UpstreamAck {
         seq: u32,
@@ -155,6 +164,8 @@ fn bump(counter: &AtomicU64, by: u64) {
 
 enum Command {
     Ack(Vec<u64>),
+    Subscribe(String),
+    Unsubscribe(String),
     Upstream(UpstreamRequest),
     Reconnect,
     Close(oneshot::Sender<()>),
@@ -284,6 +295,21 @@ impl Client {
         }
     }
 
+    /// Subscribes to a topic (`"all"` or `""`: the app-wide topic). The client
+    /// remembers the last offset and epoch it received and, after every
+    /// reconnect, subscribes again from there, so the server replays what was
+    /// missed or says it cannot ([`Event::Subscribed`]).
+    pub async fn subscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
+        let topic = normalize_topic(topic.into())?;
+        self.commands.send(Command::Subscribe(topic)).await.map_err(|_| ClientError::ClientClosed)
+    }
+
+    /// Stops a subscription.
+    pub async fn unsubscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
+        let topic = normalize_topic(topic.into())?;
+        self.commands.send(Command::Unsubscribe(topic)).await.map_err(|_| ClientError::ClientClosed)
+    }
+
     /// Drops the current connection and reconnects at once (no backoff), as after
     /// a network change. Does nothing while no connection is up.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
@@ -356,6 +382,26 @@ enum ConnectOutcome {
     Close(Option<oneshot::Sender<()>>),
 }
 
+/// Longest topic the server accepts.
+const MAX_TOPIC_BYTES: usize = 128;
+
+fn normalize_topic(topic: String) -> Result<String, ClientError> {
+    if topic.is_empty() {
+        return Ok("all".into());
+    }
+    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
+        return Err(ClientError::Protocol(format!("a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL")));
+    }
+    Ok(topic)
+}
+
+/// Where a subscription stands: the last offset received in an epoch.
+#[derive(Debug, Clone, Copy, Default)]
+struct TopicPosition {
+    offset: u64,
+    epoch: u64,
+}
+
 struct InFlight {
     client_msg_id: String,
     reply: oneshot::Sender<Result<(), ClientError>>,
@@ -376,6 +422,8 @@ struct Worker {
     dispatched: Option<(Vec<String>, Instant)>,
     /// Where a KICK told us to go next.
     redirect: Option<String>,
+    /// Subscribed topics and their positions, resent after every connect.
+    topics: HashMap<String, TopicPosition>,
 }
 
 impl Worker {
@@ -412,6 +460,7 @@ impl Worker {
             http,
             dispatched: None,
             redirect: None,
+            topics: HashMap::new(),
         }
     }
 
@@ -551,6 +600,13 @@ impl Worker {
                     }
                     Some(Command::Ack(msg_ids)) => self.queue_acks(msg_ids),
                     Some(Command::Upstream(request)) => self.queue_upstream(request),
+                    // Sent when the next connection is up.
+                    Some(Command::Subscribe(topic)) => {
+                        self.topics.entry(topic).or_default();
+                    }
+                    Some(Command::Unsubscribe(topic)) => {
+                        self.topics.remove(&topic);
+                    }
                 },
             }
         }
@@ -765,6 +821,13 @@ impl Worker {
                 return SessionEnd::Lost(reason);
             }
         }
+        let topics: Vec<(String, TopicPosition)> =
+            self.topics.iter().map(|(topic, position)| (topic.clone(), *position)).collect();
+        for (topic, position) in topics {
+            if let Err(reason) = send_sub(connection, topic, position).await {
+                return SessionEnd::Lost(reason);
+            }
+        }
 
         // The server closes after 2.5 heartbeats of silence; so do we, with slack.
         let silence_limit = heartbeat * 3;
@@ -789,6 +852,22 @@ impl Worker {
                     Some(Command::Upstream(request)) => {
                         if let Err(reason) = self.send_upstream(connection, request, in_flight).await {
                             return SessionEnd::Lost(reason);
+                        }
+                    }
+                    Some(Command::Subscribe(topic)) => {
+                        if !self.topics.contains_key(&topic) {
+                            self.topics.insert(topic.clone(), TopicPosition::default());
+                            if let Err(reason) = send_sub(connection, topic, TopicPosition::default()).await {
+                                return SessionEnd::Lost(reason);
+                            }
+                        }
+                    }
+                    Some(Command::Unsubscribe(topic)) => {
+                        if self.topics.remove(&topic).is_some() {
+                            let unsub = pushgrid_wire::encode(Op::Unsub, 0, &msg::Unsub { topic });
+                            if let Err(reason) = write(connection, &unsub).await {
+                                return SessionEnd::Lost(reason);
+                            }
                         }
                     }
                 },
@@ -841,6 +920,20 @@ impl Worker {
                     }
                 };
                 self.handle_push(connection, push).await
+            }
+            Op::SubOk => {
+                let ok: msg::SubOk = match frame.decode() {
+                    Ok(ok) => ok,
+                    Err(error) => return Some(SessionEnd::Lost(format!("undecodable SUB_OK: {error}"))),
+                };
+                if let Some(position) = self.topics.get_mut(&ok.topic)
+                    && (!ok.recovered || position.epoch != ok.epoch)
+                {
+                    // Not recoverable (or a first subscription): start from now.
+                    *position = TopicPosition { offset: ok.offset, epoch: ok.epoch };
+                }
+                let event = Event::Subscribed { topic: ok.topic, recovered: ok.recovered, offset: ok.offset, epoch: ok.epoch };
+                if self.emit(event).await { None } else { Some(SessionEnd::EventsGone) }
             }
             Op::UpstreamOk => {
                 let Some(pending) = in_flight.remove(&frame.seq) else {
@@ -906,6 +999,12 @@ impl Worker {
     ) -> Option<SessionEnd> {
         let msg_id = push.msg_id;
         let ackable = push.kind() != msg::PushKind::Broadcast;
+        if !ackable
+            && let Some(position) = self.topics.get_mut(&push.topic)
+            && (push.epoch != position.epoch || push.offset > position.offset)
+        {
+            *position = TopicPosition { offset: push.offset, epoch: push.epoch };
+        }
         let seen = if msg_id == 0 {
             Seen::New
         } else {
@@ -1008,4 +1107,10 @@ async fn write(connection: &mut Connection, bytes: &[u8]) -> Result<(), String> 
         Ok(Err(error)) => Err(format!("write failed: {error}")),
         Err(_) => Err(format!("write blocked for {WRITE_TIMEOUT:?}")),
     }
+}
+
+/// Sends SUB for `topic` from `position` (offset 0, epoch 0: a first subscription).
+async fn send_sub(connection: &mut Connection, topic: String, position: TopicPosition) -> Result<(), String> {
+    let sub = msg::Sub { topic, since_offset: position.offset, epoch: position.epoch };
+    write(connection, &pushgrid_wire::encode(Op::Sub, 0, &sub)).await
 }

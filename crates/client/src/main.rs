@@ -36,6 +36,9 @@ struct Args {
     /// Exit (status 0) after printing this many pushes.
     #[arg(long)]
     count: Option<u64>,
+    /// Subscribe to a broadcast topic (repeatable; `all` is the app-wide one).
+    #[arg(long = "topic", value_name = "TOPIC")]
+    topics: Vec<String>,
     /// Ping interval in seconds (default: what the server says).
     #[arg(long)]
     heartbeat_secs: Option<u64>,
@@ -67,6 +70,12 @@ async fn main() -> ExitCode {
     config.auto_ack = true;
     config.heartbeat = args.heartbeat_secs.map(Duration::from_secs);
     let (client, mut events) = Client::start(config);
+    for topic in &args.topics {
+        if let Err(error) = client.subscribe(topic.clone()).await {
+            eprintln!("error: cannot subscribe to {topic:?}: {error}");
+            return ExitCode::from(2);
+        }
+    }
 
     let mut printed = 0u64;
     let stdout = std::io::stdout();
@@ -119,6 +128,9 @@ async fn main() -> ExitCode {
                     code.as_str_name()
                 );
                 return ExitCode::from(3);
+            }
+            Event::Subscribed { topic, recovered, offset, epoch } => {
+                info!(%topic, recovered, offset, epoch, "subscribed");
             }
             Event::UpstreamAck { .. } => {}
         }

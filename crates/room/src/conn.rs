@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pushgrid_common::{jwt, now_ms};
 use pushgrid_proto::client::{
-    Ack, Auth, AuthOk, ErrorCode, Kick, KickCode, Push, PushKind, Upstream, UpstreamOk,
+    Ack, Auth, AuthOk, ErrorCode, Kick, KickCode, Push, PushKind, Sub, SubOk, Unsub, Upstream, UpstreamOk,
 };
 use pushgrid_proto::cluster::{Session, StateEvent, UpstreamRequest};
 use pushgrid_wire::{Decoded, Frame, FrameError, Op, decode_frame, encode, encode_empty};
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use crate::Room;
+use crate::{Room, topics};
 
 /// How long a write may wait for a full socket before the device counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -405,6 +405,7 @@ pub(crate) fn session_of(room: &Room, conn: &ConnHandle) -> Session {
 fn finish(room: &Room, session: &Session) {
     room.conns.remove(&session.conn_id);
     room.kick_reasons.remove(&session.conn_id);
+    room.topics.remove_conn(session.conn_id);
     metrics::gauge!("pushgrid_room_connections").set(room.conns.len() as f64);
     room.cluster.set_load(room.conns.len() as u64);
     room.peers.offline(session.clone());
@@ -567,15 +568,23 @@ async fn handle_frame(
             });
             None
         }
-        Op::Sub | Op::Unsub => {
-            // Topic streams arrive with broadcast; say so without closing.
-            let error = error_frame(
-                ErrorCode::Unavailable,
-                "topic subscriptions are not enabled on this room",
-                frame.seq,
-            );
-            if write_frame(stream, &error).await.is_err() {
-                return Some(Bytes::new());
+        Op::Sub => {
+            let sub: Sub = match frame.decode() {
+                Ok(sub) => sub,
+                Err(error) => return Some(error_frame(error.code(), error.to_string(), frame.seq)),
+            };
+            match subscribe(room, handle, stream, sub, frame.seq).await {
+                Ok(()) => None,
+                Err(io_failed) => io_failed,
+            }
+        }
+        Op::Unsub => {
+            let unsub: Unsub = match frame.decode() {
+                Ok(unsub) => unsub,
+                Err(error) => return Some(error_frame(error.code(), error.to_string(), frame.seq)),
+            };
+            if let Ok(topic) = topics::normalize(&unsub.topic) {
+                room.topics.unsubscribe(handle.id, &handle.app, topic);
             }
             None
         }
@@ -584,6 +593,71 @@ async fn handle_frame(
             format!("{other:?} is not a device-to-server op"),
             frame.seq,
         )),
+    }
+}
+
+/// Most history pages replayed for one SUB (each up to 1000 messages).
+const MAX_HISTORY_PAGES: usize = 10;
+
+/// SUB: subscribe, replay what the device missed (when it sent an offset and
+/// epoch), then answer SUB_OK with whether the history covered the gap.
+/// Err(Some(frame)) closes the connection with that frame; Err(None) means the
+/// socket failed.
+async fn subscribe(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut TcpStream, sub: Sub, seq: u32) -> Result<(), Option<Bytes>> {
+    let topic = match topics::normalize(&sub.topic) {
+        Ok(topic) => topic.to_string(),
+        Err(reason) => {
+            let error = error_frame(ErrorCode::BadBody, reason, seq);
+            return write_frame(stream, &error).await.map_err(|_| None);
+        }
+    };
+    // Subscribe first: a message published during the replay then arrives
+    // live as well (the device drops it by offset) rather than not at all.
+    if topic != topics::ALL
+        && let Err(reason) = room.topics.subscribe(handle.id, &handle.app, &topic)
+    {
+        let error = error_frame(ErrorCode::BadBody, reason, seq);
+        return write_frame(stream, &error).await.map_err(|_| None);
+    }
+    let mut since = sub.since_offset;
+    let mut recovered = true;
+    let mut position = (0, 0);
+    for _ in 0..MAX_HISTORY_PAGES {
+        let history = match room.peers.history(&handle.app, &topic, since, sub.epoch).await {
+            Ok(history) => history,
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "cannot read topic history");
+                let error = error_frame(ErrorCode::Unavailable, "topic history unavailable; subscribe again", seq);
+                return write_frame(stream, &error).await.map_err(|_| None);
+            }
+        };
+        position = (history.offset, history.epoch);
+        recovered = history.recovered;
+        let page = history.messages.len();
+        for message in history.messages {
+            since = message.offset;
+            let push = broadcast_push(message);
+            write_frame(stream, &encode(Op::Push, 0, &push)).await.map_err(|_| None)?;
+        }
+        if sub.epoch == 0 || !recovered || page == 0 || since >= history.offset {
+            break;
+        }
+    }
+    metrics::counter!("pushgrid_room_subscriptions_total", "recovered" => if recovered { "true" } else { "false" }).increment(1);
+    let ok = SubOk { topic, recovered: recovered && sub.epoch != 0, offset: position.0, epoch: position.1 };
+    write_frame(stream, &encode(Op::SubOk, seq, &ok)).await.map_err(|_| None)
+}
+
+/// The PUSH frame body of a broadcast message.
+pub(crate) fn broadcast_push(message: pushgrid_proto::cluster::BroadcastMessage) -> Push {
+    Push {
+        msg_id: message.id,
+        kind: PushKind::Broadcast as i32,
+        topic: message.topic,
+        offset: message.offset,
+        epoch: message.epoch,
+        payload: message.payload,
+        created_ms: message.created_ms,
     }
 }
 

@@ -9,6 +9,7 @@
 mod conn;
 mod peers;
 mod service;
+mod topics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,6 +103,7 @@ pub(crate) struct Room {
     pub conns: DashMap<u64, Arc<ConnHandle>>,
     /// Reasons of kicks asked for by RPC, until the connection sends them.
     pub kick_reasons: DashMap<u64, String>,
+    pub topics: topics::Topics,
     pub peers: peers::Peers,
     pub shutdown: CancellationToken,
     next_conn_id: std::sync::atomic::AtomicU64,
@@ -157,6 +159,7 @@ pub async fn run(
         cluster,
         conns: DashMap::new(),
         kick_reasons: DashMap::new(),
+        topics: topics::Topics::default(),
         shutdown: connections_stop.clone(),
         // Connection ids start from the clock: a room that restarts under the
         // same node id never reuses an id an old session still carries.

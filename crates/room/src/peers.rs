@@ -13,7 +13,7 @@ use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
-    AckItem, AckRequest, KickRequest, Message, PendingRequest, Role, Session, SessionBatch,
+    AckItem, AckRequest, HistoryRequest, HistoryResponse, KickRequest, Message, PendingRequest, Role, Session, SessionBatch,
     StateBatch, StateEvent, UpstreamRequest,
 };
 use tokio_util::task::TaskTracker;
@@ -142,6 +142,19 @@ impl Peers {
             .pending(request)
             .await?;
         Ok(response.into_inner().messages)
+    }
+
+    /// A topic's stream after `since_offset` (saver pages it).
+    pub async fn history(&self, app: &str, topic: &str, since_offset: u64, epoch: u64) -> Result<HistoryResponse, Status> {
+        let addr = self.addr_of(Role::Saver, app, topic)?;
+        let request = HistoryRequest {
+            app: app.to_string(),
+            topic: topic.to_string(),
+            since_offset,
+            epoch,
+            limit: 1000,
+        };
+        Ok(SaverClient::new(self.pool.get(&addr)?).history(request).await?.into_inner())
     }
 
     /// Forwards a device's ACK to saver, in the background.

@@ -110,9 +110,15 @@ impl SaverConfig {
     }
 
     pub fn group_commit(&self) -> GroupCommitConfig {
+        // SQLite has one writer: concurrent commits would only wait on its lock.
+        let workers = if db::is_sqlite(&self.database_url) {
+            1
+        } else {
+            self.commit_workers.max(1)
+        };
         GroupCommitConfig {
             batch_rows: self.commit_batch_rows.max(1),
-            workers: self.commit_workers.max(1),
+            workers,
             timeout: Duration::from_millis(self.commit_timeout_ms.max(1)),
         }
     }

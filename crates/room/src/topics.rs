@@ -1,0 +1,122 @@
+//! Topic subscriptions of this room's connections, for broadcast fan-out.
+//! The topic `all` needs no subscription: it reaches every connection of the
+//! app (a device may still SUB to it, to recover what it missed).
+
+use std::collections::HashSet;
+
+use dashmap::DashMap;
+
+/// The app-wide topic.
+pub(crate) const ALL: &str = "all";
+/// Longest topic name.
+pub(crate) const MAX_TOPIC_BYTES: usize = 128;
+/// Most topics one connection may hold.
+pub(crate) const MAX_TOPICS_PER_CONNECTION: usize = 64;
+
+/// A topic name as devices and the API may write it: empty means `all`.
+pub(crate) fn normalize(topic: &str) -> Result<&str, String> {
+    if topic.is_empty() {
+        return Ok(ALL);
+    }
+    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
+        return Err(format!("a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"));
+    }
+    Ok(topic)
+}
+
+fn key(app: &str, topic: &str) -> String {
+    let mut key = String::with_capacity(app.len() + topic.len() + 1);
+    key.push_str(app);
+    key.push('\0');
+    key.push_str(topic);
+    key
+}
+
+#[derive(Default)]
+pub(crate) struct Topics {
+    /// `app \0 topic` -> subscribed connection ids.
+    subscribers: DashMap<String, HashSet<u64>>,
+    /// connection id -> its keys, to clean up when it closes.
+    by_conn: DashMap<u64, Vec<String>>,
+}
+
+impl Topics {
+    /// Subscribes; Err when the connection holds too many topics.
+    pub fn subscribe(&self, conn_id: u64, app: &str, topic: &str) -> Result<(), String> {
+        let key = key(app, topic);
+        let mut keys = self.by_conn.entry(conn_id).or_default();
+        if keys.contains(&key) {
+            return Ok(());
+        }
+        if keys.len() >= MAX_TOPICS_PER_CONNECTION {
+            return Err(format!("at most {MAX_TOPICS_PER_CONNECTION} topics per connection"));
+        }
+        keys.push(key.clone());
+        self.subscribers.entry(key).or_default().insert(conn_id);
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, conn_id: u64, app: &str, topic: &str) {
+        let key = key(app, topic);
+        if let Some(mut keys) = self.by_conn.get_mut(&conn_id) {
+            keys.retain(|held| held != &key);
+        }
+        self.by_conn.remove_if(&conn_id, |_, keys| keys.is_empty());
+        self.remove_subscriber(&key, conn_id);
+    }
+
+    /// Forgets a closed connection's subscriptions.
+    pub fn remove_conn(&self, conn_id: u64) {
+        if let Some((_, keys)) = self.by_conn.remove(&conn_id) {
+            for key in keys {
+                self.remove_subscriber(&key, conn_id);
+            }
+        }
+    }
+
+    fn remove_subscriber(&self, key: &str, conn_id: u64) {
+        if let Some(mut set) = self.subscribers.get_mut(key) {
+            set.remove(&conn_id);
+        }
+        self.subscribers.remove_if(key, |_, set| set.is_empty());
+    }
+
+    pub fn subscribers(&self, app: &str, topic: &str) -> Vec<u64> {
+        self.subscribers.get(&key(app, topic)).map(|set| set.iter().copied().collect()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribe_unsubscribe_and_close() {
+        let topics = Topics::default();
+        topics.subscribe(1, "a", "news").unwrap();
+        topics.subscribe(2, "a", "news").unwrap();
+        topics.subscribe(2, "a", "news").unwrap();
+        topics.subscribe(2, "b", "news").unwrap();
+        let mut news = topics.subscribers("a", "news");
+        news.sort();
+        assert_eq!(news, vec![1, 2]);
+        assert_eq!(topics.subscribers("b", "news"), vec![2], "apps are apart");
+        topics.unsubscribe(1, "a", "news");
+        assert_eq!(topics.subscribers("a", "news"), vec![2]);
+        topics.remove_conn(2);
+        assert!(topics.subscribers("a", "news").is_empty());
+        assert!(topics.subscribers.is_empty() && topics.by_conn.is_empty(), "nothing left behind");
+    }
+
+    #[test]
+    fn limits_and_names() {
+        let topics = Topics::default();
+        for index in 0..MAX_TOPICS_PER_CONNECTION {
+            topics.subscribe(1, "a", &format!("t{index}")).unwrap();
+        }
+        assert!(topics.subscribe(1, "a", "one-too-many").is_err());
+        assert_eq!(normalize(""), Ok(ALL));
+        assert!(normalize(&"x".repeat(MAX_TOPIC_BYTES + 1)).is_err());
+        assert!(normalize("a\0b").is_err());
+    }
+}
