@@ -5,7 +5,7 @@
 const TOKEN = new URLSearchParams(location.search).get("token") || "";
 const POLL_MS = 1000;
 const KEEP = 300;
-const history = { t: [], connections: [], rateIn: [], rateOut: [], queue: [], p50: [], p99: [], wait: [] };
+const history = { t: [], connections: [], rateIn: [], rateOut: [], queue: [], p50: [], p99: [], wait: [], delivery: [] };
 let previous = null;
 
 function el(id) { return document.getElementById(id); }
@@ -86,6 +86,7 @@ function render(data) {
   push(history.p50, totals.store_p50_seconds * 1000);
   push(history.p99, totals.store_p99_seconds * 1000);
   push(history.wait, totals.route_wait_p99_seconds * 1000);
+  push(history.delivery, totals.delivery_p99_seconds * 1000);
   chart("chart-connections", [{ values: history.connections, color: "#2f855a" }]);
   chart("chart-rates", [{ values: history.rateIn, color: "#3182ce" }, { values: history.rateOut, color: "#dd6b20" }]);
   chart("chart-queue", [{ values: history.queue, color: "#805ad5" }]);
@@ -93,6 +94,7 @@ function render(data) {
     { values: history.p50, color: "#3182ce" },
     { values: history.p99, color: "#805ad5" },
     { values: history.wait, color: "#dd6b20" },
+    { values: history.delivery, color: "#e53e3e" },
   ]);
 
   const rooms = el("rooms");

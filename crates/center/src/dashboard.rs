@@ -193,6 +193,8 @@ struct Totals {
     store_p99_seconds: f64,
     /// Seconds a stored message waited for a routing worker before delivery, p99.
     route_wait_p99_seconds: f64,
+    /// API acceptance to the hand-off to a live connection, p99 over rooms.
+    delivery_p99_seconds: f64,
 }
 
 fn role_name(node: &NodeInfo) -> &'static str {
@@ -273,6 +275,9 @@ async fn take_snapshot(cluster: &Cluster) -> Snapshot {
                 Role::Room => {
                     totals.messages_out += sum("pushgrid_room_delivered_total")
                         + sum("pushgrid_room_inbox_pushed_total");
+                    totals.delivery_p99_seconds = totals
+                        .delivery_p99_seconds
+                        .max(sum("pushgrid_room_delivery_latency_seconds{quantile=\"0.99\"}"));
                 }
                 _ => {}
             }
