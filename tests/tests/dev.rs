@@ -98,7 +98,10 @@ async fn dev_mode_delivers_on_the_embedded_store() {
     let mut acked_everywhere = false;
     for _ in 0..20 {
         let (mut device, _) = Connection::connect(&room, auth()).await.unwrap();
-        if next_frame(&mut device, Duration::from_millis(500)).await.is_err() {
+        if next_frame(&mut device, Duration::from_millis(500))
+            .await
+            .is_err()
+        {
             acked_everywhere = true;
             break;
         }

@@ -40,7 +40,11 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -94,21 +98,35 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
 }
 
 /// A payload given as text or as base64, within the size limit.
-pub(crate) fn decode_payload(state: &ApiState, text: Option<String>, base64_text: Option<String>) -> Result<Bytes, ApiError> {
+pub(crate) fn decode_payload(
+    state: &ApiState,
+    text: Option<String>,
+    base64_text: Option<String>,
+) -> Result<Bytes, ApiError> {
     let payload = match (text, base64_text) {
         (Some(text), None) => Bytes::from(text),
         (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
             .decode(encoded.as_bytes())
             .map(Bytes::from)
-            .map_err(|error| ApiError::bad_request(format!("payload_b64: not valid base64: {error}")))?,
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("give payload or payload_b64, not both")),
+            .map_err(|error| {
+                ApiError::bad_request(format!("payload_b64: not valid base64: {error}"))
+            })?,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give payload or payload_b64, not both",
+            ));
+        }
         (None, None) => return Err(ApiError::bad_request("payload or payload_b64 is required")),
     };
     if payload.len() > state.config.max_payload_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("payload of {} bytes exceeds {} bytes", payload.len(), state.config.max_payload_bytes),
+            format!(
+                "payload of {} bytes exceeds {} bytes",
+                payload.len(),
+                state.config.max_payload_bytes
+            ),
         ));
     }
     Ok(payload)

@@ -275,9 +275,9 @@ async fn take_snapshot(cluster: &Cluster) -> Snapshot {
                 Role::Room => {
                     totals.messages_out += sum("pushgrid_room_delivered_total")
                         + sum("pushgrid_room_inbox_pushed_total");
-                    totals.delivery_p99_seconds = totals
-                        .delivery_p99_seconds
-                        .max(sum("pushgrid_room_delivery_latency_seconds{quantile=\"0.99\"}"));
+                    totals.delivery_p99_seconds = totals.delivery_p99_seconds.max(sum(
+                        "pushgrid_room_delivery_latency_seconds{quantile=\"0.99\"}",
+                    ));
                 }
                 _ => {}
             }

@@ -121,7 +121,9 @@ pub async fn run(
         workers: workers.clone(),
         channels: pushgrid_common::rpc::ChannelPool::new(2),
         limits: limits::AppLimits::default(),
-        broadcasts: Arc::new(tokio::sync::Semaphore::new(config.broadcast_in_flight.max(1))),
+        broadcasts: Arc::new(tokio::sync::Semaphore::new(
+            config.broadcast_in_flight.max(1),
+        )),
     });
 
     tracing::info!(node = %node_id, %http_addr, "center serving");

@@ -14,7 +14,9 @@ use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::room_client::RoomClient;
 use pushgrid_proto::cluster::saver_client::SaverClient;
-use pushgrid_proto::cluster::{KickRequest, LookupRequest, PublishRequest, Role, RoomBroadcastRequest, UserKey};
+use pushgrid_proto::cluster::{
+    KickRequest, LookupRequest, PublishRequest, Role, RoomBroadcastRequest, UserKey,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -161,25 +163,48 @@ const MAX_TOPIC_BYTES: usize = 128;
 
 /// Appends to the topic's stream in saver (offset, epoch), answers, then
 /// hands the message to every room, one subtask per room.
-async fn broadcast(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn broadcast(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let app = authenticate(&state, &headers)?;
     rate_limit(&state, &app)?;
     let params: BroadcastParams = parse_json(&state, body).await?;
-    let topic = if params.topic.is_empty() { "all".to_string() } else { params.topic };
+    let topic = if params.topic.is_empty() {
+        "all".to_string()
+    } else {
+        params.topic
+    };
     if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
-        return Err(ApiError::bad_request(format!("topic: must be 1 to {MAX_TOPIC_BYTES} bytes without NUL")));
+        return Err(ApiError::bad_request(format!(
+            "topic: must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
+        )));
     }
     let payload = crate::api::decode_payload(&state, params.payload, params.payload_b64)?;
     // A place among the fan-outs in flight first: when full, nothing is stored.
     let Some(permit) = state.broadcasts.clone().try_acquire_owned().ok() else {
-        return Err(crate::api::overloaded(&state, "broadcast fan-outs are at their limit; retry later"));
+        return Err(crate::api::overloaded(
+            &state,
+            "broadcast fan-outs are at their limit; retry later",
+        ));
     };
     let view = state.cluster.view();
     let saver = view
-        .pick(Role::Saver, pushgrid_common::ring::user_key(&app.id, &topic))
+        .pick(
+            Role::Saver,
+            pushgrid_common::ring::user_key(&app.id, &topic),
+        )
         .ok_or_else(|| unavailable("no saver is live"))?;
-    let channel = state.channels.get(&saver.grpc_addr).map_err(ApiError::from_status)?;
-    let request = PublishRequest { app: app.id.clone(), topic: topic.clone(), payload };
+    let channel = state
+        .channels
+        .get(&saver.grpc_addr)
+        .map_err(ApiError::from_status)?;
+    let request = PublishRequest {
+        app: app.id.clone(),
+        topic: topic.clone(),
+        payload,
+    };
     let message = SaverClient::new(channel)
         .publish(request)
         .await
@@ -189,20 +214,35 @@ async fn broadcast(State(state): State<Arc<ApiState>>, headers: HeaderMap, body:
         .ok_or_else(|| unavailable("saver answered without the stored message"))?;
     metrics::counter!("pushgrid_center_broadcasts_total").increment(1);
     let answer = json!({ "id": message.id.to_string(), "topic": topic, "offset": message.offset, "epoch": message.epoch });
-    let rooms: Vec<String> = view.nodes_of(Role::Room).map(|room| room.grpc_addr.clone()).collect();
-    let channels: Vec<_> = rooms.iter().filter_map(|addr| state.channels.get(addr).ok()).collect();
+    let rooms: Vec<String> = view
+        .nodes_of(Role::Room)
+        .map(|room| room.grpc_addr.clone())
+        .collect();
+    let channels: Vec<_> = rooms
+        .iter()
+        .filter_map(|addr| state.channels.get(addr).ok())
+        .collect();
     tokio::spawn(async move {
         let _permit = permit;
         let subtasks = channels.into_iter().map(|channel| {
-            let request = RoomBroadcastRequest { message: Some(message.clone()) };
-            async move { RoomClient::new(channel).broadcast(request).await.map(|answer| answer.into_inner().delivered) }
+            let request = RoomBroadcastRequest {
+                message: Some(message.clone()),
+            };
+            async move {
+                RoomClient::new(channel)
+                    .broadcast(request)
+                    .await
+                    .map(|answer| answer.into_inner().delivered)
+            }
         });
         let mut delivered = 0u64;
         for result in futures::future::join_all(subtasks).await {
             match result {
                 Ok(count) => delivered += u64::from(count),
                 // Devices of that room recover the message by offset when they resubscribe.
-                Err(status) => tracing::warn!(error = %status.message(), "broadcast subtask failed"),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "broadcast subtask failed")
+                }
             }
         }
         metrics::counter!("pushgrid_center_broadcast_deliveries_total").increment(delivered);
@@ -212,9 +252,14 @@ async fn broadcast(State(state): State<Arc<ApiState>>, headers: HeaderMap, body:
 
 /// Accepts `{}` (or an empty body) for methods without parameters.
 async fn no_params(state: &ApiState, body: Body) -> Result<(), ApiError> {
-    let bytes = axum::body::to_bytes(body, state.config.max_request_bytes)
-        .await
-        .map_err(|_| ApiError::bad_request("request body too large"))?;
+    let limit = state.config.max_request_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
+    })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }

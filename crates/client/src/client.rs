@@ -301,13 +301,19 @@ impl Client {
     /// missed or says it cannot ([`Event::Subscribed`]).
     pub async fn subscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
         let topic = normalize_topic(topic.into())?;
-        self.commands.send(Command::Subscribe(topic)).await.map_err(|_| ClientError::ClientClosed)
+        self.commands
+            .send(Command::Subscribe(topic))
+            .await
+            .map_err(|_| ClientError::ClientClosed)
     }
 
     /// Stops a subscription.
     pub async fn unsubscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
         let topic = normalize_topic(topic.into())?;
-        self.commands.send(Command::Unsubscribe(topic)).await.map_err(|_| ClientError::ClientClosed)
+        self.commands
+            .send(Command::Unsubscribe(topic))
+            .await
+            .map_err(|_| ClientError::ClientClosed)
     }
 
     /// Drops the current connection and reconnects at once (no backoff), as after
@@ -390,7 +396,9 @@ fn normalize_topic(topic: String) -> Result<String, ClientError> {
         return Ok("all".into());
     }
     if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
-        return Err(ClientError::Protocol(format!("a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL")));
+        return Err(ClientError::Protocol(format!(
+            "a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
+        )));
     }
     Ok(topic)
 }
@@ -821,8 +829,11 @@ impl Worker {
                 return SessionEnd::Lost(reason);
             }
         }
-        let topics: Vec<(String, TopicPosition)> =
-            self.topics.iter().map(|(topic, position)| (topic.clone(), *position)).collect();
+        let topics: Vec<(String, TopicPosition)> = self
+            .topics
+            .iter()
+            .map(|(topic, position)| (topic.clone(), *position))
+            .collect();
         for (topic, position) in topics {
             if let Err(reason) = send_sub(connection, topic, position).await {
                 return SessionEnd::Lost(reason);
@@ -924,16 +935,30 @@ impl Worker {
             Op::SubOk => {
                 let ok: msg::SubOk = match frame.decode() {
                     Ok(ok) => ok,
-                    Err(error) => return Some(SessionEnd::Lost(format!("undecodable SUB_OK: {error}"))),
+                    Err(error) => {
+                        return Some(SessionEnd::Lost(format!("undecodable SUB_OK: {error}")));
+                    }
                 };
                 if let Some(position) = self.topics.get_mut(&ok.topic)
                     && (!ok.recovered || position.epoch != ok.epoch)
                 {
                     // Not recoverable (or a first subscription): start from now.
-                    *position = TopicPosition { offset: ok.offset, epoch: ok.epoch };
+                    *position = TopicPosition {
+                        offset: ok.offset,
+                        epoch: ok.epoch,
+                    };
                 }
-                let event = Event::Subscribed { topic: ok.topic, recovered: ok.recovered, offset: ok.offset, epoch: ok.epoch };
-                if self.emit(event).await { None } else { Some(SessionEnd::EventsGone) }
+                let event = Event::Subscribed {
+                    topic: ok.topic,
+                    recovered: ok.recovered,
+                    offset: ok.offset,
+                    epoch: ok.epoch,
+                };
+                if self.emit(event).await {
+                    None
+                } else {
+                    Some(SessionEnd::EventsGone)
+                }
             }
             Op::UpstreamOk => {
                 let Some(pending) = in_flight.remove(&frame.seq) else {
@@ -1003,7 +1028,10 @@ impl Worker {
             && let Some(position) = self.topics.get_mut(&push.topic)
             && (push.epoch != position.epoch || push.offset > position.offset)
         {
-            *position = TopicPosition { offset: push.offset, epoch: push.epoch };
+            *position = TopicPosition {
+                offset: push.offset,
+                epoch: push.epoch,
+            };
         }
         let seen = if msg_id == 0 {
             Seen::New
@@ -1110,7 +1138,15 @@ async fn write(connection: &mut Connection, bytes: &[u8]) -> Result<(), String> 
 }
 
 /// Sends SUB for `topic` from `position` (offset 0, epoch 0: a first subscription).
-async fn send_sub(connection: &mut Connection, topic: String, position: TopicPosition) -> Result<(), String> {
-    let sub = msg::Sub { topic, since_offset: position.offset, epoch: position.epoch };
+async fn send_sub(
+    connection: &mut Connection,
+    topic: String,
+    position: TopicPosition,
+) -> Result<(), String> {
+    let sub = msg::Sub {
+        topic,
+        since_offset: position.offset,
+        epoch: position.epoch,
+    };
     write(connection, &pushgrid_wire::encode(Op::Sub, 0, &sub)).await
 }

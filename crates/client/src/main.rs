@@ -129,7 +129,12 @@ async fn main() -> ExitCode {
                 );
                 return ExitCode::from(3);
             }
-            Event::Subscribed { topic, recovered, offset, epoch } => {
+            Event::Subscribed {
+                topic,
+                recovered,
+                offset,
+                epoch,
+            } => {
                 info!(%topic, recovered, offset, epoch, "subscribed");
             }
             Event::UpstreamAck { .. } => {}

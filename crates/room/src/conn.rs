@@ -16,7 +16,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pushgrid_common::{jwt, now_ms};
 use pushgrid_proto::client::{
-    Ack, Auth, AuthOk, ErrorCode, Kick, KickCode, Push, PushKind, Sub, SubOk, Unsub, Upstream, UpstreamOk,
+    Ack, Auth, AuthOk, ErrorCode, Kick, KickCode, Push, PushKind, Sub, SubOk, Unsub, Upstream,
+    UpstreamOk,
 };
 use pushgrid_proto::cluster::{Session, StateEvent, UpstreamRequest};
 use pushgrid_wire::{Decoded, Frame, FrameError, Op, decode_frame, encode, encode_empty};
@@ -603,7 +604,13 @@ const MAX_HISTORY_PAGES: usize = 10;
 /// epoch), then answer SUB_OK with whether the history covered the gap.
 /// Err(Some(frame)) closes the connection with that frame; Err(None) means the
 /// socket failed.
-async fn subscribe(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut TcpStream, sub: Sub, seq: u32) -> Result<(), Option<Bytes>> {
+async fn subscribe(
+    room: &Arc<Room>,
+    handle: &Arc<ConnHandle>,
+    stream: &mut TcpStream,
+    sub: Sub,
+    seq: u32,
+) -> Result<(), Option<Bytes>> {
     let topic = match topics::normalize(&sub.topic) {
         Ok(topic) => topic.to_string(),
         Err(reason) => {
@@ -623,11 +630,19 @@ async fn subscribe(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut TcpS
     let mut recovered = true;
     let mut position = (0, 0);
     for _ in 0..MAX_HISTORY_PAGES {
-        let history = match room.peers.history(&handle.app, &topic, since, sub.epoch).await {
+        let history = match room
+            .peers
+            .history(&handle.app, &topic, since, sub.epoch)
+            .await
+        {
             Ok(history) => history,
             Err(status) => {
                 tracing::warn!(error = %status.message(), "cannot read topic history");
-                let error = error_frame(ErrorCode::Unavailable, "topic history unavailable; subscribe again", seq);
+                let error = error_frame(
+                    ErrorCode::Unavailable,
+                    "topic history unavailable; subscribe again",
+                    seq,
+                );
                 return write_frame(stream, &error).await.map_err(|_| None);
             }
         };
@@ -637,15 +652,24 @@ async fn subscribe(room: &Arc<Room>, handle: &Arc<ConnHandle>, stream: &mut TcpS
         for message in history.messages {
             since = message.offset;
             let push = broadcast_push(message);
-            write_frame(stream, &encode(Op::Push, 0, &push)).await.map_err(|_| None)?;
+            write_frame(stream, &encode(Op::Push, 0, &push))
+                .await
+                .map_err(|_| None)?;
         }
         if sub.epoch == 0 || !recovered || page == 0 || since >= history.offset {
             break;
         }
     }
     metrics::counter!("pushgrid_room_subscriptions_total", "recovered" => if recovered { "true" } else { "false" }).increment(1);
-    let ok = SubOk { topic, recovered: recovered && sub.epoch != 0, offset: position.0, epoch: position.1 };
-    write_frame(stream, &encode(Op::SubOk, seq, &ok)).await.map_err(|_| None)
+    let ok = SubOk {
+        topic,
+        recovered: recovered && sub.epoch != 0,
+        offset: position.0,
+        epoch: position.1,
+    };
+    write_frame(stream, &encode(Op::SubOk, seq, &ok))
+        .await
+        .map_err(|_| None)
 }
 
 /// The PUSH frame body of a broadcast message.

@@ -13,8 +13,8 @@ use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
-    AckItem, AckRequest, HistoryRequest, HistoryResponse, KickRequest, Message, PendingRequest, Role, Session, SessionBatch,
-    StateBatch, StateEvent, UpstreamRequest,
+    AckItem, AckRequest, HistoryRequest, HistoryResponse, KickRequest, Message, PendingRequest,
+    Role, Session, SessionBatch, StateBatch, StateEvent, UpstreamRequest,
 };
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -145,7 +145,13 @@ impl Peers {
     }
 
     /// A topic's stream after `since_offset` (saver pages it).
-    pub async fn history(&self, app: &str, topic: &str, since_offset: u64, epoch: u64) -> Result<HistoryResponse, Status> {
+    pub async fn history(
+        &self,
+        app: &str,
+        topic: &str,
+        since_offset: u64,
+        epoch: u64,
+    ) -> Result<HistoryResponse, Status> {
         let addr = self.addr_of(Role::Saver, app, topic)?;
         let request = HistoryRequest {
             app: app.to_string(),
@@ -154,7 +160,10 @@ impl Peers {
             epoch,
             limit: 1000,
         };
-        Ok(SaverClient::new(self.pool.get(&addr)?).history(request).await?.into_inner())
+        Ok(SaverClient::new(self.pool.get(&addr)?)
+            .history(request)
+            .await?
+            .into_inner())
     }
 
     /// Forwards a device's ACK to saver, in the background.

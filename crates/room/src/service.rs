@@ -6,7 +6,8 @@ use pushgrid_proto::client::KickCode;
 use pushgrid_proto::client::{Push, PushKind};
 use pushgrid_proto::cluster::room_server::Room as RoomRpc;
 use pushgrid_proto::cluster::{
-    DeliverRequest, DeliverResponse, RoomBroadcastRequest, RoomBroadcastResponse, RoomKickRequest, RoomKickResponse,
+    DeliverRequest, DeliverResponse, RoomBroadcastRequest, RoomBroadcastResponse, RoomKickRequest,
+    RoomKickResponse,
 };
 use pushgrid_wire::{Op, encode};
 use tonic::{Request, Response, Status};
@@ -74,19 +75,35 @@ impl RoomRpc for RoomService {
         Ok(Response::new(DeliverResponse { delivered, missing }))
     }
 
-    async fn broadcast(&self, request: Request<RoomBroadcastRequest>) -> Result<Response<RoomBroadcastResponse>, Status> {
-        let message = request.into_inner().message.ok_or_else(|| Status::invalid_argument("broadcast without a message"))?;
+    async fn broadcast(
+        &self,
+        request: Request<RoomBroadcastRequest>,
+    ) -> Result<Response<RoomBroadcastResponse>, Status> {
+        let message = request
+            .into_inner()
+            .message
+            .ok_or_else(|| Status::invalid_argument("broadcast without a message"))?;
         let (app, topic, id) = (message.app.clone(), message.topic.clone(), message.id);
         // Encoded once; every connection gets a reference-counted handle.
         let frame = encode(Op::Push, 0, &crate::conn::broadcast_push(message));
         let targets: Vec<Arc<crate::ConnHandle>> = if topic == crate::topics::ALL {
-            self.room.conns.iter().filter(|entry| entry.app == app).map(|entry| entry.value().clone()).collect()
+            self.room
+                .conns
+                .iter()
+                .filter(|entry| entry.app == app)
+                .map(|entry| entry.value().clone())
+                .collect()
         } else {
             self.room
                 .topics
                 .subscribers(&app, &topic)
                 .into_iter()
-                .filter_map(|conn_id| self.room.conns.get(&conn_id).map(|entry| entry.value().clone()))
+                .filter_map(|conn_id| {
+                    self.room
+                        .conns
+                        .get(&conn_id)
+                        .map(|entry| entry.value().clone())
+                })
                 .collect()
         };
         let mut delivered = 0;
@@ -95,7 +112,8 @@ impl RoomRpc for RoomService {
                 delivered += 1;
             }
         }
-        metrics::counter!("pushgrid_room_broadcast_deliveries_total").increment(u64::from(delivered));
+        metrics::counter!("pushgrid_room_broadcast_deliveries_total")
+            .increment(u64::from(delivered));
         Ok(Response::new(RoomBroadcastResponse { delivered }))
     }
 

@@ -19,7 +19,9 @@ pub(crate) fn normalize(topic: &str) -> Result<&str, String> {
         return Ok(ALL);
     }
     if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
-        return Err(format!("a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"));
+        return Err(format!(
+            "a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
+        ));
     }
     Ok(topic)
 }
@@ -49,7 +51,9 @@ impl Topics {
             return Ok(());
         }
         if keys.len() >= MAX_TOPICS_PER_CONNECTION {
-            return Err(format!("at most {MAX_TOPICS_PER_CONNECTION} topics per connection"));
+            return Err(format!(
+                "at most {MAX_TOPICS_PER_CONNECTION} topics per connection"
+            ));
         }
         keys.push(key.clone());
         self.subscribers.entry(key).or_default().insert(conn_id);
@@ -82,12 +86,16 @@ impl Topics {
     }
 
     pub fn subscribers(&self, app: &str, topic: &str) -> Vec<u64> {
-        self.subscribers.get(&key(app, topic)).map(|set| set.iter().copied().collect()).unwrap_or_default()
+        self.subscribers
+            .get(&key(app, topic))
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -105,7 +113,10 @@ mod tests {
         assert_eq!(topics.subscribers("a", "news"), vec![2]);
         topics.remove_conn(2);
         assert!(topics.subscribers("a", "news").is_empty());
-        assert!(topics.subscribers.is_empty() && topics.by_conn.is_empty(), "nothing left behind");
+        assert!(
+            topics.subscribers.is_empty() && topics.by_conn.is_empty(),
+            "nothing left behind"
+        );
     }
 
     #[test]

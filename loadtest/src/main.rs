@@ -1,0 +1,78 @@
+//! `loadtest`: the pushgrid load generator.
+//!
+//! ```text
+//! loadtest connect   --rooms 127.0.0.1:8090 --connections 10000
+//! loadtest unicast   --rooms 127.0.0.1:8090 --api http://127.0.0.1:8080 --connections 10000
+//! loadtest broadcast | churn | slow ...
+//! loadtest million   --connections 1000000     # starts and stops its own cluster
+//! ```
+//!
+//! The coordinating process forks worker processes (`loadtest worker <spec>`) of
+//! at most 18,000 connections each, every one bound to its own loopback source
+//! address (127.0.0.2, 127.0.0.3, ...), drives the push API itself and matches
+//! every accepted message id to a delivery.
+
+mod frames;
+mod ipc;
+mod ledger;
+mod million;
+mod procstat;
+mod report;
+mod run;
+mod worker;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", about = "pushgrid load generator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Ramp to --connections, hold, report connect rate and memory.
+    Connect(run::RunArgs),
+    /// Connect, then push --messages-per-user to every device and account for each.
+    Unicast(run::RunArgs),
+    /// Connect with SUB{topic}, then POST /api/broadcast and count deliveries per offset.
+    Broadcast(run::RunArgs),
+    /// Connect, then reconnect storms (--storms) while pushing.
+    Churn(run::RunArgs),
+    /// Every --slow-every-th device stops reading; push to all; then resume.
+    Slow(run::RunArgs),
+    /// Start a cluster sized for --connections, run --scenarios, clean up.
+    Million(million::MillionArgs),
+    /// Internal: one worker process.
+    #[command(hide = true)]
+    Worker { spec: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (scenario, args) = match cli.command {
+        Cmd::Worker { spec } => return worker::main(&spec),
+        Cmd::Million(args) => return runtime()?.block_on(million::run(args)),
+        Cmd::Connect(args) => (run::Scenario::Connect, args),
+        Cmd::Unicast(args) => (run::Scenario::Unicast, args),
+        Cmd::Broadcast(args) => (run::Scenario::Broadcast, args),
+        Cmd::Churn(args) => (run::Scenario::Churn, args),
+        Cmd::Slow(args) => (run::Scenario::Slow, args),
+    };
+    runtime()?.block_on(async move {
+        let json = args.json.clone();
+        let report = run::run(scenario, args, Vec::new()).await?;
+        println!("{}", report.table());
+        std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+        eprintln!("JSON report: {json}");
+        Ok(())
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}

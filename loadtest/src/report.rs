@@ -1,0 +1,375 @@
+//! The run report: a human table on stdout and the same data as JSON.
+#![allow(clippy::format_in_format_args)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::ledger::Outcome;
+use crate::run::{RunArgs, Scenario};
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+pub fn percentiles_ms(histogram: &Histogram<u64>) -> Percentiles {
+    let ms = |us: u64| us as f64 / 1000.0;
+    Percentiles {
+        count: histogram.len(),
+        p50: ms(histogram.value_at_quantile(0.5)),
+        p99: ms(histogram.value_at_quantile(0.99)),
+        p999: ms(histogram.value_at_quantile(0.999)),
+        max: ms(histogram.max()),
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Connections {
+    pub target: u64,
+    pub workers: usize,
+    pub established: u64,
+    pub failed_initial: u64,
+    /// Failed attempts by reason (initial and reconnects).
+    pub failures_by_reason: BTreeMap<String, u64>,
+    pub ramp_completed: bool,
+    pub ramp_secs: f64,
+    /// Established connections / (last AUTH_OK - first connect).
+    pub connect_rate_per_sec: f64,
+    /// TCP connect + AUTH (+ SUB) per connection.
+    pub connect_ms: Percentiles,
+    pub open_after_hold: u64,
+    pub closed_by_server: u64,
+    pub closes_by_reason: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Messages {
+    pub api_calls: u64,
+    /// Messages the API did not accept, by reason.
+    pub api_errors: BTreeMap<String, u64>,
+    pub push_secs: f64,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    /// Every lost message: [message id, user index].
+    pub lost_ids: Vec<(u64, u64)>,
+    pub duplicated: u64,
+    pub duplicated_messages: u64,
+    pub unexpected: u64,
+    pub drain_secs: f64,
+    /// Send (payload timestamp) to receipt.
+    pub latency_ms: Percentiles,
+}
+
+impl Messages {
+    pub fn set_outcome(&mut self, outcome: Outcome, latency: &Histogram<u64>) {
+        self.accepted = outcome.accepted;
+        self.delivered = outcome.delivered;
+        self.lost = outcome.lost.len() as u64;
+        self.lost_ids = outcome.lost;
+        self.duplicated = outcome.duplicated;
+        self.duplicated_messages = outcome.duplicated_messages;
+        self.unexpected = outcome.unexpected;
+        self.latency_ms = percentiles_ms(latency);
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Broadcast {
+    pub status: String,
+    pub subscribed: u64,
+    pub accepted: u64,
+    pub offsets: Vec<u64>,
+    pub expected_deliveries: u64,
+    pub delivered: u64,
+    /// offset -> subscribers that did not get it.
+    pub lost_by_offset: BTreeMap<u64, u64>,
+    pub duplicated: u64,
+    pub latency_ms: Percentiles,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Slow {
+    pub devices: u64,
+    pub accepted_for_slow: u64,
+    pub closed_by_server_before_resume: u64,
+    pub kicked_slow_consumer: u64,
+    pub delivered_to_slow_after_resume: u64,
+    /// Messages to slow devices not delivered: still in their inbox (at-least-once), not lost.
+    pub still_in_inbox: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Churn {
+    pub storms: Vec<Value>,
+    pub reconnected: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Memory {
+    /// RSS growth of the room processes over the ramp / their connections.
+    pub room_bytes_per_connection: Option<f64>,
+    /// RSS growth of every measured pushgrid process / connections.
+    pub servers_bytes_per_connection: Option<f64>,
+    /// RSS growth of the load generator's workers / connections.
+    pub client_bytes_per_connection: f64,
+    pub client_rss_after_ramp_mb: f64,
+    pub workers: usize,
+    pub client_cpu_secs: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub role: String,
+    pub connections: Option<u64>,
+    pub rss_start_mb: f64,
+    pub rss_after_ramp_mb: f64,
+    pub rss_end_mb: f64,
+    pub rss_peak_mb: f64,
+    pub cpu_secs: f64,
+    pub cpu_percent: f64,
+    pub alive_at_end: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub started_unix_ms: u64,
+    pub user_prefix: String,
+    pub args: Value,
+    pub wall_secs: f64,
+    pub connections: Connections,
+    pub messages: Messages,
+    pub broadcast: Broadcast,
+    pub slow: Slow,
+    pub churn: Churn,
+    pub memory: Memory,
+    pub processes: Vec<ProcessRow>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn new(scenario: Scenario, args: &RunArgs, prefix: &str) -> Report {
+        let mut args_json = serde_json::to_value(args).unwrap_or(Value::Null);
+        if let Some(object) = args_json.as_object_mut() {
+            object.remove("jwt_secret");
+            object.remove("api_key");
+        }
+        Report {
+            scenario,
+            started_unix_ms: crate::frames::unix_us() / 1000,
+            user_prefix: prefix.to_owned(),
+            args: args_json,
+            wall_secs: 0.0,
+            connections: Connections {
+                target: args.connections,
+                workers: args
+                    .connections
+                    .div_ceil(u64::from(args.per_worker.clamp(1, 18_000)))
+                    as usize,
+                ..Default::default()
+            },
+            messages: Messages::default(),
+            broadcast: Broadcast::default(),
+            slow: Slow::default(),
+            churn: Churn::default(),
+            memory: Memory::default(),
+            processes: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let c = &self.connections;
+        let m = &self.messages;
+        let pct = |p: &Percentiles| {
+            format!(
+                "p50 {:.2} / p99 {:.2} / p99.9 {:.2} / max {:.2} ms (n={})",
+                p.p50, p.p99, p.p999, p.max, p.count
+            )
+        };
+        let _ = writeln!(
+            out,
+            "\n== pushgrid load test: {:?}, {:.1} s ==",
+            self.scenario, self.wall_secs
+        );
+        let _ = writeln!(
+            out,
+            "{:<34} {}",
+            "connections target / workers",
+            format!("{} / {}", c.target, c.workers)
+        );
+        let _ = writeln!(
+            out,
+            "{:<34} {}",
+            "established / failed",
+            format!("{} / {}", c.established, c.failed_initial)
+        );
+        for (reason, count) in &c.failures_by_reason {
+            let _ = writeln!(out, "{:<34} {count}", format!("  failed: {reason}"));
+        }
+        let _ = writeln!(
+            out,
+            "{:<34} {:.0}/s (ramp {:.1} s{})",
+            "connect rate",
+            c.connect_rate_per_sec,
+            c.ramp_secs,
+            if c.ramp_completed { "" } else { ", TIMED OUT" }
+        );
+        let _ = writeln!(out, "{:<34} {}", "connect + auth", pct(&c.connect_ms));
+        let _ = writeln!(out, "{:<34} {}", "open after hold", c.open_after_hold);
+        let _ = writeln!(out, "{:<34} {}", "closed by server", c.closed_by_server);
+        for (reason, count) in &c.closes_by_reason {
+            let _ = writeln!(out, "{:<34} {count}", format!("  closed: {reason}"));
+        }
+        if self.scenario != Scenario::Connect && self.scenario != Scenario::Broadcast {
+            let _ = writeln!(
+                out,
+                "{:<34} {} calls, {:.1} s",
+                "push API", m.api_calls, m.push_secs
+            );
+            for (reason, count) in &m.api_errors {
+                let _ = writeln!(out, "{:<34} {count}", format!("  not accepted: {reason}"));
+            }
+            let _ = writeln!(out, "{:<34} {}", "messages accepted by the API", m.accepted);
+            let _ = writeln!(out, "{:<34} {}", "delivered", m.delivered);
+            let _ = writeln!(out, "{:<34} {}", "LOST", m.lost);
+            for (id, user) in m.lost_ids.iter().take(20) {
+                let _ = writeln!(out, "{:<34} user #{user}", format!("  lost id {id}"));
+            }
+            if m.lost_ids.len() > 20 {
+                let _ = writeln!(
+                    out,
+                    "  ... {} more in the JSON report",
+                    m.lost_ids.len() - 20
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{:<34} {} extra deliveries of {} messages",
+                "duplicated", m.duplicated, m.duplicated_messages
+            );
+            let _ = writeln!(out, "{:<34} {}", "unexpected ids", m.unexpected);
+            let _ = writeln!(out, "{:<34} {}", "latency", pct(&m.latency_ms));
+        }
+        if self.scenario == Scenario::Broadcast {
+            let b = &self.broadcast;
+            let _ = writeln!(out, "{:<34} {}", "broadcast", b.status);
+            let _ = writeln!(
+                out,
+                "{:<34} {} subscribed, {} broadcasts accepted",
+                "", b.subscribed, b.accepted
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {} of {} (lost {}, duplicated {})",
+                "broadcast delivered",
+                b.delivered,
+                b.expected_deliveries,
+                b.lost_by_offset.values().sum::<u64>(),
+                b.duplicated
+            );
+            let _ = writeln!(out, "{:<34} {}", "broadcast latency", pct(&b.latency_ms));
+        }
+        if self.scenario == Scenario::Slow {
+            let s = &self.slow;
+            let _ = writeln!(
+                out,
+                "{:<34} {} devices, {} messages for them",
+                "slow devices", s.devices, s.accepted_for_slow
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {} (kicked SLOW_CONSUMER: {})",
+                "slow closed before resume",
+                s.closed_by_server_before_resume,
+                s.kicked_slow_consumer
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {} delivered, {} still in inbox",
+                "slow after resume", s.delivered_to_slow_after_resume, s.still_in_inbox
+            );
+        }
+        if self.scenario == Scenario::Churn {
+            for storm in &self.churn.storms {
+                let _ = writeln!(
+                    out,
+                    "{:<34} {}",
+                    format!("storm {}", storm["storm"]),
+                    format!(
+                        "{} devices back in {:.1} s ({:.0}/s), open after {}",
+                        storm["devices"],
+                        storm["reconnected_within_secs"].as_f64().unwrap_or(0.0),
+                        storm["reconnect_rate_per_sec"].as_f64().unwrap_or(0.0),
+                        storm["open_after"]
+                    )
+                );
+            }
+        }
+        let mem = &self.memory;
+        let per = |value: Option<f64>| {
+            value
+                .map(|bytes| format!("{:.0} B", bytes))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        let _ = writeln!(
+            out,
+            "{:<34} {}",
+            "room RSS per connection",
+            per(mem.room_bytes_per_connection)
+        );
+        let _ = writeln!(
+            out,
+            "{:<34} {}",
+            "all servers RSS per connection",
+            per(mem.servers_bytes_per_connection)
+        );
+        let _ = writeln!(
+            out,
+            "{:<34} {:.0} B ({} workers, {:.0} MB, {:.1} CPU s)",
+            "client RSS per connection",
+            mem.client_bytes_per_connection,
+            mem.workers,
+            mem.client_rss_after_ramp_mb,
+            mem.client_cpu_secs
+        );
+        if !self.processes.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{:>8} {:<12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6}",
+                "pid", "role", "conns", "RSS0 MB", "RSS1 MB", "RSSend", "peak MB", "CPU s", "CPU%"
+            );
+            for p in &self.processes {
+                let _ = writeln!(
+                    out,
+                    "{:>8} {:<12} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>6.1}{}",
+                    p.pid,
+                    p.role,
+                    p.connections.map(|c| c.to_string()).unwrap_or_default(),
+                    p.rss_start_mb,
+                    p.rss_after_ramp_mb,
+                    p.rss_end_mb,
+                    p.rss_peak_mb,
+                    p.cpu_secs,
+                    p.cpu_percent,
+                    if p.alive_at_end { "" } else { " (gone)" }
+                );
+            }
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+        out
+    }
+}
