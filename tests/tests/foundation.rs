@@ -406,8 +406,9 @@ async fn the_push_api_refuses_bad_input_with_clear_errors() {
         r#"{{"users":["a"],"payload":"{}"}}"#,
         "x".repeat(2 * 1024 * 1024)
     );
-    let response = cluster
-        .http
+    // A connection of its own: the server closes it after refusing the body
+    // unread, and the shared client must not reuse it.
+    let response = reqwest::Client::new()
         .post(format!("{}/api/push", cluster.center_url()))
         .header("Authorization", format!("apikey {key}"))
         .body(huge)

@@ -139,13 +139,30 @@ pub(crate) fn overloaded(state: &ApiState, message: &str) -> ApiError {
     error
 }
 
+/// The app of a request's `Authorization: apikey <key>` header, within its
+/// rate limit: every API method takes it first, before reading the body.
+pub(crate) struct Authenticated(pub App);
+
+impl axum::extract::FromRequestParts<Arc<ApiState>> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let app = authenticate(state, &parts.headers)?;
+        rate_limit(state, &app)?;
+        Ok(Authenticated(app))
+    }
+}
+
 /// 503 for a missing peer role.
 pub(crate) fn unavailable(message: &str) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
 }
 
 /// 429 with Retry-After when the app is over its rate.
-pub(crate) fn rate_limit(state: &ApiState, app: &App) -> Result<(), ApiError> {
+fn rate_limit(state: &ApiState, app: &App) -> Result<(), ApiError> {
     state.limits.check(app).map_err(|wait| {
         let mut error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -161,7 +178,7 @@ pub(crate) fn rate_limit(state: &ApiState, app: &App) -> Result<(), ApiError> {
 }
 
 /// The app an `Authorization: apikey <key>` header belongs to.
-pub(crate) fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> {
+fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> {
     let unauthorized =
         |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let value = headers
@@ -226,11 +243,9 @@ struct PushedMessage {
 
 async fn push(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
+    Authenticated(app): Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &headers)?;
-    rate_limit(&state, &app)?;
     let request: PushRequest = parse_json(&state, body).await?;
     if request.users.is_empty() {
         return Err(ApiError::bad_request(

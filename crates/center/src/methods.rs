@@ -6,7 +6,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use pushgrid_proto::client::KickCode;
@@ -20,7 +19,7 @@ use pushgrid_proto::cluster::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{ApiError, ApiState, authenticate, ok, parse_json, rate_limit, unavailable};
+use crate::api::{ApiError, ApiState, Authenticated, ok, parse_json, unavailable};
 
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -54,11 +53,9 @@ struct KickParams {
 /// Closes a user's connections (or one device's) with a KICK frame.
 async fn kick(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
+    Authenticated(app): Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &headers)?;
-    rate_limit(&state, &app)?;
     let params: KickParams = parse_json(&state, body).await?;
     check_user(&params.user)?;
     let view = state.cluster.view();
@@ -102,11 +99,9 @@ struct PresenceParams {
 /// A user's live sessions.
 async fn presence(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
+    Authenticated(app): Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &headers)?;
-    rate_limit(&state, &app)?;
     let params: PresenceParams = parse_json(&state, body).await?;
     check_user(&params.user)?;
     let view = state.cluster.view();
@@ -165,11 +160,9 @@ const MAX_TOPIC_BYTES: usize = 128;
 /// hands the message to every room, one subtask per room.
 async fn broadcast(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
+    Authenticated(app): Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &headers)?;
-    rate_limit(&state, &app)?;
     let params: BroadcastParams = parse_json(&state, body).await?;
     let topic = if params.topic.is_empty() {
         "all".to_string()
@@ -274,11 +267,9 @@ async fn no_params(state: &ApiState, body: Body) -> Result<(), ApiError> {
 /// Connections overall and per room, and the routing queue's depth.
 async fn stats(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
+    _: Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &headers)?;
-    rate_limit(&state, &app)?;
     no_params(&state, body).await?;
     let view = state.cluster.view();
     let rooms: Vec<_> = view
@@ -296,11 +287,9 @@ async fn stats(
 /// The live nodes of the cluster.
 async fn info(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
+    _: Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &headers)?;
-    rate_limit(&state, &app)?;
     no_params(&state, body).await?;
     let view = state.cluster.view();
     let nodes: Vec<_> = view
