@@ -153,9 +153,6 @@ struct BroadcastParams {
     payload_b64: Option<String>,
 }
 
-/// Longest topic name (rooms refuse longer ones too).
-const MAX_TOPIC_BYTES: usize = 128;
-
 /// Appends to the topic's stream in saver (offset, epoch), answers, then
 /// hands the message to every room, one subtask per room.
 async fn broadcast(
@@ -164,16 +161,9 @@ async fn broadcast(
     body: Body,
 ) -> Result<Response, ApiError> {
     let params: BroadcastParams = parse_json(&state, body).await?;
-    let topic = if params.topic.is_empty() {
-        "all".to_string()
-    } else {
-        params.topic
-    };
-    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
-        return Err(ApiError::bad_request(format!(
-            "topic: must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
-        )));
-    }
+    let topic = pushgrid_wire::normalize_topic(&params.topic)
+        .map_err(|reason| ApiError::bad_request(format!("topic: {reason}")))?
+        .to_string();
     let payload = crate::api::decode_payload(&state, params.payload, params.payload_b64)?;
     // A place among the fan-outs in flight first: when full, nothing is stored.
     let Some(permit) = state.broadcasts.clone().try_acquire_owned().ok() else {

@@ -388,19 +388,12 @@ enum ConnectOutcome {
     Close(Option<oneshot::Sender<()>>),
 }
 
-/// Longest topic the server accepts.
-const MAX_TOPIC_BYTES: usize = 128;
-
+/// The server's topic rule, checked before sending (a refused SUB would end
+/// the connection).
 fn normalize_topic(topic: String) -> Result<String, ClientError> {
-    if topic.is_empty() {
-        return Ok("all".into());
-    }
-    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
-        return Err(ClientError::Protocol(format!(
-            "a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
-        )));
-    }
-    Ok(topic)
+    pushgrid_wire::normalize_topic(&topic)
+        .map(str::to_string)
+        .map_err(ClientError::Protocol)
 }
 
 /// Where a subscription stands: the last offset received in an epoch.

@@ -6,25 +6,10 @@ use std::collections::HashSet;
 
 use dashmap::DashMap;
 
-/// The app-wide topic.
-pub(crate) const ALL: &str = "all";
-/// Longest topic name.
-pub(crate) const MAX_TOPIC_BYTES: usize = 128;
+pub(crate) use pushgrid_wire::{ALL_TOPIC as ALL, normalize_topic as normalize};
+
 /// Most topics one connection may hold.
 pub(crate) const MAX_TOPICS_PER_CONNECTION: usize = 64;
-
-/// A topic name as devices and the API may write it: empty means `all`.
-pub(crate) fn normalize(topic: &str) -> Result<&str, String> {
-    if topic.is_empty() {
-        return Ok(ALL);
-    }
-    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
-        return Err(format!(
-            "a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
-        ));
-    }
-    Ok(topic)
-}
 
 fn key(app: &str, topic: &str) -> String {
     let mut key = String::with_capacity(app.len() + topic.len() + 1);
@@ -126,8 +111,5 @@ mod tests {
             topics.subscribe(1, "a", &format!("t{index}")).unwrap();
         }
         assert!(topics.subscribe(1, "a", "one-too-many").is_err());
-        assert_eq!(normalize(""), Ok(ALL));
-        assert!(normalize(&"x".repeat(MAX_TOPIC_BYTES + 1)).is_err());
-        assert!(normalize("a\0b").is_err());
     }
 }

@@ -215,6 +215,25 @@ impl Frame {
     }
 }
 
+/// The app-wide broadcast topic: every device of the app, no SUB needed.
+pub const ALL_TOPIC: &str = "all";
+/// Longest topic name.
+pub const MAX_TOPIC_BYTES: usize = 128;
+
+/// A topic name as devices and the push API may write it: empty means
+/// [`ALL_TOPIC`]; otherwise 1 to [`MAX_TOPIC_BYTES`] bytes without NUL.
+pub fn normalize_topic(topic: &str) -> Result<&str, String> {
+    if topic.is_empty() {
+        return Ok(ALL_TOPIC);
+    }
+    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
+        return Err(format!(
+            "a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
+        ));
+    }
+    Ok(topic)
+}
+
 /// The ERROR frame for a codec failure.
 pub fn error_frame(code: msg::ErrorCode, message: impl Into<String>) -> Bytes {
     encode(
@@ -351,6 +370,15 @@ mod tests {
         };
         let error = frame.decode::<msg::Auth>().unwrap_err();
         assert_eq!(error.code(), msg::ErrorCode::BadBody);
+    }
+
+    #[test]
+    fn topic_names() {
+        assert_eq!(normalize_topic(""), Ok(ALL_TOPIC));
+        assert_eq!(normalize_topic("news"), Ok("news"));
+        assert!(normalize_topic(&"x".repeat(MAX_TOPIC_BYTES)).is_ok());
+        assert!(normalize_topic(&"x".repeat(MAX_TOPIC_BYTES + 1)).is_err());
+        assert!(normalize_topic("a\0b").is_err());
     }
 
     #[test]
