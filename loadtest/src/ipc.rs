@@ -100,12 +100,16 @@ pub struct WorkerReport {
     pub delivered_latency_us: Vec<u64>,
     /// Deliveries to slow devices (ids), kept apart from the loss ledger.
     pub slow_delivered_ids: Vec<u64>,
-    /// Broadcast deliveries: offset -> count, and latencies.
-    pub broadcast_by_offset: BTreeMap<u64, u64>,
+    /// Broadcast deliveries: (offset, count), and latencies. A list, not a map:
+    /// serde cannot read integer map keys inside an internally tagged enum, and
+    /// a report that fails to parse is a report lost.
+    pub broadcast_by_offset: Vec<(u64, u64)>,
     pub broadcast_latency_us: Vec<u64>,
     /// Connect (TCP + AUTH) durations, base64 of an hdrhistogram V2 serialisation (us).
     pub connect_histogram: String,
     /// Storms: per storm, ms from the storm start until every connection settled.
     pub storm_settle_ms: Vec<u64>,
     pub reconnected: u64,
+    /// Indices (relative to `first_user`) not connected when the report was made.
+    pub offline_users: Vec<u32>,
 }

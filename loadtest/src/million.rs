@@ -1,7 +1,12 @@
 //! `loadtest million`: one command that starts a cluster sized for the target
-//! (`pushgrid dev` for keeper and every other role, plus one `room` process per
-//! 18,000 devices), runs the scenarios against it, reports, and stops every
-//! process it started.
+//! (keeper, register, saver, coordinator and center as their own processes on
+//! the real Redis and MySQL, plus one `room` process per --per-room devices),
+//! runs the scenarios against it, reports, and then stops every process it
+//! started, drops the MySQL database it created and deletes its app's Redis keys.
+//!
+//! Each run gets an app of its own (random id, secret and API key) and a fresh
+//! database `pg_lt_<hex>`, so it never mixes with other clusters on the same
+//! Redis and MySQL servers.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -25,36 +31,69 @@ pub struct MillionArgs {
     /// Devices per room process (a room may hold 20,000 files).
     #[arg(long, default_value_t = 18_000)]
     pub per_room: u64,
-    /// Where `pushgrid` and `room` are; default: next to this binary.
+    /// Where the role binaries (keeper, register, saver, coordinator, center,
+    /// room) are; default: next to this binary.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
-    /// Data and logs of the started processes.
+    /// Logs of the started processes (kept after the run).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Redis for the saver's hot inboxes and topic streams.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// MySQL server; the run creates its own database on it and drops it at the end.
+    #[arg(long, default_value = "mysql://root@127.0.0.1:3306")]
+    pub mysql_server: String,
+    /// Keep the run's database and Redis keys (to inspect them afterwards).
+    #[arg(long)]
+    pub keep_data: bool,
     /// Heartbeat the rooms ask for (long, so an idle hold costs no pings).
     #[arg(long, default_value_t = 600)]
     pub heartbeat_secs: u32,
+    /// New connections per second across all workers (each worker gets its
+    /// share); overrides --connect-rate. 0: use --connect-rate per worker.
+    /// About 2,000/s is what this 2-core machine sustained for a whole cluster.
+    #[arg(long, default_value_t = 2000)]
+    pub ramp_rate: u32,
+    /// Lease TTL of every started role in keeper. The default of the roles
+    /// (10 s) is too tight when 60 processes share 2 cores: a register that
+    /// misses its heartbeat drops out of every room's view (see docs/benchmarks.md).
+    #[arg(long, default_value_t = 30)]
+    pub lease_secs: u32,
     /// Everything stops after this many minutes, finished or not.
     #[arg(long, default_value_t = 30)]
     pub max_minutes: u64,
     /// Extra `--set key=value` for every room.
     #[arg(long = "room-set")]
     pub room_set: Vec<String>,
+    /// Extra `--set key=value` for the saver.
+    #[arg(long = "saver-set")]
+    pub saver_set: Vec<String>,
+    /// Extra `--set key=value` for center.
+    #[arg(long = "center-set")]
+    pub center_set: Vec<String>,
     #[command(flatten)]
     pub run: RunArgs,
 }
 
+/// The roles started before the rooms, in start order: (process name, binary).
+const ROLES: [(&str, &str); 5] = [
+    ("keeper", "keeper"),
+    ("register", "register"),
+    ("saver", "saver"),
+    ("coordinator", "coordinator"),
+    ("center", "center"),
+];
+
 struct Started {
     name: String,
+    role: String,
     child: Child,
+    pid: u32,
     bound: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Started {
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-
     fn bound(&self, key: &str) -> Option<String> {
         self.bound
             .lock()
@@ -70,7 +109,10 @@ impl Started {
                 return Ok(value);
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("{} exited ({status}) before announcing {key}", self.name);
+                bail!(
+                    "{} exited ({status}) before announcing {key}; see its log",
+                    self.name
+                );
             }
             if tokio::time::Instant::now() >= until {
                 bail!("{} did not announce {key} within {limit:?}", self.name);
@@ -80,21 +122,29 @@ impl Started {
     }
 }
 
+/// Starts `program --set a --set b ...`, stderr to `<name>.log`, and collects
+/// the `PUSHGRID_BOUND <role> <listener> <addr>` lines of its stdout.
 async fn start(
     name: &str,
+    role: &str,
     program: &Path,
-    args: &[String],
+    settings: &[String],
     log_dir: &Path,
 ) -> anyhow::Result<Started> {
     let stderr = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
     let mut child = Command::new(program)
-        .args(args)
+        .args(
+            settings
+                .iter()
+                .flat_map(|setting| ["--set", setting.as_str()]),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
+    let pid = child.id().context("started process without a pid")?;
     let stdout = child.stdout.take().context("stdout")?;
     let bound = Arc::new(Mutex::new(HashMap::new()));
     let lines_bound = bound.clone();
@@ -102,7 +152,6 @@ async fn start(
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            // PUSHGRID_BOUND <role> <name> <addr>
             let parts: Vec<&str> = line.split_whitespace().collect();
             if parts.len() == 4 && parts[0] == pushgrid_common::net::BOUND_LINE_PREFIX {
                 lines_bound
@@ -116,29 +165,53 @@ async fn start(
     });
     Ok(Started {
         name: name.to_owned(),
+        role: role.to_owned(),
         child,
+        pid,
         bound,
     })
 }
 
-/// SIGTERM, a grace period, then SIGKILL; only the processes started here.
+/// SIGTERM to every process started here (rooms first, keeper last), a grace
+/// period, then SIGKILL for what is still running. Only these pids, never by name.
 async fn stop_all(processes: &mut Vec<Started>) {
-    for process in processes.iter() {
-        if let Some(pid) = process.child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    for process in processes.iter_mut().rev() {
+        if let Ok(None) = process.child.try_wait() {
+            let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGTERM);
         }
     }
-    for process in processes.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(20), process.child.wait())
+    let grace = tokio::time::Instant::now() + Duration::from_secs(30);
+    for process in processes.iter_mut().rev() {
+        if tokio::time::timeout_at(grace, process.child.wait())
             .await
             .is_err()
         {
-            eprintln!("{} did not stop within 20 s; killing it", process.name);
+            eprintln!("{} did not stop within 30 s; killing it", process.name);
             let _ = process.child.start_kill();
             let _ = process.child.wait().await;
         }
     }
     processes.clear();
+}
+
+/// The run's own app and database.
+struct Tenant {
+    app: String,
+    secret: String,
+    api_key: String,
+    database: String,
+}
+
+impl Tenant {
+    fn fresh() -> Tenant {
+        let tag = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        Tenant {
+            app: format!("lt{tag}"),
+            secret: format!("lt-secret-{:032x}", rand::random::<u128>()),
+            api_key: format!("lt-key-{:032x}", rand::random::<u128>()),
+            database: format!("pg_lt_{tag}"),
+        }
+    }
 }
 
 pub async fn run(args: MillionArgs) -> anyhow::Result<()> {
@@ -154,92 +227,211 @@ pub async fn run(args: MillionArgs) -> anyhow::Result<()> {
     });
     let log_dir = work_dir.join("logs");
     std::fs::create_dir_all(&log_dir)?;
+    let tenant = Tenant::fresh();
     let mut processes = Vec::new();
     let deadline = Duration::from_secs(args.max_minutes.max(1) * 60);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
-        outcome = tokio::time::timeout(deadline, run_inner(&args, &bin_dir, &work_dir, &log_dir, &mut processes)) => {
+        outcome = tokio::time::timeout(deadline, run_inner(&args, &tenant, &bin_dir, &log_dir, &mut processes)) => {
             outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("stopped: --max-minutes {} reached", args.max_minutes)))
         }
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted (SIGINT)")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("interrupted (SIGTERM)")),
     };
-    eprintln!("stopping {} processes started for the run", processes.len());
+    eprintln!(
+        "stopping the {} processes started for the run",
+        processes.len()
+    );
     stop_all(&mut processes).await;
+    if args.keep_data {
+        eprintln!(
+            "kept database {} and the Redis keys of app {}",
+            tenant.database, tenant.app
+        );
+    } else {
+        match drop_data(&args, &tenant).await {
+            Ok(keys) => eprintln!(
+                "dropped database {} and {keys} Redis keys of app {}",
+                tenant.database, tenant.app
+            ),
+            Err(error) => eprintln!("cleaning up the run's data failed: {error:#}"),
+        }
+    }
     eprintln!("logs in {}", log_dir.display());
     outcome
 }
 
+/// Drops the run's database and deletes its app's Redis keys (inboxes, topic
+/// streams, groups: `pg:{<app>:..}`, `pg:{bc:<app>:..}`, `pg:{g:<app>:..}`).
+async fn drop_data(args: &MillionArgs, tenant: &Tenant) -> anyhow::Result<u64> {
+    let pool =
+        pushgrid_common::db::connect(&format!("{}/{}", args.mysql_server, tenant.database), 1)
+            .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS `{}`",
+        tenant.database
+    )))
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+
+    let client = redis::Client::open(args.redis.as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let mut deleted = 0u64;
+    for pattern in [
+        format!("pg:{{{}:*", tenant.app),
+        format!("pg:{{bc:{}:*", tenant.app),
+        format!("pg:{{g:{}:*", tenant.app),
+    ] {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut connection)
+                .await?;
+            if !keys.is_empty() {
+                let removed: u64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut connection)
+                    .await?;
+                deleted += removed;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(deleted)
+}
+
+fn binary(bin_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: cargo build --release --workspace --bins (or pass --bin-dir)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 async fn run_inner(
     args: &MillionArgs,
+    tenant: &Tenant,
     bin_dir: &Path,
-    work_dir: &Path,
     log_dir: &Path,
     processes: &mut Vec<Started>,
 ) -> anyhow::Result<()> {
-    let rooms_needed = args
-        .run
-        .connections
-        .div_ceil(args.per_room.clamp(1, 18_000)) as usize;
-    let pushgrid = bin_dir.join("pushgrid");
-    let room_bin = bin_dir.join("room");
-    for binary in [&pushgrid, &room_bin] {
-        if !binary.exists() {
-            bail!(
-                "{} not found: cargo build --release -p pushgrid -p pushgrid-room",
-                binary.display()
-            );
-        }
+    let per_room = args.per_room.clamp(1, 18_000);
+    let rooms_needed = args.run.connections.div_ceil(per_room) as usize;
+    let room_bin = binary(bin_dir, "room")?;
+    let mut role_bins = Vec::new();
+    for (name, bin) in ROLES {
+        role_bins.push((name, binary(bin_dir, bin)?));
     }
     eprintln!(
-        "starting pushgrid dev and {rooms_needed} rooms (logs in {})",
+        "starting keeper, register, saver, coordinator, center and {rooms_needed} rooms on {} + {}/{} (logs in {})",
+        args.redis,
+        args.mysql_server,
+        tenant.database,
         log_dir.display()
     );
-    let dev_args: Vec<String> = [
-        "dev",
-        "--data-dir",
-        &work_dir.join("data").display().to_string(),
-        "--dispatcher-listen",
-        "127.0.0.1:0",
-        "--center-listen",
-        "127.0.0.1:0",
-        "--room-listen",
-        "127.0.0.1:0",
-        "--heartbeat-secs",
-        &args.heartbeat_secs.to_string(),
-    ]
-    .iter()
-    .map(|text| text.to_string())
-    .collect();
-    processes.push(start("dev", &pushgrid, &dev_args, log_dir).await?);
+    let database_url = format!("{}/{}", args.mysql_server, tenant.database);
+    let lease = format!("lease_ttl_secs={}", args.lease_secs.max(3));
+    let node = |keeper: &str| {
+        vec![
+            format!("keeper={keeper}"),
+            "listen=127.0.0.1:0".to_owned(),
+            "admin_listen=127.0.0.1:0".to_owned(),
+            lease.clone(),
+        ]
+    };
+
+    let mut keeper_settings = node("127.0.0.1:1");
+    keeper_settings.push(format!("database_url={database_url}"));
+    keeper_settings.push("http_listen=127.0.0.1:0".into());
+    keeper_settings.push(format!(
+        "apps=[{{id=\"{}\", jwt_secret=\"{}\", api_key=\"{}\"}}]",
+        tenant.app, tenant.secret, tenant.api_key
+    ));
+    processes.push(
+        start(
+            "keeper",
+            "keeper",
+            &role_bins[0].1,
+            &keeper_settings,
+            log_dir,
+        )
+        .await?,
+    );
     let keeper = processes[0]
         .wait_bound("keeper grpc", Duration::from_secs(60))
         .await?;
-    let center = processes[0]
-        .wait_bound("dev ready", Duration::from_secs(90))
+    processes[0]
+        .wait_bound("keeper ready", Duration::from_secs(60))
         .await?;
 
+    for (name, bin) in role_bins.iter().skip(1) {
+        let mut settings = node(&keeper);
+        match *name {
+            "saver" => {
+                settings.push(format!("database_url={database_url}"));
+                settings.push(format!("redis_url={}", args.redis));
+                settings.extend(args.saver_set.iter().cloned());
+            }
+            "center" => {
+                settings.push("http_listen=127.0.0.1:0".into());
+                settings.extend(args.center_set.iter().cloned());
+            }
+            _ => {}
+        }
+        let mut process = start(name, name, bin, &settings, log_dir).await?;
+        process
+            .wait_bound(&format!("{name} ready"), Duration::from_secs(60))
+            .await?;
+        processes.push(process);
+    }
+    let center = processes
+        .iter()
+        .find(|process| process.name == "center")
+        .and_then(|process| process.bound("center http"))
+        .context("center http address")?;
+
+    let first_room = processes.len();
     for index in 0..rooms_needed {
-        let mut room_args: Vec<String> = vec![
-            format!("keeper={keeper}"),
-            "listen=127.0.0.1:0".into(),
-            "admin_listen=127.0.0.1:0".into(),
-            "tcp_listen=127.0.0.1:0".into(),
+        let mut settings = node(&keeper);
+        settings.extend([
+            "tcp_listen=127.0.0.1:0".to_owned(),
             format!("heartbeat_secs={}", args.heartbeat_secs),
             format!("node_id=lt-room-{index}"),
-        ];
-        room_args.extend(args.room_set.iter().cloned());
-        let room_args: Vec<String> = room_args
-            .into_iter()
-            .flat_map(|setting| ["--set".to_owned(), setting])
-            .collect();
-        processes.push(start(&format!("room-{index}"), &room_bin, &room_args, log_dir).await?);
+        ]);
+        settings.extend(args.room_set.iter().cloned());
+        processes.push(
+            start(
+                &format!("room-{index}"),
+                "room",
+                &room_bin,
+                &settings,
+                log_dir,
+            )
+            .await?,
+        );
     }
     let mut rooms = Vec::new();
-    let mut servers = vec![ServerProc {
-        pid: processes[0].pid(),
-        role: "dev (all)".into(),
-        room_index: None,
-    }];
-    for (index, process) in processes.iter_mut().skip(1).enumerate() {
+    let mut servers: Vec<ServerProc> = processes[..first_room]
+        .iter()
+        .map(|process| ServerProc {
+            pid: process.pid,
+            role: process.role.clone(),
+            room_index: None,
+        })
+        .collect();
+    for (index, process) in processes.iter_mut().skip(first_room).enumerate() {
         rooms.push(
             process
                 .wait_bound("room tcp", Duration::from_secs(60))
@@ -249,19 +441,24 @@ async fn run_inner(
             .wait_bound("room ready", Duration::from_secs(60))
             .await?;
         servers.push(ServerProc {
-            pid: process.pid(),
-            role: "room".into(),
+            pid: process.pid,
+            role: process.role.clone(),
             room_index: Some(index),
         });
     }
-    // Let keeper's view of the new rooms reach center and the other roles.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for_rooms(&center, &tenant.api_key, rooms_needed).await?;
 
-    for scenario in &args.scenarios {
+    for (position, scenario) in args.scenarios.iter().enumerate() {
         let mut run = args.run.clone();
         run.rooms = rooms.clone();
         run.api = format!("http://{center}");
-        run.per_worker = args.per_room.clamp(1, 18_000) as u32;
+        run.app = tenant.app.clone();
+        run.jwt_secret = tenant.secret.clone();
+        run.api_key = tenant.api_key.clone();
+        run.per_worker = per_room as u32;
+        if args.ramp_rate > 0 {
+            run.connect_rate = args.ramp_rate.div_ceil(rooms_needed as u32).max(1);
+        }
         run.user_prefix = None;
         run.discover_servers = false;
         if args.scenarios.len() > 1 {
@@ -273,10 +470,50 @@ async fn run_inner(
             run.connections,
             rooms.len()
         );
-        let report = crate::run::run(*scenario, run.clone(), servers.clone()).await?;
+        let mut report = crate::run::run(*scenario, run.clone(), servers.clone()).await?;
+        if position > 0 {
+            report.notes.push(
+                "the rooms held the previous scenario's connections: their RSS growth here is not memory per connection (see the first scenario)".into(),
+            );
+        }
+        report.cluster = json!({
+            "store": "redis + mysql",
+            "redis": args.redis,
+            "mysql_database": tenant.database,
+            "app": tenant.app,
+            "rooms": rooms.len(),
+            "per_room": per_room,
+            "log_dir": log_dir.display().to_string(),
+        });
         println!("{}", report.table());
         std::fs::write(&run.json, serde_json::to_vec_pretty(&report)?)?;
         eprintln!("JSON report: {}", run.json);
     }
     Ok(())
+}
+
+/// Waits until center's view holds every room (keeper has pushed them).
+async fn wait_for_rooms(center: &str, api_key: &str, count: usize) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut seen = 0;
+    for _ in 0..600 {
+        let answer = http
+            .post(format!("http://{center}/api/stats"))
+            .header("Authorization", format!("apikey {api_key}"))
+            .json(&json!({}))
+            .send()
+            .await;
+        if let Ok(answer) = answer
+            && let Ok(body) = answer.json::<Value>().await
+        {
+            seen = body["result"]["rooms"].as_array().map_or(0, Vec::len);
+            if seen >= count {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("center lists {seen} of {count} rooms after 60 s")
 }

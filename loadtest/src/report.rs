@@ -61,6 +61,12 @@ pub struct Messages {
     pub lost: u64,
     /// Every lost message: [message id, user index].
     pub lost_ids: Vec<(u64, u64)>,
+    /// Of the lost: messages of devices not connected at the end of the run
+    /// (their initial connect failed, or they were still reconnecting); these
+    /// wait in the inbox for the device's next AUTH.
+    pub lost_to_offline_devices: u64,
+    /// Devices not connected when the workers reported.
+    pub offline_devices_at_end: u64,
     pub duplicated: u64,
     pub duplicated_messages: u64,
     pub unexpected: u64,
@@ -154,6 +160,8 @@ pub struct Report {
     pub churn: Churn,
     pub memory: Memory,
     pub processes: Vec<ProcessRow>,
+    /// The cluster `loadtest million` started for the run (null otherwise).
+    pub cluster: Value,
     pub notes: Vec<String>,
 }
 
@@ -184,6 +192,7 @@ impl Report {
             churn: Churn::default(),
             memory: Memory::default(),
             processes: Vec::new(),
+            cluster: Value::Null,
             notes: Vec::new(),
         }
     }
@@ -243,7 +252,11 @@ impl Report {
             }
             let _ = writeln!(out, "{:<34} {}", "messages accepted by the API", m.accepted);
             let _ = writeln!(out, "{:<34} {}", "delivered", m.delivered);
-            let _ = writeln!(out, "{:<34} {}", "LOST", m.lost);
+            let _ = writeln!(
+                out,
+                "{:<34} {} ({} of them to the {} devices offline at the end)",
+                "LOST", m.lost, m.lost_to_offline_devices, m.offline_devices_at_end
+            );
             for (id, user) in m.lost_ids.iter().take(20) {
                 let _ = writeln!(out, "{:<34} user #{user}", format!("  lost id {id}"));
             }

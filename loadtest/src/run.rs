@@ -182,27 +182,64 @@ impl Workers {
     }
 
     fn total(&self) -> Progress {
-        let state = self.state();
-        let mut total = Progress {
-            ramped: true,
-            ..Default::default()
-        };
-        for worker in state.iter() {
-            let p = &worker.progress;
-            total.attempted += p.attempted;
-            total.established += p.established;
-            total.failed += p.failed;
-            total.open += p.open;
-            total.delivered += p.delivered;
-            total.broadcast_delivered += p.broadcast_delivered;
-            total.subscribed += p.subscribed;
-            total.closed_by_server += p.closed_by_server;
-            total.storm_settled += p.storm_settled;
-            total.ramped &= worker.ramped.is_some() || worker.exited;
-        }
-        total
+        total_of(&self.state())
     }
 
+    /// In --quiet runs (logs, CI, long runs in the background): one status line
+    /// on stderr every 15 s with the phase set through the returned handle.
+    fn status_lines(&self, quiet: bool) -> (Arc<Mutex<&'static str>>, tokio::task::JoinHandle<()>) {
+        let phase = Arc::new(Mutex::new("start"));
+        let state = self.state.clone();
+        let shown = phase.clone();
+        let task = tokio::spawn(async move {
+            if !quiet {
+                return;
+            }
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let total = total_of(&lock(&state));
+                eprintln!(
+                    "[{:>5.0} s] {:<9} open {} established {} failed {} closed by server {} delivered {} broadcast {}",
+                    started.elapsed().as_secs_f64(),
+                    *lock(&shown),
+                    total.open,
+                    total.established,
+                    total.failed,
+                    total.closed_by_server,
+                    total.delivered,
+                    total.broadcast_delivered
+                );
+            }
+        });
+        (phase, task)
+    }
+}
+
+fn total_of(state: &[WorkerState]) -> Progress {
+    let mut total = Progress {
+        ramped: true,
+        ..Default::default()
+    };
+    for worker in state.iter() {
+        let p = &worker.progress;
+        total.attempted += p.attempted;
+        total.established += p.established;
+        total.failed += p.failed;
+        total.open += p.open;
+        total.delivered += p.delivered;
+        total.broadcast_delivered += p.broadcast_delivered;
+        total.subscribed += p.subscribed;
+        total.closed_by_server += p.closed_by_server;
+        total.storm_settled += p.storm_settled;
+        total.ramped &= worker.ramped.is_some() || worker.exited;
+    }
+    total
+}
+
+impl Workers {
     async fn wait_until(&self, deadline: Duration, mut done: impl FnMut(&Workers) -> bool) -> bool {
         let until = Instant::now() + deadline;
         loop {
@@ -323,8 +360,14 @@ async fn spawn_workers(
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let Ok(event) = serde_json::from_str::<Event>(&line) else {
-                    continue;
+                let event = match serde_json::from_str::<Event>(&line) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        // Never silent: a dropped report means a run without numbers.
+                        let head: String = line.chars().take(120).collect();
+                        eprintln!("worker {id}: unreadable event ({error}): {head}");
+                        continue;
+                    }
                 };
                 let mut state = state
                     .lock()
@@ -632,6 +675,9 @@ pub async fn run(
     };
 
     // Ramp.
+    let (phase, status_task) = workers.status_lines(args.quiet);
+    let set_phase = |name: &'static str| *lock(&phase) = name;
+    set_phase("connect");
     let ramp_bar = bar(&args, args.connections, "connect");
     workers.send(&Command::Go).await;
     let ramp_started = Instant::now();
@@ -665,7 +711,11 @@ pub async fn run(
     report.connections.ramp_completed = ramped;
     report.connections.ramp_secs = ramp_wall;
     report.connections.established = total.established;
-    report.connections.failed_initial = total.failed;
+    // Devices whose first connect failed (reconnect failures are in the reasons).
+    report.connections.failed_initial = infos
+        .iter()
+        .map(|info| info.failed_users.len() as u64)
+        .sum();
     let active_secs = last_ms.saturating_sub(first_ms) as f64 / 1000.0;
     report.connections.connect_rate_per_sec = if active_secs > 0.0 {
         total.established as f64 / active_secs
@@ -680,6 +730,7 @@ pub async fn run(
 
     // Hold.
     if args.hold_secs > 0 {
+        set_phase("hold");
         let hold_bar = bar(&args, args.hold_secs, "hold");
         let hold_started = Instant::now();
         while hold_started.elapsed() < Duration::from_secs(args.hold_secs) {
@@ -720,6 +771,7 @@ pub async fn run(
         Scenario::Connect => {}
         Scenario::Unicast | Scenario::Slow => {
             let targets = online.len() as u64 * u64::from(args.messages_per_user);
+            set_phase("push");
             let push_bar = bar(&args, targets, "push");
             let slow_push = async {
                 if slow.is_empty() {
@@ -752,6 +804,7 @@ pub async fn run(
             push_bar.finish();
             let accepted = lock(&ledger).len() as u64;
             let all_accepted = accepted + lock(&slow_ledger).len() as u64;
+            set_phase("deliver");
             let drain_bar = bar(&args, accepted, "deliver");
             let drain_secs =
                 drain(&workers, &args, all_accepted, |p| p.delivered, &drain_bar).await;
@@ -771,6 +824,7 @@ pub async fn run(
             }
         }
         Scenario::Broadcast => {
+            set_phase("broadcast");
             let subscribed = workers.total().subscribed;
             report.broadcast.subscribed = subscribed;
             let mut offsets = Vec::new();
@@ -817,6 +871,7 @@ pub async fn run(
                 report.broadcast.status = "ok".into();
                 let expected = subscribed * offsets.len() as u64;
                 report.broadcast.expected_deliveries = expected;
+                set_phase("deliver");
                 let drain_bar = bar(&args, expected, "deliver");
                 report.messages.drain_secs = drain(
                     &workers,
@@ -868,6 +923,7 @@ pub async fn run(
     }
 
     // Collect.
+    set_phase("collect");
     workers.send(&Command::Report).await;
     let reported = workers
         .wait_until(Duration::from_secs(120), |workers| {
@@ -890,6 +946,7 @@ pub async fn run(
         .map(|worker| worker.report.take().unwrap_or_default())
         .collect();
     let specs = workers.specs.clone();
+    status_task.abort();
     workers.stop().await;
 
     // Accounting.
@@ -949,6 +1006,16 @@ pub async fn run(
             }
         }
         let outcome: Outcome = ledger.outcome();
+        // Undelivered messages of devices that were not connected at the end
+        // wait in their inbox (at-least-once); the others were lost in flight.
+        let offline: std::collections::HashSet<u64> =
+            workers_specs_offline(&specs, &worker_reports);
+        report.messages.lost_to_offline_devices = outcome
+            .lost
+            .iter()
+            .filter(|(_, user)| offline.contains(user))
+            .count() as u64;
+        report.messages.offline_devices_at_end = offline.len() as u64;
         report.messages.set_outcome(outcome, &latency);
         if scenario == Scenario::Slow {
             let slow_outcome = slow_ledger.outcome();
@@ -1059,6 +1126,23 @@ pub async fn run(
         .sum();
     report.wall_secs = wall;
     Ok(report)
+}
+
+/// Global indices of the devices not connected when their worker reported.
+fn workers_specs_offline(
+    specs: &[WorkerSpec],
+    reports: &[WorkerReport],
+) -> std::collections::HashSet<u64> {
+    specs
+        .iter()
+        .zip(reports)
+        .flat_map(|(spec, report)| {
+            report
+                .offline_users
+                .iter()
+                .map(move |index| spec.first_user + u64::from(*index))
+        })
+        .collect()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

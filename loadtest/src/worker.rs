@@ -67,6 +67,8 @@ struct Records {
 
 struct Shared {
     spec: WorkerSpec,
+    /// Per device: authenticated right now.
+    online: Vec<std::sync::atomic::AtomicBool>,
     room: SocketAddr,
     source: IpAddr,
     counters: Counters,
@@ -120,6 +122,9 @@ async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         .context("room address")?;
     let source: IpAddr = spec.source_ip.parse().context("source ip")?;
     let shared = Arc::new(Shared {
+        online: (0..spec.count)
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect(),
         room,
         source,
         counters: Counters::default(),
@@ -163,6 +168,8 @@ async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 let progress = progress_of(&shared);
                 if !ramped_sent && progress.ramped {
                     ramped_sent = true;
+                    // The counts first: the coordinator reads them when it sees Ramped.
+                    emit(&Event::Progress(progress.clone()));
                     let mut records = shared.records();
                     let mut failed_users = std::mem::take(&mut records.failed_users);
                     failed_users.sort_unstable();
@@ -271,11 +278,22 @@ fn report_of(shared: &Shared, storm_settle_ms: Vec<u64>) -> WorkerReport {
         delivered_ids: records.delivered.iter().map(|(id, _)| *id).collect(),
         delivered_latency_us: records.delivered.iter().map(|(_, us)| *us).collect(),
         slow_delivered_ids: records.slow_delivered.clone(),
-        broadcast_by_offset: records.broadcast_by_offset.clone(),
+        broadcast_by_offset: records
+            .broadcast_by_offset
+            .iter()
+            .map(|(offset, count)| (*offset, *count))
+            .collect(),
         broadcast_latency_us: records.broadcast_latency_us.clone(),
         connect_histogram: base64::engine::general_purpose::STANDARD.encode(connect_histogram),
         storm_settle_ms,
         reconnected: shared.counters.reconnected.load(Ordering::Relaxed),
+        offline_users: shared
+            .online
+            .iter()
+            .enumerate()
+            .filter(|(_, online)| !online.load(Ordering::Relaxed))
+            .map(|(index, _)| index as u32)
+            .collect(),
     }
 }
 
@@ -320,15 +338,19 @@ async fn device(
     let mut reconnecting = false;
     let mut storm_reconnect = false;
     loop {
-        let attempts = if reconnecting {
-            shared.spec.reconnect_attempts.max(1)
-        } else {
-            1
-        };
-        let mut connected = None;
-        for attempt in 0..attempts {
+        // The first connect is tried once (a failure is reported by reason and
+        // the device is left out of the pushes). After a server close or a
+        // storm the device keeps coming back, as a real one does, until the
+        // run stops: what was stored for it must reach it.
+        let counted_attempts = shared.spec.reconnect_attempts.max(1);
+        let mut settled = false;
+        let mut attempt = 0u32;
+        let connected = loop {
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                tokio::time::sleep(reconnect_delay(attempt)).await;
+                if ctl.borrow().stop {
+                    return;
+                }
             }
             let began = Instant::now();
             match establish(&shared, index, !reconnecting && attempt == 0).await {
@@ -339,16 +361,28 @@ async fn device(
                         let _ = histogram.record(micros.max(1));
                     }
                     records.last_established_unix_ms = unix_us() / 1000;
-                    connected = Some(connection);
-                    break;
+                    break Some(connection);
                 }
                 Err(reason) => shared.fail(index, reason, !reconnecting),
             }
-        }
+            attempt += 1;
+            if !reconnecting {
+                break None;
+            }
+            if storm_reconnect && attempt == counted_attempts {
+                // Counted as not back for this storm; it goes on trying.
+                shared
+                    .counters
+                    .storm_settled
+                    .fetch_add(1, Ordering::Relaxed);
+                settled = true;
+            }
+        };
         drop(permit.take());
         let counters = &shared.counters;
         if connected.is_some() {
             counters.open.fetch_add(1, Ordering::Relaxed);
+            shared.online[index as usize].store(true, Ordering::Relaxed);
             if reconnecting {
                 counters.reconnected.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -356,7 +390,9 @@ async fn device(
             }
         }
         if storm_reconnect {
-            counters.storm_settled.fetch_add(1, Ordering::Relaxed);
+            if !settled {
+                counters.storm_settled.fetch_add(1, Ordering::Relaxed);
+            }
         } else if !reconnecting {
             counters.settled_initial.fetch_add(1, Ordering::Relaxed);
         }
@@ -365,6 +401,7 @@ async fn device(
         };
         let end = session(&shared, stream, carry, slow, &mut ctl).await;
         counters.open.fetch_sub(1, Ordering::Relaxed);
+        shared.online[index as usize].store(false, Ordering::Relaxed);
         match end {
             SessionEnd::Stop => return,
             SessionEnd::Closed => {
@@ -391,6 +428,14 @@ async fn device(
     }
 }
 
+/// Delay before reconnect attempt `attempt` (1, 2, ...): 500 ms doubling up to
+/// 16 s, each drawn uniformly from its upper half, so devices that failed
+/// together do not come back together.
+fn reconnect_delay(attempt: u32) -> Duration {
+    let base_ms = (500u64 << attempt.saturating_sub(1).min(5)).min(16_000);
+    Duration::from_millis(rand::random_range(base_ms / 2..=base_ms))
+}
+
 fn io_reason(stage: &str, error: &std::io::Error) -> String {
     let name = match error.raw_os_error() {
         Some(24) => "EMFILE (process out of file descriptors)".to_owned(),
@@ -413,32 +458,28 @@ async fn establish(
     fresh: bool,
 ) -> Result<(TcpStream, Vec<u8>), String> {
     let spec = &shared.spec;
-    let socket = TcpSocket::new_v4().map_err(|error| io_reason("socket", &error))?;
-    let _ = socket.set_reuseaddr(true);
     // An explicit port per device on the first connect: bind(port 0) scans the
     // ports in use on the address, which grows quadratic over 18,000 sockets.
     // Reconnects take port 0 (the old port may still be in TIME_WAIT).
-    let port = if fresh {
-        FIRST_SOURCE_PORT.checked_add(index as u16)
-    } else {
-        None
+    let port = match fresh {
+        true if index < 30_000 => FIRST_SOURCE_PORT.checked_add(index as u16),
+        _ => None,
     };
-    let bound = match port {
-        Some(port) if index < 30_000 => socket.bind(SocketAddr::new(shared.source, port)).is_ok(),
-        _ => false,
-    };
-    if !bound {
-        socket
-            .bind(SocketAddr::new(shared.source, 0))
-            .map_err(|error| io_reason("bind", &error))?;
+    let mut stream = match connect_from(shared, port).await {
+        // The fixed port's 4-tuple is still taken (TIME_WAIT of an earlier run
+        // against the same room): let the kernel pick a port instead.
+        Err(error) if port.is_some() && error.raw_os_error() == Some(99) => {
+            connect_from(shared, None).await
+        }
+        other => other,
     }
-    let mut stream = tokio::time::timeout(
-        Duration::from_millis(spec.connect_timeout_ms),
-        socket.connect(shared.room),
-    )
-    .await
-    .map_err(|_| "connect: timeout".to_owned())?
-    .map_err(|error| io_reason("connect", &error))?;
+    .map_err(|error| match error.kind() {
+        std::io::ErrorKind::TimedOut => "connect: timeout".to_owned(),
+        _ => io_reason("connect", &error),
+    })?;
+    // Close with a reset: a run that ends leaves no TIME_WAIT behind, so the
+    // next run (or the next scenario of `loadtest million`) gets the same ports.
+    let _ = stream.set_zero_linger();
     let _ = stream.set_nodelay(true);
     let user = format!("{}{}", spec.user_prefix, spec.first_user + u64::from(index));
     let token = pushgrid_common::jwt::sign(
@@ -534,6 +575,24 @@ async fn establish(
         Ok(Ok(())) => Ok((stream, carry)),
         Ok(Err(reason)) => Err(reason),
         Err(_) => Err("auth: timeout".to_owned()),
+    }
+}
+
+/// TCP connect from the worker's source address, from `port` or any port.
+async fn connect_from(shared: &Shared, port: Option<u16>) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    let _ = socket.set_reuseaddr(true);
+    let bound = match port {
+        Some(port) => socket.bind(SocketAddr::new(shared.source, port)).is_ok(),
+        None => false,
+    };
+    if !bound {
+        socket.bind(SocketAddr::new(shared.source, 0))?;
+    }
+    let limit = Duration::from_millis(shared.spec.connect_timeout_ms);
+    match tokio::time::timeout(limit, socket.connect(shared.room)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 

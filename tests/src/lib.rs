@@ -18,6 +18,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+pub mod faults;
+
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
 /// keeper's admin API token in test clusters.
@@ -220,6 +222,10 @@ pub struct ClusterOptions {
     pub app_extra: String,
     /// Extra `--set` settings for keeper, e.g. `routes=[...]`.
     pub keeper_sets: Vec<String>,
+    /// Center instances (the first is `center`, the others `extra_centers`).
+    pub centers: usize,
+    /// Extra `--set` settings for every center, e.g. `route_queue=2`.
+    pub center_sets: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -231,6 +237,8 @@ impl Default for ClusterOptions {
             registers: 1,
             app_extra: String::new(),
             keeper_sets: Vec::new(),
+            centers: 1,
+            center_sets: Vec::new(),
         }
     }
 }
@@ -247,9 +255,13 @@ pub struct TestCluster {
     pub saver: Proc,
     pub coordinator: Proc,
     pub center: Proc,
+    /// Centers beyond the first (`ClusterOptions::centers`).
+    pub extra_centers: Vec<Proc>,
     pub dispatcher: Proc,
     pub rooms: Vec<Proc>,
     pub http: reqwest::Client,
+    /// The arguments each role process was started with, by process name.
+    role_args: HashMap<String, Vec<String>>,
 }
 
 fn node_args(keeper: &str) -> Vec<String> {
@@ -312,6 +324,8 @@ impl TestCluster {
         let keeper = spawn(&dir, "keeper", "keeper", &keeper_args).await?;
         let keeper_addr = keeper.addr("grpc").to_string();
 
+        let mut role_args = HashMap::new();
+        role_args.insert("register".to_string(), node_args(&keeper_addr));
         let register = spawn(&dir, "register", "register", &node_args(&keeper_addr)).await?;
         let mut extra_registers = Vec::new();
         for index in 1..options.registers.max(1) {
@@ -329,14 +343,26 @@ impl TestCluster {
         set(&mut saver_args, format!("database_url={database_url}"));
         set(&mut saver_args, format!("redis_url={REDIS_URL}"));
         let saver = spawn(&dir, "saver", "saver", &saver_args).await?;
+        role_args.insert("saver".to_string(), saver_args);
+        role_args.insert("coordinator".to_string(), node_args(&keeper_addr));
         let coordinator =
             spawn(&dir, "coordinator", "coordinator", &node_args(&keeper_addr)).await?;
         let mut center_args = node_args(&keeper_addr);
         set(&mut center_args, "http_listen=127.0.0.1:0".into());
+        for setting in &options.center_sets {
+            set(&mut center_args, setting.clone());
+        }
         let center = spawn(&dir, "center", "center", &center_args).await?;
+        let mut extra_centers = Vec::new();
+        for index in 1..options.centers.max(1) {
+            let name = format!("center{index}");
+            extra_centers.push(spawn(&dir, &name, "center", &center_args).await?);
+        }
+        role_args.insert("center".to_string(), center_args);
         let mut dispatcher_args = node_args(&keeper_addr);
         set(&mut dispatcher_args, "http_listen=127.0.0.1:0".into());
         let dispatcher = spawn(&dir, "dispatcher", "dispatcher", &dispatcher_args).await?;
+        role_args.insert("dispatcher".to_string(), dispatcher_args);
         let mut rooms = Vec::new();
         for index in 0..options.rooms.max(1) {
             let mut room_args = node_args(&keeper_addr);
@@ -347,6 +373,7 @@ impl TestCluster {
             );
             set(&mut room_args, "auth_timeout_secs=2".into());
             rooms.push(spawn(&dir, &format!("room{index}"), "room", &room_args).await?);
+            role_args.insert(format!("room{index}"), room_args);
         }
         let cluster = TestCluster {
             app,
@@ -359,9 +386,11 @@ impl TestCluster {
             saver,
             coordinator,
             center,
+            extra_centers,
             dispatcher,
             rooms,
             http: reqwest::Client::new(),
+            role_args,
         };
         cluster.wait_for_rooms(options.rooms.max(1)).await?;
         Ok(cluster)
@@ -416,14 +445,79 @@ impl TestCluster {
         Ok(Connection::connect(&self.room_addr(index), auth).await?)
     }
 
+    /// The process of role `name`: `keeper`, `register`, `saver`,
+    /// `coordinator`, `center`, `dispatcher` or `room<i>`.
+    pub fn role(&mut self, name: &str) -> &mut Proc {
+        match name {
+            "keeper" => &mut self.keeper,
+            "register" => &mut self.register,
+            "saver" => &mut self.saver,
+            "coordinator" => &mut self.coordinator,
+            "center" => &mut self.center,
+            "dispatcher" => &mut self.dispatcher,
+            room => {
+                let index: usize = room
+                    .strip_prefix("room")
+                    .and_then(|index| index.parse().ok())
+                    .unwrap_or_else(|| panic!("no role {name:?}"));
+                &mut self.rooms[index]
+            }
+        }
+    }
+
+    /// kill -9 the process of role `name` (see [`TestCluster::role`]).
+    pub async fn kill_role(&mut self, name: &str) {
+        self.role(name).kill().await;
+    }
+
+    /// Starts role `name` again with the settings it had (keeper on its old
+    /// gRPC address, the others on new ports, joining through keeper as any
+    /// new instance does). Kill it first with [`TestCluster::kill_role`].
+    pub async fn start_role_again(&mut self, name: &str) -> anyhow::Result<()> {
+        if name == "keeper" {
+            let grpc = self.keeper.addr("grpc");
+            let mut args = self.keeper_args.clone();
+            set(&mut args, format!("listen={grpc}"));
+            self.keeper = spawn(&self.dir, "keeper-restarted", "keeper", &args).await?;
+            return Ok(());
+        }
+        let args = self
+            .role_args
+            .get(name)
+            .with_context(|| format!("no role {name:?}"))?
+            .clone();
+        let binary_name = if name.starts_with("room") {
+            "room"
+        } else {
+            name
+        };
+        let restarted = spawn(&self.dir, &format!("{name}-restarted"), binary_name, &args).await?;
+        *self.role(name) = restarted;
+        Ok(())
+    }
+
+    /// The arguments of this cluster's saver with another Redis and SQL URL.
+    pub fn saver_args(&self, redis_url: &str, database_url: &str) -> Vec<String> {
+        let mut args = self.node_args();
+        set(&mut args, format!("database_url={database_url}"));
+        set(&mut args, format!("redis_url={redis_url}"));
+        set(&mut args, "commit_timeout_ms=2000".into());
+        args
+    }
+
+    /// Replaces the cluster's saver with one started from `args` (kept for
+    /// [`TestCluster::start_role_again`]).
+    pub async fn replace_saver(&mut self, name: &str, args: &[String]) -> anyhow::Result<()> {
+        self.saver.kill().await;
+        self.saver = spawn(&self.dir, name, "saver", args).await?;
+        self.role_args.insert("saver".to_string(), args.to_vec());
+        Ok(())
+    }
+
     /// kill -9 keeper and start it again on the same gRPC address.
     pub async fn restart_keeper(&mut self) -> anyhow::Result<()> {
-        let grpc = self.keeper.addr("grpc");
-        self.keeper.kill().await;
-        let mut args = self.keeper_args.clone();
-        set(&mut args, format!("listen={grpc}"));
-        self.keeper = spawn(&self.dir, "keeper-restarted", "keeper", &args).await?;
-        Ok(())
+        self.kill_role("keeper").await;
+        self.start_role_again("keeper").await
     }
 
     /// Calls keeper's admin API with the test admin token.
@@ -439,6 +533,29 @@ impl TestCluster {
             request = request.json(&body);
         }
         let response = request.send().await.expect("keeper admin API answers");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// `POST /api/<method>` with API key `key`: the status and the JSON
+    /// answer (`null` when the body is not JSON).
+    pub async fn call(
+        &self,
+        key: &str,
+        method: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}/api/{method}", self.center_url()))
+            .header("Authorization", format!("apikey {key}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (
             status,
@@ -551,4 +668,60 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// A role's `/metrics` page, as Prometheus text.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Sums the samples of metric `name` in Prometheus `text` whose label set
+/// contains `label` ("" for every sample of the metric).
+pub fn metric_in(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter(|line| line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sums the samples of metric `name` on a role's admin server whose label set
+/// contains `label` ("" for all).
+pub async fn metric(admin: SocketAddr, name: &str, label: &str) -> f64 {
+    metric_in(&metrics_text(admin).await, name, label)
+}
+
+/// JSON bodies a [`webhook`] received, in arrival order.
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// A real HTTP webhook (the app's backend, which cannot be a pushgrid process)
+/// on 127.0.0.1: records every JSON body POSTed to `/hook` and answers
+/// `status` after `delay`. Returns its URL and what it received.
+pub async fn webhook(status: u16, delay: Duration) -> (String, Received) {
+    let received = Received::default();
+    let store = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let store = store.clone();
+            async move {
+                store.lock().unwrap().push(body);
+                tokio::time::sleep(delay).await;
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/hook"), received)
 }

@@ -3,11 +3,13 @@
 //! and kicks. Real processes, real Redis and MariaDB.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pushgrid_client::{Connection, Op, msg};
-use pushgrid_e2e::{ClusterOptions, TestCluster, eventually, next_frame, next_push, spawn};
+use pushgrid_e2e::{
+    ClusterOptions, Received, TestCluster, eventually, metric, next_frame, next_push, spawn,
+    webhook,
+};
 use reqwest::Method;
 use serde_json::json;
 
@@ -61,19 +63,6 @@ async fn every_device_receives(
     }
 }
 
-async fn metric(admin: std::net::SocketAddr, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_register_gets_every_session_back_and_pushes_route() {
     let mut cluster = TestCluster::start(ClusterOptions {
@@ -99,13 +88,13 @@ async fn a_killed_register_gets_every_session_back_and_pushes_route() {
     // epoch and re-send their sessions.
     let admin = new_register.addr("admin");
     let restored = eventually(WAIT, || async {
-        metric(admin, "pushgrid_register_sessions").await >= DEVICES as f64
+        metric(admin, "pushgrid_register_sessions", "").await >= DEVICES as f64
     })
     .await;
     assert!(
         restored,
         "register has {} sessions",
-        metric(admin, "pushgrid_register_sessions").await
+        metric(admin, "pushgrid_register_sessions", "").await
     );
     assert!(
         eventually(WAIT, || async {
@@ -129,10 +118,16 @@ async fn two_registers_split_users_and_lookups_find_them() {
     const DEVICES: usize = 200;
     let mut devices = connect_many(&cluster, "s", DEVICES).await;
     every_device_receives(&cluster, "s", &mut devices, "split").await;
-    let first = metric(cluster.register.addr("admin"), "pushgrid_register_sessions").await;
+    let first = metric(
+        cluster.register.addr("admin"),
+        "pushgrid_register_sessions",
+        "",
+    )
+    .await;
     let second = metric(
         cluster.extra_registers[0].addr("admin"),
         "pushgrid_register_sessions",
+        "",
     )
     .await;
     assert_eq!(first + second, DEVICES as f64, "each session is held once");
@@ -323,27 +318,6 @@ async fn pushes_keep_flowing_across_a_keeper_kill() {
     cluster.cleanup().await;
 }
 
-/// A webhook recording bodies; answers after `delay`.
-async fn recorder(delay: Duration) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let store = received.clone();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
-            let store = store.clone();
-            async move {
-                store.lock().unwrap().push(body);
-                tokio::time::sleep(delay).await;
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}/"), received)
-}
-
 async fn upstream(
     device: &mut Connection,
     seq: u32,
@@ -370,10 +344,10 @@ async fn upstream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_is_routed_by_product_and_type_with_retries() {
-    let (chat_url, chat) = recorder(Duration::ZERO).await;
-    let (refund_url, refunds) = recorder(Duration::ZERO).await;
-    let (slow_url, slow) = recorder(Duration::from_secs(2)).await;
-    let (webhook_url, webhook) = recorder(Duration::ZERO).await;
+    let (chat_url, chat) = webhook(200, Duration::ZERO).await;
+    let (refund_url, refunds) = webhook(200, Duration::ZERO).await;
+    let (slow_url, slow) = webhook(200, Duration::from_secs(2)).await;
+    let (webhook_url, webhook) = webhook(200, Duration::ZERO).await;
     let app_id_placeholder = "APP";
     let routes = format!(
         "routes=[{{app=\"{app_id_placeholder}\", product=\"chat\", url=\"{chat_url}\"}}, \
@@ -407,7 +381,7 @@ async fn upstream_is_routed_by_product_and_type_with_retries() {
         upstream(&mut device, 4, "pay", "charge").await.op,
         Op::UpstreamOk
     );
-    let count = |store: &Arc<Mutex<Vec<serde_json::Value>>>, kind: &str| {
+    let count = |store: &Received, kind: &str| {
         store
             .lock()
             .unwrap()
@@ -438,7 +412,7 @@ async fn upstream_is_routed_by_product_and_type_with_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_callbacks_arrive_batched() {
-    let (webhook_url, received) = recorder(Duration::ZERO).await;
+    let (webhook_url, received) = webhook(200, Duration::ZERO).await;
     let cluster = TestCluster::start(ClusterOptions {
         webhook_url,
         ..Default::default()

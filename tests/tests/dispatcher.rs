@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pushgrid_e2e::{ClusterOptions, Proc, TestCluster, eventually, spawn, temp_dir};
+use pushgrid_e2e::{ClusterOptions, Proc, TestCluster, eventually, metrics_text, spawn, temp_dir};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -125,16 +125,6 @@ fn nodes(answer: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-async fn metrics_text(http: &reqwest::Client, admin: std::net::SocketAddr) -> String {
-    http.get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// The value of the Prometheus sample of `name` carrying all `labels`.
@@ -336,7 +326,7 @@ async fn the_rate_limit_answers_429_with_retry_after() {
     assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["error"]["code"], "rate_limited");
-    let metrics = metrics_text(&cell.http, cell.dispatcher.addr("admin")).await;
+    let metrics = metrics_text(cell.dispatcher.addr("admin")).await;
     let refused = sample(
         &metrics,
         "pushgrid_http_requests_total",
@@ -351,7 +341,7 @@ async fn dispatcher_traffic_counters_are_exact() {
     let cell = Cell::start(&[("room-a", r#"region="eu""#)], &[]).await;
     let admin = cell.dispatcher.addr("admin");
     let labels = [("role", "dispatcher"), ("route", "/v1/dispatch")];
-    let before = metrics_text(&cell.http, admin).await;
+    let before = metrics_text(admin).await;
     let response = cell
         .http
         .get(cell.url("/v1/dispatch?user=counted&region=eu"))
@@ -361,7 +351,7 @@ async fn dispatcher_traffic_counters_are_exact() {
     assert_eq!(response.status().as_u16(), 200);
     assert!(response.headers().contains_key("x-request-id"));
     let body = response.bytes().await.unwrap();
-    let after = metrics_text(&cell.http, admin).await;
+    let after = metrics_text(admin).await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
     };
@@ -381,7 +371,7 @@ async fn center_traffic_counters_count_the_exact_bytes_of_a_push() {
     let admin = cluster.center.addr("admin");
     let labels = [("role", "center"), ("route", "/api/push")];
     let payload = br#"{"users": ["counted-user"], "payload": "exactly these bytes"}"#;
-    let before = metrics_text(&cluster.http, admin).await;
+    let before = metrics_text(admin).await;
     let response = cluster
         .http
         .post(format!("{}/api/push", cluster.center_url()))
@@ -394,7 +384,7 @@ async fn center_traffic_counters_count_the_exact_bytes_of_a_push() {
     let status = response.status().as_u16();
     let body = response.bytes().await.unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let after = metrics_text(&cluster.http, admin).await;
+    let after = metrics_text(admin).await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
     };

@@ -2,12 +2,13 @@
 //! Redis and MariaDB, real TCP devices.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use pushgrid_client::{Client, ClientConfig, Event, Op, msg};
-use pushgrid_e2e::{ClusterOptions, REDIS_URL, TestCluster, eventually, next_frame, next_push};
+use pushgrid_e2e::{
+    ClusterOptions, REDIS_URL, TestCluster, eventually, next_frame, next_push, webhook,
+};
 use sqlx::Row;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -194,29 +195,9 @@ async fn multicast_reaches_every_connected_user() {
     cluster.cleanup().await;
 }
 
-/// A webhook that records what it was sent and answers `status`.
-async fn webhook(status: u16) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let store = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
-            let store = store.clone();
-            async move {
-                store.lock().unwrap().push(body);
-                axum::http::StatusCode::from_u16(status).unwrap()
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}/hook"), received)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reaches_the_webhook_and_the_device_gets_upstream_ok() {
-    let (url, received) = webhook(200).await;
+    let (url, received) = webhook(200, Duration::ZERO).await;
     let cluster = TestCluster::start(ClusterOptions {
         webhook_url: url,
         ..Default::default()
@@ -276,7 +257,7 @@ async fn upstream_reaches_the_webhook_and_the_device_gets_upstream_ok() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_webhook_gives_the_device_an_error_frame() {
-    let (url, _received) = webhook(500).await;
+    let (url, _received) = webhook(500, Duration::ZERO).await;
     let cluster = TestCluster::start(ClusterOptions {
         webhook_url: url,
         ..Default::default()

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use pushgrid_e2e::{ClusterOptions, TestCluster, next_push};
+use pushgrid_e2e::{ClusterOptions, TestCluster, metric, next_push};
 use pushgrid_wire::{Decoded, HEADER_LEN, Op, decode_frame, encode, encode_empty, msg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -663,12 +663,12 @@ async fn a_live_room_survives_150k_random_and_mutated_frames() {
     );
     let admin = cluster.rooms[0].addr("admin");
     assert_eq!(
-        metric(admin, "pushgrid_room_refused_total").await as u64,
+        metric(admin, "pushgrid_room_refused_total", "").await as u64,
         tally.refused_before_auth,
         "refusals before AUTH counted"
     );
     assert_eq!(
-        metric(admin, "pushgrid_room_frame_errors_total").await as u64,
+        metric(admin, "pushgrid_room_frame_errors_total", "").await as u64,
         tally.frame_errors_after_auth,
         "bad headers after AUTH counted"
     );
@@ -692,24 +692,6 @@ async fn a_live_room_survives_150k_random_and_mutated_frames() {
     drop(tally);
     cluster.rooms[0].kill().await;
     cluster.cleanup().await;
-}
-
-/// Sums a metric's samples (every label set) from a role's `/metrics`.
-async fn metric(admin: std::net::SocketAddr, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A mutated variant of a JSON body: the mistakes a client (or an attacker) makes.
@@ -846,7 +828,7 @@ async fn the_http_api_answers_malformed_and_mutated_json_with_clear_errors() {
     // Every refusal was counted by code.
     let admin = cluster.center.addr("admin");
     assert!(
-        metric_with(
+        metric(
             admin,
             "pushgrid_center_api_errors_total",
             "code=\"bad_request\""
@@ -855,7 +837,7 @@ async fn the_http_api_answers_malformed_and_mutated_json_with_clear_errors() {
             >= bad as f64
     );
     assert!(
-        metric_with(
+        metric(
             admin,
             "pushgrid_center_api_errors_total",
             "code=\"too_large\""
@@ -906,7 +888,11 @@ async fn post(
 ) -> (u16, serde_json::Value) {
     // The server closes a connection whose oversize body it refused unread:
     // such a request gets a connection of its own, so the pool stays clean.
-    let client = if body.len() > 1024 * 1024 { reqwest::Client::new() } else { cluster.http.clone() };
+    let client = if body.len() > 1024 * 1024 {
+        reqwest::Client::new()
+    } else {
+        cluster.http.clone()
+    };
     let response = client
         .post(format!("{center}/api/{method}"))
         .header("Authorization", format!("apikey {key}"))
@@ -921,20 +907,6 @@ async fn post(
         panic!("{method} answered {status} with a body that is not JSON: {text:?}")
     });
     (status, value)
-}
-
-/// Sums a metric's samples whose labels contain `label`.
-async fn metric_with(admin: std::net::SocketAddr, name: &str, label: &str) -> f64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A device may pipeline frames behind AUTH in one write, without waiting for

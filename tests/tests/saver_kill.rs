@@ -5,43 +5,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pushgrid_e2e::faults::{MysqlProxy, OwnRedis};
 use pushgrid_e2e::{MYSQL_SERVER, REDIS_URL, TestCluster, next_push, spawn};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The arguments the harness gives saver, with another Redis and SQL URL.
-fn saver_args(cluster: &TestCluster, redis_url: &str, database_url: &str) -> Vec<String> {
-    [
-        format!("keeper={}", cluster.keeper.addr("grpc")),
-        "listen=127.0.0.1:0".into(),
-        "admin_listen=127.0.0.1:0".into(),
-        "lease_ttl_secs=3".into(),
-        format!("database_url={database_url}"),
-        format!("redis_url={redis_url}"),
-        "commit_timeout_ms=2000".into(),
-    ]
-    .into_iter()
-    .flat_map(|setting| ["--set".to_string(), setting])
-    .collect()
-}
-
 fn database_url(cluster: &TestCluster) -> String {
     format!("{MYSQL_SERVER}/{}", cluster.database)
-}
-
-/// Replaces the cluster's saver with one started from `args`.
-async fn replace_saver(cluster: &mut TestCluster, name: &str, args: &[String]) {
-    cluster.saver.kill().await;
-    cluster.saver = spawn(&cluster.dir, name, "saver", args).await.unwrap();
 }
 
 /// One push through the API: the ids on 200, else the HTTP status.
@@ -186,7 +161,7 @@ async fn every_acknowledged_push_is_delivered_after_saver_is_killed_mid_stream()
     let pid = cluster.saver.pid();
     cluster.saver.kill().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let args = saver_args(&cluster, REDIS_URL, &database_url(&cluster));
+    let args = cluster.saver_args(REDIS_URL, &database_url(&cluster));
     cluster.saver = spawn(&cluster.dir, "saver2", "saver", &args).await.unwrap();
     assert_ne!(cluster.saver.pid(), pid);
 
@@ -216,78 +191,15 @@ async fn every_acknowledged_push_is_delivered_after_saver_is_killed_mid_stream()
     Arc::into_inner(cluster).unwrap().cleanup().await;
 }
 
-/// A redis-server of the test's own on a random free port, without persistence.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    async fn start() -> OwnRedis {
-        let dir = pushgrid_e2e::temp_dir("pg-own-redis");
-        for _ in 0..50 {
-            let port = 20_000 + rand::random::<u16>() % 40_000;
-            if let Some(redis) = OwnRedis::start_on(port, &dir).await {
-                return redis;
-            }
-        }
-        panic!("no port for redis-server");
-    }
-
-    /// Starts on `port`; None when the port is taken.
-    async fn start_on(port: u16, dir: &std::path::Path) -> Option<OwnRedis> {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if child.try_wait().unwrap().is_some() {
-                return None;
-            }
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Some(OwnRedis {
-                    child,
-                    port,
-                    dir: dir.to_path_buf(),
-                });
-            }
-        }
-        let _ = child.kill().await;
-        None
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// kill -9 and start again on the same port: empty.
-    async fn restart_empty(&mut self) {
-        self.child.kill().await.unwrap();
-        for _ in 0..100 {
-            if let Some(redis) = OwnRedis::start_on(self.port, &self.dir).await {
-                *self = redis;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("redis-server did not come back on port {}", self.port);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_messages_come_back_from_mysql_when_redis_restarts_empty() {
     let mut cluster = TestCluster::start(Default::default()).await.unwrap();
     let mut redis = OwnRedis::start().await;
-    let args = saver_args(&cluster, &redis.url(), &database_url(&cluster));
-    replace_saver(&mut cluster, "saver-own-redis", &args).await;
+    let args = cluster.saver_args(&redis.url(), &database_url(&cluster));
+    cluster
+        .replace_saver("saver-own-redis", &args)
+        .await
+        .unwrap();
 
     let mut expected = HashSet::new();
     expected.insert(push_until_accepted(&cluster, "rita", "before-0").await);
@@ -335,59 +247,13 @@ async fn unacked_messages_come_back_from_mysql_when_redis_restarts_empty() {
     cluster.cleanup().await;
 }
 
-/// A TCP proxy to MariaDB that the test can cut and restore.
-struct MysqlProxy {
-    addr: SocketAddr,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl MysqlProxy {
-    async fn start() -> MysqlProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        MysqlProxy {
-            addr,
-            task: Some(tokio::spawn(MysqlProxy::serve(listener))),
-        }
-    }
-
-    async fn serve(listener: TcpListener) {
-        let mut connections = JoinSet::new();
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            connections.spawn(async move {
-                if let Ok(mut outbound) = TcpStream::connect("127.0.0.1:3306").await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    }
-
-    /// MySQL is gone: every connection closes, new ones are refused.
-    fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-
-    async fn restore(&mut self) {
-        for _ in 0..100 {
-            if let Ok(listener) = TcpListener::bind(self.addr).await {
-                self.task = Some(tokio::spawn(MysqlProxy::serve(listener)));
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("cannot listen on {} again", self.addr);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_answers_503_while_mysql_is_down_and_recovers() {
     let mut cluster = TestCluster::start(Default::default()).await.unwrap();
     let mut proxy = MysqlProxy::start().await;
     let through_proxy = format!("mysql://root@{}/{}", proxy.addr, cluster.database);
-    let args = saver_args(&cluster, REDIS_URL, &through_proxy);
-    replace_saver(&mut cluster, "saver-proxied", &args).await;
+    let args = cluster.saver_args(REDIS_URL, &through_proxy);
+    cluster.replace_saver("saver-proxied", &args).await.unwrap();
     let mut expected = HashSet::new();
     expected.insert(push_until_accepted(&cluster, "tess", "before").await);
 

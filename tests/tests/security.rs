@@ -9,31 +9,12 @@ use base64::Engine;
 use bytes::{BufMut, BytesMut};
 use pushgrid_client::{Connection, Op, msg};
 use pushgrid_e2e::{
-    ADMIN_TOKEN, ClusterOptions, TestCluster, eventually, next_frame, next_push, spawn,
+    ADMIN_TOKEN, ClusterOptions, TestCluster, eventually, metric, next_frame, next_push, spawn,
 };
 use reqwest::Method;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Sums the samples of `name` whose label set contains `label` ("" for all).
-async fn metric(admin: std::net::SocketAddr, name: &str, label: &str) -> f64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter(|line| line.contains(label))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// Reads until the server closes; returns the frames read before the close.
 async fn frames_until_close(device: &mut Connection) -> Vec<pushgrid_client::Frame> {

@@ -8,15 +8,17 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use base64::Engine;
 use pushgrid_common::cluster::Cluster;
-use pushgrid_proto::cluster::saver_client::SaverClient;
-use pushgrid_proto::cluster::{App, Role, StoreRequest};
-use serde::{Deserialize, Serialize};
+use pushgrid_proto::cluster::App;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::CenterConfig;
+use crate::limits::OverLimit;
+use crate::methods::Method;
+use crate::push::StoreBatcher;
 use crate::route::WorkerPool;
 
 pub(crate) struct ApiState {
@@ -27,11 +29,15 @@ pub(crate) struct ApiState {
     pub limits: crate::limits::AppLimits,
     /// Broadcast fan-outs in flight; none free answers 503.
     pub broadcasts: Arc<tokio::sync::Semaphore>,
+    /// Single-user pushes coalesced into StoreMany calls, per saver.
+    pub stores: StoreBatcher,
+    /// Group push fan-outs waiting for a worker (issue 12, groups.rs).
+    pub groups: crate::groups::GroupFanout,
 }
 
 /// An API failure: the HTTP status, a stable machine-readable code and a
 /// message that says what was wrong.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
@@ -69,10 +75,24 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// `{"error": {"code", "message"}}`, counted by code: the answer of a
+    /// failed call, or of one failed command in a batch.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        metrics::counter!("pushgrid_center_api_errors_total", "code" => self.code).increment(1);
+        json!({ "error": { "code": self.code, "message": self.message } })
+    }
+
+    /// The same error with `prefix` before its message (e.g. the batch command it belongs to).
+    pub(crate) fn within(mut self, prefix: &str) -> ApiError {
+        self.message = format!("{prefix}: {}", self.message);
+        self
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        metrics::counter!("pushgrid_center_api_errors_total", "code" => self.code).increment(1);
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = self.to_json();
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after_secs {
             response
@@ -87,14 +107,80 @@ pub(crate) fn ok(result: serde_json::Value) -> Response {
     (StatusCode::OK, axum::Json(json!({ "result": result }))).into_response()
 }
 
+/// Every `POST /api/<method>` of [`Method::ALL`], the OpenAPI document and a
+/// JSON 404 for anything else.
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/api/push", post(push))
+    let mut router = Router::new().route("/api/openapi.json", get(crate::openapi::serve));
+    for &(method, name) in Method::ALL {
+        router = router.route(
+            &format!("/api/{name}"),
+            post(
+                move |State(state): State<Arc<ApiState>>,
+                      Authenticated(app): Authenticated,
+                      body: Body| async move {
+                    let answered = async {
+                        let body = read_body(&state, body).await?;
+                        crate::methods::call(&state, &app, method, Params::Body(body)).await
+                    }
+                    .await;
+                    match answered {
+                        Ok(result) => ok(result),
+                        Err(error) => error.into_response(),
+                    }
+                },
+            ),
+        );
+    }
+    router
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API method")
         })
         .with_state(state)
         .layer(pushgrid_common::http_stats::HttpStatsLayer::new("center"))
+}
+
+/// Reads a request body of at most `max_request_bytes`; a larger one is 413,
+/// refused without buffering it.
+async fn read_body(state: &ApiState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_request_bytes;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
+    })
+}
+
+/// A method's parameters: the body of `POST /api/<method>`, or one command's
+/// `params` inside a batch.
+pub(crate) enum Params {
+    Body(Bytes),
+    Value(serde_json::Value),
+}
+
+impl Params {
+    /// Parses strictly: unknown fields, missing fields and wrong types are
+    /// 400 errors that name the field (and, for a body, the position). An
+    /// empty body or absent params read as `{}`.
+    pub(crate) fn parse<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        match self {
+            Params::Body(body) => {
+                let json: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+                    b"{}"
+                } else {
+                    &body
+                };
+                serde_json::from_slice(json)
+                    .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
+            }
+            Params::Value(value) => {
+                let value = if value.is_null() { json!({}) } else { value };
+                serde_json::from_value(value)
+                    .map_err(|error| ApiError::bad_request(format!("invalid params: {error}")))
+            }
+        }
+    }
 }
 
 /// A payload given as text or as base64, within the size limit.
@@ -134,6 +220,7 @@ pub(crate) fn decode_payload(
 
 /// 503 with Retry-After: a bounded queue is full and nothing was stored.
 pub(crate) fn overloaded(state: &ApiState, message: &str) -> ApiError {
+    metrics::counter!("pushgrid_center_overload_rejections_total").increment(1);
     let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
     error.retry_after_secs = Some(state.config.retry_after_secs);
     error
@@ -163,18 +250,45 @@ pub(crate) fn unavailable(message: &str) -> ApiError {
 
 /// 429 with Retry-After when the app is over its rate.
 fn rate_limit(state: &ApiState, app: &App) -> Result<(), ApiError> {
-    state.limits.check(app).map_err(|wait| {
-        let mut error = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "app {} is over its rate of {} requests per second",
-                app.id, app.rate_per_sec
-            ),
-        );
-        error.retry_after_secs = Some(wait.as_secs_f64().ceil().max(1.0) as u32);
-        error
-    })
+    state.limits.check(app).map_err(|wait| over_rate(app, wait))
+}
+
+/// Charges a batch of `commands` against the app's rate: the call took one
+/// token, the further commands take one each. 429 when they are not free now;
+/// 400 when the batch is larger than the app's burst and never can be.
+pub(crate) fn rate_limit_batch(state: &ApiState, app: &App, commands: u32) -> Result<(), ApiError> {
+    let burst = if app.rate_burst > 0 {
+        app.rate_burst
+    } else {
+        app.rate_per_sec
+    };
+    let over_burst = |burst: u32| {
+        ApiError::bad_request(format!(
+            "commands: {commands} commands exceed app {}'s burst of {burst} requests; send smaller batches",
+            app.id
+        ))
+    };
+    if app.rate_per_sec > 0 && commands > burst {
+        return Err(over_burst(burst));
+    }
+    match state.limits.check_n(app, commands.saturating_sub(1)) {
+        Ok(()) => Ok(()),
+        Err(OverLimit::Wait(wait)) => Err(over_rate(app, wait)),
+        Err(OverLimit::OverBurst(burst)) => Err(over_burst(burst)),
+    }
+}
+
+fn over_rate(app: &App, wait: std::time::Duration) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "app {} is over its rate of {} requests per second",
+            app.id, app.rate_per_sec
+        ),
+    );
+    error.retry_after_secs = Some(wait.as_secs_f64().ceil().max(1.0) as u32);
+    error
 }
 
 /// The app an `Authorization: apikey <key>` header belongs to.
@@ -198,119 +312,4 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> 
         .app_by_api_key(key)
         .cloned()
         .ok_or_else(|| unauthorized("unknown API key"))
-}
-
-/// Parses a JSON body strictly: unknown fields and wrong types are errors that
-/// name the field and position.
-pub(crate) async fn parse_json<T: for<'de> Deserialize<'de>>(
-    state: &ApiState,
-    body: Body,
-) -> Result<T, ApiError> {
-    let limit = state.config.max_request_bytes;
-    // Read at most `limit` bytes: a larger body is refused without buffering it.
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("request body exceeds {limit} bytes"),
-        )
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PushRequest {
-    users: Vec<String>,
-    #[serde(default)]
-    payload: Option<String>,
-    #[serde(default)]
-    payload_b64: Option<String>,
-    #[serde(default)]
-    ttl_secs: Option<u32>,
-    /// The same key within 24 h answers the first push's ids, storing nothing new.
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct PushedMessage {
-    user: String,
-    /// Message ids are 64-bit; sent as strings so JavaScript keeps every digit.
-    id: String,
-}
-
-async fn push(
-    State(state): State<Arc<ApiState>>,
-    Authenticated(app): Authenticated,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let request: PushRequest = parse_json(&state, body).await?;
-    if request.users.is_empty() {
-        return Err(ApiError::bad_request(
-            "users: at least one user is required",
-        ));
-    }
-    if request.users.len() > state.config.max_users_per_push {
-        return Err(ApiError::bad_request(format!(
-            "users: {} users exceed the limit of {} per call",
-            request.users.len(),
-            state.config.max_users_per_push
-        )));
-    }
-    if let Some(index) = request
-        .users
-        .iter()
-        .position(|user| user.is_empty() || user.len() > 255)
-    {
-        return Err(ApiError::bad_request(format!(
-            "users[{index}]: a user id must be 1 to 255 bytes"
-        )));
-    }
-    let payload = decode_payload(&state, request.payload, request.payload_b64)?;
-
-    // A place in the routing queue first: when it is full nothing is stored.
-    let Some(slot) = state.workers.reserve() else {
-        return Err(overloaded(&state, "routing queue is full; retry later"));
-    };
-
-    let view = state.cluster.view();
-    let saver = view
-        .pick(Role::Saver, rand::random::<u64>())
-        .map(|node| node.grpc_addr.clone())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "no saver is live",
-            )
-        })?;
-    let channel = state.channels.get(&saver).map_err(ApiError::from_status)?;
-    let store = StoreRequest {
-        app: app.id.clone(),
-        users: request.users,
-        payload,
-        ttl_secs: request.ttl_secs.unwrap_or(0),
-        idempotency_key: request.idempotency_key.unwrap_or_default(),
-    };
-    let started = tokio::time::Instant::now();
-    let stored = SaverClient::new(channel)
-        .store(store)
-        .await
-        .map_err(ApiError::from_status)?
-        .into_inner()
-        .messages;
-    metrics::histogram!("pushgrid_center_store_seconds").record(started.elapsed().as_secs_f64());
-    metrics::counter!("pushgrid_center_pushed_total").increment(stored.len() as u64);
-
-    let answer: Vec<PushedMessage> = stored
-        .iter()
-        .map(|message| PushedMessage {
-            user: message.user.clone(),
-            id: message.id.to_string(),
-        })
-        .collect();
-    state.workers.submit(slot, stored);
-    Ok(ok(json!({ "messages": answer })))
 }

@@ -4,12 +4,19 @@
 //! with their ids only then; routing (register lookup, room delivery) happens
 //! after the answer, in a resident worker pool fed by a bounded queue. A full
 //! queue answers 503 with Retry-After before anything is stored, so memory
-//! never grows with load.
+//! never grows with load. Concurrent single-user pushes share StoreMany
+//! calls; broadcasts are split into one subtask per room and shared among the
+//! live centers through center's gRPC service.
 
 mod api;
+mod batch;
+mod broadcast;
 mod dashboard;
+mod groups;
 mod limits;
 mod methods;
+mod openapi;
+mod push;
 mod route;
 
 use std::sync::Arc;
@@ -19,15 +26,17 @@ use pushgrid_common::config::NodeConfig;
 use pushgrid_common::node;
 use pushgrid_common::{CancellationToken, net};
 use pushgrid_proto::cluster::Role;
+use pushgrid_proto::cluster::center_server::CenterServer;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tonic::transport::Server;
 
 pub const ROLE: &str = "center";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CenterConfig {
-    /// `listen` (gRPC) is unused: center serves only HTTP.
+    /// `listen` (gRPC) serves other centers (shared broadcast subtasks).
     #[serde(flatten)]
     pub node: NodeConfig,
     /// The push API's HTTP listener.
@@ -46,10 +55,25 @@ pub struct CenterConfig {
     pub broadcast_in_flight: usize,
     /// Seconds a client is told to wait when the queue is full.
     pub retry_after_secs: u32,
+    /// Most commands in one batch call.
+    pub max_batch_commands: usize,
+    /// Most single-user pushes stored with one StoreMany call; 0 or 1 turns
+    /// the coalescing off (one Store call per push).
+    pub store_batch_max: usize,
+    /// How long the first single-user push waits for others to share its call.
+    pub store_batch_wait_us: u64,
+    /// StoreMany calls in flight per saver.
+    pub store_batch_in_flight: usize,
     /// Token for `/dashboard` (Bearer header or `?token=`); empty falls back
     /// to the `PUSHGRID_ADMIN_TOKEN` environment variable, and with neither
     /// the dashboard is off.
     pub admin_token: String,
+    /// Group pushes fanned out at once (issue 12).
+    pub group_fanout_workers: usize,
+    /// Group pushes waiting for a fan-out worker before the API answers 503.
+    pub group_fanout_queue: usize,
+    /// Members read, stored and routed per step of a group fan-out.
+    pub group_page_size: usize,
 }
 
 impl Default for CenterConfig {
@@ -63,8 +87,15 @@ impl Default for CenterConfig {
             route_workers: 8,
             route_queue: 10_000,
             retry_after_secs: 1,
+            max_batch_commands: 1000,
+            store_batch_max: 256,
+            store_batch_wait_us: 1000,
+            store_batch_in_flight: 16,
             broadcast_in_flight: 256,
             admin_token: String::new(),
+            group_fanout_workers: 4,
+            group_fanout_queue: 1024,
+            group_page_size: 1000,
         }
     }
 }
@@ -78,12 +109,14 @@ impl RoleConfig for CenterConfig {
 pub struct Listeners {
     pub admin: TcpListener,
     pub http: TcpListener,
+    pub grpc: TcpListener,
 }
 
 impl Listeners {
     pub async fn bind(config: &CenterConfig) -> anyhow::Result<Listeners> {
         Ok(Listeners {
             admin: net::bind(&config.node.admin_listen).await?,
+            grpc: net::bind(&config.node.listen).await?,
             http: net::bind(&config.http_listen).await?,
         })
     }
@@ -96,8 +129,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let http_addr = listeners.http.local_addr()?;
+    let grpc_addr = listeners.grpc.local_addr()?;
     let endpoints = node::Endpoints {
         http: Some(http_addr),
+        grpc: Some(grpc_addr),
         ..Default::default()
     };
     const NEEDS: &[Role] = &[Role::Saver, Role::Register];
@@ -124,7 +159,17 @@ pub async fn run(
         broadcasts: Arc::new(tokio::sync::Semaphore::new(
             config.broadcast_in_flight.max(1),
         )),
+        stores: push::StoreBatcher::new(&config),
+        groups: groups::GroupFanout::new(config.group_fanout_queue),
     });
+    let grpc_router = Server::builder().add_service(CenterServer::new(broadcast::CenterService {
+        state: state.clone(),
+    }));
+    let grpc_shutdown = shutdown.clone();
+    let grpc =
+        tokio::spawn(
+            async move { node::serve_grpc(grpc_router, listeners.grpc, &grpc_shutdown).await },
+        );
 
     tracing::info!(node = %node_id, %http_addr, "center serving");
     net::announce(ROLE, "ready", http_addr);
@@ -132,14 +177,18 @@ pub async fn run(
         &config.admin_token,
         cluster.clone(),
     ));
-    let app = api::router(state.clone())
-        .merge(methods::router(state))
-        .merge(dashboard::router(dashboard));
+    groups::start_fanout_workers(&state, config.group_fanout_workers);
+    let app = api::router(state).merge(dashboard::router(dashboard));
     let served = axum::serve(listeners.http, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     cluster.leave().await;
     workers.drain().await;
+    match grpc.await {
+        Ok(Err(error)) => tracing::warn!(%error, "center gRPC server failed"),
+        Err(error) => tracing::warn!(%error, "center gRPC server panicked"),
+        Ok(Ok(())) => {}
+    }
     tracing::info!(node = %node_id, "center stopped");
     served.map_err(Into::into)
 }

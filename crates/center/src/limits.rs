@@ -16,10 +16,32 @@ pub(crate) struct AppLimits {
     buckets: DashMap<String, (u32, u32, Arc<DefaultDirectRateLimiter>)>,
 }
 
+/// Why a request is over its app's rate.
+#[derive(Debug, PartialEq)]
+pub(crate) enum OverLimit {
+    /// Tokens are free again after this wait.
+    Wait(Duration),
+    /// More tokens asked at once than the bucket ever holds (its burst).
+    OverBurst(u32),
+}
+
 impl AppLimits {
     /// Takes one token of the app's bucket, or says how long until one is free.
     pub fn check(&self, app: &App) -> Result<(), Duration> {
+        match self.check_n(app, 1) {
+            Ok(()) => Ok(()),
+            Err(OverLimit::Wait(wait)) => Err(wait),
+            // A burst is at least 1, so one token always fits; wait a second to be safe.
+            Err(OverLimit::OverBurst(_)) => Err(Duration::from_secs(1)),
+        }
+    }
+
+    /// Takes `count` tokens at once (a batch of commands), or none.
+    pub fn check_n(&self, app: &App, count: u32) -> Result<(), OverLimit> {
         let Some(rate) = NonZeroU32::new(app.rate_per_sec) else {
+            return Ok(());
+        };
+        let Some(count) = NonZeroU32::new(count) else {
             return Ok(());
         };
         let burst = NonZeroU32::new(app.rate_burst).unwrap_or(rate);
@@ -44,9 +66,13 @@ impl AppLimits {
             }
             entry.2.clone()
         };
-        bucket
-            .check()
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        match bucket.check_n(count) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(OverLimit::Wait(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )),
+            Err(_) => Err(OverLimit::OverBurst(burst.get())),
+        }
     }
 }
 
@@ -76,6 +102,23 @@ mod tests {
         for _ in 0..1000 {
             assert!(limits.check(&unlimited).is_ok());
         }
+        // Many tokens at once: all or none, and never more than the burst.
+        let batch_app = App {
+            id: "c".into(),
+            rate_per_sec: 1,
+            rate_burst: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            limits.check_n(&batch_app, 11),
+            Err(OverLimit::OverBurst(10))
+        );
+        assert!(limits.check_n(&batch_app, 8).is_ok());
+        assert!(matches!(
+            limits.check_n(&batch_app, 3),
+            Err(OverLimit::Wait(_))
+        ));
+        assert!(limits.check_n(&batch_app, 2).is_ok());
         // A raised rate replaces the bucket at once.
         let raised = App {
             rate_per_sec: 100,

@@ -1,48 +1,117 @@
-//! The push API's other methods: `kick`, `presence`, `stats`, `info`.
-//! Same envelope, authentication and error codes as `push` (see `api.rs`).
+//! The API's methods: the one list of them ([`Method::ALL`]), the call of one
+//! by name, and the small ones (`kick`, `presence`, `stats`, `info`). `push`,
+//! `broadcast` and `batch` have modules of their own. Each method takes its
+//! parsed parameters and answers the `result` value or an [`ApiError`], so the
+//! route and a batch command run the same code.
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use axum::response::Response;
-use axum::routing::post;
 use pushgrid_proto::client::KickCode;
 use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
-use pushgrid_proto::cluster::room_client::RoomClient;
-use pushgrid_proto::cluster::saver_client::SaverClient;
-use pushgrid_proto::cluster::{
-    KickRequest, LookupRequest, PublishRequest, Role, RoomBroadcastRequest, UserKey,
-};
+use pushgrid_proto::cluster::{App, KickRequest, LookupRequest, Role, UserKey};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::api::{ApiError, ApiState, Authenticated, ok, parse_json, unavailable};
+use crate::api::{ApiError, ApiState, Params, unavailable};
 
-pub(crate) fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/api/kick", post(kick))
-        .route("/api/presence", post(presence))
-        .route("/api/stats", post(stats))
-        .route("/api/info", post(info))
-        .route("/api/broadcast", post(broadcast))
-        .with_state(state)
+/// A `POST /api/<name>` method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    Push,
+    Broadcast,
+    Batch,
+    Kick,
+    Presence,
+    Stats,
+    Info,
+    // Groups and message status (issue 12), in groups.rs.
+    Bind,
+    Unbind,
+    GroupMembers,
+    UserGroups,
+    PushGroup,
+    MessageStatus,
 }
 
-fn check_user(user: &str) -> Result<(), ApiError> {
+impl Method {
+    /// Every method and its name, one line each. The router, batch and the
+    /// OpenAPI document's test all follow this list.
+    pub(crate) const ALL: &[(Method, &str)] = &[
+        (Method::Push, "push"),
+        (Method::Broadcast, "broadcast"),
+        (Method::Batch, "batch"),
+        (Method::Kick, "kick"),
+        (Method::Presence, "presence"),
+        (Method::Stats, "stats"),
+        (Method::Info, "info"),
+        (Method::Bind, "bind"),
+        (Method::Unbind, "unbind"),
+        (Method::GroupMembers, "group_members"),
+        (Method::UserGroups, "user_groups"),
+        (Method::PushGroup, "push_group"),
+        (Method::MessageStatus, "message_status"),
+    ];
+
+    pub(crate) fn from_name(name: &str) -> Option<Method> {
+        Method::ALL
+            .iter()
+            .find(|(_, known)| *known == name)
+            .map(|(method, _)| *method)
+    }
+}
+
+/// Runs one method for `app` with its parameters.
+pub(crate) async fn call(
+    state: &Arc<ApiState>,
+    app: &App,
+    method: Method,
+    params: Params,
+) -> Result<Value, ApiError> {
+    match method {
+        Method::Batch => crate::batch::batch(state, app, params.parse()?).await,
+        other => call_command(state, app, other, params).await,
+    }
+}
+
+/// Runs a method that may stand in a batch (every one but `batch`).
+pub(crate) async fn call_command(
+    state: &Arc<ApiState>,
+    app: &App,
+    method: Method,
+    params: Params,
+) -> Result<Value, ApiError> {
+    match method {
+        Method::Push => crate::push::push(state, app, params.parse()?).await,
+        Method::Broadcast => crate::broadcast::broadcast(state, app, params.parse()?).await,
+        Method::Batch => Err(ApiError::bad_request(
+            "method: a batch cannot contain another batch",
+        )),
+        Method::Kick => kick(state, app, params.parse()?).await,
+        Method::Presence => presence(state, app, params.parse()?).await,
+        Method::Stats => stats(state, params.parse()?),
+        Method::Info => info(state, params.parse()?),
+        Method::Bind => crate::groups::bind(state, app, params.parse()?).await,
+        Method::Unbind => crate::groups::unbind(state, app, params.parse()?).await,
+        Method::GroupMembers => crate::groups::group_members(state, app, params.parse()?).await,
+        Method::UserGroups => crate::groups::user_groups(state, app, params.parse()?).await,
+        Method::PushGroup => crate::groups::push_group(state, app, params.parse()?).await,
+        Method::MessageStatus => crate::groups::message_status(state, app, params.parse()?).await,
+    }
+}
+
+pub(crate) fn check_user(field: &str, user: &str) -> Result<(), ApiError> {
     if user.is_empty() || user.len() > 255 {
-        return Err(ApiError::bad_request(
-            "user: a user id must be 1 to 255 bytes",
-        ));
+        return Err(ApiError::bad_request(format!(
+            "{field}: a user id must be 1 to 255 bytes"
+        )));
     }
     Ok(())
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct KickParams {
+pub(crate) struct KickParams {
     user: String,
     #[serde(default)]
     device: String,
@@ -51,13 +120,8 @@ struct KickParams {
 }
 
 /// Closes a user's connections (or one device's) with a KICK frame.
-async fn kick(
-    State(state): State<Arc<ApiState>>,
-    Authenticated(app): Authenticated,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let params: KickParams = parse_json(&state, body).await?;
-    check_user(&params.user)?;
+async fn kick(state: &ApiState, app: &App, params: KickParams) -> Result<Value, ApiError> {
+    check_user("user", &params.user)?;
     let view = state.cluster.view();
     let coordinator = view
         .pick(
@@ -87,23 +151,18 @@ async fn kick(
         .map_err(ApiError::from_status)?
         .into_inner()
         .kicked;
-    Ok(ok(json!({ "kicked": kicked })))
+    Ok(json!({ "kicked": kicked }))
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PresenceParams {
+pub(crate) struct PresenceParams {
     user: String,
 }
 
 /// A user's live sessions.
-async fn presence(
-    State(state): State<Arc<ApiState>>,
-    Authenticated(app): Authenticated,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let params: PresenceParams = parse_json(&state, body).await?;
-    check_user(&params.user)?;
+async fn presence(state: &ApiState, app: &App, params: PresenceParams) -> Result<Value, ApiError> {
+    check_user("user", &params.user)?;
     let view = state.cluster.view();
     let register = view
         .register_for(&app.id, &params.user)
@@ -136,151 +195,31 @@ async fn presence(
             })
         })
         .collect();
-    Ok(ok(
-        json!({ "user": params.user, "online": !sessions.is_empty(), "sessions": sessions }),
-    ))
+    Ok(json!({ "user": params.user, "online": !sessions.is_empty(), "sessions": sessions }))
 }
 
+/// The parameters of a method that takes none: `{}` (or an empty body).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BroadcastParams {
-    /// Empty or absent: every device of the app (the topic `all`).
-    #[serde(default)]
-    topic: String,
-    #[serde(default)]
-    payload: Option<String>,
-    #[serde(default)]
-    payload_b64: Option<String>,
-}
-
-/// Appends to the topic's stream in saver (offset, epoch), answers, then
-/// hands the message to every room, one subtask per room.
-async fn broadcast(
-    State(state): State<Arc<ApiState>>,
-    Authenticated(app): Authenticated,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let params: BroadcastParams = parse_json(&state, body).await?;
-    let topic = pushgrid_wire::normalize_topic(&params.topic)
-        .map_err(|reason| ApiError::bad_request(format!("topic: {reason}")))?
-        .to_string();
-    let payload = crate::api::decode_payload(&state, params.payload, params.payload_b64)?;
-    // A place among the fan-outs in flight first: when full, nothing is stored.
-    let Some(permit) = state.broadcasts.clone().try_acquire_owned().ok() else {
-        return Err(crate::api::overloaded(
-            &state,
-            "broadcast fan-outs are at their limit; retry later",
-        ));
-    };
-    let view = state.cluster.view();
-    let saver = view
-        .pick(
-            Role::Saver,
-            pushgrid_common::ring::user_key(&app.id, &topic),
-        )
-        .ok_or_else(|| unavailable("no saver is live"))?;
-    let channel = state
-        .channels
-        .get(&saver.grpc_addr)
-        .map_err(ApiError::from_status)?;
-    let request = PublishRequest {
-        app: app.id.clone(),
-        topic: topic.clone(),
-        payload,
-    };
-    let message = SaverClient::new(channel)
-        .publish(request)
-        .await
-        .map_err(ApiError::from_status)?
-        .into_inner()
-        .message
-        .ok_or_else(|| unavailable("saver answered without the stored message"))?;
-    metrics::counter!("pushgrid_center_broadcasts_total").increment(1);
-    let answer = json!({ "id": message.id.to_string(), "topic": topic, "offset": message.offset, "epoch": message.epoch });
-    let rooms: Vec<String> = view
-        .nodes_of(Role::Room)
-        .map(|room| room.grpc_addr.clone())
-        .collect();
-    let channels: Vec<_> = rooms
-        .iter()
-        .filter_map(|addr| state.channels.get(addr).ok())
-        .collect();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let subtasks = channels.into_iter().map(|channel| {
-            let request = RoomBroadcastRequest {
-                message: Some(message.clone()),
-            };
-            async move {
-                RoomClient::new(channel)
-                    .broadcast(request)
-                    .await
-                    .map(|answer| answer.into_inner().delivered)
-            }
-        });
-        let mut delivered = 0u64;
-        for result in futures::future::join_all(subtasks).await {
-            match result {
-                Ok(count) => delivered += u64::from(count),
-                // Devices of that room recover the message by offset when they resubscribe.
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "broadcast subtask failed")
-                }
-            }
-        }
-        metrics::counter!("pushgrid_center_broadcast_deliveries_total").increment(delivered);
-    });
-    Ok(ok(answer))
-}
-
-/// Accepts `{}` (or an empty body) for methods without parameters.
-async fn no_params(state: &ApiState, body: Body) -> Result<(), ApiError> {
-    let limit = state.config.max_request_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("request body exceeds {limit} bytes"),
-        )
-    })?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(());
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Empty {}
-    serde_json::from_slice::<Empty>(&bytes)
-        .map(|_| ())
-        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
-}
+pub(crate) struct NoParams {}
 
 /// Connections overall and per room, and the routing queue's depth.
-async fn stats(
-    State(state): State<Arc<ApiState>>,
-    _: Authenticated,
-    body: Body,
-) -> Result<Response, ApiError> {
-    no_params(&state, body).await?;
+fn stats(state: &ApiState, _: NoParams) -> Result<Value, ApiError> {
     let view = state.cluster.view();
     let rooms: Vec<_> = view
         .nodes_of(Role::Room)
         .map(|room| json!({ "node": room.id, "connections": room.load }))
         .collect();
     let online: u64 = view.nodes_of(Role::Room).map(|room| room.load).sum();
-    Ok(ok(json!({
+    Ok(json!({
         "connections": online,
         "rooms": rooms,
         "route_queue": { "depth": state.workers.depth(), "capacity": state.config.route_queue },
-    })))
+    }))
 }
 
 /// The live nodes of the cluster.
-async fn info(
-    State(state): State<Arc<ApiState>>,
-    _: Authenticated,
-    body: Body,
-) -> Result<Response, ApiError> {
-    no_params(&state, body).await?;
+fn info(state: &ApiState, _: NoParams) -> Result<Value, ApiError> {
     let view = state.cluster.view();
     let nodes: Vec<_> = view
         .nodes
@@ -299,5 +238,26 @@ async fn info(
             })
         })
         .collect();
-    Ok(ok(json!({ "nodes": nodes })))
+    Ok(json!({ "nodes": nodes }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_has_one_name_and_is_found_by_it() {
+        for &(method, name) in Method::ALL {
+            assert_eq!(Method::from_name(name), Some(method), "{name}");
+            assert_eq!(
+                Method::ALL
+                    .iter()
+                    .filter(|(_, other)| *other == name)
+                    .count(),
+                1,
+                "{name} is listed twice"
+            );
+        }
+        assert_eq!(Method::from_name("nope"), None);
+    }
 }

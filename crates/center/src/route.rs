@@ -1,7 +1,7 @@
 //! Routing stored messages to live connections: register lookups and room
 //! deliveries, each batched per peer, run by a resident worker pool.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,9 +29,28 @@ fn batch_config() -> BatchConfig {
     }
 }
 
+/// A user's sessions as one register answer gave them.
+#[derive(Clone, Default)]
+struct Found {
+    sessions: Vec<Session>,
+    /// The register restarted recently: no sessions may not mean offline.
+    warming: bool,
+}
+
+/// How a routing attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Routed {
+    /// Handed to this many connections (0: the user is offline; the message
+    /// waits in the inbox for the next AUTH).
+    Handed(usize),
+    /// Not sure the user was reached (register warming up, or a room did not
+    /// take the delivery): worth another attempt.
+    Uncertain { handed: usize, reason: String },
+}
+
 pub(crate) struct Router {
     cluster: Cluster,
-    lookups: BatcherMap<UserKey, Vec<Session>>,
+    lookups: BatcherMap<UserKey, Found>,
     deliveries: BatcherMap<Delivery, ()>,
 }
 
@@ -48,9 +67,11 @@ impl Router {
                     .collect();
                 let response = RegisterClient::new(channel)
                     .lookup(LookupRequest { users })
-                    .await?;
+                    .await?
+                    .into_inner();
+                let warming = response.warming;
                 let mut by_user: HashMap<(String, String), Vec<Session>> = HashMap::new();
-                for session in response.into_inner().sessions {
+                for session in response.sessions {
                     by_user
                         .entry((session.app.clone(), session.user.clone()))
                         .or_default()
@@ -59,7 +80,10 @@ impl Router {
                 // A user asked twice in one batch gets its sessions both times.
                 Ok(keys
                     .iter()
-                    .map(|key| by_user.get(key).cloned().unwrap_or_default())
+                    .map(|key| Found {
+                        sessions: by_user.get(key).cloned().unwrap_or_default(),
+                        warming,
+                    })
                     .collect())
             },
         );
@@ -84,8 +108,8 @@ impl Router {
     }
 
     /// Finds the user's live sessions and hands the message to their rooms.
-    /// Returns how many connections it was handed to.
-    pub async fn route(&self, message: Message) -> Result<usize, Status> {
+    /// An error or [`Routed::Uncertain`] is worth another attempt.
+    pub async fn route(&self, message: Message) -> Result<Routed, Status> {
         let view = self.cluster.view();
         let register = view
             .register_for(&message.app, &message.user)
@@ -96,9 +120,16 @@ impl Router {
             app: message.app.clone(),
             user: message.user.clone(),
         };
-        let sessions = self.lookups.get(&register).call(key).await?;
+        let found = self.lookups.get(&register).call(key).await?;
+        if found.sessions.is_empty() && found.warming {
+            return Ok(Routed::Uncertain {
+                handed: 0,
+                reason: "register is warming up".into(),
+            });
+        }
         let mut handed = 0;
-        for session in sessions {
+        let mut failed = None;
+        for session in found.sessions {
             let Some(room) = view.node(&session.room) else {
                 continue; // the room is gone; the message waits in the inbox
             };
@@ -109,17 +140,167 @@ impl Router {
             match self.deliveries.get(&room.grpc_addr).call(delivery).await {
                 Ok(_) => handed += 1,
                 Err(status) => {
-                    tracing::warn!(room = %session.room, error = %status.message(), "delivery failed")
+                    tracing::warn!(room = %session.room, error = %status.message(), "delivery failed");
+                    failed = Some(format!("room {}: {}", session.room, status.message()));
                 }
             }
         }
-        Ok(handed)
+        Ok(match failed {
+            // Sessions already reached get the message again; the SDK drops it.
+            Some(reason) => Routed::Uncertain { handed, reason },
+            None => Routed::Handed(handed),
+        })
+    }
+}
+
+/// Attempts after the first, and the pause before each: 0.25 s doubling to
+/// 8 s, about 40 s in all, long enough for a killed register or room to be
+/// replaced. After the last the message stays in the inbox (the device gets it
+/// at its next AUTH).
+const RETRY_DELAYS_MS: [u64; 8] = [250, 500, 1000, 2000, 4000, 8000, 8000, 8000];
+/// Most messages waiting for another attempt; beyond that they stay in the
+/// inbox, counted in `pushgrid_center_route_retries_dropped_total`.
+const RETRY_CAPACITY: usize = 100_000;
+
+/// Messages waiting for another routing attempt: one FIFO per attempt number,
+/// so each FIFO is in due order and one task serves them all.
+#[derive(Default)]
+struct Retries {
+    levels: [VecDeque<(Instant, Message)>; RETRY_DELAYS_MS.len()],
+    len: usize,
+}
+
+impl Retries {
+    /// Queues attempt `attempt + 1` of `message`; false when it cannot.
+    fn push(&mut self, attempt: usize, message: Message) -> bool {
+        if attempt >= RETRY_DELAYS_MS.len() || self.len >= RETRY_CAPACITY {
+            return false;
+        }
+        let due = Instant::now() + Duration::from_millis(RETRY_DELAYS_MS[attempt]);
+        self.levels[attempt].push_back((due, message));
+        self.len += 1;
+        true
+    }
+
+    /// The earliest due time among the heads.
+    fn next_due(&self) -> Option<Instant> {
+        self.levels
+            .iter()
+            .filter_map(|level| level.front().map(|(due, _)| *due))
+            .min()
+    }
+
+    /// Every message due by `now`, with the attempt it is for.
+    fn take_due(&mut self, now: Instant) -> Vec<(usize, Message)> {
+        let mut due = Vec::new();
+        for (attempt, level) in self.levels.iter_mut().enumerate() {
+            while level.front().is_some_and(|(at, _)| *at <= now) {
+                let (_, message) = level.pop_front().expect("front exists");
+                due.push((attempt + 1, message));
+            }
+        }
+        self.len -= due.len();
+        due
+    }
+}
+
+/// Routes `message` (attempt number `attempt`, 0 first) and queues another
+/// attempt when the outcome is not certain.
+async fn route_once(
+    router: &Router,
+    retries: &std::sync::Mutex<Retries>,
+    wake: &tokio::sync::Notify,
+    attempt: usize,
+    message: Message,
+) {
+    let reason = match router.route(message.clone()).await {
+        Ok(Routed::Handed(handed)) => {
+            metrics::counter!("pushgrid_center_routed_total").increment(handed as u64);
+            return;
+        }
+        Ok(Routed::Uncertain { handed, reason }) => {
+            metrics::counter!("pushgrid_center_routed_total").increment(handed as u64);
+            reason
+        }
+        Err(status) => status.message().to_string(),
+    };
+    metrics::counter!("pushgrid_center_route_failures_total").increment(1);
+    let id = message.id;
+    if retries
+        .lock()
+        .expect("retry queue lock")
+        .push(attempt, message)
+    {
+        metrics::counter!("pushgrid_center_route_retries_total").increment(1);
+        wake.notify_one();
+        tracing::debug!(id, attempt, %reason, "routing uncertain; will try again");
+    } else {
+        metrics::counter!("pushgrid_center_route_retries_dropped_total").increment(1);
+        tracing::warn!(id, attempt, %reason, "routing failed; message waits in the inbox");
+    }
+}
+
+/// Serves the retry queue until `shutdown` closes.
+async fn serve_retries(
+    router: Arc<Router>,
+    retries: Arc<std::sync::Mutex<Retries>>,
+    wake: Arc<tokio::sync::Notify>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let next = retries.lock().expect("retry queue lock").next_due();
+        match next {
+            Some(due) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = wake.notified() => continue,
+                }
+            }
+            None => {
+                if tracker.is_closed() {
+                    return;
+                }
+                tokio::select! {
+                    _ = wake.notified() => continue,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        }
+        let due = retries
+            .lock()
+            .expect("retry queue lock")
+            .take_due(Instant::now());
+        metrics::gauge!("pushgrid_center_route_retry_queue")
+            .set(retries.lock().expect("retry queue lock").len as f64);
+        futures::stream::iter(due)
+            .for_each_concurrent(ROUTE_CONCURRENCY, |(attempt, message)| {
+                let (router, retries, wake) = (router.clone(), retries.clone(), wake.clone());
+                async move { route_once(&router, &retries, &wake, attempt, message).await }
+            })
+            .await;
     }
 }
 
 struct Job {
     messages: Vec<Message>,
     queued_at: Instant,
+    /// Told when every message had its first routing attempt.
+    routed: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Resolves when a submitted job's messages had their first routing attempt
+/// (handed to the rooms of every session found, or queued for another try).
+pub(crate) type Routing = tokio::sync::oneshot::Receiver<()>;
+
+/// How long an API call waits for its messages' first routing attempt before
+/// it answers anyway (they are stored; routing goes on).
+pub(crate) const ANSWER_AFTER_ROUTING_WITHIN: Duration = Duration::from_secs(2);
+
+/// Waits (bounded) for a job's first routing attempt. Answering after it
+/// means a center killed after its answer has already handed the messages
+/// to the rooms: what the API acknowledged is in the inbox and on its way.
+pub(crate) async fn routed(routing: Routing) {
+    let _ = tokio::time::timeout(ANSWER_AFTER_ROUTING_WITHIN, routing).await;
 }
 
 /// A bounded queue served by resident workers.
@@ -139,8 +320,17 @@ impl WorkerPool {
         let (queue, receiver) = mpsc::channel::<Job>(capacity.max(1));
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let tracker = TaskTracker::new();
+        let retries = Arc::new(std::sync::Mutex::new(Retries::default()));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(serve_retries(
+            router.clone(),
+            retries.clone(),
+            wake.clone(),
+            tracker.clone(),
+        ));
         for _ in 0..workers.max(1) {
             let (router, receiver) = (router.clone(), receiver.clone());
+            let (retries, wake) = (retries.clone(), wake.clone());
             tracker.spawn(async move {
                 loop {
                     let (job, depth) = {
@@ -150,23 +340,16 @@ impl WorkerPool {
                     };
                     let Some(job) = job else { return };
                     metrics::gauge!("pushgrid_center_route_queue_depth").set(depth as f64);
-                    metrics::histogram!("pushgrid_center_route_wait_seconds").record(job.queued_at.elapsed().as_secs_f64());
+                    metrics::histogram!("pushgrid_center_route_wait_seconds")
+                        .record(job.queued_at.elapsed().as_secs_f64());
                     // The messages of one job (a multicast) are routed together,
                     // so their lookups and deliveries share batches.
                     futures::stream::iter(job.messages)
                         .for_each_concurrent(ROUTE_CONCURRENCY, |message| {
-                            let router = router.clone();
-                            async move {
-                                match router.route(message).await {
-                                    Ok(handed) => metrics::counter!("pushgrid_center_routed_total").increment(handed as u64),
-                                    Err(status) => {
-                                        metrics::counter!("pushgrid_center_route_failures_total").increment(1);
-                                        tracing::warn!(error = %status.message(), "routing failed; message waits in the inbox");
-                                    }
-                                }
-                            }
+                            route_once(&router, &retries, &wake, 0, message)
                         })
                         .await;
+                    let _ = job.routed.send(());
                 }
             });
         }
@@ -190,11 +373,16 @@ impl WorkerPool {
         self.capacity - self.queue.capacity()
     }
 
-    pub fn submit(&self, slot: Slot, messages: Vec<Message>) {
+    /// Queues `messages` for routing in the reserved place; the returned
+    /// [`Routing`] resolves after their first attempt (see [`routed`]).
+    pub fn submit(&self, slot: Slot, messages: Vec<Message>) -> Routing {
+        let (routed, routing) = tokio::sync::oneshot::channel();
         slot.0.send(Job {
             messages,
             queued_at: Instant::now(),
+            routed,
         });
+        routing
     }
 
     /// Lets the workers finish what is queued (bounded), at shutdown.

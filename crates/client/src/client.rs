@@ -117,10 +117,15 @@ pub enum Event {
     },
     /// The server answered a SUB: `recovered` says whether the messages missed
     /// since the last known offset were replayed (they arrive as `Push` events
-    /// before this one); `false` after a gap means they are gone for good.
+    /// before this one).
     Subscribed {
         topic: String,
         recovered: bool,
+        /// The gap, said plainly: this was a resubscription from a known position
+        /// (after a reconnect) and the topic's history no longer covers it, so
+        /// broadcasts between that position and `offset` never reach this device
+        /// (the app should refetch its state). Always false on a first SUB.
+        missed: bool,
         offset: u64,
         epoch: u64,
     },
@@ -401,6 +406,8 @@ fn normalize_topic(topic: String) -> Result<String, ClientError> {
 struct TopicPosition {
     offset: u64,
     epoch: u64,
+    /// A SUB_OK arrived for this topic: later SUBs resume from here.
+    subscribed: bool,
 }
 
 struct InFlight {
@@ -932,18 +939,26 @@ impl Worker {
                         return Some(SessionEnd::Lost(format!("undecodable SUB_OK: {error}")));
                     }
                 };
-                if let Some(position) = self.topics.get_mut(&ok.topic)
-                    && (!ok.recovered || position.epoch != ok.epoch)
-                {
-                    // Not recoverable (or a first subscription): start from now.
-                    *position = TopicPosition {
-                        offset: ok.offset,
-                        epoch: ok.epoch,
-                    };
+                let mut missed = false;
+                if let Some(position) = self.topics.get_mut(&ok.topic) {
+                    if !ok.recovered || position.epoch != ok.epoch {
+                        // A resubscription that could not replay: messages came
+                        // after our position (or the stream was reset) and are gone.
+                        missed = position.subscribed
+                            && (position.epoch != ok.epoch || ok.offset > position.offset);
+                        if missed {
+                            warn!(topic = %ok.topic, from = position.offset, to = ok.offset, "topic history lost for this device");
+                        }
+                        // Not recoverable (or a first subscription): start from now.
+                        position.offset = ok.offset;
+                        position.epoch = ok.epoch;
+                    }
+                    position.subscribed = true;
                 }
                 let event = Event::Subscribed {
                     topic: ok.topic,
                     recovered: ok.recovered,
+                    missed,
                     offset: ok.offset,
                     epoch: ok.epoch,
                 };
@@ -1021,10 +1036,8 @@ impl Worker {
             && let Some(position) = self.topics.get_mut(&push.topic)
             && (push.epoch != position.epoch || push.offset > position.offset)
         {
-            *position = TopicPosition {
-                offset: push.offset,
-                epoch: push.epoch,
-            };
+            position.offset = push.offset;
+            position.epoch = push.epoch;
         }
         let seen = if msg_id == 0 {
             Seen::New

@@ -61,12 +61,17 @@ pub enum ClientError {
 impl ClientError {
     /// True when retrying the same AUTH cannot help (bad token, unsupported
     /// protocol...): the reconnecting [`crate::Client`] stops for good on these.
-    /// `UNAVAILABLE`, `INTERNAL` and `AUTH_TIMEOUT` refusals are transient.
+    /// `UNAVAILABLE`, `INTERNAL`, `AUTH_TIMEOUT`, `RATE_LIMITED` and
+    /// `TOO_MANY_CONNECTIONS` refusals are transient.
     pub fn is_permanent_auth_failure(&self) -> bool {
         match self {
             ClientError::AuthRefused { code, .. } => !matches!(
                 code,
-                ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::AuthTimeout
+                ErrorCode::Unavailable
+                    | ErrorCode::Internal
+                    | ErrorCode::AuthTimeout
+                    | ErrorCode::RateLimited
+                    | ErrorCode::TooManyConnections
             ),
             _ => false,
         }

@@ -132,10 +132,15 @@ async fn main() -> ExitCode {
             Event::Subscribed {
                 topic,
                 recovered,
+                missed,
                 offset,
                 epoch,
             } => {
-                info!(%topic, recovered, offset, epoch, "subscribed");
+                if missed {
+                    warn!(%topic, offset, epoch, "resubscribed, but broadcasts were missed and cannot be replayed");
+                } else {
+                    info!(%topic, recovered, offset, epoch, "subscribed");
+                }
             }
             Event::UpstreamAck { .. } => {}
         }

@@ -19,6 +19,8 @@ pub struct Endpoints {
     pub grpc: Option<SocketAddr>,
     /// room: the device TCP listener.
     pub tcp: Option<SocketAddr>,
+    /// room: the device WebSocket listener.
+    pub ws: Option<SocketAddr>,
     /// center and dispatcher: the public HTTP listener.
     pub http: Option<SocketAddr>,
 }
@@ -36,10 +38,37 @@ pub async fn start(
     needs: &'static [Role],
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Cluster> {
+    start_with_admin_routes(
+        role_name,
+        role,
+        config,
+        admin,
+        endpoints,
+        needs,
+        shutdown,
+        axum::Router::new(),
+    )
+    .await
+}
+
+/// [`start`], with role-specific routes added to the admin port (e.g. the
+/// room's `POST /admin/drain`).
+#[allow(clippy::too_many_arguments)]
+pub async fn start_with_admin_routes(
+    role_name: &'static str,
+    role: Role,
+    config: &NodeConfig,
+    admin: TcpListener,
+    endpoints: Endpoints,
+    needs: &'static [Role],
+    shutdown: &CancellationToken,
+    admin_routes: axum::Router,
+) -> anyhow::Result<Cluster> {
     let admin_addr = admin.local_addr()?;
     let named = [
         ("grpc", endpoints.grpc),
         ("tcp", endpoints.tcp),
+        ("ws", endpoints.ws),
         ("http", endpoints.http),
         ("admin", Some(admin_addr)),
     ];
@@ -50,10 +79,11 @@ pub async fn start(
     }
     let joined = Arc::new(OnceLock::new());
     let health = requires_roles(joined.clone(), needs);
-    tokio::spawn(telemetry::serve_admin_with(
+    tokio::spawn(telemetry::serve_admin_with_routes(
         admin,
         role_name,
         health,
+        admin_routes,
         shutdown.clone(),
     ));
 
@@ -67,6 +97,7 @@ pub async fn start(
         grpc_addr: advertise(endpoints.grpc),
         admin_addr: advertise(Some(admin_addr)),
         tcp_addr: advertise(endpoints.tcp),
+        ws_addr: advertise(endpoints.ws),
         http_addr: advertise(endpoints.http),
         started_ms: now_ms(),
         labels: config

@@ -174,6 +174,17 @@ pub async fn serve_admin_with(
     health: HealthCheck,
     shutdown: CancellationToken,
 ) {
+    serve_admin_with_routes(listener, role, health, Router::new(), shutdown).await
+}
+
+/// [`serve_admin_with`], plus a role's own admin routes.
+pub async fn serve_admin_with_routes(
+    listener: TcpListener,
+    role: &'static str,
+    health: HealthCheck,
+    extra_routes: Router,
+    shutdown: CancellationToken,
+) {
     let handle = metrics();
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
@@ -193,7 +204,8 @@ pub async fn serve_admin_with(
             }),
         )
         .route("/debug/pprof/profile", get(cpu_profile))
-        .route("/debug/log-level", get(get_log_level).put(put_log_level));
+        .route("/debug/log-level", get(get_log_level).put(put_log_level))
+        .merge(extra_routes);
     if let Err(error) = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -11,7 +11,7 @@
 //!             "ttl_secs": 60, "region_fallback": false, "balancer": "consistent_hash"}}
 //! ```
 //!
-//! `ws` and `tls` appear only for rooms that publish them. The routes sit
+//! `ws`, `tls` and `wss` appear only for rooms that publish them. The routes sit
 //! inside the onion of [`middleware`]: request id, traffic statistics, a
 //! timeout and a per-address rate limit.
 
@@ -268,6 +268,8 @@ struct RoomAnswer<'a> {
     ws: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wss: Option<&'a str>,
 }
 
 /// A label value a device sent: 1 to 64 bytes of letters, digits, `.`, `_`
@@ -359,6 +361,7 @@ fn answer(
                 tcp: &room.tcp,
                 ws: room.ws.as_deref(),
                 tls: room.tls.as_deref(),
+                wss: room.wss.as_deref(),
             }
         })
         .collect();

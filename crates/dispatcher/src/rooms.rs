@@ -4,7 +4,7 @@
 //!
 //! Rooms describe themselves with labels (`region`, `net`, `isp`, each one
 //! value or a comma-separated list; a room without a label serves every value
-//! of it), `capacity` (its connection cap) and optionally `tls_addr` and
+//! of it), `capacity` (its connection cap) and optionally `tls_addr`, `wss_addr` and
 //! `draining = "true"`; keeper adds the live connection count (`load`).
 
 use pushgrid_common::cluster::ClusterView;
@@ -43,6 +43,8 @@ pub struct RoomEntry {
     pub tcp: String,
     pub ws: Option<String>,
     pub tls: Option<String>,
+    /// WebSocket over TLS (label `wss_addr`).
+    pub wss: Option<String>,
     /// Lowercased; `None` serves every region.
     pub region: Option<String>,
     /// Lowercased; empty serves every network.
@@ -84,6 +86,7 @@ impl RoomEntry {
             tcp: node.tcp_addr.clone(),
             ws: nonempty(&node.ws_addr),
             tls: label("tls_addr").map(str::to_string),
+            wss: label("wss_addr").map(str::to_string),
             region: label("region")
                 .filter(|region| *region != "*" && *region != "any")
                 .map(str::to_ascii_lowercase),

@@ -70,7 +70,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ..internal_node()
     };
 
-    let register = pushgrid_register::RegisterConfig { node: node() };
+    let register = pushgrid_register::RegisterConfig {
+        node: node(),
+        ..Default::default()
+    };
     let saver = pushgrid_saver::SaverConfig {
         node: node(),
         database_url: sqlite("saver.db"),

@@ -30,12 +30,18 @@ pub const ROLE: &str = "register";
 pub struct RegisterConfig {
     #[serde(flatten)]
     pub node: NodeConfig,
+    /// After a start, how long lookups are answered as `warming`: rooms re-send
+    /// their sessions when they see a new register, and until they have, an
+    /// empty answer may be a connected user (callers retry instead of leaving
+    /// the message in the inbox).
+    pub warmup_ms: u64,
 }
 
 impl Default for RegisterConfig {
     fn default() -> Self {
         RegisterConfig {
             node: NodeConfig::with_ports(7001, 9001),
+            warmup_ms: 5000,
         }
     }
 }
@@ -140,6 +146,7 @@ impl SessionTable {
 struct RegisterService {
     epoch: u64,
     table: Arc<SessionTable>,
+    warm_at: std::time::Instant,
 }
 
 #[tonic::async_trait]
@@ -183,6 +190,7 @@ impl Register for RegisterService {
         Ok(Response::new(LookupResponse {
             sessions,
             epoch: self.epoch,
+            warming: std::time::Instant::now() < self.warm_at,
         }))
     }
 }
@@ -219,7 +227,11 @@ pub async fn run(
 
     tracing::info!(node = %node_id, %grpc_addr, "register serving");
     net::announce(ROLE, "ready", grpc_addr);
-    let service = RegisterService { epoch, table };
+    let service = RegisterService {
+        epoch,
+        table,
+        warm_at: std::time::Instant::now() + std::time::Duration::from_millis(config.warmup_ms),
+    };
     let served = node::serve_grpc(
         Server::builder().add_service(RegisterServer::new(service)),
         listeners.grpc,

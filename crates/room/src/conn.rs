@@ -1,16 +1,20 @@
-//! One device connection: AUTH, then a loop over socket readiness, the
-//! outbound queue and kicks.
+//! One device connection: admission, the transport's handshake and AUTH,
+//! then a loop over the connection's wake-up (queued frames, kicks) and
+//! socket input.
 //!
-//! Memory: the read buffer exists only while a frame is partly read and is
-//! sized by the frame header (limits checked first); an idle connection holds
-//! no buffer. Writes try the socket directly and wait only when it is full.
-//! Heartbeat deadlines are checked by one sweeper for the whole room, not by a
-//! timer per connection.
+//! Memory of an idle authenticated connection (the figure the room is sized
+//! by): the task and its future, kept small by boxing every state that is
+//! large and rare (handshake and AUTH, SUB replays, stalled writes, the
+//! polite close); the socket's registration; one [`ConnHandle`] whose
+//! outbound queue is an empty `Vec` (no allocation until a frame waits) and
+//! whose app and platform names are shared with every other connection of the
+//! same app and platform; no read buffer (see `transport.rs`); no timer
+//! (heartbeats are checked by one sweeper for the whole room).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -21,35 +25,25 @@ use pushgrid_proto::client::{
 };
 use pushgrid_proto::cluster::{Session, StateEvent, UpstreamRequest};
 use pushgrid_wire::{Decoded, Frame, FrameError, Op, decode_frame, encode, encode_empty};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::{Room, topics};
+use crate::admission::Refusal;
+use crate::transport::{DeviceStream, Transport, shrink};
+use crate::{Room, metrics, topics};
 
-/// How long a write may wait for a full socket before the device counts as gone.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after the inbox was read a live copy of one of its messages is
 /// still recognised and skipped.
 const INBOX_OVERLAP: Duration = Duration::from_secs(10);
 /// After an ERROR or KICK, how long input is drained before the socket closes.
 const LINGER: Duration = Duration::from_secs(1);
 
-/// What the rest of the room holds of a live, authenticated connection.
-pub struct ConnHandle {
-    pub id: u64,
-    pub app: String,
-    pub user: String,
-    pub device: String,
-    pub platform: String,
-    pub since_ms: u64,
-    outbound: mpsc::Sender<Outbound>,
-    /// Seconds since the room started, at the last frame from the device.
-    last_seen: AtomicU32,
-    /// A pending kick (a `KickCode`), 0 for none.
-    kick_code: AtomicI32,
-    kicked: Notify,
+/// Bounds of one connection's outbound queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub frames: usize,
+    pub bytes: usize,
 }
 
 /// A frame waiting for the socket; `msg_id` is set for PUSH frames.
@@ -58,37 +52,143 @@ pub(crate) struct Outbound {
     pub frame: Bytes,
 }
 
+#[derive(Default)]
+struct OutQueue {
+    /// Empty (no allocation) while nothing waits: the writer takes the whole
+    /// vector at once.
+    frames: Vec<Outbound>,
+    bytes: usize,
+    closed: bool,
+}
+
+/// What the rest of the room holds of a live, authenticated connection.
+pub struct ConnHandle {
+    pub id: u64,
+    /// Shared by every connection of the app.
+    pub app: Arc<str>,
+    pub user: Box<str>,
+    pub device: Box<str>,
+    /// Shared by every connection of the same platform name.
+    pub platform: Arc<str>,
+    pub since_ms: u64,
+    pub(crate) transport: Transport,
+    queue: Mutex<OutQueue>,
+    /// Seconds since the room started, at the last frame from the device.
+    last_seen: AtomicU32,
+    /// A pending kick (a `KickCode`), 0 for none.
+    kick_code: AtomicI32,
+    /// Something to do: frames queued or a kick.
+    wake: Notify,
+}
+
 impl ConnHandle {
-    /// Queues a frame without waiting. A full queue marks the device a slow
-    /// consumer: it is kicked, and the frame is not queued. `msg_id` is the
-    /// message of a PUSH frame, 0 for others.
-    pub fn send(&self, msg_id: u64, frame: Bytes) -> bool {
-        match self.outbound.try_send(Outbound { msg_id, frame }) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("pushgrid_room_slow_consumer_kicks_total").increment(1);
-                self.kick(KickCode::SlowConsumer);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+    /// Queues a frame without waiting. A full queue (by frames or bytes)
+    /// marks the device a slow consumer: it is kicked and the frame dropped
+    /// (a unicast message stays in the inbox for the next connection).
+    /// `msg_id` is the message of a PUSH frame, 0 for others.
+    pub(crate) fn send(&self, limits: QueueLimits, msg_id: u64, frame: Bytes) -> bool {
+        let mut queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if queue.closed {
+            return false;
         }
+        let over = if queue.frames.len() >= limits.frames {
+            Some("frames")
+        } else if queue.bytes + frame.len() > limits.bytes && !queue.frames.is_empty() {
+            Some("bytes")
+        } else {
+            None
+        };
+        if let Some(limit) = over {
+            drop(queue);
+            metrics::queue_drop(limit);
+            if self.kick(KickCode::SlowConsumer) {
+                ::metrics::counter!("pushgrid_room_slow_consumer_kicks_total").increment(1);
+            }
+            return false;
+        }
+        let was_empty = queue.frames.is_empty();
+        queue.bytes += frame.len();
+        queue.frames.push(Outbound { msg_id, frame });
+        drop(queue);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        true
     }
 
-    /// Asks the connection to send KICK with `code` and close.
-    pub fn kick(&self, code: KickCode) {
-        if self
+    /// Everything queued, leaving an empty queue behind.
+    fn take_queued(&self) -> Vec<Outbound> {
+        let mut queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        queue.bytes = 0;
+        std::mem::take(&mut queue.frames)
+    }
+
+    fn close_queue(&self) {
+        let mut queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        queue.closed = true;
+        queue.bytes = 0;
+        queue.frames = Vec::new();
+    }
+
+    /// Asks the connection to send KICK with `code` and close; false when a
+    /// kick was already pending.
+    pub fn kick(&self, code: KickCode) -> bool {
+        let asked = self
             .kick_code
             .compare_exchange(0, code as i32, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.kicked.notify_one();
+            .is_ok();
+        if asked {
+            self.wake.notify_one();
+        }
+        asked
+    }
+
+    fn pending_kick(&self) -> Option<KickCode> {
+        match self.kick_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(KickCode::try_from(code).unwrap_or(KickCode::Unspecified)),
         }
     }
 }
 
-fn room_clock() -> u32 {
+pub(crate) fn room_clock() -> u32 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_secs() as u32
+}
+
+/// Room-wide shared copies of short, often repeated names (apps, platforms).
+/// Bounded: past `MAX_INTERNED` names, new ones are simply allocated.
+#[derive(Default)]
+pub(crate) struct Interner {
+    names: Mutex<HashSet<Arc<str>>>,
+}
+
+const MAX_INTERNED: usize = 4096;
+
+impl Interner {
+    pub fn get(&self, name: &str) -> Arc<str> {
+        let mut names = self
+            .names
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(shared) = names.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        if names.len() < MAX_INTERNED {
+            names.insert(shared.clone());
+        }
+        shared
+    }
 }
 
 enum ReadError {
@@ -99,60 +199,21 @@ enum ReadError {
 /// Reads until one whole frame is buffered. The buffer grows only to the size
 /// the (already validated) header asks for.
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut DeviceStream,
     buf: &mut BytesMut,
     max_body: u32,
 ) -> Result<Frame, ReadError> {
-    use tokio::io::AsyncReadExt;
     loop {
         match decode_frame(buf, max_body) {
             Ok(Decoded::Frame(frame)) => return Ok(frame),
             Ok(Decoded::Incomplete { needed }) => buf.reserve(needed),
             Err(error) => return Err(ReadError::Frame(error)),
         }
-        match stream.read_buf(buf).await {
+        match stream.read_some(buf).await {
             Ok(0) | Err(_) => return Err(ReadError::Closed),
-            Ok(_) => {}
+            Ok(count) => metrics::hot().bytes_in.increment(count as u64),
         }
     }
-}
-
-/// Writes a whole frame: straight into the socket when it has room, waiting
-/// (bounded) only when it is full.
-async fn write_frame(stream: &mut TcpStream, frame: &[u8]) -> std::io::Result<()> {
-    let mut written = 0;
-    while written < frame.len() {
-        match stream.try_write(&frame[written..]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(count) => written += count,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::timeout(WRITE_TIMEOUT, stream.writable())
-                    .await
-                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(())
-}
-
-/// Sends a last frame (ERROR or KICK), shuts down the write half and drains
-/// input for a moment, so the kernel does not answer unread input with a reset
-/// that would destroy the frame before the device reads it.
-async fn close_politely(mut stream: TcpStream, last_frame: Bytes) {
-    use tokio::io::AsyncReadExt;
-    let _ = write_frame(&mut stream, &last_frame).await;
-    let _ = stream.shutdown().await;
-    let mut sink = [0u8; 512];
-    let _ = tokio::time::timeout(LINGER, async {
-        loop {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 fn error_frame(code: ErrorCode, message: impl Into<String>, seq: u32) -> Bytes {
@@ -166,15 +227,10 @@ fn error_frame(code: ErrorCode, message: impl Into<String>, seq: u32) -> Bytes {
     )
 }
 
-fn refuse(reason: &'static str) {
-    metrics::counter!("pushgrid_room_refused_total", "reason" => reason).increment(1);
-}
-
 struct Identity {
     app: String,
     user: String,
     device: String,
-    platform: String,
 }
 
 fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
@@ -208,114 +264,212 @@ fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
         app: claims.app,
         user: claims.sub,
         device,
-        platform: auth.platform.clone(),
     })
 }
 
-/// Serves one device connection from accept to close.
-pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    let mut buf = BytesMut::new();
+/// Turns a connection away at accept. Address lists close at once (a plain
+/// TCP device still gets the ERROR frame if the socket takes it without
+/// waiting); the per-address cap and rate answer with an ERROR frame and a
+/// polite close on plain TCP. TLS and WebSocket devices are closed without a
+/// frame: no handshake is spent on a refused address.
+async fn refuse_at_accept(tcp: TcpStream, transport: Transport, refusal: Refusal, message: String) {
+    metrics::refused(refusal.reason());
+    if !transport.is_plain() {
+        return;
+    }
+    let code = if refusal.is_list() {
+        ErrorCode::Forbidden
+    } else if refusal == Refusal::RateLimited {
+        ErrorCode::RateLimited
+    } else {
+        ErrorCode::TooManyConnections
+    };
+    let frame = error_frame(code, message, 0);
+    if refusal.is_list() {
+        let _ = tcp.try_write(&frame);
+        return;
+    }
+    DeviceStream::Tcp(tcp).close_politely(frame, LINGER).await;
+}
 
-    // ---- AUTH, under the pre-auth deadline and the pre-auth frame limit.
-    let deadline = Duration::from_secs(u64::from(room.config.auth_timeout_secs));
-    let first = tokio::time::timeout(
-        deadline,
-        read_frame(&mut stream, &mut buf, room.config.pre_auth_max_body),
+/// Serves one accepted socket from accept to close.
+pub(crate) async fn serve(room: Arc<Room>, tcp: TcpStream, peer: SocketAddr, transport: Transport) {
+    let _slot = match room.admission.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let message = refusal.message(&room.admission.limits());
+            return Box::pin(refuse_at_accept(tcp, transport, refusal, message)).await;
+        }
+    };
+    // Handshake, AUTH and the inbox: large state, needed once, so boxed.
+    let Some(mut session) = Box::pin(open(&room, tcp, peer, transport)).await else {
+        return;
+    };
+    let last = connection_loop(
+        &room,
+        &session.handle,
+        &mut session.stream,
+        &mut session.buf,
+        session.inbox,
     )
     .await;
+    finish(&room, &session.handle);
+    let reason = match (&last, session.handle.pending_kick()) {
+        (Some(_), Some(code)) => kick_reason_label(code),
+        (Some(_), None) => "frame_error",
+        (None, _) => "client",
+    };
+    metrics::closed(reason);
+    if let Some(last_frame) = last {
+        Box::pin(session.stream.close_politely(last_frame, LINGER)).await;
+    }
+}
+
+fn kick_reason_label(code: KickCode) -> &'static str {
+    match code {
+        KickCode::Shutdown => "kick_shutdown",
+        KickCode::SlowConsumer => "kick_slow_consumer",
+        KickCode::SingleLogin => "kick_single_login",
+        KickCode::ByApi => "kick_by_api",
+        KickCode::Heartbeat => "kick_heartbeat",
+        KickCode::Unspecified => "kick",
+    }
+}
+
+/// An authenticated connection, ready for its loop.
+struct Opened {
+    stream: DeviceStream,
+    handle: Arc<ConnHandle>,
+    /// Bytes the device sent right behind AUTH.
+    buf: BytesMut,
+    inbox: Option<Box<InboxOverlap>>,
+}
+
+/// Ids of the inbox replayed at AUTH, recognised for a while when the same
+/// message also arrives live.
+struct InboxOverlap {
+    ids: HashSet<u64>,
+    read_at: Instant,
+}
+
+/// The transport's handshake and AUTH under the pre-auth deadline, then the
+/// session's registration and the offline inbox. `None` when the connection
+/// ended (answered and closed where there was something to say).
+async fn open(
+    room: &Arc<Room>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+) -> Option<Opened> {
+    let limits = room.admission.limits();
+    let deadline = Instant::now() + limits.auth_timeout;
+    let max_message = limits.max_body as usize + pushgrid_wire::HEADER_LEN;
+    let handshake = tokio::time::timeout_at(
+        deadline,
+        crate::transport::handshake(transport, tcp, room.tls.as_ref(), max_message),
+    )
+    .await;
+    let mut stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            metrics::auth("handshake_failed");
+            tracing::debug!(%peer, transport = transport.as_str(), %error, "handshake failed");
+            return None;
+        }
+        Err(_) => {
+            metrics::auth("timeout");
+            metrics::refused("auth_timeout");
+            return None;
+        }
+    };
+    let mut buf = BytesMut::new();
+    let first = tokio::time::timeout_at(
+        deadline,
+        read_frame(&mut stream, &mut buf, limits.pre_auth_max_body),
+    )
+    .await;
+    let refuse = |result: &'static str, reason: &'static str| {
+        metrics::auth(result);
+        metrics::refused(reason);
+    };
     let frame = match first {
         Err(_) => {
-            refuse("auth_timeout");
-            return close_politely(
-                stream,
-                error_frame(ErrorCode::AuthTimeout, "no AUTH within the deadline", 0),
-            )
-            .await;
+            refuse("timeout", "auth_timeout");
+            let error = error_frame(ErrorCode::AuthTimeout, "no AUTH within the deadline", 0);
+            stream.close_politely(error, LINGER).await;
+            return None;
         }
-        Ok(Err(ReadError::Closed)) => return,
+        Ok(Err(ReadError::Closed)) => return None,
         Ok(Err(ReadError::Frame(error))) => {
-            refuse("bad_frame");
+            refuse("bad_frame", "bad_frame");
             tracing::debug!(%peer, %error, "bad frame before auth");
-            return close_politely(stream, error_frame(error.code(), error.to_string(), 0)).await;
+            let answer = error_frame(error.code(), error.to_string(), 0);
+            stream.close_politely(answer, LINGER).await;
+            return None;
         }
         Ok(Ok(frame)) => frame,
     };
     if frame.op != Op::Auth {
-        refuse("auth_required");
-        return close_politely(
-            stream,
-            error_frame(
-                ErrorCode::AuthRequired,
-                "the first frame must be AUTH",
-                frame.seq,
-            ),
-        )
-        .await;
+        refuse("bad_frame", "auth_required");
+        let error = error_frame(
+            ErrorCode::AuthRequired,
+            "the first frame must be AUTH",
+            frame.seq,
+        );
+        stream.close_politely(error, LINGER).await;
+        return None;
     }
     let auth: Auth = match frame.decode() {
         Ok(auth) => auth,
         Err(error) => {
-            refuse("bad_body");
-            return close_politely(
-                stream,
-                error_frame(error.code(), error.to_string(), frame.seq),
-            )
-            .await;
+            refuse("bad_frame", "bad_body");
+            let answer = error_frame(error.code(), error.to_string(), frame.seq);
+            stream.close_politely(answer, LINGER).await;
+            return None;
         }
     };
-    let identity = match authenticate(&room, &auth) {
+    let identity = match authenticate(room, &auth) {
         Ok(identity) => identity,
         Err(reason) => {
-            refuse("auth_failed");
+            refuse("failed", "auth_failed");
             tracing::debug!(%peer, %reason, "auth failed");
-            return close_politely(
-                stream,
-                error_frame(ErrorCode::AuthFailed, reason, frame.seq),
-            )
-            .await;
+            let answer = error_frame(ErrorCode::AuthFailed, reason, frame.seq);
+            stream.close_politely(answer, LINGER).await;
+            return None;
         }
     };
 
     // ---- Register the session; the device is routable from here on.
     let conn_id = room.next_conn_id();
-    let (outbound, mut queue) = mpsc::channel(room.config.outbound_queue.max(1));
     let handle = Arc::new(ConnHandle {
         id: conn_id,
-        app: identity.app.clone(),
-        user: identity.user.clone(),
-        device: identity.device.clone(),
-        platform: identity.platform.clone(),
+        app: room.names.get(&identity.app),
+        user: identity.user.into_boxed_str(),
+        device: identity.device.into_boxed_str(),
+        platform: room.names.get(&auth.platform),
         since_ms: now_ms(),
-        outbound,
+        transport,
+        queue: Mutex::new(OutQueue::default()),
         last_seen: AtomicU32::new(room_clock()),
         kick_code: AtomicI32::new(0),
-        kicked: Notify::new(),
+        wake: Notify::new(),
     });
-    let session = Session {
-        app: identity.app.clone(),
-        user: identity.user.clone(),
-        device: identity.device.clone(),
-        platform: identity.platform.clone(),
-        room: room.node_id.clone(),
-        conn_id,
-        since_ms: handle.since_ms,
-    };
     room.conns.insert(conn_id, handle.clone());
+    let session = session_of(room, &handle);
     if let Err(status) = room.peers.online(session.clone()).await {
         room.conns.remove(&conn_id);
+        metrics::auth("unavailable");
         tracing::warn!(error = %status.message(), "cannot register session");
-        return close_politely(
-            stream,
-            error_frame(
-                ErrorCode::Unavailable,
-                "session registry unavailable; retry",
-                0,
-            ),
-        )
-        .await;
+        let error = error_frame(
+            ErrorCode::Unavailable,
+            "session registry unavailable; retry",
+            0,
+        );
+        stream.close_politely(error, LINGER).await;
+        return None;
     }
-    metrics::gauge!("pushgrid_room_connections").set(room.conns.len() as f64);
+    metrics::auth("ok");
+    metrics::connections(room.conns.len());
     room.cluster.set_load(room.conns.len() as u64);
     room.peers.state(StateEvent {
         session: Some(session.clone()),
@@ -325,10 +479,15 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
     if room
         .cluster
         .view()
-        .app(&identity.app)
+        .app(&handle.app)
         .is_some_and(|app| app.single_login)
     {
         room.peers.kick_older_logins(&session);
+    }
+    // A room that started draining while this device authenticated sends it
+    // on at once (the drain kicked the connections it saw).
+    if room.is_draining() {
+        handle.kick(KickCode::Shutdown);
     }
 
     let auth_ok = AuthOk {
@@ -336,19 +495,23 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
         heartbeat_secs: room.config.heartbeat_secs,
         server_time_ms: now_ms(),
     };
-    let mut alive = write_frame(&mut stream, &encode(Op::AuthOk, frame.seq, &auth_ok))
+    let mut alive = stream
+        .write_frames(&[encode(Op::AuthOk, frame.seq, &auth_ok)])
         .await
         .is_ok();
 
     // ---- The offline inbox, oldest first. A message stored while the inbox
     // was read can also arrive live: its ids are remembered for INBOX_OVERLAP
     // (checked when frames arrive, no timer), so the device gets it once.
-    let mut inbox_ids = std::collections::HashSet::new();
+    let mut inbox = None;
     if alive {
-        match room.peers.pending(&identity.app, &identity.user).await {
+        match room.peers.pending(&handle.app, &handle.user).await {
+            Ok(messages) if messages.is_empty() => {}
             Ok(messages) => {
+                let mut ids = HashSet::with_capacity(messages.len());
+                let mut frames = Vec::with_capacity(messages.len());
                 for message in messages {
-                    inbox_ids.insert(message.id);
+                    ids.insert(message.id);
                     let push = Push {
                         msg_id: message.id,
                         kind: PushKind::Unicast as i32,
@@ -356,65 +519,131 @@ pub(crate) async fn serve(room: Arc<Room>, mut stream: TcpStream, peer: SocketAd
                         created_ms: message.created_ms,
                         ..Default::default()
                     };
-                    if write_frame(&mut stream, &encode(Op::Push, 0, &push))
-                        .await
-                        .is_err()
-                    {
-                        alive = false;
-                        break;
-                    }
-                    metrics::counter!("pushgrid_room_inbox_pushed_total").increment(1);
+                    frames.push(encode(Op::Push, 0, &push));
                 }
+                let count = frames.len() as u64;
+                match stream.write_frames(&frames).await {
+                    Ok(bytes) => {
+                        metrics::hot().bytes_out.increment(bytes as u64);
+                        ::metrics::counter!("pushgrid_room_inbox_pushed_total").increment(count);
+                        // Message status (issue 12): written to this device.
+                        for id in &ids {
+                            room.peers
+                                .delivered(&handle.app, &handle.user, &handle.device, *id);
+                        }
+                    }
+                    Err(_) => alive = false,
+                }
+                inbox = Some(Box::new(InboxOverlap {
+                    ids,
+                    read_at: Instant::now(),
+                }));
             }
             Err(status) => {
                 // The inbox stays stored; make the device come back for it.
                 tracing::warn!(error = %status.message(), "cannot read inbox");
-                finish(&room, &session);
-                return close_politely(
-                    stream,
-                    error_frame(ErrorCode::Unavailable, "inbox unavailable; retry", 0),
-                )
-                .await;
+                finish(room, &handle);
+                metrics::closed("inbox_unavailable");
+                let error = error_frame(ErrorCode::Unavailable, "inbox unavailable; retry", 0);
+                stream.close_politely(error, LINGER).await;
+                return None;
             }
         }
     }
-
-    let last = if alive {
-        connection_loop(&room, &handle, &mut stream, &mut buf, &mut queue, inbox_ids).await
-    } else {
-        None
-    };
-    finish(&room, &session);
-    if let Some(last_frame) = last {
-        close_politely(stream, last_frame).await;
+    if !alive {
+        finish(room, &handle);
+        metrics::closed("io");
+        return None;
     }
+    shrink(&mut buf);
+    Some(Opened {
+        stream,
+        handle,
+        buf,
+        inbox,
+    })
 }
 
 /// The register session of a live connection.
 pub(crate) fn session_of(room: &Room, conn: &ConnHandle) -> Session {
     Session {
-        app: conn.app.clone(),
-        user: conn.user.clone(),
-        device: conn.device.clone(),
-        platform: conn.platform.clone(),
+        app: conn.app.to_string(),
+        user: conn.user.to_string(),
+        device: conn.device.to_string(),
+        platform: conn.platform.to_string(),
         room: room.node_id.clone(),
         conn_id: conn.id,
         since_ms: conn.since_ms,
     }
 }
 
-fn finish(room: &Room, session: &Session) {
-    room.conns.remove(&session.conn_id);
-    room.kick_reasons.remove(&session.conn_id);
-    room.topics.remove_conn(session.conn_id);
-    metrics::gauge!("pushgrid_room_connections").set(room.conns.len() as f64);
+fn finish(room: &Room, conn: &ConnHandle) {
+    conn.close_queue();
+    room.conns.remove(&conn.id);
+    room.kick_reasons.remove(&conn.id);
+    room.topics.remove_conn(conn.id);
+    metrics::connections(room.conns.len());
     room.cluster.set_load(room.conns.len() as u64);
-    room.peers.offline(session.clone());
+    let session = session_of(room, conn);
     room.peers.state(StateEvent {
         session: Some(session.clone()),
         online: false,
         at_ms: now_ms(),
     });
+    room.peers.offline(session);
+}
+
+/// The KICK frame for a pending kick.
+fn kick_frame(room: &Room, conn: &ConnHandle, code: KickCode) -> Bytes {
+    let reason = room
+        .kick_reasons
+        .remove(&conn.id)
+        .map(|(_, reason)| reason)
+        .unwrap_or_else(|| {
+            match code {
+                KickCode::SlowConsumer => "outbound queue full",
+                KickCode::Heartbeat => "no heartbeat",
+                KickCode::SingleLogin => "logged in elsewhere",
+                KickCode::Shutdown => "room is draining; reconnect elsewhere",
+                _ => "kicked",
+            }
+            .to_string()
+        });
+    let mut kick = Kick {
+        code: code as i32,
+        reason,
+        ..Default::default()
+    };
+    if code == KickCode::Shutdown {
+        // Spread the reconnects over the drain window, and point each
+        // device at another live room.
+        let window_ms = room.admission.limits().drain_window.as_millis() as u32;
+        kick.reconnect_after_ms = if window_ms == 0 {
+            0
+        } else {
+            rand::random::<u32>() % window_ms
+        };
+        kick.reconnect_to = room.reconnect_target(conn);
+    }
+    ::metrics::counter!("pushgrid_room_kicks_total", "code" => code.as_str_name()).increment(1);
+    encode(Op::Kick, 0, &kick)
+}
+
+/// What woke a connection's loop.
+enum Wake {
+    /// Frames queued, or a kick.
+    Queue,
+    Input(std::io::Result<usize>),
+}
+
+/// What one frame from the device asks of the loop.
+enum Next {
+    Continue,
+    /// Write this answer now.
+    Reply(Bytes),
+    /// Close with this last frame (empty: just close).
+    Close(Bytes),
+    Subscribe(Sub, u32),
 }
 
 /// Runs until the device leaves or must be closed; returns the last frame to
@@ -422,130 +651,137 @@ fn finish(room: &Room, session: &Session) {
 async fn connection_loop(
     room: &Arc<Room>,
     handle: &Arc<ConnHandle>,
-    stream: &mut TcpStream,
+    stream: &mut DeviceStream,
     buf: &mut BytesMut,
-    queue: &mut mpsc::Receiver<Outbound>,
-    mut inbox_ids: std::collections::HashSet<u64>,
+    mut inbox: Option<Box<InboxOverlap>>,
 ) -> Option<Bytes> {
-    let max_body = room.config.max_body;
-    let inbox_read_at = Instant::now();
+    // Frames the device pipelined behind AUTH are already buffered.
+    let mut buffered = !buf.is_empty();
     loop {
-        tokio::select! {
+        if buffered {
+            buffered = false;
+            loop {
+                match decode_frame(buf, room.admission.max_body()) {
+                    Ok(Decoded::Frame(frame)) => match handle_frame(room, handle, frame) {
+                        Next::Continue => {}
+                        Next::Reply(answer) => {
+                            if let Err(failed) = write_one(stream, answer).await {
+                                return failed;
+                            }
+                        }
+                        Next::Close(last) => return Some(last),
+                        Next::Subscribe(sub, seq) => {
+                            if let Err(failed) =
+                                Box::pin(subscribe(room, handle, stream, sub, seq)).await
+                            {
+                                return failed;
+                            }
+                        }
+                    },
+                    Ok(Decoded::Incomplete { needed }) => {
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        } else {
+                            buf.reserve(needed);
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        ::metrics::counter!("pushgrid_room_frame_errors_total").increment(1);
+                        return Some(error_frame(error.code(), error.to_string(), 0));
+                    }
+                }
+            }
+        }
+        // The select only says what happened; the work (which may wait on
+        // the socket) runs after it, so the future of an idle connection
+        // holds the two waits and not the write path on top of them.
+        let event = tokio::select! {
             biased;
-            _ = handle.kicked.notified() => {
-                let code = KickCode::try_from(handle.kick_code.load(Ordering::Acquire)).unwrap_or(KickCode::Unspecified);
-                let reason = room.kick_reasons.remove(&handle.id).map(|(_, reason)| reason).unwrap_or_else(|| {
-                    match code {
-                        KickCode::SlowConsumer => "outbound queue full",
-                        KickCode::Heartbeat => "no heartbeat",
-                        KickCode::SingleLogin => "logged in elsewhere",
-                        _ => "kicked",
+            () = handle.wake.notified() => Wake::Queue,
+            read = stream.read_some(buf) => Wake::Input(read),
+        };
+        match event {
+            Wake::Queue => {
+                if let Some(code) = handle.pending_kick() {
+                    return Some(kick_frame(room, handle, code));
+                }
+                let mut batch = handle.take_queued();
+                if let Some(overlap) = &inbox {
+                    batch.retain(|outbound| {
+                        outbound.msg_id == 0 || !overlap.ids.contains(&outbound.msg_id)
+                    });
+                    if overlap.read_at.elapsed() > INBOX_OVERLAP {
+                        inbox = None;
                     }
-                    .to_string()
-                });
-                metrics::counter!("pushgrid_room_kicks_total", "code" => code.as_str_name()).increment(1);
-                return Some(encode(Op::Kick, 0, &Kick { code: code as i32, reason, ..Default::default() }));
-            }
-            _ = room.shutdown.cancelled() => {
-                let kick = Kick {
-                    code: KickCode::Shutdown as i32,
-                    reason: "room is shutting down".into(),
-                    reconnect_after_ms: rand::random::<u32>() % 2000,
-                    reconnect_to: String::new(),
-                };
-                return Some(encode(Op::Kick, 0, &kick));
-            }
-            outbound = queue.recv() => {
-                let outbound = outbound?;
-                let already_sent = outbound.msg_id != 0 && inbox_ids.contains(&outbound.msg_id);
-                if !already_sent {
-                    if write_frame(stream, &outbound.frame).await.is_err() {
-                        return None;
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let frames: Vec<Bytes> = batch.into_iter().map(|outbound| outbound.frame).collect();
+                match stream.write_frames(&frames).await {
+                    Ok(bytes) => {
+                        let hot = metrics::hot();
+                        hot.bytes_out.increment(bytes as u64);
+                        hot.frames_sent.increment(frames.len() as u64);
                     }
-                    metrics::counter!("pushgrid_room_frames_sent_total").increment(1);
-                }
-                if !inbox_ids.is_empty() && inbox_read_at.elapsed() > INBOX_OVERLAP {
-                    inbox_ids = std::collections::HashSet::new();
-                }
-            }
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    return None;
-                }
-                // Grow only when bytes are waiting; an idle connection holds none.
-                if buf.capacity() == buf.len() {
-                    buf.reserve(512);
-                }
-                match stream.try_read_buf(buf) {
-                    Ok(0) => return None,
-                    Ok(_) => handle.last_seen.store(room_clock(), Ordering::Relaxed),
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(_) => return None,
                 }
-                loop {
-                    match decode_frame(buf, max_body) {
-                        Ok(Decoded::Frame(frame)) => {
-                            if let Some(last) = handle_frame(room, handle, stream, frame).await {
-                                return Some(last);
-                            }
-                        }
-                        Ok(Decoded::Incomplete { needed }) => {
-                            if buf.is_empty() {
-                                *buf = BytesMut::new();
-                            } else {
-                                buf.reserve(needed);
-                            }
-                            break;
-                        }
-                        Err(error) => {
-                            metrics::counter!("pushgrid_room_frame_errors_total").increment(1);
-                            return Some(error_frame(error.code(), error.to_string(), 0));
-                        }
+            }
+            Wake::Input(read) => {
+                match read {
+                    Ok(0) | Err(_) => return None,
+                    Ok(count) => {
+                        metrics::hot().bytes_in.increment(count as u64);
+                        handle.last_seen.store(room_clock(), Ordering::Relaxed);
+                        buffered = true;
                     }
                 }
+                if inbox
+                    .as_ref()
+                    .is_some_and(|overlap| overlap.read_at.elapsed() > INBOX_OVERLAP)
+                {
+                    inbox = None;
+                }
             }
+        }
+        if !buffered {
+            shrink(buf);
         }
     }
 }
 
-/// Handles one frame from an authenticated device; `Some(frame)` closes.
-async fn handle_frame(
-    room: &Arc<Room>,
-    handle: &Arc<ConnHandle>,
-    stream: &mut TcpStream,
-    frame: Frame,
-) -> Option<Bytes> {
+/// Handles one frame from an authenticated device.
+fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Frame) -> Next {
     match frame.op {
-        Op::Ping => {
-            if write_frame(stream, &encode_empty(Op::Pong, frame.seq))
-                .await
-                .is_err()
-            {
-                return Some(Bytes::new());
-            }
-            None
-        }
-        Op::Pong => None,
+        // Answered in order, before any later frame of the same read.
+        Op::Ping => Next::Reply(encode_empty(Op::Pong, frame.seq)),
+        Op::Pong => Next::Continue,
         Op::Ack => {
             let ack: Ack = match frame.decode() {
                 Ok(ack) => ack,
-                Err(error) => return Some(error_frame(error.code(), error.to_string(), frame.seq)),
+                Err(error) => {
+                    return Next::Close(error_frame(error.code(), error.to_string(), frame.seq));
+                }
             };
             if !ack.msg_ids.is_empty() {
-                metrics::counter!("pushgrid_room_acks_total").increment(ack.msg_ids.len() as u64);
-                room.peers.ack(&handle.app, &handle.user, ack.msg_ids);
+                ::metrics::counter!("pushgrid_room_acks_total").increment(ack.msg_ids.len() as u64);
+                room.peers
+                    .ack(&handle.app, &handle.user, &handle.device, ack.msg_ids);
             }
-            None
+            Next::Continue
         }
         Op::Upstream => {
             let upstream: Upstream = match frame.decode() {
                 Ok(upstream) => upstream,
-                Err(error) => return Some(error_frame(error.code(), error.to_string(), frame.seq)),
+                Err(error) => {
+                    return Next::Close(error_frame(error.code(), error.to_string(), frame.seq));
+                }
             };
             let request = UpstreamRequest {
-                app: handle.app.clone(),
-                user: handle.user.clone(),
-                device: handle.device.clone(),
+                app: handle.app.to_string(),
+                user: handle.user.to_string(),
+                device: handle.device.to_string(),
                 product: upstream.product,
                 r#type: upstream.r#type,
                 client_msg_id: upstream.client_msg_id.clone(),
@@ -565,31 +801,27 @@ async fn handle_frame(
                     ),
                     Err(status) => error_frame(ErrorCode::UpstreamFailed, status.message(), seq),
                 };
-                handle.send(0, answer);
+                handle.send(room.queue_limits, 0, answer);
             });
-            None
+            Next::Continue
         }
-        Op::Sub => {
-            let sub: Sub = match frame.decode() {
-                Ok(sub) => sub,
-                Err(error) => return Some(error_frame(error.code(), error.to_string(), frame.seq)),
-            };
-            match subscribe(room, handle, stream, sub, frame.seq).await {
-                Ok(()) => None,
-                Err(io_failed) => io_failed,
-            }
-        }
+        Op::Sub => match frame.decode() {
+            Ok(sub) => Next::Subscribe(sub, frame.seq),
+            Err(error) => Next::Close(error_frame(error.code(), error.to_string(), frame.seq)),
+        },
         Op::Unsub => {
             let unsub: Unsub = match frame.decode() {
                 Ok(unsub) => unsub,
-                Err(error) => return Some(error_frame(error.code(), error.to_string(), frame.seq)),
+                Err(error) => {
+                    return Next::Close(error_frame(error.code(), error.to_string(), frame.seq));
+                }
             };
             if let Ok(topic) = topics::normalize(&unsub.topic) {
                 room.topics.unsubscribe(handle.id, &handle.app, topic);
             }
-            None
+            Next::Continue
         }
-        other => Some(error_frame(
+        other => Next::Close(error_frame(
             ErrorCode::UnknownOp,
             format!("{other:?} is not a device-to-server op"),
             frame.seq,
@@ -600,6 +832,16 @@ async fn handle_frame(
 /// Most history pages replayed for one SUB (each up to 1000 messages).
 const MAX_HISTORY_PAGES: usize = 10;
 
+async fn write_one(stream: &mut DeviceStream, frame: Bytes) -> Result<(), Option<Bytes>> {
+    match stream.write_frames(std::slice::from_ref(&frame)).await {
+        Ok(bytes) => {
+            metrics::hot().bytes_out.increment(bytes as u64);
+            Ok(())
+        }
+        Err(_) => Err(None),
+    }
+}
+
 /// SUB: subscribe, replay what the device missed (when it sent an offset and
 /// epoch), then answer SUB_OK with whether the history covered the gap.
 /// Err(Some(frame)) closes the connection with that frame; Err(None) means the
@@ -607,15 +849,14 @@ const MAX_HISTORY_PAGES: usize = 10;
 async fn subscribe(
     room: &Arc<Room>,
     handle: &Arc<ConnHandle>,
-    stream: &mut TcpStream,
+    stream: &mut DeviceStream,
     sub: Sub,
     seq: u32,
 ) -> Result<(), Option<Bytes>> {
     let topic = match topics::normalize(&sub.topic) {
         Ok(topic) => topic.to_string(),
         Err(reason) => {
-            let error = error_frame(ErrorCode::BadBody, reason, seq);
-            return write_frame(stream, &error).await.map_err(|_| None);
+            return write_one(stream, error_frame(ErrorCode::BadBody, reason, seq)).await;
         }
     };
     // Subscribe first: a message published during the replay then arrives
@@ -623,8 +864,7 @@ async fn subscribe(
     if topic != topics::ALL
         && let Err(reason) = room.topics.subscribe(handle.id, &handle.app, &topic)
     {
-        let error = error_frame(ErrorCode::BadBody, reason, seq);
-        return write_frame(stream, &error).await.map_err(|_| None);
+        return write_one(stream, error_frame(ErrorCode::BadBody, reason, seq)).await;
     }
     let mut since = sub.since_offset;
     let mut recovered = true;
@@ -643,33 +883,33 @@ async fn subscribe(
                     "topic history unavailable; subscribe again",
                     seq,
                 );
-                return write_frame(stream, &error).await.map_err(|_| None);
+                return write_one(stream, error).await;
             }
         };
         position = (history.offset, history.epoch);
         recovered = history.recovered;
         let page = history.messages.len();
+        let mut frames = Vec::with_capacity(page);
         for message in history.messages {
             since = message.offset;
-            let push = broadcast_push(message);
-            write_frame(stream, &encode(Op::Push, 0, &push))
-                .await
-                .map_err(|_| None)?;
+            frames.push(encode(Op::Push, 0, &broadcast_push(message)));
+        }
+        match stream.write_frames(&frames).await {
+            Ok(bytes) => metrics::hot().bytes_out.increment(bytes as u64),
+            Err(_) => return Err(None),
         }
         if sub.epoch == 0 || !recovered || page == 0 || since >= history.offset {
             break;
         }
     }
-    metrics::counter!("pushgrid_room_subscriptions_total", "recovered" => if recovered { "true" } else { "false" }).increment(1);
+    ::metrics::counter!("pushgrid_room_subscriptions_total", "recovered" => if recovered { "true" } else { "false" }).increment(1);
     let ok = SubOk {
         topic,
         recovered: recovered && sub.epoch != 0,
         offset: position.0,
         epoch: position.1,
     };
-    write_frame(stream, &encode(Op::SubOk, seq, &ok))
-        .await
-        .map_err(|_| None)
+    write_one(stream, encode(Op::SubOk, seq, &ok)).await
 }
 
 /// The PUSH frame body of a broadcast message.
@@ -685,28 +925,35 @@ pub(crate) fn broadcast_push(message: pushgrid_proto::cluster::BroadcastMessage)
     }
 }
 
-/// Kicks connections silent for 2.5 heartbeat intervals. One task for the
-/// whole room, waking a few times per interval.
+/// Kicks connections silent for 2.5 heartbeat intervals, and forgets the
+/// connect-rate state of quiet addresses. One task for the whole room,
+/// waking a few times per interval.
 pub(crate) async fn sweep_silent_connections(room: Arc<Room>) {
     let heartbeat = room.config.heartbeat_secs.max(1);
     let allowed_silence = heartbeat * 5 / 2;
     let period =
         Duration::from_millis(u64::from(heartbeat) * 1000 / 4).max(Duration::from_millis(250));
+    let mut last_tidy = Instant::now();
     loop {
         tokio::select! {
-            _ = room.shutdown.cancelled() => return,
+            _ = room.background_stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
         let now = room_clock();
         let mut kicked = 0u64;
         for entry in room.conns.iter() {
-            if now.saturating_sub(entry.last_seen.load(Ordering::Relaxed)) > allowed_silence {
-                entry.kick(KickCode::Heartbeat);
+            if now.saturating_sub(entry.last_seen.load(Ordering::Relaxed)) > allowed_silence
+                && entry.kick(KickCode::Heartbeat)
+            {
                 kicked += 1;
             }
         }
         if kicked > 0 {
-            metrics::counter!("pushgrid_room_heartbeat_kicks_total").increment(kicked);
+            ::metrics::counter!("pushgrid_room_heartbeat_kicks_total").increment(kicked);
+        }
+        if last_tidy.elapsed() > Duration::from_secs(60) {
+            room.admission.tidy();
+            last_tidy = Instant::now();
         }
     }
 }

@@ -13,8 +13,9 @@ use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
-    AckItem, AckRequest, HistoryRequest, HistoryResponse, KickRequest, Message, PendingRequest,
-    Role, Session, SessionBatch, StateBatch, StateEvent, UpstreamRequest,
+    AckItem, AckRequest, DeliveredRequest, DeliveryReport, HistoryRequest, HistoryResponse,
+    KickRequest, Message, PendingRequest, Role, Session, SessionBatch, StateBatch, StateEvent,
+    UpstreamRequest,
 };
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -28,6 +29,8 @@ pub(crate) struct Peers {
     online: BatcherMap<Session, ()>,
     offline: BatcherMap<Session, ()>,
     acks: BatcherMap<AckItem, ()>,
+    /// Hand-offs to devices, for message status (issue 12).
+    deliveries: BatcherMap<DeliveryReport, ()>,
     states: BatcherMap<StateEvent, ()>,
     background: TaskTracker,
 }
@@ -75,6 +78,17 @@ impl Peers {
                 Ok(vec![(); count])
             },
         );
+        let deliveries = BatcherMap::per_peer(
+            pool.clone(),
+            batch_config(),
+            |channel, reports: Vec<DeliveryReport>| async move {
+                let count = reports.len();
+                SaverClient::new(channel)
+                    .delivered(DeliveredRequest { reports })
+                    .await?;
+                Ok(vec![(); count])
+            },
+        );
         let states = BatcherMap::per_peer(
             pool.clone(),
             batch_config(),
@@ -92,6 +106,7 @@ impl Peers {
             online,
             offline,
             acks,
+            deliveries,
             states,
             background: TaskTracker::new(),
         }
@@ -166,8 +181,54 @@ impl Peers {
             .into_inner())
     }
 
+    /// Reports, in the background, that a unicast message was handed to a
+    /// device's connection (message status; losing one costs only that detail).
+    pub fn delivered(&self, app: &str, user: &str, device: &str, msg_id: u64) {
+        self.report_delivery(DeliveryReport {
+            app: app.to_string(),
+            msg_id,
+            device: device.to_string(),
+            user: user.to_string(),
+            at_ms: pushgrid_common::now_ms(),
+            ..Default::default()
+        });
+    }
+
+    /// Reports, in the background, that `count` connections of this room were
+    /// handed broadcast `msg_id`.
+    pub fn broadcast_delivered(&self, app: &str, msg_id: u64, count: u32) {
+        if count == 0 {
+            return;
+        }
+        self.report_delivery(DeliveryReport {
+            app: app.to_string(),
+            msg_id,
+            broadcast: true,
+            count,
+            at_ms: pushgrid_common::now_ms(),
+            ..Default::default()
+        });
+    }
+
+    fn report_delivery(&self, report: DeliveryReport) {
+        let key = if report.broadcast {
+            report.msg_id.to_string()
+        } else {
+            report.user.clone()
+        };
+        let Ok(addr) = self.addr_of(Role::Saver, &report.app, &key) else {
+            return;
+        };
+        let batcher = self.deliveries.get(&addr);
+        self.background.spawn(async move {
+            if let Err(status) = batcher.call(report).await {
+                tracing::debug!(error = %status.message(), "delivery report not recorded");
+            }
+        });
+    }
+
     /// Forwards a device's ACK to saver, in the background.
-    pub fn ack(&self, app: &str, user: &str, msg_ids: Vec<u64>) {
+    pub fn ack(&self, app: &str, user: &str, device: &str, msg_ids: Vec<u64>) {
         let addr = match self.addr_of(Role::Saver, app, user) {
             Ok(addr) => addr,
             Err(status) => {
@@ -180,6 +241,7 @@ impl Peers {
             app: app.to_string(),
             user: user.to_string(),
             msg_ids,
+            device: device.to_string(),
         };
         let batcher = self.acks.get(&addr);
         self.background.spawn(async move {

@@ -44,7 +44,7 @@ impl RoomRpc for RoomService {
             // The connection must still belong to the message's user: a stale
             // session must never route one user's message to another.
             let Some(conn) =
-                conn.filter(|conn| conn.app == message.app && conn.user == message.user)
+                conn.filter(|conn| *conn.app == *message.app && *conn.user == *message.user)
             else {
                 missing += 1;
                 continue;
@@ -64,7 +64,10 @@ impl RoomRpc for RoomService {
             let latency_ms = pushgrid_common::now_ms().saturating_sub(message.created_ms);
             metrics::histogram!("pushgrid_room_delivery_latency_seconds")
                 .record(latency_ms as f64 / 1000.0);
-            if conn.send(message.id, frame) {
+            if conn.send(self.room.queue_limits, message.id, frame) {
+                self.room
+                    .peers
+                    .delivered(&message.app, &message.user, &conn.device, message.id);
                 delivered += 1;
             } else {
                 missing += 1;
@@ -90,7 +93,7 @@ impl RoomRpc for RoomService {
             self.room
                 .conns
                 .iter()
-                .filter(|entry| entry.app == app)
+                .filter(|entry| *entry.app == *app)
                 .map(|entry| entry.value().clone())
                 .collect()
         } else {
@@ -108,12 +111,13 @@ impl RoomRpc for RoomService {
         };
         let mut delivered = 0;
         for conn in targets {
-            if conn.send(id, frame.clone()) {
+            if conn.send(self.room.queue_limits, id, frame.clone()) {
                 delivered += 1;
             }
         }
         metrics::counter!("pushgrid_room_broadcast_deliveries_total")
             .increment(u64::from(delivered));
+        self.room.peers.broadcast_delivered(&app, id, delivered);
         Ok(Response::new(RoomBroadcastResponse { delivered }))
     }
 

@@ -7,6 +7,7 @@
 //! worker id keeper assigns this node, so they are unique across savers.
 
 pub mod error;
+mod groups;
 mod metrics;
 pub mod store;
 
@@ -20,7 +21,15 @@ use pushgrid_common::{CancellationToken, db, net, now_ms};
 use pushgrid_proto::cluster::saver_server::{Saver, SaverServer};
 use pushgrid_proto::cluster::{
     AckRequest, AckResponse, HistoryRequest, HistoryResponse, PendingRequest, PendingResponse,
-    PublishRequest, PublishResponse, Role, StoreRequest, StoreResponse,
+    PublishRequest, PublishResponse, Role, StoreManyRequest, StoreManyResponse, StoreRequest,
+    StoreResponse,
+};
+// Groups and message status (issue 12).
+use pushgrid_proto::cluster::{
+    AckItem, DeliveredRequest, DeliveredResponse, GroupMembersRequest, GroupMembersResponse,
+    GroupPushProgressRequest, GroupPushProgressResponse, GroupUsersRequest, GroupUsersResponse,
+    MessageStatusRequest, MessageStatusResponse, StartGroupPushRequest, StartGroupPushResponse,
+    StoreChildrenRequest, UserGroupsRequest, UserGroupsResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -35,9 +44,10 @@ use crate::store::{
 
 pub const ROLE: &str = "saver";
 
-/// How often expired rows are deleted from SQL, and how long after expiry.
+/// How often expired rows are deleted from SQL, and how long after expiry:
+/// a message's status is answered for its TTL plus a day (issue 12).
 const PURGE_EVERY: Duration = Duration::from_secs(600);
-const PURGE_GRACE_MS: u64 = 3_600_000;
+const PURGE_GRACE_MS: u64 = store::STATUS_KEEP_AFTER_TTL_MS;
 const PURGE_BATCH_ROWS: u32 = 5000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +202,20 @@ impl Saver for SaverService {
         }))
     }
 
+    async fn store_many(
+        &self,
+        request: Request<StoreManyRequest>,
+    ) -> Result<Response<StoreManyResponse>, Status> {
+        let request = request.into_inner();
+        let messages = self
+            .store
+            .store_many(&request.items)
+            .await
+            .map_err(|error| to_status("store_many", error))?;
+        metrics::stored(messages.len());
+        Ok(Response::new(StoreManyResponse { messages }))
+    }
+
     async fn publish(
         &self,
         request: Request<PublishRequest>,
@@ -202,6 +226,7 @@ impl Saver for SaverService {
             .publish(&request.app, &request.topic, request.payload)
             .await
             .map_err(|error| to_status("publish", error))?;
+        self.record_broadcast(&message).await;
         metrics::published();
         Ok(Response::new(PublishResponse {
             message: Some(message),
@@ -249,13 +274,83 @@ impl Saver for SaverService {
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let items = request.into_inner().items;
+        let by_device: Vec<AckItem> = items
+            .iter()
+            .filter(|item| !item.device.is_empty())
+            .cloned()
+            .collect();
         let acked = self
             .store
             .ack(items)
             .await
             .map_err(|error| to_status("ack", error))?;
+        self.record_acks(&by_device).await;
         metrics::acked(acked);
         Ok(Response::new(AckResponse { acked }))
+    }
+
+    // Groups and message status (issue 12): see groups.rs.
+    async fn bind(
+        &self,
+        request: Request<GroupUsersRequest>,
+    ) -> Result<Response<GroupUsersResponse>, Status> {
+        self.bind_rpc(request).await
+    }
+
+    async fn unbind(
+        &self,
+        request: Request<GroupUsersRequest>,
+    ) -> Result<Response<GroupUsersResponse>, Status> {
+        self.unbind_rpc(request).await
+    }
+
+    async fn group_members(
+        &self,
+        request: Request<GroupMembersRequest>,
+    ) -> Result<Response<GroupMembersResponse>, Status> {
+        self.group_members_rpc(request).await
+    }
+
+    async fn user_groups(
+        &self,
+        request: Request<UserGroupsRequest>,
+    ) -> Result<Response<UserGroupsResponse>, Status> {
+        self.user_groups_rpc(request).await
+    }
+
+    async fn start_group_push(
+        &self,
+        request: Request<StartGroupPushRequest>,
+    ) -> Result<Response<StartGroupPushResponse>, Status> {
+        self.start_group_push_rpc(request).await
+    }
+
+    async fn store_children(
+        &self,
+        request: Request<StoreChildrenRequest>,
+    ) -> Result<Response<StoreResponse>, Status> {
+        self.store_children_rpc(request).await
+    }
+
+    async fn group_push_progress(
+        &self,
+        request: Request<GroupPushProgressRequest>,
+    ) -> Result<Response<GroupPushProgressResponse>, Status> {
+        self.group_push_progress_rpc(request).await
+    }
+
+    async fn delivered(
+        &self,
+        request: Request<DeliveredRequest>,
+    ) -> Result<Response<DeliveredResponse>, Status> {
+        self.delivered_rpc(request).await
+    }
+
+    async fn message_status(
+        &self,
+        request: Request<MessageStatusRequest>,
+    ) -> Result<Response<MessageStatusResponse>, Status> {
+        self.message_status_rpc(request).await
     }
 }
 
@@ -348,6 +443,11 @@ async fn purge_expired(sql: SqlStore, shutdown: CancellationToken) {
                 Ok(deleted) => {
                     metrics::purged(deleted);
                     if deleted < u64::from(PURGE_BATCH_ROWS) || shutdown.is_cancelled() {
+                        if let Err(error) =
+                            store::GroupStore::purge_push_records(&sql, now_ms()).await
+                        {
+                            tracing::warn!(%error, "cannot purge push records");
+                        }
                         break;
                     }
                 }

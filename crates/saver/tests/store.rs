@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pushgrid_common::now_ms;
-use pushgrid_proto::cluster::{AckItem, Message};
+use pushgrid_proto::cluster::{AckItem, Message, StoreItem};
 use pushgrid_saver::error::StoreError;
 use pushgrid_saver::store::{
     Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, RedisSqlStore, SqlStore,
@@ -245,6 +245,7 @@ impl Harness {
             app: self.app.clone(),
             user: user.into(),
             msg_ids: ids.to_vec(),
+            ..AckItem::default()
         };
         Ok(self.store.ack(vec![item]).await?)
     }
@@ -522,6 +523,7 @@ async fn invalid_input_is_rejected(backend: Backend) -> anyhow::Result<Harness> 
         app: app.into(),
         user: String::new(),
         msg_ids: vec![1],
+        ..AckItem::default()
     };
     expect_invalid(store.ack(vec![bad_ack]).await.map(drop), "user");
     // Nothing was stored by the rejected calls.
@@ -783,6 +785,52 @@ fn payloads_of(messages: &[pushgrid_proto::cluster::BroadcastMessage]) -> Vec<St
         .collect()
 }
 
+/// One StoreMany call: each item keeps its own user, payload and TTL, ids
+/// increase in item order, every message is pending (and durable in SQL);
+/// one bad item fails the call and stores nothing.
+async fn store_many_keeps_each_items_payload_and_ttl(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(backend, limits()).await?;
+    let item = |user: &str, payload: &str, ttl_secs: u32| StoreItem {
+        app: harness.app.clone(),
+        user: user.into(),
+        payload: Bytes::from(payload.to_string()),
+        ttl_secs,
+    };
+    let items = vec![
+        item("ann", "a1", 0),
+        item("ben", "b1", 60),
+        item("ann", "a2", 120),
+    ];
+    let stored = harness.store.store_many(&items).await?;
+    harness.settle().await;
+    assert_eq!(
+        stored
+            .iter()
+            .map(|message| (
+                message.user.as_str(),
+                message.expires_ms - message.created_ms
+            ))
+            .collect::<Vec<_>>(),
+        [("ann", 600_000), ("ben", 60_000), ("ann", 120_000)]
+    );
+    assert_eq!(payloads(&stored), ["a1", "b1", "a2"]);
+    assert!(ids(&stored).windows(2).all(|pair| pair[0] < pair[1]));
+    assert_eq!(payloads(&harness.pending("ann").await?), ["a1", "a2"]);
+    assert_eq!(payloads(&harness.pending("ben").await?), ["b1"]);
+    assert_eq!(harness.live_rows_in_sql("ann").await?, 2);
+
+    let bad = vec![item("cid", "ok", 0), item("", "no user", 0)];
+    match harness.store.store_many(&bad).await {
+        Err(StoreError::InvalidArgument(message)) => assert!(message.contains("user"), "{message}"),
+        other => panic!("an empty user was accepted: {other:?}"),
+    }
+    assert!(
+        harness.pending("cid").await?.is_empty(),
+        "a failed call stored a message"
+    );
+    Ok(harness)
+}
+
 /// Many concurrent Store calls share group commits; each one's messages are
 /// all durable and pending when it answers.
 async fn concurrent_stores_are_all_durable(backend: Backend) -> anyhow::Result<Harness> {
@@ -862,5 +910,6 @@ mod backends {
         an_idempotency_key_stores_once,
         broadcast_history_recovers_or_says_not,
         concurrent_stores_are_all_durable,
+        store_many_keeps_each_items_payload_and_ttl,
     );
 }

@@ -8,6 +8,7 @@
 //! Both validate their input the same way ([`validate_store`] and friends), so
 //! a caller gets the same answer whichever is configured.
 
+mod groups;
 mod redis_sql;
 mod sql;
 
@@ -18,8 +19,11 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use pushgrid_common::ids::{IdGenerator, MAX_WORKER_ID};
 use pushgrid_common::now_ms;
-use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message};
+use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreItem};
 
+pub use groups::{
+    GroupStore, MAX_GROUP_BYTES, MAX_USERS_PER_BIND, MembersPage, STATUS_KEEP_AFTER_TTL_MS,
+};
 pub use redis_sql::RedisSqlStore;
 pub use sql::{GroupCommitConfig, SqlStore};
 
@@ -47,7 +51,7 @@ pub struct Stored {
 }
 
 #[tonic::async_trait]
-pub trait MessageStore: Send + Sync + 'static {
+pub trait MessageStore: GroupStore + Send + Sync + 'static {
     /// Stores one message per user, durably, and returns them in `users` order.
     /// `ttl_secs` 0 means the configured default; above the maximum it is capped.
     async fn store(
@@ -69,6 +73,22 @@ pub trait MessageStore: Send + Sync + 'static {
         ttl_secs: u32,
         idempotency_key: &str,
     ) -> Result<Stored, StoreError>;
+
+    /// Stores many unicast messages at once, each with its own app, user,
+    /// payload and TTL, in one write; answers one message per item, in order.
+    /// Every item is checked first: one bad item fails the whole call.
+    async fn store_many(&self, items: &[StoreItem]) -> Result<Vec<Message>, StoreError>;
+
+    /// Stores one page of a group push: a message per user, each recording
+    /// `parent_id` (the group push's id), as [`store`](Self::store) does.
+    async fn store_children(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+        parent_id: u64,
+    ) -> Result<Vec<Message>, StoreError>;
 
     /// The unacked, unexpired inbox of one user, oldest first, at most `limit`
     /// messages (0 means the default). Counts one more delivery attempt for each
@@ -399,6 +419,7 @@ fn new_messages(
     users: &[String],
     payload: &Bytes,
     ttl_secs: u32,
+    parent_id: u64,
 ) -> Vec<Message> {
     let created_ms = now_ms();
     let expires_ms = created_ms + u64::from(limits.effective_ttl_secs(ttl_secs)) * 1000;
@@ -413,6 +434,44 @@ fn new_messages(
             created_ms,
             expires_ms,
             attempts: 0,
+            parent_id,
+        })
+        .collect()
+}
+
+/// Checks a StoreMany call's items (as [`validate_store`] does for each).
+pub fn validate_store_many(items: &[StoreItem]) -> Result<(), StoreError> {
+    if items.len() > MAX_USERS_PER_STORE {
+        return Err(StoreError::invalid(format!(
+            "{} items in one store call, at most {MAX_USERS_PER_STORE} allowed",
+            items.len()
+        )));
+    }
+    for item in items {
+        validate_store(&item.app, std::slice::from_ref(&item.user), &item.payload)?;
+    }
+    Ok(())
+}
+
+/// One new message per item, ids increasing in item order.
+fn new_messages_of_items(
+    ids: &MessageIds,
+    limits: &StoreLimits,
+    items: &[StoreItem],
+) -> Vec<Message> {
+    let created_ms = now_ms();
+    ids.next_ids(items.len())
+        .into_iter()
+        .zip(items)
+        .map(|(id, item)| Message {
+            id,
+            app: item.app.clone(),
+            user: item.user.clone(),
+            payload: item.payload.clone(),
+            created_ms,
+            expires_ms: created_ms + u64::from(limits.effective_ttl_secs(item.ttl_secs)) * 1000,
+            attempts: 0,
+            ..Message::default()
         })
         .collect()
 }

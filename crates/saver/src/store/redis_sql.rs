@@ -37,7 +37,7 @@ use futures::future::try_join_all;
 use prost::Message as _;
 use pushgrid_common::ids::id_time_ms;
 use pushgrid_common::now_ms;
-use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreResponse};
+use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreItem, StoreResponse};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, RedisFuture, Value};
@@ -93,7 +93,7 @@ return {offset, tonumber(epoch)}
 
 /// One Redis server, or a Redis Cluster.
 #[derive(Clone)]
-enum RedisConnection {
+pub(super) enum RedisConnection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -304,6 +304,11 @@ impl RedisSqlStore {
 
     pub fn sql(&self) -> &SqlStore {
         &self.sql
+    }
+
+    /// A handle on the Redis connection (cheap to clone).
+    pub(super) fn redis(&self) -> RedisConnection {
+        self.redis.clone()
     }
 
     pub fn with_ids(mut self, ids: MessageIds) -> RedisSqlStore {
@@ -597,6 +602,33 @@ impl MessageStore for RedisSqlStore {
         super::validate_store(app, users, &payload)?;
         let started = Instant::now();
         let messages = self.sql.new_messages(app, users, &payload, ttl_secs);
+        self.write_new(&messages).await?;
+        metrics::store_seconds(started.elapsed());
+        Ok(messages)
+    }
+
+    async fn store_children(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+        parent_id: u64,
+    ) -> Result<Vec<Message>, StoreError> {
+        super::validate_store(app, users, &payload)?;
+        let started = Instant::now();
+        let messages = self
+            .sql
+            .new_children(app, users, &payload, ttl_secs, parent_id);
+        self.write_new(&messages).await?;
+        metrics::store_seconds(started.elapsed());
+        Ok(messages)
+    }
+
+    async fn store_many(&self, items: &[StoreItem]) -> Result<Vec<Message>, StoreError> {
+        super::validate_store_many(items)?;
+        let started = Instant::now();
+        let messages = self.sql.new_messages_of_items(items);
         self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prost::Message as _;
 use pushgrid_common::{db, now_ms};
-use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreResponse};
+use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreItem, StoreResponse};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -140,11 +140,11 @@ async fn insert_rows(
 ) -> Result<(), StoreError> {
     for chunk in messages.chunks(INSERT_CHUNK_ROWS) {
         let mut sql = String::from(
-            "INSERT INTO messages (id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts) VALUES ",
+            "INSERT INTO messages (id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts, parent_id) VALUES ",
         );
         for index in 0..chunk.len() {
             sql.push_str(if index == 0 { "" } else { ", " });
-            sql.push_str("(?, ?, ?, ?, ?, ?, NULL, 0)");
+            sql.push_str("(?, ?, ?, ?, ?, ?, NULL, 0, ?)");
         }
         // Generated from a fixed fragment repeated; every value is a bound parameter.
         let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -155,7 +155,8 @@ async fn insert_rows(
                 .bind(message.user.clone())
                 .bind(message.payload.to_vec())
                 .bind(ms_to_sql(message.created_ms))
-                .bind(ms_to_sql(message.expires_ms));
+                .bind(ms_to_sql(message.expires_ms))
+                .bind((message.parent_id != 0).then(|| id_to_sql(message.parent_id)));
         }
         query.execute(&mut *connection).await?;
     }
@@ -237,7 +238,32 @@ impl SqlStore {
         payload: &Bytes,
         ttl_secs: u32,
     ) -> Vec<Message> {
-        super::new_messages(&self.ids, &self.limits, app, users, payload, ttl_secs)
+        super::new_messages(&self.ids, &self.limits, app, users, payload, ttl_secs, 0)
+    }
+
+    /// The messages of one page of a group push, each naming `parent_id`.
+    pub(crate) fn new_children(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: &Bytes,
+        ttl_secs: u32,
+        parent_id: u64,
+    ) -> Vec<Message> {
+        super::new_messages(
+            &self.ids,
+            &self.limits,
+            app,
+            users,
+            payload,
+            ttl_secs,
+            parent_id,
+        )
+    }
+
+    /// One new message per StoreMany item.
+    pub(crate) fn new_messages_of_items(&self, items: &[StoreItem]) -> Vec<Message> {
+        super::new_messages_of_items(&self.ids, &self.limits, items)
     }
 
     /// One new message id.
@@ -722,6 +748,8 @@ impl SqlStore {
             }
             deleted += query.execute(&self.pool).await?.rows_affected();
         }
+        // Their per-device status goes with them.
+        self.delete_deliveries(&ids).await?;
         Ok(deleted)
     }
 }
@@ -774,6 +802,31 @@ impl MessageStore for SqlStore {
             messages,
             replayed: false,
         })
+    }
+
+    async fn store_many(&self, items: &[StoreItem]) -> Result<Vec<Message>, StoreError> {
+        super::validate_store_many(items)?;
+        let started = Instant::now();
+        let messages = self.new_messages_of_items(items);
+        self.insert(&messages).await?;
+        metrics::store_seconds(started.elapsed());
+        Ok(messages)
+    }
+
+    async fn store_children(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+        parent_id: u64,
+    ) -> Result<Vec<Message>, StoreError> {
+        super::validate_store(app, users, &payload)?;
+        let started = Instant::now();
+        let messages = self.new_children(app, users, &payload, ttl_secs, parent_id);
+        self.insert(&messages).await?;
+        metrics::store_seconds(started.elapsed());
+        Ok(messages)
     }
 
     async fn pending(&self, app: &str, user: &str, limit: u32) -> Result<Vec<Message>, StoreError> {
@@ -829,6 +882,7 @@ fn message_from_row(app: &str, user: &str, row: &AnyRow) -> Result<Message, Stor
         created_ms: u64::try_from(created_ms).map_err(|_| corrupt("created_ms"))?,
         expires_ms: u64::try_from(expires_ms).map_err(|_| corrupt("expires_ms"))?,
         attempts: u32::try_from(attempts).map_err(|_| corrupt("attempts"))?,
+        ..Message::default()
     })
 }
 

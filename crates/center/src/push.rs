@@ -1,0 +1,281 @@
+//! `push`: stores one message per user in saver, answers their ids, then
+//! routes them in the worker pool.
+//!
+//! Concurrent single-user pushes (the common unicast case) are coalesced:
+//! a [`StoreBatcher`] per saver collects them for up to `store_batch_wait_us`
+//! or `store_batch_max` items and stores them with one StoreMany call, each
+//! caller getting its own message back. Multi-user pushes and pushes with an
+//! idempotency key keep their own Store call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use pushgrid_common::batch::{BatchConfig, BatcherMap};
+use pushgrid_common::rpc::ChannelPool;
+use pushgrid_proto::cluster::saver_client::SaverClient;
+use pushgrid_proto::cluster::{App, Message, Role, StoreItem, StoreManyRequest, StoreRequest};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::CenterConfig;
+use crate::api::{ApiError, ApiState, decode_payload, overloaded, unavailable};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PushParams {
+    users: Vec<String>,
+    #[serde(default)]
+    payload: Option<String>,
+    #[serde(default)]
+    payload_b64: Option<String>,
+    #[serde(default)]
+    ttl_secs: Option<u32>,
+    /// The same key within 24 h answers the first push's ids, storing nothing new.
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// A push whose parameters passed every check.
+pub(crate) struct ValidPush {
+    users: Vec<String>,
+    payload: Bytes,
+    ttl_secs: u32,
+    idempotency_key: String,
+}
+
+impl ValidPush {
+    /// The push as one StoreMany item, when it can share a call with others:
+    /// one user and no idempotency key.
+    pub(crate) fn single_item(&self, app: &App) -> Option<StoreItem> {
+        if self.users.len() != 1 || !self.idempotency_key.is_empty() {
+            return None;
+        }
+        Some(StoreItem {
+            app: app.id.clone(),
+            user: self.users[0].clone(),
+            payload: self.payload.clone(),
+            ttl_secs: self.ttl_secs,
+        })
+    }
+}
+
+pub(crate) fn validate(state: &ApiState, params: PushParams) -> Result<ValidPush, ApiError> {
+    if params.users.is_empty() {
+        return Err(ApiError::bad_request(
+            "users: at least one user is required",
+        ));
+    }
+    if params.users.len() > state.config.max_users_per_push {
+        return Err(ApiError::bad_request(format!(
+            "users: {} users exceed the limit of {} per call",
+            params.users.len(),
+            state.config.max_users_per_push
+        )));
+    }
+    if let Some(index) = params
+        .users
+        .iter()
+        .position(|user| user.is_empty() || user.len() > 255)
+    {
+        return Err(ApiError::bad_request(format!(
+            "users[{index}]: a user id must be 1 to 255 bytes"
+        )));
+    }
+    let idempotency_key = params.idempotency_key.unwrap_or_default();
+    if idempotency_key.len() > 255 {
+        return Err(ApiError::bad_request(format!(
+            "idempotency_key: {} bytes, at most 255 allowed",
+            idempotency_key.len()
+        )));
+    }
+    let payload = decode_payload(state, params.payload, params.payload_b64)?;
+    Ok(ValidPush {
+        users: params.users,
+        payload,
+        ttl_secs: params.ttl_secs.unwrap_or(0),
+        idempotency_key,
+    })
+}
+
+/// `{"messages": [{"user", "id"}], "replayed"}`; ids are strings so
+/// JavaScript keeps every digit of a 64-bit id.
+pub(crate) fn answer(messages: &[Message], replayed: bool) -> Value {
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|message| json!({ "user": message.user, "id": message.id.to_string() }))
+        .collect();
+    json!({ "messages": messages, "replayed": replayed })
+}
+
+pub(crate) async fn push(
+    state: &Arc<ApiState>,
+    app: &App,
+    params: PushParams,
+) -> Result<Value, ApiError> {
+    let push = validate(state, params)?;
+    push_valid(state, app, push).await
+}
+
+/// Stores a checked push, answers its ids and queues it for routing.
+pub(crate) async fn push_valid(
+    state: &Arc<ApiState>,
+    app: &App,
+    push: ValidPush,
+) -> Result<Value, ApiError> {
+    // A place in the routing queue first: when it is full nothing is stored.
+    let Some(slot) = state.workers.reserve() else {
+        return Err(overloaded(state, "routing queue is full; retry later"));
+    };
+    let started = tokio::time::Instant::now();
+    if let Some(item) = push.single_item(app)
+        && state.stores.enabled()
+    {
+        let message = state.stores.store(state, item).await?;
+        record_stored(started, 1);
+        let answer = answer(std::slice::from_ref(&message), false);
+        crate::route::routed(submit(state, slot, vec![message])).await;
+        return Ok(answer);
+    }
+    let channel = saver_channel(state)?;
+    let store = StoreRequest {
+        app: app.id.clone(),
+        users: push.users,
+        payload: push.payload,
+        ttl_secs: push.ttl_secs,
+        idempotency_key: push.idempotency_key,
+    };
+    let stored = SaverClient::new(channel)
+        .store(store)
+        .await
+        .map_err(ApiError::from_status)?
+        .into_inner();
+    let answer = answer(&stored.messages, stored.replayed);
+    if stored.replayed {
+        // Routed again: the first call with this key may have died between
+        // its store and its routing (that is why the backend retried), and a
+        // connected device would then see the message only at its next
+        // connect. A device that has it drops the copy by id.
+        metrics::counter!("pushgrid_center_replayed_total").increment(1);
+    } else {
+        record_stored(started, stored.messages.len());
+    }
+    crate::route::routed(submit(state, slot, stored.messages)).await;
+    Ok(answer)
+}
+
+/// Stores checked single-user pushes with one StoreMany call (a run of them
+/// in a batch) and queues them for routing as one job.
+pub(crate) async fn push_items(
+    state: &Arc<ApiState>,
+    items: Vec<StoreItem>,
+) -> Result<Vec<Message>, ApiError> {
+    let Some(slot) = state.workers.reserve() else {
+        return Err(overloaded(state, "routing queue is full; retry later"));
+    };
+    let started = tokio::time::Instant::now();
+    let channel = saver_channel(state)?;
+    metrics::histogram!("pushgrid_center_store_batch_items").record(items.len() as f64);
+    let messages = SaverClient::new(channel)
+        .store_many(StoreManyRequest { items })
+        .await
+        .map_err(ApiError::from_status)?
+        .into_inner()
+        .messages;
+    record_stored(started, messages.len());
+    crate::route::routed(submit(state, slot, messages.clone())).await;
+    Ok(messages)
+}
+
+/// Hands stored messages to the routing workers, counted.
+fn submit(
+    state: &ApiState,
+    slot: crate::route::Slot,
+    messages: Vec<Message>,
+) -> crate::route::Routing {
+    metrics::counter!("pushgrid_center_route_submitted_total").increment(messages.len() as u64);
+    state.workers.submit(slot, messages)
+}
+
+fn record_stored(started: tokio::time::Instant, count: usize) {
+    metrics::histogram!("pushgrid_center_store_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("pushgrid_center_pushed_total").increment(count as u64);
+}
+
+/// Any live saver: every saver serves every user (they share Redis and SQL).
+fn saver_address(state: &ApiState) -> Result<String, ApiError> {
+    state
+        .cluster
+        .view()
+        .pick(Role::Saver, rand::random::<u64>())
+        .map(|node| node.grpc_addr.clone())
+        .ok_or_else(|| unavailable("no saver is live"))
+}
+
+fn saver_channel(state: &ApiState) -> Result<tonic::transport::Channel, ApiError> {
+    let saver = saver_address(state)?;
+    state.channels.get(&saver).map_err(ApiError::from_status)
+}
+
+/// Single-user pushes waiting to share a StoreMany call, per saver.
+pub(crate) struct StoreBatcher {
+    batchers: Option<BatcherMap<StoreItem, Message>>,
+}
+
+impl StoreBatcher {
+    /// Off when `store_batch_max` is 0 or 1: every push is its own Store call.
+    pub(crate) fn new(config: &CenterConfig) -> StoreBatcher {
+        if config.store_batch_max <= 1 {
+            return StoreBatcher { batchers: None };
+        }
+        let batch = BatchConfig {
+            // saver refuses StoreMany calls of more than 10,000 items.
+            max_items: config.store_batch_max.min(10_000),
+            max_wait: Duration::from_micros(config.store_batch_wait_us),
+            queue: config.store_batch_max.max(4096),
+            in_flight: config.store_batch_in_flight.max(1),
+        };
+        let pool = Arc::new(ChannelPool::new(2));
+        let batchers =
+            BatcherMap::per_peer(pool, batch, |channel, items: Vec<StoreItem>| async move {
+                let count = items.len();
+                metrics::histogram!("pushgrid_center_store_batch_items").record(count as f64);
+                let messages = SaverClient::new(channel)
+                    .store_many(StoreManyRequest { items })
+                    .await?
+                    .into_inner()
+                    .messages;
+                if messages.len() != count {
+                    return Err(tonic::Status::internal(format!(
+                        "saver answered {} messages for {count} items",
+                        messages.len()
+                    )));
+                }
+                Ok(messages)
+            });
+        StoreBatcher {
+            batchers: Some(batchers),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.batchers.is_some()
+    }
+
+    /// Stores one item in the next StoreMany call to a saver.
+    async fn store(&self, state: &ApiState, item: StoreItem) -> Result<Message, ApiError> {
+        let Some(batchers) = &self.batchers else {
+            return Err(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "store batching is off",
+            ));
+        };
+        let saver = saver_address(state)?;
+        batchers
+            .get(&saver)
+            .call(item)
+            .await
+            .map_err(ApiError::from_status)
+    }
+}
