@@ -204,15 +204,31 @@ impl Retries {
     }
 }
 
+/// [`Retries`] shared by the routing workers and the task that serves them.
+#[derive(Default)]
+struct RetryQueue {
+    retries: std::sync::Mutex<Retries>,
+    /// Woken when a message is queued (it may be due before the current head).
+    wake: tokio::sync::Notify,
+}
+
+impl RetryQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Retries> {
+        self.retries.lock().expect("retry queue lock")
+    }
+
+    fn push(&self, attempt: usize, message: Message) -> bool {
+        let queued = self.lock().push(attempt, message);
+        if queued {
+            self.wake.notify_one();
+        }
+        queued
+    }
+}
+
 /// Routes `message` (attempt number `attempt`, 0 first) and queues another
 /// attempt when the outcome is not certain.
-async fn route_once(
-    router: &Router,
-    retries: &std::sync::Mutex<Retries>,
-    wake: &tokio::sync::Notify,
-    attempt: usize,
-    message: Message,
-) {
+async fn route_once(router: &Router, queue: &RetryQueue, attempt: usize, message: Message) {
     let reason = match router.route(message.clone()).await {
         Ok(Routed::Handed(handed)) => {
             metrics::counter!("pushgrid_center_routed_total").increment(handed as u64);
@@ -226,13 +242,8 @@ async fn route_once(
     };
     metrics::counter!("pushgrid_center_route_failures_total").increment(1);
     let id = message.id;
-    if retries
-        .lock()
-        .expect("retry queue lock")
-        .push(attempt, message)
-    {
+    if queue.push(attempt, message) {
         metrics::counter!("pushgrid_center_route_retries_total").increment(1);
-        wake.notify_one();
         tracing::debug!(id, attempt, %reason, "routing uncertain; will try again");
     } else {
         metrics::counter!("pushgrid_center_route_retries_dropped_total").increment(1);
@@ -240,20 +251,16 @@ async fn route_once(
     }
 }
 
-/// Serves the retry queue until `shutdown` closes.
-async fn serve_retries(
-    router: Arc<Router>,
-    retries: Arc<std::sync::Mutex<Retries>>,
-    wake: Arc<tokio::sync::Notify>,
-    tracker: TaskTracker,
-) {
+/// Serves the retry queue; ends once the worker pool is drained and nothing
+/// waits.
+async fn serve_retries(router: Arc<Router>, queue: Arc<RetryQueue>, tracker: TaskTracker) {
     loop {
-        let next = retries.lock().expect("retry queue lock").next_due();
+        let next = queue.lock().next_due();
         match next {
             Some(due) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(due) => {}
-                    _ = wake.notified() => continue,
+                    _ = queue.wake.notified() => continue,
                 }
             }
             None => {
@@ -261,21 +268,19 @@ async fn serve_retries(
                     return;
                 }
                 tokio::select! {
-                    _ = wake.notified() => continue,
+                    _ = queue.wake.notified() => continue,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
             }
         }
-        let due = retries
-            .lock()
-            .expect("retry queue lock")
-            .take_due(Instant::now());
-        metrics::gauge!("pushgrid_center_route_retry_queue")
-            .set(retries.lock().expect("retry queue lock").len as f64);
+        let (due, waiting) = {
+            let mut retries = queue.lock();
+            (retries.take_due(Instant::now()), retries.len)
+        };
+        metrics::gauge!("pushgrid_center_route_retry_queue").set(waiting as f64);
         futures::stream::iter(due)
             .for_each_concurrent(ROUTE_CONCURRENCY, |(attempt, message)| {
-                let (router, retries, wake) = (router.clone(), retries.clone(), wake.clone());
-                async move { route_once(&router, &retries, &wake, attempt, message).await }
+                route_once(&router, &queue, attempt, message)
             })
             .await;
     }
@@ -320,17 +325,15 @@ impl WorkerPool {
         let (queue, receiver) = mpsc::channel::<Job>(capacity.max(1));
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let tracker = TaskTracker::new();
-        let retries = Arc::new(std::sync::Mutex::new(Retries::default()));
-        let wake = Arc::new(tokio::sync::Notify::new());
+        let retries = Arc::new(RetryQueue::default());
         tokio::spawn(serve_retries(
             router.clone(),
             retries.clone(),
-            wake.clone(),
             tracker.clone(),
         ));
         for _ in 0..workers.max(1) {
             let (router, receiver) = (router.clone(), receiver.clone());
-            let (retries, wake) = (retries.clone(), wake.clone());
+            let retries = retries.clone();
             tracker.spawn(async move {
                 loop {
                     let (job, depth) = {
@@ -346,7 +349,7 @@ impl WorkerPool {
                     // so their lookups and deliveries share batches.
                     futures::stream::iter(job.messages)
                         .for_each_concurrent(ROUTE_CONCURRENCY, |message| {
-                            route_once(&router, &retries, &wake, 0, message)
+                            route_once(&router, &retries, 0, message)
                         })
                         .await;
                     let _ = job.routed.send(());
@@ -391,5 +394,50 @@ impl WorkerPool {
         drop(queue);
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: u64) -> Message {
+        Message {
+            id,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn retries_come_due_in_order_of_their_delay_and_stop_after_the_last_attempt() {
+        let start = Instant::now();
+        let mut retries = Retries::default();
+        assert!(retries.push(1, message(1))); // due 500 ms after start
+        assert!(retries.push(0, message(2))); // due 250 ms after start
+        assert_eq!(retries.len, 2);
+        let first_due = retries.next_due().unwrap();
+        assert!(first_due >= start + Duration::from_millis(250));
+        assert!(first_due < start + Duration::from_millis(500));
+        assert!(retries.take_due(start).is_empty());
+
+        let due = retries.take_due(first_due);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].0, due[0].1.id), (1, 2), "attempt 1 of message 2");
+        let due = retries.take_due(start + Duration::from_secs(60));
+        assert_eq!((due[0].0, due[0].1.id), (2, 1));
+        assert_eq!(retries.len, 0);
+        assert!(retries.next_due().is_none());
+
+        assert!(
+            !retries.push(RETRY_DELAYS_MS.len(), message(3)),
+            "no attempt after the last"
+        );
+    }
+
+    #[test]
+    fn a_full_retry_queue_refuses_more() {
+        let mut retries = Retries::default();
+        retries.len = RETRY_CAPACITY;
+        assert!(!retries.push(0, message(1)));
     }
 }
