@@ -58,6 +58,9 @@ struct Records {
     failed_users: Vec<u32>,
     delivered: Vec<(u64, u64)>,
     slow_delivered: Vec<u64>,
+    /// Unicast ids received at least once: the `delivered` counter (which
+    /// ends the drain) counts each message once, however often it arrives.
+    seen: std::collections::HashSet<u64>,
     broadcast_by_offset: BTreeMap<u64, u64>,
     broadcast_latency_us: Vec<u64>,
     connect_us: Option<Histogram<u64>>,
@@ -644,9 +647,11 @@ fn on_push(shared: &Shared, push: msg::Push, slow: bool) -> Option<bytes::Bytes>
         }
         return None;
     }
-    shared.counters.delivered.fetch_add(1, Ordering::Relaxed);
     {
         let mut records = shared.records();
+        if records.seen.insert(push.msg_id) {
+            shared.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        }
         if slow {
             records.slow_delivered.push(push.msg_id);
         } else {
