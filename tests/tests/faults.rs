@@ -50,6 +50,8 @@ struct Seen {
     gaps: u32,
     subscriptions: u32,
     connects: u32,
+    /// The room of the first connection.
+    first_room: Option<String>,
 }
 
 struct Device {
@@ -102,7 +104,10 @@ async fn connect_devices(cluster: &TestCluster) -> Vec<Device> {
                         }
                         seen.subscriptions += 1;
                     }
-                    Event::Connected { .. } => seen.connects += 1,
+                    Event::Connected { room_addr, .. } => {
+                        seen.connects += 1;
+                        seen.first_room.get_or_insert(room_addr);
+                    }
                     _ => {}
                 }
             }
@@ -338,10 +343,20 @@ async fn run(fault: Fault) {
         "handed to the application twice: {twice:?}"
     );
     if matches!(fault, Fault::KillRoom) {
-        assert!(
-            reconnects as usize >= DEVICES / 4,
-            "devices of the killed room reconnected"
-        );
+        let killed = cluster.room_addr(0);
+        let mut on_killed = 0;
+        for (index, device) in devices.iter().enumerate() {
+            let seen = device.seen.lock().unwrap();
+            if seen.first_room.as_deref() == Some(killed.as_str()) {
+                on_killed += 1;
+                assert!(
+                    seen.connects >= 2,
+                    "device {index} of the killed room reconnected"
+                );
+            }
+        }
+        // 16 users hashed over 2 rooms: all on room 1 has odds of 2^-16.
+        assert!(on_killed > 0, "no device was on the killed room {killed}");
     }
     for device in &devices {
         device.client.close().await;
