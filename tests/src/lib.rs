@@ -654,6 +654,23 @@ pub async fn next_push(
     }
 }
 
+/// Reads frames until the server closes the connection (or 10 s pass without
+/// one); returns the frames read before the close.
+pub async fn frames_until_close(connection: &mut Connection) -> Vec<pushgrid_client::Frame> {
+    let mut frames = Vec::new();
+    while let Ok(Some(frame)) = next_frame(connection, Duration::from_secs(10)).await {
+        frames.push(frame);
+    }
+    frames
+}
+
+/// The one ERROR frame of `frames` (the server's last word before a close).
+pub fn only_error(frames: &[pushgrid_client::Frame]) -> msg::Error {
+    assert_eq!(frames.len(), 1, "expected one ERROR frame, got {frames:?}");
+    assert_eq!(frames[0].op, pushgrid_client::Op::Error);
+    frames[0].decode::<msg::Error>().unwrap()
+}
+
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

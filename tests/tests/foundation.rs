@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use pushgrid_client::{Client, ClientConfig, Event, Op, msg};
 use pushgrid_e2e::{
-    ClusterOptions, REDIS_URL, TestCluster, eventually, next_frame, next_push, webhook,
+    ClusterOptions, REDIS_URL, TestCluster, eventually, frames_until_close, next_frame, next_push,
+    only_error, webhook,
 };
 use sqlx::Row;
 
@@ -408,25 +409,6 @@ async fn the_push_api_refuses_bad_input_with_clear_errors() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 404);
     cluster.cleanup().await;
-}
-
-/// Reads until the server closes; returns the frames read before the close.
-async fn frames_until_close(
-    device: &mut pushgrid_client::Connection,
-) -> Vec<pushgrid_client::Frame> {
-    let mut frames = Vec::new();
-    loop {
-        match next_frame(device, WAIT).await {
-            Ok(Some(frame)) => frames.push(frame),
-            Ok(None) | Err(_) => return frames,
-        }
-    }
-}
-
-fn only_error(frames: &[pushgrid_client::Frame]) -> msg::Error {
-    assert_eq!(frames.len(), 1, "expected one ERROR frame, got {frames:?}");
-    assert_eq!(frames[0].op, Op::Error);
-    frames[0].decode::<msg::Error>().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,29 +9,13 @@ use base64::Engine;
 use bytes::{BufMut, BytesMut};
 use pushgrid_client::{Connection, Op, msg};
 use pushgrid_e2e::{
-    ADMIN_TOKEN, ClusterOptions, TestCluster, eventually, metric, next_frame, next_push, spawn,
+    ADMIN_TOKEN, ClusterOptions, TestCluster, eventually, frames_until_close, metric, next_frame,
+    next_push, only_error, spawn,
 };
 use reqwest::Method;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Reads until the server closes; returns the frames read before the close.
-async fn frames_until_close(device: &mut Connection) -> Vec<pushgrid_client::Frame> {
-    let mut frames = Vec::new();
-    loop {
-        match next_frame(device, WAIT).await {
-            Ok(Some(frame)) => frames.push(frame),
-            Ok(None) | Err(_) => return frames,
-        }
-    }
-}
-
-fn only_error(frames: &[pushgrid_client::Frame]) -> msg::Error {
-    assert_eq!(frames.len(), 1, "expected one ERROR frame, got {frames:?}");
-    assert_eq!(frames[0].op, Op::Error);
-    frames[0].decode::<msg::Error>().unwrap()
-}
 
 /// Sends AUTH with `token` on a fresh connection; returns the refusal.
 async fn refused_auth(room: &str, token: String) -> msg::Error {
