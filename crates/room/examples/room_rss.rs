@@ -6,7 +6,10 @@
 //! loopback source addresses (127.0.0.2, 127.0.0.3, ...), each sending AUTH
 //! and waiting for AUTH_OK (at most `--concurrency` handshakes in flight),
 //! waits `--settle-secs`, reads `VmRSS` again and prints one JSON line:
-//! connections, connect rate, RSS before and after, and bytes per connection.
+//! connections, connect rate, RSS before and after, and bytes per connection,
+//! both over all connections and over those after the first `--warmup`
+//! (default 1000; the first ones also pay for what a room sets up once).
+//! The connect rate is timed after the warm-up.
 //!
 //! ```text
 //! target/release/pushgrid dev --data-dir /tmp/pgrss     # keeper's gRPC address on stdout
@@ -39,6 +42,7 @@ struct Options {
     secret: String,
     settle: Duration,
     user_prefix: String,
+    warmup: usize,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -52,6 +56,7 @@ fn parse_options() -> anyhow::Result<Options> {
         secret: "demo-secret".into(),
         settle: Duration::from_secs(5),
         user_prefix: format!("rss{:04x}-", rand::random::<u16>()),
+        warmup: 1000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -70,6 +75,7 @@ fn parse_options() -> anyhow::Result<Options> {
                 options.settle = Duration::from_secs(value.parse().context("--settle-secs")?)
             }
             "--user-prefix" => options.user_prefix = value,
+            "--warmup" => options.warmup = value.parse().context("--warmup")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -136,14 +142,15 @@ async fn connect_device(
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let options = parse_options()?;
-    let baseline = rss_bytes(options.pid)?;
+/// Connects devices `range` (at most `concurrency` handshakes in flight);
+/// returns the streams, the failures and the first error.
+async fn connect_many(
+    options: &Options,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<(Vec<TcpStream>, usize, Option<String>)> {
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(options.connections);
-    for index in 0..options.connections {
+    let mut tasks = Vec::with_capacity(range.len());
+    for index in range {
         let permit = permits.clone().acquire_owned().await?;
         let source = Ipv4Addr::new(127, 0, 0, 2 + (index % usize::from(options.sources)) as u8);
         let user = format!("{}{index}", options.user_prefix);
@@ -161,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
             connected
         }));
     }
-    let mut streams = Vec::with_capacity(options.connections);
+    let mut streams = Vec::with_capacity(tasks.len());
     let mut failed = 0usize;
     let mut first_error = None;
     for task in tasks {
@@ -173,11 +180,33 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok((streams, failed, first_error))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = parse_options()?;
+    let baseline = rss_bytes(options.pid)?;
+    // The first connections also pay for what the room sets up once (RPC
+    // channels to register and saver, allocator arenas of its threads): the
+    // slope after them is the cost of one more connection.
+    let warmup = options.warmup.min(options.connections);
+    let (mut streams, mut failed, mut first_error) = connect_many(&options, 0..warmup).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let warm = rss_bytes(options.pid)?;
+    let started = Instant::now();
+    let (more, more_failed, more_error) =
+        connect_many(&options, warmup..options.connections).await?;
     let connect_secs = started.elapsed().as_secs_f64();
+    let timed = more.len();
+    streams.extend(more);
+    failed += more_failed;
+    first_error = first_error.or(more_error);
     tokio::time::sleep(options.settle).await;
     let loaded = rss_bytes(options.pid)?;
     let held = streams.len();
     let per_connection = loaded.saturating_sub(baseline) as f64 / held.max(1) as f64;
+    let marginal = loaded.saturating_sub(warm) as f64 / timed.max(1) as f64;
     println!(
         "{}",
         serde_json::json!({
@@ -185,10 +214,12 @@ async fn main() -> anyhow::Result<()> {
             "failed": failed,
             "first_error": first_error,
             "connect_secs": (connect_secs * 100.0).round() / 100.0,
-            "connects_per_sec": (held as f64 / connect_secs).round(),
+            "connects_per_sec": (timed as f64 / connect_secs).round(),
             "rss_before_bytes": baseline,
+            "rss_after_warmup_bytes": warm,
             "rss_after_bytes": loaded,
             "rss_per_connection_bytes": per_connection.round(),
+            "rss_per_connection_after_warmup_bytes": marginal.round(),
         })
     );
     drop(streams);

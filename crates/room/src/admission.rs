@@ -170,12 +170,12 @@ pub(crate) struct Admission {
 }
 
 /// A place taken by one connection of `ip`; given back on drop.
-pub(crate) struct IpSlot<'a> {
-    admission: &'a Admission,
+pub(crate) struct IpSlot {
+    admission: Arc<Admission>,
     ip: IpAddr,
 }
 
-impl Drop for IpSlot<'_> {
+impl Drop for IpSlot {
     fn drop(&mut self) {
         self.admission.release(self.ip);
     }
@@ -229,7 +229,7 @@ impl Admission {
 
     /// Lets a connection from `ip` in, or says why not. The slot must live as
     /// long as the connection.
-    pub fn admit(&self, ip: IpAddr) -> Result<IpSlot<'_>, Refusal> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
         let ip = ip.to_canonical();
         let limits = self.limits();
         if limits.deny.iter().any(|net| net.contains(&ip)) {
@@ -256,7 +256,7 @@ impl Admission {
         }
         *held += 1;
         Ok(IpSlot {
-            admission: self,
+            admission: self.clone(),
             ip,
         })
     }
@@ -304,12 +304,12 @@ mod tests {
 
     #[test]
     fn deny_allow_cap_and_rate_refuse_in_that_order() {
-        let admission = Admission::new(Limits {
+        let admission = Arc::new(Admission::new(Limits {
             deny: parse_cidrs("127.0.0.9").unwrap(),
             allow: parse_cidrs("127.0.0.0/8").unwrap(),
             max_conns_per_ip: 2,
             ..limits()
-        });
+        }));
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         assert_eq!(
             admission.admit(ip("127.0.0.9")).err(),
@@ -348,7 +348,7 @@ mod tests {
 
     #[test]
     fn slots_are_given_back() {
-        let admission = Admission::new(limits());
+        let admission = Arc::new(Admission::new(limits()));
         let slot = admission.admit("127.0.0.2".parse().unwrap()).unwrap();
         assert_eq!(admission.per_ip.len(), 1);
         drop(slot);

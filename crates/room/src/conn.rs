@@ -1,19 +1,22 @@
 //! One device connection: admission, the transport's handshake and AUTH,
-//! then a loop over the connection's wake-up (queued frames, kicks) and
-//! socket input.
+//! the offline inbox, then the device's frames.
 //!
-//! Memory of an idle authenticated connection (the figure the room is sized
-//! by): the task and its future, kept small by boxing every state that is
-//! large and rare (handshake and AUTH, SUB replays, stalled writes, the
-//! polite close); the socket's registration; one [`ConnHandle`] whose
-//! outbound queue is an empty `Vec` (no allocation until a frame waits) and
-//! whose app and platform names are shared with every other connection of the
-//! same app and platform; no read buffer (see `transport.rs`); no timer
-//! (heartbeats are checked by one sweeper for the whole room).
+//! A connection is a tokio task only while it is being opened (handshake,
+//! AUTH, the register call). An authenticated plain TCP connection then moves
+//! to a shard thread (`shard.rs`) and costs no task at all while idle: its
+//! memory is a slot in the shard's slab and one [`ConnHandle`], whose queue
+//! holds no allocation while nothing waits, whose app and platform names are
+//! shared, with no read buffer and no timer (one sweeper checks heartbeats
+//! for the whole room). TLS and WebSocket connections keep their task: their
+//! streams need one to make progress.
+//!
+//! The frame handling ([`handle_frame`]) is the same for both; replays (the
+//! inbox after AUTH, a topic's history after SUB) run in short tasks of their
+//! own that hold the connection's queue meanwhile (see `outbox.rs`).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -26,138 +29,27 @@ use pushgrid_proto::client::{
 use pushgrid_proto::cluster::{Session, StateEvent, UpstreamRequest};
 use pushgrid_wire::{Decoded, Frame, FrameError, Op, decode_frame, encode, encode_empty};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::admission::Refusal;
+use crate::admission::{IpSlot, Refusal};
+use crate::outbox::{InboxOverlap, Outbound, Writer};
+use crate::shard::Adoption;
 use crate::transport::{DeviceStream, Transport, shrink};
-use crate::{Room, metrics, topics};
+use crate::{ConnHandle, Room, metrics, topics};
 
-/// How long after the inbox was read a live copy of one of its messages is
-/// still recognised and skipped.
-const INBOX_OVERLAP: Duration = Duration::from_secs(10);
 /// After an ERROR or KICK, how long input is drained before the socket closes.
-const LINGER: Duration = Duration::from_secs(1);
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+/// Inbox reads tried after AUTH before the device is sent away to come back
+/// later, and the pause before the second (doubling after it).
+const INBOX_ATTEMPTS: usize = 5;
+const INBOX_FIRST_RETRY: Duration = Duration::from_millis(500);
 
-/// Bounds of one connection's outbound queue.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QueueLimits {
-    pub frames: usize,
-    pub bytes: usize,
-}
-
-/// A frame waiting for the socket; `msg_id` is set for PUSH frames.
-pub(crate) struct Outbound {
-    pub msg_id: u64,
-    pub frame: Bytes,
-}
-
-#[derive(Default)]
-struct OutQueue {
-    /// Empty (no allocation) while nothing waits: the writer takes the whole
-    /// vector at once.
-    frames: Vec<Outbound>,
-    bytes: usize,
-    closed: bool,
-}
-
-/// What the rest of the room holds of a live, authenticated connection.
-pub struct ConnHandle {
-    pub id: u64,
-    /// Shared by every connection of the app.
-    pub app: Arc<str>,
-    pub user: Box<str>,
-    pub device: Box<str>,
-    /// Shared by every connection of the same platform name.
-    pub platform: Arc<str>,
-    pub since_ms: u64,
-    pub(crate) transport: Transport,
-    queue: Mutex<OutQueue>,
-    /// Seconds since the room started, at the last frame from the device.
-    last_seen: AtomicU32,
-    /// A pending kick (a `KickCode`), 0 for none.
-    kick_code: AtomicI32,
-    /// Something to do: frames queued or a kick.
-    wake: Notify,
-}
-
-impl ConnHandle {
-    /// Queues a frame without waiting. A full queue (by frames or bytes)
-    /// marks the device a slow consumer: it is kicked and the frame dropped
-    /// (a unicast message stays in the inbox for the next connection).
-    /// `msg_id` is the message of a PUSH frame, 0 for others.
-    pub(crate) fn send(&self, limits: QueueLimits, msg_id: u64, frame: Bytes) -> bool {
-        let mut queue = self
-            .queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if queue.closed {
-            return false;
-        }
-        let over = if queue.frames.len() >= limits.frames {
-            Some("frames")
-        } else if queue.bytes + frame.len() > limits.bytes && !queue.frames.is_empty() {
-            Some("bytes")
-        } else {
-            None
-        };
-        if let Some(limit) = over {
-            drop(queue);
-            metrics::queue_drop(limit);
-            if self.kick(KickCode::SlowConsumer) {
-                ::metrics::counter!("pushgrid_room_slow_consumer_kicks_total").increment(1);
-            }
-            return false;
-        }
-        let was_empty = queue.frames.is_empty();
-        queue.bytes += frame.len();
-        queue.frames.push(Outbound { msg_id, frame });
-        drop(queue);
-        if was_empty {
-            self.wake.notify_one();
-        }
-        true
-    }
-
-    /// Everything queued, leaving an empty queue behind.
-    fn take_queued(&self) -> Vec<Outbound> {
-        let mut queue = self
-            .queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        queue.bytes = 0;
-        std::mem::take(&mut queue.frames)
-    }
-
-    fn close_queue(&self) {
-        let mut queue = self
-            .queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        queue.closed = true;
-        queue.bytes = 0;
-        queue.frames = Vec::new();
-    }
-
-    /// Asks the connection to send KICK with `code` and close; false when a
-    /// kick was already pending.
-    pub fn kick(&self, code: KickCode) -> bool {
-        let asked = self
-            .kick_code
-            .compare_exchange(0, code as i32, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if asked {
-            self.wake.notify_one();
-        }
-        asked
-    }
-
-    fn pending_kick(&self) -> Option<KickCode> {
-        match self.kick_code.load(Ordering::Acquire) {
-            0 => None,
-            code => Some(KickCode::try_from(code).unwrap_or(KickCode::Unspecified)),
-        }
-    }
+/// What an open connection holds of the room's limits: its place among the
+/// room's connections and among its source address's. Given back on drop.
+pub(crate) struct Lease {
+    _ip: IpSlot,
+    _permit: OwnedSemaphorePermit,
 }
 
 pub(crate) fn room_clock() -> u32 {
@@ -216,7 +108,7 @@ async fn read_frame(
     }
 }
 
-fn error_frame(code: ErrorCode, message: impl Into<String>, seq: u32) -> Bytes {
+pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: u32) -> Bytes {
     encode(
         Op::Error,
         seq,
@@ -289,49 +181,88 @@ async fn refuse_at_accept(tcp: TcpStream, transport: Transport, refusal: Refusal
         let _ = tcp.try_write(&frame);
         return;
     }
-    DeviceStream::Tcp(tcp).close_politely(frame, LINGER).await;
+    DeviceStream::Tcp(tcp)
+        .close_politely(vec![frame], LINGER)
+        .await;
 }
 
-/// Serves one accepted socket from accept to close.
-pub(crate) async fn serve(room: Arc<Room>, tcp: TcpStream, peer: SocketAddr, transport: Transport) {
-    let _slot = match room.admission.admit(peer.ip()) {
+/// Serves one accepted socket: opens it, then hands a plain TCP connection
+/// to its shard, or runs a TLS/WebSocket connection's loop until it closes.
+pub(crate) async fn serve(
+    room: Arc<Room>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    permit: OwnedSemaphorePermit,
+) {
+    let ip_slot = match room.admission.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(refusal) => {
+            drop(permit);
             let message = refusal.message(&room.admission.limits());
             return Box::pin(refuse_at_accept(tcp, transport, refusal, message)).await;
         }
     };
-    // Handshake, AUTH and the inbox: large state, needed once, so boxed.
-    let Some(mut session) = Box::pin(open(&room, tcp, peer, transport)).await else {
+    let lease = Lease {
+        _ip: ip_slot,
+        _permit: permit,
+    };
+    // Handshake, AUTH and the register call: large state, needed once, so boxed.
+    let Some(opened) = Box::pin(open(&room, tcp, peer, transport)).await else {
         return;
     };
-    let last = connection_loop(
-        &room,
-        &session.handle,
-        &mut session.stream,
-        &mut session.buf,
-        session.inbox,
-    )
-    .await;
-    finish(&room, &session.handle);
-    let reason = match (&last, session.handle.pending_kick()) {
+    let Opened {
+        mut stream,
+        handle,
+        mut buf,
+    } = opened;
+    if let Some(shard) = handle.shard().cloned() {
+        let DeviceStream::Tcp(tcp) = stream else {
+            unreachable!("shard connections are plain TCP");
+        };
+        match tcp.into_std() {
+            Ok(stream) => shard.adopt(Adoption {
+                conn: handle,
+                stream,
+                buffered: buf,
+                lease,
+            }),
+            Err(error) => {
+                tracing::warn!(%error, "cannot hand the connection to its shard");
+                handle.close_queue();
+                finish(&room, &handle);
+                metrics::closed("io");
+            }
+        }
+        return;
+    }
+    let last = Box::pin(task_loop(&room, &handle, &mut stream, &mut buf)).await;
+    let kick = handle.pending_kick();
+    // After a bad frame the answers to the frames before it go first; a
+    // kicked device gets the KICK without what was queued.
+    let mut frames = handle.close_queue_keeping(last.is_some() && kick.is_none());
+    finish(&room, &handle);
+    let reason = match (&last, kick) {
         (Some(_), Some(code)) => kick_reason_label(code),
         (Some(_), None) => "frame_error",
         (None, _) => "client",
     };
     metrics::closed(reason);
     if let Some(last_frame) = last {
-        Box::pin(session.stream.close_politely(last_frame, LINGER)).await;
+        frames.push(last_frame);
+        Box::pin(stream.close_politely(frames, LINGER)).await;
     }
+    drop(lease);
 }
 
-fn kick_reason_label(code: KickCode) -> &'static str {
+pub(crate) fn kick_reason_label(code: KickCode) -> &'static str {
     match code {
         KickCode::Shutdown => "kick_shutdown",
         KickCode::SlowConsumer => "kick_slow_consumer",
         KickCode::SingleLogin => "kick_single_login",
         KickCode::ByApi => "kick_by_api",
         KickCode::Heartbeat => "kick_heartbeat",
+        KickCode::Unavailable => "kick_unavailable",
         KickCode::Unspecified => "kick",
     }
 }
@@ -342,19 +273,12 @@ struct Opened {
     handle: Arc<ConnHandle>,
     /// Bytes the device sent right behind AUTH.
     buf: BytesMut,
-    inbox: Option<Box<InboxOverlap>>,
-}
-
-/// Ids of the inbox replayed at AUTH, recognised for a while when the same
-/// message also arrives live.
-struct InboxOverlap {
-    ids: HashSet<u64>,
-    read_at: Instant,
 }
 
 /// The transport's handshake and AUTH under the pre-auth deadline, then the
-/// session's registration and the offline inbox. `None` when the connection
-/// ended (answered and closed where there was something to say).
+/// session's registration and AUTH_OK; the inbox replay starts beside it.
+/// `None` when the connection ended (answered and closed where there was
+/// something to say).
 async fn open(
     room: &Arc<Room>,
     tcp: TcpStream,
@@ -364,11 +288,23 @@ async fn open(
     let limits = room.admission.limits();
     let deadline = Instant::now() + limits.auth_timeout;
     let max_message = limits.max_body as usize + pushgrid_wire::HEADER_LEN;
-    let handshake = tokio::time::timeout_at(
-        deadline,
-        crate::transport::handshake(transport, tcp, room.tls.as_ref(), max_message),
-    )
-    .await;
+    // A plain TCP connection has no handshake; the others' (several KB of
+    // TLS and WebSocket state) is boxed apart so a TCP connection never
+    // allocates it.
+    let handshake = if transport.is_plain() {
+        Ok(crate::transport::plain(tcp))
+    } else {
+        tokio::time::timeout_at(
+            deadline,
+            Box::pin(crate::transport::handshake(
+                transport,
+                tcp,
+                room.tls.as_ref(),
+                max_message,
+            )),
+        )
+        .await
+    };
     let mut stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
@@ -396,7 +332,7 @@ async fn open(
         Err(_) => {
             refuse("timeout", "auth_timeout");
             let error = error_frame(ErrorCode::AuthTimeout, "no AUTH within the deadline", 0);
-            stream.close_politely(error, LINGER).await;
+            Box::pin(stream.close_politely(vec![error], LINGER)).await;
             return None;
         }
         Ok(Err(ReadError::Closed)) => return None,
@@ -404,7 +340,7 @@ async fn open(
             refuse("bad_frame", "bad_frame");
             tracing::debug!(%peer, %error, "bad frame before auth");
             let answer = error_frame(error.code(), error.to_string(), 0);
-            stream.close_politely(answer, LINGER).await;
+            Box::pin(stream.close_politely(vec![answer], LINGER)).await;
             return None;
         }
         Ok(Ok(frame)) => frame,
@@ -416,7 +352,7 @@ async fn open(
             "the first frame must be AUTH",
             frame.seq,
         );
-        stream.close_politely(error, LINGER).await;
+        Box::pin(stream.close_politely(vec![error], LINGER)).await;
         return None;
     }
     let auth: Auth = match frame.decode() {
@@ -424,7 +360,7 @@ async fn open(
         Err(error) => {
             refuse("bad_frame", "bad_body");
             let answer = error_frame(error.code(), error.to_string(), frame.seq);
-            stream.close_politely(answer, LINGER).await;
+            Box::pin(stream.close_politely(vec![answer], LINGER)).await;
             return None;
         }
     };
@@ -434,30 +370,33 @@ async fn open(
             refuse("failed", "auth_failed");
             tracing::debug!(%peer, %reason, "auth failed");
             let answer = error_frame(ErrorCode::AuthFailed, reason, frame.seq);
-            stream.close_politely(answer, LINGER).await;
+            Box::pin(stream.close_politely(vec![answer], LINGER)).await;
             return None;
         }
     };
 
-    // ---- Register the session; the device is routable from here on.
+    // ---- Register the session; the device is routable from here on. Its
+    // queue starts held: what arrives live waits behind the inbox replay.
     let conn_id = room.next_conn_id();
-    let handle = Arc::new(ConnHandle {
-        id: conn_id,
-        app: room.names.get(&identity.app),
-        user: identity.user.into_boxed_str(),
-        device: identity.device.into_boxed_str(),
-        platform: room.names.get(&auth.platform),
-        since_ms: now_ms(),
+    let writer = match transport {
+        Transport::Tcp => Writer::Shard(room.shards.pick(conn_id).clone()),
+        _ => Writer::Task(Box::default()),
+    };
+    let handle = Arc::new(ConnHandle::new(
+        conn_id,
+        room.names.get(&identity.app),
+        identity.user,
+        identity.device,
+        room.names.get(&auth.platform),
         transport,
-        queue: Mutex::new(OutQueue::default()),
-        last_seen: AtomicU32::new(room_clock()),
-        kick_code: AtomicI32::new(0),
-        wake: Notify::new(),
-    });
+        writer,
+        room_clock(),
+    ));
     room.conns.insert(conn_id, handle.clone());
     let session = session_of(room, &handle);
     if let Err(status) = room.peers.online(session.clone()).await {
         room.conns.remove(&conn_id);
+        handle.close_queue();
         metrics::auth("unavailable");
         tracing::warn!(error = %status.message(), "cannot register session");
         let error = error_frame(
@@ -465,7 +404,7 @@ async fn open(
             "session registry unavailable; retry",
             0,
         );
-        stream.close_politely(error, LINGER).await;
+        Box::pin(stream.close_politely(vec![error], LINGER)).await;
         return None;
     }
     metrics::auth("ok");
@@ -495,81 +434,97 @@ async fn open(
         heartbeat_secs: room.config.heartbeat_secs,
         server_time_ms: now_ms(),
     };
-    let mut alive = stream
+    if stream
         .write_frames(&[encode(Op::AuthOk, frame.seq, &auth_ok)])
         .await
-        .is_ok();
-
-    // ---- The offline inbox, oldest first. A message stored while the inbox
-    // was read can also arrive live: its ids are remembered for INBOX_OVERLAP
-    // (checked when frames arrive, no timer), so the device gets it once.
-    let mut inbox = None;
-    if alive {
-        match room.peers.pending(&handle.app, &handle.user).await {
-            Ok(messages) if messages.is_empty() => {}
-            Ok(messages) => {
-                let mut ids = HashSet::with_capacity(messages.len());
-                let mut frames = Vec::with_capacity(messages.len());
-                for message in messages {
-                    ids.insert(message.id);
-                    let push = Push {
-                        msg_id: message.id,
-                        kind: PushKind::Unicast as i32,
-                        payload: message.payload,
-                        created_ms: message.created_ms,
-                        ..Default::default()
-                    };
-                    frames.push(encode(Op::Push, 0, &push));
-                }
-                let count = frames.len() as u64;
-                match stream.write_frames(&frames).await {
-                    Ok(bytes) => {
-                        metrics::hot().bytes_out.increment(bytes as u64);
-                        ::metrics::counter!("pushgrid_room_inbox_pushed_total").increment(count);
-                        // Message status (issue 12): written to this device.
-                        for id in &ids {
-                            room.peers
-                                .delivered(&handle.app, &handle.user, &handle.device, *id);
-                        }
-                    }
-                    Err(_) => alive = false,
-                }
-                inbox = Some(Box::new(InboxOverlap {
-                    ids,
-                    read_at: Instant::now(),
-                }));
-            }
-            Err(status) => {
-                // The inbox stays stored; make the device come back for it.
-                tracing::warn!(error = %status.message(), "cannot read inbox");
-                finish(room, &handle);
-                metrics::closed("inbox_unavailable");
-                let error = error_frame(ErrorCode::Unavailable, "inbox unavailable; retry", 0);
-                stream.close_politely(error, LINGER).await;
-                return None;
-            }
-        }
-    }
-    if !alive {
+        .is_err()
+    {
+        handle.close_queue();
         finish(room, &handle);
         metrics::closed("io");
         return None;
     }
+    room.tracker
+        .spawn(replay_inbox(room.clone(), handle.clone()));
     shrink(&mut buf);
     Some(Opened {
         stream,
         handle,
         buf,
-        inbox,
     })
+}
+
+/// The offline inbox, oldest first, queued ahead of anything that arrived
+/// live meanwhile; a message stored while the inbox was read can also arrive
+/// live: its id is remembered for a while so the device gets it once. A saver
+/// that cannot answer is asked again with backoff; after the last attempt the
+/// device is sent away (KICK, code UNAVAILABLE) to come back later, and its
+/// inbox stays stored.
+async fn replay_inbox(room: Arc<Room>, handle: Arc<ConnHandle>) {
+    let mut pause = INBOX_FIRST_RETRY;
+    for attempt in 0..INBOX_ATTEMPTS {
+        if handle.is_closed() {
+            return;
+        }
+        let messages = match room.peers.pending(&handle.app, handle.user()).await {
+            Ok(messages) => messages,
+            Err(status) => {
+                ::metrics::counter!("pushgrid_room_inbox_read_failures_total").increment(1);
+                if attempt == 0 {
+                    tracing::warn!(error = %status.message(), "cannot read inbox; retrying");
+                }
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                continue;
+            }
+        };
+        let mut ids = HashSet::with_capacity(messages.len());
+        let mut frames = Vec::with_capacity(messages.len());
+        for message in messages {
+            ids.insert(message.id);
+            let push = Push {
+                msg_id: message.id,
+                kind: PushKind::Unicast as i32,
+                payload: message.payload,
+                created_ms: message.created_ms,
+                ..Default::default()
+            };
+            frames.push(Outbound::own(message.id, encode(Op::Push, 0, &push)));
+        }
+        if frames.is_empty() {
+            handle.release(frames, None);
+            return;
+        }
+        let count = frames.len() as u64;
+        let delivered: Vec<u64> = ids.iter().copied().collect();
+        handle.release(
+            frames,
+            Some(InboxOverlap {
+                ids,
+                read_at: Instant::now(),
+            }),
+        );
+        ::metrics::counter!("pushgrid_room_inbox_pushed_total").increment(count);
+        // Message status (issue 12): handed to this device's connection.
+        for id in delivered {
+            room.peers
+                .delivered(&handle.app, handle.user(), handle.device(), id);
+        }
+        return;
+    }
+    room.kick_reasons.insert(
+        handle.id,
+        "your inbox is unavailable; reconnect later".into(),
+    );
+    handle.kick(KickCode::Unavailable);
 }
 
 /// The register session of a live connection.
 pub(crate) fn session_of(room: &Room, conn: &ConnHandle) -> Session {
     Session {
         app: conn.app.to_string(),
-        user: conn.user.to_string(),
-        device: conn.device.to_string(),
+        user: conn.user().to_string(),
+        device: conn.device().to_string(),
         platform: conn.platform.to_string(),
         room: room.node_id.clone(),
         conn_id: conn.id,
@@ -577,8 +532,8 @@ pub(crate) fn session_of(room: &Room, conn: &ConnHandle) -> Session {
     }
 }
 
-fn finish(room: &Room, conn: &ConnHandle) {
-    conn.close_queue();
+/// Forgets a connection that ended: its routing, its topics, its session.
+pub(crate) fn finish(room: &Room, conn: &ConnHandle) {
     room.conns.remove(&conn.id);
     room.kick_reasons.remove(&conn.id);
     room.topics.remove_conn(conn.id);
@@ -594,7 +549,7 @@ fn finish(room: &Room, conn: &ConnHandle) {
 }
 
 /// The KICK frame for a pending kick.
-fn kick_frame(room: &Room, conn: &ConnHandle, code: KickCode) -> Bytes {
+pub(crate) fn kick_frame(room: &Room, conn: &ConnHandle, code: KickCode) -> Bytes {
     let reason = room
         .kick_reasons
         .remove(&conn.id)
@@ -605,6 +560,7 @@ fn kick_frame(room: &Room, conn: &ConnHandle, code: KickCode) -> Bytes {
                 KickCode::Heartbeat => "no heartbeat",
                 KickCode::SingleLogin => "logged in elsewhere",
                 KickCode::Shutdown => "room is draining; reconnect elsewhere",
+                KickCode::Unavailable => "a service is unavailable; reconnect later",
                 _ => "kicked",
             }
             .to_string()
@@ -614,147 +570,42 @@ fn kick_frame(room: &Room, conn: &ConnHandle, code: KickCode) -> Bytes {
         reason,
         ..Default::default()
     };
-    if code == KickCode::Shutdown {
-        // Spread the reconnects over the drain window, and point each
-        // device at another live room.
-        let window_ms = room.admission.limits().drain_window.as_millis() as u32;
-        kick.reconnect_after_ms = if window_ms == 0 {
+    let spread = |window_ms: u32| {
+        if window_ms == 0 {
             0
         } else {
             rand::random::<u32>() % window_ms
-        };
-        kick.reconnect_to = room.reconnect_target(conn);
+        }
+    };
+    match code {
+        KickCode::Shutdown => {
+            // Spread the reconnects over the drain window, and point each
+            // device at another live room.
+            kick.reconnect_after_ms =
+                spread(room.admission.limits().drain_window.as_millis() as u32);
+            kick.reconnect_to = room.reconnect_target(conn);
+        }
+        // Devices sent away together must not come back together.
+        KickCode::Unavailable => kick.reconnect_after_ms = 1000 + spread(9000),
+        _ => {}
     }
     ::metrics::counter!("pushgrid_room_kicks_total", "code" => code.as_str_name()).increment(1);
     encode(Op::Kick, 0, &kick)
 }
 
-/// What woke a connection's loop.
-enum Wake {
-    /// Frames queued, or a kick.
-    Queue,
-    Input(std::io::Result<usize>),
-}
-
-/// What one frame from the device asks of the loop.
-enum Next {
+/// What one frame from the device asks of the connection's writer.
+pub(crate) enum Next {
     Continue,
-    /// Write this answer now.
+    /// Queue this answer.
     Reply(Bytes),
-    /// Close with this last frame (empty: just close).
+    /// Close with this last frame.
     Close(Bytes),
-    Subscribe(Sub, u32),
 }
 
-/// Runs until the device leaves or must be closed; returns the last frame to
-/// send (ERROR or KICK) when the server is the one closing.
-async fn connection_loop(
-    room: &Arc<Room>,
-    handle: &Arc<ConnHandle>,
-    stream: &mut DeviceStream,
-    buf: &mut BytesMut,
-    mut inbox: Option<Box<InboxOverlap>>,
-) -> Option<Bytes> {
-    // Frames the device pipelined behind AUTH are already buffered.
-    let mut buffered = !buf.is_empty();
-    loop {
-        if buffered {
-            buffered = false;
-            loop {
-                match decode_frame(buf, room.admission.max_body()) {
-                    Ok(Decoded::Frame(frame)) => match handle_frame(room, handle, frame) {
-                        Next::Continue => {}
-                        Next::Reply(answer) => {
-                            if let Err(failed) = write_one(stream, answer).await {
-                                return failed;
-                            }
-                        }
-                        Next::Close(last) => return Some(last),
-                        Next::Subscribe(sub, seq) => {
-                            if let Err(failed) =
-                                Box::pin(subscribe(room, handle, stream, sub, seq)).await
-                            {
-                                return failed;
-                            }
-                        }
-                    },
-                    Ok(Decoded::Incomplete { needed }) => {
-                        if buf.is_empty() {
-                            *buf = BytesMut::new();
-                        } else {
-                            buf.reserve(needed);
-                        }
-                        break;
-                    }
-                    Err(error) => {
-                        ::metrics::counter!("pushgrid_room_frame_errors_total").increment(1);
-                        return Some(error_frame(error.code(), error.to_string(), 0));
-                    }
-                }
-            }
-        }
-        // The select only says what happened; the work (which may wait on
-        // the socket) runs after it, so the future of an idle connection
-        // holds the two waits and not the write path on top of them.
-        let event = tokio::select! {
-            biased;
-            () = handle.wake.notified() => Wake::Queue,
-            read = stream.read_some(buf) => Wake::Input(read),
-        };
-        match event {
-            Wake::Queue => {
-                if let Some(code) = handle.pending_kick() {
-                    return Some(kick_frame(room, handle, code));
-                }
-                let mut batch = handle.take_queued();
-                if let Some(overlap) = &inbox {
-                    batch.retain(|outbound| {
-                        outbound.msg_id == 0 || !overlap.ids.contains(&outbound.msg_id)
-                    });
-                    if overlap.read_at.elapsed() > INBOX_OVERLAP {
-                        inbox = None;
-                    }
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                let frames: Vec<Bytes> = batch.into_iter().map(|outbound| outbound.frame).collect();
-                match stream.write_frames(&frames).await {
-                    Ok(bytes) => {
-                        let hot = metrics::hot();
-                        hot.bytes_out.increment(bytes as u64);
-                        hot.frames_sent.increment(frames.len() as u64);
-                    }
-                    Err(_) => return None,
-                }
-            }
-            Wake::Input(read) => {
-                match read {
-                    Ok(0) | Err(_) => return None,
-                    Ok(count) => {
-                        metrics::hot().bytes_in.increment(count as u64);
-                        handle.last_seen.store(room_clock(), Ordering::Relaxed);
-                        buffered = true;
-                    }
-                }
-                if inbox
-                    .as_ref()
-                    .is_some_and(|overlap| overlap.read_at.elapsed() > INBOX_OVERLAP)
-                {
-                    inbox = None;
-                }
-            }
-        }
-        if !buffered {
-            shrink(buf);
-        }
-    }
-}
-
-/// Handles one frame from an authenticated device.
-fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Frame) -> Next {
+/// Handles one frame from an authenticated device (on the shard thread or
+/// in the connection's task: nothing here waits).
+pub(crate) fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Frame) -> Next {
     match frame.op {
-        // Answered in order, before any later frame of the same read.
         Op::Ping => Next::Reply(encode_empty(Op::Pong, frame.seq)),
         Op::Pong => Next::Continue,
         Op::Ack => {
@@ -767,7 +618,7 @@ fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Frame) -> Nex
             if !ack.msg_ids.is_empty() {
                 ::metrics::counter!("pushgrid_room_acks_total").increment(ack.msg_ids.len() as u64);
                 room.peers
-                    .ack(&handle.app, &handle.user, &handle.device, ack.msg_ids);
+                    .ack(&handle.app, handle.user(), handle.device(), ack.msg_ids);
             }
             Next::Continue
         }
@@ -780,8 +631,8 @@ fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Frame) -> Nex
             };
             let request = UpstreamRequest {
                 app: handle.app.to_string(),
-                user: handle.user.to_string(),
-                device: handle.device.to_string(),
+                user: handle.user().to_string(),
+                device: handle.device().to_string(),
                 product: upstream.product,
                 r#type: upstream.r#type,
                 client_msg_id: upstream.client_msg_id.clone(),
@@ -801,12 +652,18 @@ fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Frame) -> Nex
                     ),
                     Err(status) => error_frame(ErrorCode::UpstreamFailed, status.message(), seq),
                 };
-                handle.send(room.queue_limits, 0, answer);
+                handle.reply(answer, true);
             });
             Next::Continue
         }
-        Op::Sub => match frame.decode() {
-            Ok(sub) => Next::Subscribe(sub, frame.seq),
+        Op::Sub => match frame.decode::<Sub>() {
+            Ok(sub) => {
+                // The replay runs beside the connection, holding its queue.
+                handle.hold();
+                room.tracker
+                    .spawn(subscribe(room.clone(), handle.clone(), sub, frame.seq));
+                Next::Continue
+            }
             Err(error) => Next::Close(error_frame(error.code(), error.to_string(), frame.seq)),
         },
         Op::Unsub => {
@@ -829,47 +686,133 @@ fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Frame) -> Nex
     }
 }
 
-/// Most history pages replayed for one SUB (each up to 1000 messages).
-const MAX_HISTORY_PAGES: usize = 10;
-
-async fn write_one(stream: &mut DeviceStream, frame: Bytes) -> Result<(), Option<Bytes>> {
-    match stream.write_frames(std::slice::from_ref(&frame)).await {
-        Ok(bytes) => {
-            metrics::hot().bytes_out.increment(bytes as u64);
-            Ok(())
-        }
-        Err(_) => Err(None),
-    }
+/// What woke a task connection's loop.
+enum Wake {
+    /// Frames queued, or a kick.
+    Queue,
+    Input(std::io::Result<usize>),
 }
 
-/// SUB: subscribe, replay what the device missed (when it sent an offset and
-/// epoch), then answer SUB_OK with whether the history covered the gap.
-/// Err(Some(frame)) closes the connection with that frame; Err(None) means the
-/// socket failed.
-async fn subscribe(
+/// The loop of a TLS or WebSocket connection: runs until the device leaves or
+/// must be closed; returns the last frame to send (ERROR or KICK) when the
+/// server is the one closing.
+async fn task_loop(
     room: &Arc<Room>,
     handle: &Arc<ConnHandle>,
     stream: &mut DeviceStream,
+    buf: &mut BytesMut,
+) -> Option<Bytes> {
+    let notify = handle.notified()?;
+    // Frames the device pipelined behind AUTH are already buffered.
+    let mut buffered = !buf.is_empty();
+    loop {
+        if buffered {
+            buffered = false;
+            loop {
+                match decode_frame(buf, room.admission.max_body()) {
+                    Ok(Decoded::Frame(frame)) => match handle_frame(room, handle, frame) {
+                        Next::Continue => {}
+                        Next::Reply(answer) => handle.reply(answer, true),
+                        Next::Close(last) => return Some(last),
+                    },
+                    Ok(Decoded::Incomplete { needed }) => {
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        } else {
+                            buf.reserve(needed);
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        ::metrics::counter!("pushgrid_room_frame_errors_total").increment(1);
+                        return Some(error_frame(error.code(), error.to_string(), 0));
+                    }
+                }
+            }
+        }
+        // The select only says what happened; the work (which may wait on
+        // the socket) runs after it.
+        let event = tokio::select! {
+            biased;
+            () = notify.notified() => Wake::Queue,
+            read = stream.read_some(buf) => Wake::Input(read),
+        };
+        match event {
+            Wake::Queue => {
+                if let Some(code) = handle.pending_kick() {
+                    return Some(kick_frame(room, handle, code));
+                }
+                let frames = handle.take_queued();
+                if frames.is_empty() {
+                    continue;
+                }
+                match stream.write_frames(&frames).await {
+                    Ok(bytes) => {
+                        let hot = metrics::hot();
+                        hot.bytes_out.increment(bytes as u64);
+                        hot.frames_sent.increment(frames.len() as u64);
+                    }
+                    Err(_) => return None,
+                }
+            }
+            Wake::Input(read) => match read {
+                Ok(0) | Err(_) => return None,
+                Ok(count) => {
+                    metrics::hot().bytes_in.increment(count as u64);
+                    handle.last_seen.store(room_clock(), Ordering::Relaxed);
+                    buffered = true;
+                }
+            },
+        }
+        if !buffered {
+            shrink(buf);
+        }
+    }
+}
+
+/// Most history pages replayed for one SUB (each up to 1000 messages).
+const MAX_HISTORY_PAGES: usize = 10;
+
+/// SUB: subscribe, replay what the device missed (when it sent an offset and
+/// epoch), then SUB_OK with whether the history covered the gap; all of it
+/// queued ahead of what arrived live meanwhile. The queue was held by the
+/// caller and is released here.
+async fn subscribe(room: Arc<Room>, handle: Arc<ConnHandle>, sub: Sub, seq: u32) {
+    let frames = subscription_replay(&room, &handle, sub, seq).await;
+    handle.release(frames, None);
+}
+
+async fn subscription_replay(
+    room: &Room,
+    handle: &ConnHandle,
     sub: Sub,
     seq: u32,
-) -> Result<(), Option<Bytes>> {
+) -> Vec<Outbound> {
+    let refused = |reason: String| {
+        vec![Outbound::own(
+            0,
+            error_frame(ErrorCode::BadBody, reason, seq),
+        )]
+    };
     let topic = match topics::normalize(&sub.topic) {
         Ok(topic) => topic.to_string(),
-        Err(reason) => {
-            return write_one(stream, error_frame(ErrorCode::BadBody, reason, seq)).await;
-        }
+        Err(reason) => return refused(reason),
     };
     // Subscribe first: a message published during the replay then arrives
     // live as well (the device drops it by offset) rather than not at all.
     if topic != topics::ALL
         && let Err(reason) = room.topics.subscribe(handle.id, &handle.app, &topic)
     {
-        return write_one(stream, error_frame(ErrorCode::BadBody, reason, seq)).await;
+        return refused(reason);
     }
+    let mut frames = Vec::new();
     let mut since = sub.since_offset;
     let mut recovered = true;
     let mut position = (0, 0);
     for _ in 0..MAX_HISTORY_PAGES {
+        if handle.is_closed() {
+            return Vec::new();
+        }
         let history = match room
             .peers
             .history(&handle.app, &topic, since, sub.epoch)
@@ -878,25 +821,27 @@ async fn subscribe(
             Ok(history) => history,
             Err(status) => {
                 tracing::warn!(error = %status.message(), "cannot read topic history");
-                let error = error_frame(
-                    ErrorCode::Unavailable,
-                    "topic history unavailable; subscribe again",
-                    seq,
-                );
-                return write_one(stream, error).await;
+                frames.push(Outbound::own(
+                    0,
+                    error_frame(
+                        ErrorCode::Unavailable,
+                        "topic history unavailable; subscribe again",
+                        seq,
+                    ),
+                ));
+                return frames;
             }
         };
         position = (history.offset, history.epoch);
         recovered = history.recovered;
         let page = history.messages.len();
-        let mut frames = Vec::with_capacity(page);
         for message in history.messages {
             since = message.offset;
-            frames.push(encode(Op::Push, 0, &broadcast_push(message)));
-        }
-        match stream.write_frames(&frames).await {
-            Ok(bytes) => metrics::hot().bytes_out.increment(bytes as u64),
-            Err(_) => return Err(None),
+            let id = message.id;
+            frames.push(Outbound::own(
+                id,
+                encode(Op::Push, 0, &broadcast_push(message)),
+            ));
         }
         if sub.epoch == 0 || !recovered || page == 0 || since >= history.offset {
             break;
@@ -909,7 +854,8 @@ async fn subscribe(
         offset: position.0,
         epoch: position.1,
     };
-    write_one(stream, encode(Op::SubOk, seq, &ok)).await
+    frames.push(Outbound::own(0, encode(Op::SubOk, seq, &ok)));
+    frames
 }
 
 /// The PUSH frame body of a broadcast message.
@@ -941,10 +887,17 @@ pub(crate) async fn sweep_silent_connections(room: Arc<Room>) {
         }
         let now = room_clock();
         let mut kicked = 0u64;
-        for entry in room.conns.iter() {
-            if now.saturating_sub(entry.last_seen.load(Ordering::Relaxed)) > allowed_silence
-                && entry.kick(KickCode::Heartbeat)
-            {
+        let silent: Vec<Arc<ConnHandle>> = room
+            .conns
+            .iter()
+            .filter(|entry| {
+                now.saturating_sub(entry.last_seen.load(Ordering::Relaxed)) > allowed_silence
+            })
+            .map(|entry| entry.value().clone())
+            .collect();
+        // Kicked outside the map's locks: a shard kick takes the queue's.
+        for conn in silent {
+            if conn.kick(KickCode::Heartbeat) {
                 kicked += 1;
             }
         }

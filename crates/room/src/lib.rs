@@ -15,8 +15,10 @@
 mod admission;
 mod conn;
 mod metrics;
+mod outbox;
 mod peers;
 mod service;
+mod shard;
 mod topics;
 mod transport;
 
@@ -43,7 +45,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
-pub use conn::ConnHandle;
+pub use outbox::ConnHandle;
 use transport::Transport;
 
 pub const ROLE: &str = "room";
@@ -99,6 +101,9 @@ pub struct RoomConfig {
     /// Bearer token of `POST /admin/drain`; empty: `PUSHGRID_ADMIN_TOKEN`;
     /// with neither, only loopback peers may drain.
     pub admin_token: String,
+    /// Shard threads serving authenticated plain TCP connections (reads,
+    /// writes, heartbeats); 0: one per CPU.
+    pub io_threads: usize,
 }
 
 impl Default for RoomConfig {
@@ -125,6 +130,7 @@ impl Default for RoomConfig {
             drain_window_secs: 10,
             shutdown_grace_secs: 15,
             admin_token: String::new(),
+            io_threads: 0,
         }
     }
 }
@@ -174,10 +180,14 @@ pub(crate) struct Room {
     pub kick_reasons: DashMap<u64, String>,
     pub topics: topics::Topics,
     pub peers: peers::Peers,
-    pub admission: admission::Admission,
-    pub queue_limits: conn::QueueLimits,
+    pub admission: Arc<admission::Admission>,
+    pub queue_limits: outbox::QueueLimits,
     pub names: conn::Interner,
     pub tls: Option<transport::Tls>,
+    /// The threads that serve authenticated plain TCP connections.
+    pub shards: shard::Shards,
+    /// Tasks a drain waits for: connections being opened or closed, replays.
+    pub tracker: TaskTracker,
     /// Stops the room's background tasks (sweeper, re-flush, settings).
     pub background_stop: CancellationToken,
     draining: AtomicBool,
@@ -300,10 +310,23 @@ pub async fn run(
     for error in errors {
         tracing::warn!(%error, "room limit ignored");
     }
+    let io_threads = match config.io_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        count => count,
+    };
+    let shards = match shard::Shards::new(io_threads) {
+        Ok(shards) => shards,
+        Err(error) => {
+            node_stop.cancel();
+            return Err(anyhow::Error::from(error).context("cannot create the shard pollers"));
+        }
+    };
     let room = Arc::new(Room {
         peers: peers::Peers::new(cluster.clone()),
-        admission: admission::Admission::new(limits),
-        queue_limits: conn::QueueLimits {
+        admission: Arc::new(admission::Admission::new(limits)),
+        shards,
+        tracker: TaskTracker::new(),
+        queue_limits: outbox::QueueLimits {
             frames: config.outbound_queue.max(1),
             bytes: config.outbound_queue_bytes.max(1),
         },
@@ -321,11 +344,14 @@ pub async fn run(
         // same node id never reuses an id an old session still carries.
         next_conn_id: AtomicU64::new(now_ms() << 10),
     });
+    if let Err(error) = shard::Shards::start(&room) {
+        node_stop.cancel();
+        return Err(anyhow::Error::from(error).context("cannot start the shard threads"));
+    }
     tokio::spawn(conn::sweep_silent_connections(room.clone()));
     tokio::spawn(reflush_sessions_on_register_change(room.clone()));
     tokio::spawn(follow_settings(room.clone()));
 
-    let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(room.config.max_connections));
     let mut accepts = Vec::new();
@@ -342,7 +368,6 @@ pub async fn run(
                 listener,
                 transport,
                 permits.clone(),
-                tracker.clone(),
                 stop_accepting.clone(),
             )));
         }
@@ -366,11 +391,13 @@ pub async fn run(
         // The RPC server failed: nothing can reach this room's devices.
         stop_accepting.cancel();
         room.background_stop.cancel();
+        room.shards.stop().await;
         node_stop.cancel();
         return result.map_err(anyhow::Error::from)?;
     }
 
-    drain(&room, stop_accepting, accepts, &tracker).await;
+    drain(&room, stop_accepting, accepts).await;
+    room.shards.stop().await;
     room.cluster.leave().await;
     grpc_stop.cancel();
     let served = served.await;
@@ -387,7 +414,6 @@ async fn drain(
     room: &Arc<Room>,
     stop_accepting: CancellationToken,
     accepts: Vec<tokio::task::JoinHandle<()>>,
-    tracker: &TaskTracker,
 ) {
     stop_accepting.cancel();
     for accept in accepts {
@@ -411,9 +437,15 @@ async fn drain(
         conn.kick(pushgrid_proto::client::KickCode::Shutdown);
     }
     drop(conns);
-    tracker.close();
+    // Connections on shards are not tasks: wait for the table to empty, and
+    // for the tasks still opening or politely closing connections.
     let grace = Duration::from_secs(room.config.shutdown_grace_secs);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    let drained = async {
+        while !room.conns.is_empty() || !room.tracker.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             left = room.conns.len(),
             "connections still open after the grace period"
@@ -470,7 +502,6 @@ async fn accept_loop(
     listener: TcpListener,
     transport: Transport,
     permits: Arc<Semaphore>,
-    tracker: TaskTracker,
     stop: CancellationToken,
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(5);
@@ -494,19 +525,8 @@ async fn accept_loop(
                 backoff = FIRST_BACKOFF;
                 ::metrics::counter!("pushgrid_room_accepted_total", "transport" => transport.as_str())
                     .increment(1);
-                let serving = conn::serve(room.clone(), stream, peer, transport);
-                static SIZE_LOGGED: std::sync::Once = std::sync::Once::new();
-                SIZE_LOGGED.call_once(|| {
-                    // The biggest part of an idle connection's memory.
-                    tracing::info!(
-                        bytes = std::mem::size_of_val(&serving),
-                        "connection future size"
-                    );
-                });
-                tracker.spawn(async move {
-                    serving.await;
-                    drop(permit);
-                });
+                room.tracker
+                    .spawn(conn::serve(room.clone(), stream, peer, transport, permit));
             }
             Err(error) => {
                 // EMFILE/ENFILE (out of file descriptors) and friends: the

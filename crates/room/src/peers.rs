@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pushgrid_common::batch::{BatchConfig, BatcherMap};
+use pushgrid_common::batch::{BatchConfig, BatcherMap, SinkMap};
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::ring;
 use pushgrid_common::rpc::ChannelPool;
@@ -27,11 +27,13 @@ pub(crate) struct Peers {
     cluster: Cluster,
     pool: Arc<ChannelPool>,
     online: BatcherMap<Session, ()>,
-    offline: BatcherMap<Session, ()>,
-    acks: BatcherMap<AckItem, ()>,
+    /// Reports nobody waits for go through sinks: one queue slot per item,
+    /// no task.
+    offline: SinkMap<Session>,
+    acks: SinkMap<AckItem>,
     /// Hand-offs to devices, for message status (issue 12).
-    deliveries: BatcherMap<DeliveryReport, ()>,
-    states: BatcherMap<StateEvent, ()>,
+    deliveries: SinkMap<DeliveryReport>,
+    states: SinkMap<StateEvent>,
     background: TaskTracker,
 }
 
@@ -58,46 +60,78 @@ impl Peers {
                 Ok(vec![(); count])
             },
         );
-        let offline = BatcherMap::per_peer(
+        let offline = SinkMap::per_peer_sink(
             pool.clone(),
             batch_config(),
             |channel, sessions: Vec<Session>| async move {
                 let count = sessions.len();
-                RegisterClient::new(channel)
-                    .offline(SessionBatch { sessions })
-                    .await?;
-                Ok(vec![(); count])
+                let sent = match channel {
+                    Ok(channel) => RegisterClient::new(channel)
+                        .offline(SessionBatch { sessions })
+                        .await
+                        .map(drop),
+                    Err(status) => Err(status),
+                };
+                if let Err(status) = sent {
+                    // register drops a dead room's sessions by its lease, and a
+                    // stale session only costs a missed delivery attempt.
+                    tracing::warn!(error = %status.message(), count, "offline reports failed");
+                }
             },
         );
-        let acks = BatcherMap::per_peer(
+        let acks = SinkMap::per_peer_sink(
             pool.clone(),
             batch_config(),
             |channel, items: Vec<AckItem>| async move {
-                let count = items.len();
-                SaverClient::new(channel).ack(AckRequest { items }).await?;
-                Ok(vec![(); count])
+                let count = items.len() as u64;
+                let sent = match channel {
+                    Ok(channel) => SaverClient::new(channel)
+                        .ack(AckRequest { items })
+                        .await
+                        .map(drop),
+                    Err(status) => Err(status),
+                };
+                match sent {
+                    Ok(()) => {
+                        metrics::counter!("pushgrid_room_acks_forwarded_total").increment(count)
+                    }
+                    // The messages stay in the inbox and are delivered again.
+                    Err(status) => {
+                        tracing::warn!(error = %status.message(), count, "ack forward failed")
+                    }
+                }
             },
         );
-        let deliveries = BatcherMap::per_peer(
+        let deliveries = SinkMap::per_peer_sink(
             pool.clone(),
             batch_config(),
             |channel, reports: Vec<DeliveryReport>| async move {
-                let count = reports.len();
-                SaverClient::new(channel)
-                    .delivered(DeliveredRequest { reports })
-                    .await?;
-                Ok(vec![(); count])
+                let sent = match channel {
+                    Ok(channel) => SaverClient::new(channel)
+                        .delivered(DeliveredRequest { reports })
+                        .await
+                        .map(drop),
+                    Err(status) => Err(status),
+                };
+                if let Err(status) = sent {
+                    tracing::debug!(error = %status.message(), "delivery reports not recorded");
+                }
             },
         );
-        let states = BatcherMap::per_peer(
+        let states = SinkMap::per_peer_sink(
             pool.clone(),
             batch_config(),
             |channel, events: Vec<StateEvent>| async move {
-                let count = events.len();
-                CoordinatorClient::new(channel)
-                    .state_changes(StateBatch { events })
-                    .await?;
-                Ok(vec![(); count])
+                let sent = match channel {
+                    Ok(channel) => CoordinatorClient::new(channel)
+                        .state_changes(StateBatch { events })
+                        .await
+                        .map(drop),
+                    Err(status) => Err(status),
+                };
+                if let Err(status) = sent {
+                    tracing::debug!(error = %status.message(), "state events not delivered");
+                }
             },
         );
         Peers {
@@ -137,12 +171,7 @@ impl Peers {
         let Ok(addr) = self.register_addr(&session.app, &session.user) else {
             return;
         };
-        let batcher = self.offline.get(&addr);
-        self.background.spawn(async move {
-            if let Err(status) = batcher.call(session).await {
-                tracing::warn!(error = %status.message(), "offline report failed");
-            }
-        });
+        self.offline.get(&addr).send(session);
     }
 
     /// The user's unacked inbox.
@@ -219,12 +248,7 @@ impl Peers {
         let Ok(addr) = self.addr_of(Role::Saver, &report.app, &key) else {
             return;
         };
-        let batcher = self.deliveries.get(&addr);
-        self.background.spawn(async move {
-            if let Err(status) = batcher.call(report).await {
-                tracing::debug!(error = %status.message(), "delivery report not recorded");
-            }
-        });
+        self.deliveries.get(&addr).send(report);
     }
 
     /// Forwards a device's ACK to saver, in the background.
@@ -243,13 +267,7 @@ impl Peers {
             msg_ids,
             device: device.to_string(),
         };
-        let batcher = self.acks.get(&addr);
-        self.background.spawn(async move {
-            match batcher.call(item).await {
-                Ok(()) => metrics::counter!("pushgrid_room_acks_forwarded_total").increment(1),
-                Err(status) => tracing::warn!(error = %status.message(), "ack forward failed"),
-            }
-        });
+        self.acks.get(&addr).send(item);
     }
 
     /// Sends an online/offline event to coordinator, in the background.
@@ -260,12 +278,7 @@ impl Peers {
         let Ok(addr) = self.addr_of(Role::Coordinator, &session.app, &session.user) else {
             return;
         };
-        let batcher = self.states.get(&addr);
-        self.background.spawn(async move {
-            if let Err(status) = batcher.call(event).await {
-                tracing::debug!(error = %status.message(), "state event not delivered");
-            }
-        });
+        self.states.get(&addr).send(event);
     }
 
     /// Has coordinator kick the user's other connections of the same platform
@@ -303,9 +316,21 @@ impl Peers {
         Ok(())
     }
 
-    /// Waits (bounded) for background reports to finish, at shutdown.
+    /// Waits (bounded) for background reports and acknowledgements to be
+    /// sent, at shutdown.
     pub async fn flush(&self) {
         self.background.close();
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.background.wait()).await;
+        let sent = async {
+            self.background.wait().await;
+            while self.acks.pending()
+                + self.offline.pending()
+                + self.states.pending()
+                + self.deliveries.pending()
+                > 0
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), sent).await;
     }
 }

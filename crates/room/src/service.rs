@@ -13,6 +13,7 @@ use pushgrid_wire::{Op, encode};
 use tonic::{Request, Response, Status};
 
 use crate::Room;
+use crate::outbox::Wakes;
 
 pub(crate) struct RoomService {
     room: Arc<Room>,
@@ -32,6 +33,7 @@ impl RoomRpc for RoomService {
     ) -> Result<Response<DeliverResponse>, Status> {
         let mut delivered = 0;
         let mut missing = 0;
+        let mut wakes = Wakes::default();
         for delivery in request.into_inner().deliveries {
             let Some(message) = delivery.message else {
                 return Err(Status::invalid_argument("delivery without a message"));
@@ -44,7 +46,7 @@ impl RoomRpc for RoomService {
             // The connection must still belong to the message's user: a stale
             // session must never route one user's message to another.
             let Some(conn) =
-                conn.filter(|conn| *conn.app == *message.app && *conn.user == *message.user)
+                conn.filter(|conn| *conn.app == *message.app && conn.user() == message.user)
             else {
                 missing += 1;
                 continue;
@@ -64,15 +66,16 @@ impl RoomRpc for RoomService {
             let latency_ms = pushgrid_common::now_ms().saturating_sub(message.created_ms);
             metrics::histogram!("pushgrid_room_delivery_latency_seconds")
                 .record(latency_ms as f64 / 1000.0);
-            if conn.send(self.room.queue_limits, message.id, frame) {
+            if conn.send(self.room.queue_limits, message.id, frame, &mut wakes) {
                 self.room
                     .peers
-                    .delivered(&message.app, &message.user, &conn.device, message.id);
+                    .delivered(&message.app, &message.user, conn.device(), message.id);
                 delivered += 1;
             } else {
                 missing += 1;
             }
         }
+        drop(wakes); // wakes the shards
         metrics::counter!("pushgrid_room_delivered_total").increment(u64::from(delivered));
         metrics::counter!("pushgrid_room_delivery_missing_total").increment(u64::from(missing));
         Ok(Response::new(DeliverResponse { delivered, missing }))
@@ -110,11 +113,13 @@ impl RoomRpc for RoomService {
                 .collect()
         };
         let mut delivered = 0;
+        let mut wakes = Wakes::default();
         for conn in targets {
-            if conn.send(self.room.queue_limits, id, frame.clone()) {
+            if conn.send(self.room.queue_limits, id, frame.clone(), &mut wakes) {
                 delivered += 1;
             }
         }
+        drop(wakes); // wakes the shards
         metrics::counter!("pushgrid_room_broadcast_deliveries_total")
             .increment(u64::from(delivered));
         self.room.peers.broadcast_delivered(&app, id, delivered);

@@ -122,6 +122,12 @@ fn websocket_config(max_message: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message))
 }
 
+/// A plain TCP connection, ready for frames.
+pub(crate) fn plain(tcp: TcpStream) -> io::Result<DeviceStream> {
+    let _ = tcp.set_nodelay(true);
+    Ok(DeviceStream::Tcp(tcp))
+}
+
 /// Runs the transport's handshake on an accepted socket.
 pub(crate) async fn handshake(
     transport: Transport,
@@ -283,12 +289,13 @@ impl DeviceStream {
         }
     }
 
-    /// Sends a last frame (ERROR or KICK), shuts down the write half and
-    /// drains input for `linger`, so the kernel does not answer unread input
-    /// with a reset that would destroy the frame before the device reads it.
-    pub async fn close_politely(mut self, last_frame: Bytes, linger: Duration) {
-        if !last_frame.is_empty() {
-            let _ = self.write_frames(std::slice::from_ref(&last_frame)).await;
+    /// Sends the last frames (ERROR or KICK, after the rest of a frame cut
+    /// short), shuts down the write half and drains input for `linger`, so
+    /// the kernel does not answer unread input with a reset that would
+    /// destroy the frame before the device reads it.
+    pub async fn close_politely(mut self, last_frames: Vec<Bytes>, linger: Duration) {
+        if !last_frames.is_empty() {
+            let _ = self.write_frames(&last_frames).await;
         }
         self.shutdown().await;
         let mut sink = BytesMut::new();

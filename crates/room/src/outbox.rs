@@ -1,0 +1,701 @@
+//! What the rest of the room holds of a live connection: who it is and the
+//! frames waiting for its socket.
+//!
+//! Anyone may queue a frame (center's deliveries and broadcasts, replies to
+//! the device's own frames); one writer drains the queue: the connection's
+//! shard thread for plain TCP (see `shard.rs`), the connection's own task for
+//! TLS and WebSocket. The queue is bounded by frames and bytes; a device that
+//! keeps it full is a slow consumer and is kicked.
+//!
+//! A queue can be *held* while the room replays something the device must
+//! see first (the offline inbox after AUTH, a topic's history after SUB):
+//! frames queued meanwhile are parked and follow the replay, so the device
+//! reads the replay, then what arrived live during it, in that order.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pushgrid_proto::client::KickCode;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::metrics;
+use crate::shard::{Flushes, ShardHandle};
+use crate::transport::Transport;
+
+/// How long after the inbox was replayed a live copy of one of its messages
+/// is still recognised and dropped.
+pub(crate) const INBOX_OVERLAP: Duration = Duration::from_secs(10);
+/// Frames gathered into one vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// Bounds of one connection's outbound queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+/// A frame waiting for the socket.
+pub(crate) struct Outbound {
+    pub frame: Bytes,
+    /// The message of a PUSH frame, 0 for other frames.
+    pub msg_id: u64,
+    /// Counted against the queue limits: frames center handed over. The
+    /// room's own frames (replies, replays) are bounded where they are made.
+    counted: bool,
+}
+
+impl Outbound {
+    /// A frame of the room's own (reply, inbox or history replay).
+    pub fn own(msg_id: u64, frame: Bytes) -> Outbound {
+        Outbound {
+            frame,
+            msg_id,
+            counted: false,
+        }
+    }
+}
+
+/// Ids of the inbox replayed after AUTH, recognised for [`INBOX_OVERLAP`]
+/// when the same message also arrives live.
+pub(crate) struct InboxOverlap {
+    pub ids: HashSet<u64>,
+    pub read_at: Instant,
+}
+
+#[derive(Default)]
+struct OutQueue {
+    /// Frames in write order; the first may be partly written (`offset`).
+    /// Empty (no allocation) while nothing waits. While the queue is held,
+    /// the frames from `held_from` on arrived during the hold: replays are
+    /// inserted before them.
+    frames: VecDeque<Outbound>,
+    offset: u32,
+    held_from: u32,
+    /// Counted frames and their bytes.
+    counted_frames: u32,
+    counted_bytes: u32,
+    /// Replays in progress.
+    holds: u8,
+    /// Shard connections: the slot in the shard, once adopted.
+    token: Option<u32>,
+    /// Shard connections: a flush is asked for and not yet done.
+    flush_asked: bool,
+    /// Shard connections: the socket was full; its writable event flushes.
+    stalled: bool,
+    closed: bool,
+    inbox: Option<Box<InboxOverlap>>,
+}
+
+impl OutQueue {
+    fn push(&mut self, outbound: Outbound) {
+        if outbound.counted {
+            self.counted_frames += 1;
+            self.counted_bytes += outbound.frame.len() as u32;
+        }
+        self.frames.push_back(outbound);
+    }
+
+    fn forget(&mut self, outbound: &Outbound) {
+        if outbound.counted {
+            self.counted_frames -= 1;
+            self.counted_bytes -= outbound.frame.len() as u32;
+        }
+    }
+
+    fn hold(&mut self) {
+        if self.holds == 0 {
+            self.held_from = self.frames.len() as u32;
+        }
+        self.holds = self.holds.saturating_add(1);
+    }
+
+    /// True when a live copy of an inbox message is to be dropped; forgets
+    /// the inbox ids once the overlap is over.
+    fn seen_in_inbox(&mut self, msg_id: u64) -> bool {
+        let Some(overlap) = &self.inbox else {
+            return false;
+        };
+        if overlap.read_at.elapsed() > INBOX_OVERLAP {
+            self.inbox = None;
+            return false;
+        }
+        msg_id != 0 && overlap.ids.contains(&msg_id)
+    }
+}
+
+/// How the writer of a connection is told that there is something to do.
+pub(crate) enum Writer {
+    /// A plain TCP connection: its shard thread writes.
+    Shard(Arc<ShardHandle>),
+    /// A TLS or WebSocket connection: its own task writes.
+    Task(Box<Notify>),
+}
+
+/// What the rest of the room holds of a live, authenticated connection.
+pub struct ConnHandle {
+    pub id: u64,
+    /// Shared by every connection of the app.
+    pub app: Arc<str>,
+    /// The user id, then the device id (one allocation for both).
+    ident: Box<str>,
+    user_len: u16,
+    /// Shared by every connection of the same platform name.
+    pub platform: Arc<str>,
+    pub since_ms: u64,
+    pub(crate) transport: Transport,
+    /// Seconds since the room started, at the last frame from the device.
+    pub(crate) last_seen: AtomicU32,
+    /// A pending kick (a `KickCode`), 0 for none.
+    kick_code: AtomicI32,
+    queue: Mutex<OutQueue>,
+    writer: Writer,
+}
+
+/// Flushes asked of shards, sent to each shard as one command when dropped.
+#[derive(Default)]
+pub(crate) struct Wakes {
+    per_shard: Vec<(Arc<ShardHandle>, Flushes)>,
+}
+
+impl Wakes {
+    fn add(&mut self, shard: &Arc<ShardHandle>, token: u32, conn_id: u64) {
+        match self
+            .per_shard
+            .iter_mut()
+            .find(|(known, _)| Arc::ptr_eq(known, shard))
+        {
+            Some((_, flushes)) => flushes.push((token, conn_id)),
+            None => self.per_shard.push((shard.clone(), vec![(token, conn_id)])),
+        }
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        for (shard, flushes) in self.per_shard.drain(..) {
+            shard.flush_many(flushes);
+        }
+    }
+}
+
+/// What to tell the writer once the queue's lock is released.
+#[must_use]
+enum Wake {
+    None,
+    Notify,
+    Flush(u32),
+}
+
+/// How a flush of a shard connection ended.
+pub(crate) enum Flushed {
+    /// Nothing is left to write (or the queue is held).
+    Done {
+        bytes: usize,
+        frames: usize,
+    },
+    /// The socket is full; the writable event continues.
+    Blocked {
+        bytes: usize,
+        frames: usize,
+    },
+    Failed,
+}
+
+impl ConnHandle {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: u64,
+        app: Arc<str>,
+        user: String,
+        device: String,
+        platform: Arc<str>,
+        transport: Transport,
+        writer: Writer,
+        last_seen: u32,
+    ) -> ConnHandle {
+        debug_assert!(
+            user.len() <= usize::from(u16::MAX),
+            "user ids are at most 255 bytes"
+        );
+        let user_len = user.len() as u16;
+        let mut ident = user;
+        ident.push_str(&device);
+        ConnHandle {
+            id,
+            app,
+            ident: ident.into_boxed_str(),
+            user_len,
+            platform,
+            since_ms: pushgrid_common::now_ms(),
+            transport,
+            last_seen: AtomicU32::new(last_seen),
+            kick_code: AtomicI32::new(0),
+            // Held from the start: the inbox replay comes first.
+            queue: Mutex::new(OutQueue {
+                holds: 1,
+                ..OutQueue::default()
+            }),
+            writer,
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.ident[..usize::from(self.user_len)]
+    }
+
+    pub fn device(&self) -> &str {
+        &self.ident[usize::from(self.user_len)..]
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn shard(&self) -> Option<&Arc<ShardHandle>> {
+        match &self.writer {
+            Writer::Shard(shard) => Some(shard),
+            Writer::Task(_) => None,
+        }
+    }
+
+    /// The task writer's wake-up (TLS and WebSocket connections).
+    pub(crate) fn notified(&self) -> Option<&Notify> {
+        match &self.writer {
+            Writer::Task(notify) => Some(notify),
+            Writer::Shard(_) => None,
+        }
+    }
+
+    /// What the writer needs after `queue` changed; call under the lock.
+    fn wake_for(&self, queue: &mut OutQueue) -> Wake {
+        if queue.frames.is_empty() {
+            return Wake::None;
+        }
+        self.wake_writer(queue)
+    }
+
+    /// A wake-up for the writer even with nothing to write (the end of a
+    /// replay: a shard may be waiting for it to close the connection).
+    fn wake_writer(&self, queue: &mut OutQueue) -> Wake {
+        if queue.holds > 0 || queue.closed {
+            return Wake::None;
+        }
+        match &self.writer {
+            Writer::Task(_) => Wake::Notify,
+            Writer::Shard(_) => match queue.token {
+                Some(token) if !queue.flush_asked && !queue.stalled => {
+                    queue.flush_asked = true;
+                    Wake::Flush(token)
+                }
+                _ => Wake::None,
+            },
+        }
+    }
+
+    fn wake(&self, wake: Wake) {
+        match (wake, &self.writer) {
+            (Wake::None, _) => {}
+            (Wake::Notify, Writer::Task(notify)) => notify.notify_one(),
+            (Wake::Flush(token), Writer::Shard(shard)) => shard.flush_many(vec![(token, self.id)]),
+            _ => {}
+        }
+    }
+
+    /// Queues a frame from center without waiting. A full queue (by frames
+    /// or bytes) marks the device a slow consumer: it is kicked and the frame
+    /// dropped (a unicast message stays in the inbox for the next
+    /// connection). `msg_id` is the message of a PUSH frame, 0 for others.
+    /// Shard flushes are collected in `wakes`, so that one delivery batch or
+    /// broadcast wakes each shard once.
+    pub(crate) fn send(
+        &self,
+        limits: QueueLimits,
+        msg_id: u64,
+        frame: Bytes,
+        wakes: &mut Wakes,
+    ) -> bool {
+        let mut queue = self.lock();
+        if queue.closed {
+            return false;
+        }
+        if queue.seen_in_inbox(msg_id) {
+            return true; // the inbox replay carried it
+        }
+        let over = if queue.counted_frames as usize >= limits.frames {
+            Some("frames")
+        } else if queue.counted_bytes as usize + frame.len() > limits.bytes
+            && queue.counted_frames > 0
+        {
+            Some("bytes")
+        } else {
+            None
+        };
+        if let Some(limit) = over {
+            drop(queue);
+            metrics::queue_drop(limit);
+            if self.kick(KickCode::SlowConsumer) {
+                ::metrics::counter!("pushgrid_room_slow_consumer_kicks_total").increment(1);
+            }
+            return false;
+        }
+        queue.push(Outbound {
+            frame,
+            msg_id,
+            counted: true,
+        });
+        let wake = self.wake_for(&mut queue);
+        drop(queue);
+        match (wake, &self.writer) {
+            (Wake::Flush(token), Writer::Shard(shard)) => wakes.add(shard, token, self.id),
+            (wake, _) => self.wake(wake),
+        }
+        true
+    }
+
+    /// Queues a frame of the room's own (an answer to the device), not
+    /// counted against the limits. With `wake` false the caller (the shard
+    /// thread, right after the device's input) flushes by itself.
+    pub(crate) fn reply(&self, frame: Bytes, wake: bool) {
+        let mut queue = self.lock();
+        if queue.closed {
+            return;
+        }
+        queue.push(Outbound::own(0, frame));
+        if wake {
+            let wake = self.wake_for(&mut queue);
+            drop(queue);
+            self.wake(wake);
+        }
+    }
+
+    /// Starts a replay: frames queued from now on wait for [`Self::release`].
+    pub(crate) fn hold(&self) {
+        self.lock().hold();
+    }
+
+    /// Ends a replay: `replay` goes out next, then what was parked. With an
+    /// inbox overlap, live copies of the inbox's messages already parked are
+    /// dropped and later ones are recognised for a while.
+    pub(crate) fn release(&self, replay: Vec<Outbound>, inbox: Option<InboxOverlap>) {
+        let mut queue = self.lock();
+        if queue.closed {
+            return;
+        }
+        let mut at = (queue.held_from as usize).min(queue.frames.len());
+        if let Some(overlap) = inbox {
+            // Live copies of the inbox's messages that came during the hold.
+            let mut index = at;
+            while index < queue.frames.len() {
+                let msg_id = queue.frames[index].msg_id;
+                if msg_id != 0 && overlap.ids.contains(&msg_id) {
+                    if let Some(copy) = queue.frames.remove(index) {
+                        queue.forget(&copy);
+                    }
+                } else {
+                    index += 1;
+                }
+            }
+            queue.inbox = Some(Box::new(overlap));
+        }
+        for outbound in replay {
+            queue.frames.insert(at, outbound);
+            at += 1;
+        }
+        queue.held_from = at as u32;
+        queue.holds = queue.holds.saturating_sub(1);
+        let wake = self.wake_writer(&mut queue);
+        drop(queue);
+        self.wake(wake);
+    }
+
+    /// Task writers: every whole frame that may be written now, leaving an
+    /// empty queue behind (nothing while held).
+    pub(crate) fn take_queued(&self) -> Vec<Bytes> {
+        let mut queue = self.lock();
+        if queue.holds > 0 {
+            return Vec::new();
+        }
+        let frames = std::mem::take(&mut queue.frames);
+        for outbound in &frames {
+            queue.forget(outbound);
+        }
+        frames.into_iter().map(|outbound| outbound.frame).collect()
+    }
+
+    /// Shard writers: the connection now lives in slot `token`. True when
+    /// frames are waiting for a flush.
+    pub(crate) fn adopted(&self, token: u32) -> bool {
+        let mut queue = self.lock();
+        queue.token = Some(token);
+        queue.holds == 0 && !queue.frames.is_empty()
+    }
+
+    /// Shard writers: writes queued frames with `write` (a vectored write
+    /// that does not wait) until the queue is empty or the socket is full.
+    pub(crate) fn flush(
+        &self,
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> Flushed {
+        let mut queue = self.lock();
+        queue.flush_asked = false;
+        let (mut bytes, mut frames) = (0, 0);
+        loop {
+            if queue.holds > 0 || queue.frames.is_empty() || queue.closed {
+                queue.stalled = false;
+                return Flushed::Done { bytes, frames };
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (index, outbound) in queue.frames.iter().take(MAX_IOVECS).enumerate() {
+                let start = if index == 0 { queue.offset as usize } else { 0 };
+                slices[count] = IoSlice::new(&outbound.frame[start..]);
+                count += 1;
+            }
+            let mut written = match write(&slices[..count]) {
+                Ok(0) => return Flushed::Failed,
+                Ok(written) => written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    queue.stalled = true;
+                    return Flushed::Blocked { bytes, frames };
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Flushed::Failed,
+            };
+            bytes += written;
+            while written > 0 {
+                let Some(first) = queue.frames.front() else {
+                    break;
+                };
+                let left = first.frame.len() - queue.offset as usize;
+                if written >= left {
+                    written -= left;
+                    queue.offset = 0;
+                    if let Some(done) = queue.frames.pop_front() {
+                        queue.forget(&done);
+                        frames += 1;
+                    }
+                } else {
+                    queue.offset += written as u32;
+                    written = 0;
+                }
+            }
+        }
+    }
+
+    /// Gives back the memory of an empty queue (the shard does this a while
+    /// after writing, so a busy connection keeps its queue and an idle one
+    /// holds none; freeing at once would cost a free and a malloc, across
+    /// threads, per frame).
+    pub(crate) fn shrink_idle(&self) {
+        let mut queue = self.lock();
+        if queue.frames.is_empty() && queue.frames.capacity() > 0 {
+            queue.frames = VecDeque::new();
+        }
+    }
+
+    /// Closes the queue for good (the connection is ending): nothing more is
+    /// queued or written. Returns the unwritten rest of a partly written
+    /// frame, which must reach the socket before any last frame.
+    pub(crate) fn close_queue(&self) -> Option<Bytes> {
+        let mut unwritten = self.close_queue_keeping(false);
+        unwritten.pop()
+    }
+
+    /// Closes the queue for good and returns what is left to write, in
+    /// order: the rest of a partly written frame, then (with `everything`)
+    /// every queued frame.
+    pub(crate) fn close_queue_keeping(&self, everything: bool) -> Vec<Bytes> {
+        let mut queue = self.lock();
+        let closed = std::mem::replace(
+            &mut *queue,
+            OutQueue {
+                closed: true,
+                ..OutQueue::default()
+            },
+        );
+        drop(queue);
+        let offset = closed.offset as usize;
+        let mut unwritten = Vec::new();
+        for (index, outbound) in closed.frames.into_iter().enumerate() {
+            if index == 0 && offset > 0 {
+                unwritten.push(outbound.frame.slice(offset..));
+            } else if everything {
+                unwritten.push(outbound.frame);
+            } else {
+                break;
+            }
+        }
+        unwritten
+    }
+
+    /// Asks the connection to send KICK with `code` and close; false when a
+    /// kick was already pending.
+    pub fn kick(&self, code: KickCode) -> bool {
+        let asked = self
+            .kick_code
+            .compare_exchange(0, code as i32, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if asked {
+            match &self.writer {
+                Writer::Task(notify) => notify.notify_one(),
+                Writer::Shard(shard) => {
+                    let token = self.lock().token;
+                    // Not adopted yet: the shard sees the kick on adoption.
+                    if let Some(token) = token {
+                        shard.close(token, self.id);
+                    }
+                }
+            }
+        }
+        asked
+    }
+
+    pub(crate) fn pending_kick(&self) -> Option<KickCode> {
+        match self.kick_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(KickCode::try_from(code).unwrap_or(KickCode::Unspecified)),
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Nothing is waiting to be written and no replay is in progress.
+    pub(crate) fn is_drained(&self) -> bool {
+        let queue = self.lock();
+        queue.holds == 0 && queue.frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn handle() -> ConnHandle {
+        ConnHandle::new(
+            7,
+            Arc::from("app"),
+            "user".into(),
+            "dev".into(),
+            Arc::from("ios"),
+            Transport::Ws,
+            Writer::Task(Box::default()),
+            0,
+        )
+    }
+
+    const LIMITS: QueueLimits = QueueLimits {
+        frames: 3,
+        bytes: 1000,
+    };
+
+    fn frame(byte: u8, len: usize) -> Bytes {
+        Bytes::from(vec![byte; len])
+    }
+
+    #[test]
+    fn the_inbox_replay_goes_first_and_drops_its_live_copies() {
+        let conn = handle();
+        assert!(conn.send(LIMITS, 11, frame(1, 10), &mut Wakes::default()));
+        assert!(conn.send(LIMITS, 12, frame(2, 10), &mut Wakes::default()));
+        assert!(
+            conn.take_queued().is_empty(),
+            "held until the inbox is read"
+        );
+        let inbox = InboxOverlap {
+            ids: HashSet::from([11]),
+            read_at: Instant::now(),
+        };
+        conn.release(vec![Outbound::own(11, frame(9, 5))], Some(inbox));
+        let frames = conn.take_queued();
+        assert_eq!(frames, vec![frame(9, 5), frame(2, 10)]);
+        // A later live copy of an inbox message is recognised too.
+        assert!(conn.send(LIMITS, 11, frame(1, 10), &mut Wakes::default()));
+        assert!(conn.take_queued().is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_kicks_the_slow_consumer_and_own_frames_do_not_count() {
+        let conn = handle();
+        conn.release(Vec::new(), None);
+        for index in 0..3 {
+            conn.reply(frame(0, 1), true);
+            assert!(conn.send(LIMITS, index + 1, frame(1, 10), &mut Wakes::default()));
+        }
+        assert!(
+            !conn.send(LIMITS, 9, frame(1, 10), &mut Wakes::default()),
+            "fourth counted frame"
+        );
+        assert_eq!(conn.pending_kick(), Some(KickCode::SlowConsumer));
+        assert_eq!(conn.take_queued().len(), 6);
+        // Taking the frames gave their room back.
+        assert!(conn.send(LIMITS, 10, frame(1, 10), &mut Wakes::default()));
+        // Bytes: one frame may exceed the bound alone, two may not.
+        let conn = handle();
+        conn.release(Vec::new(), None);
+        assert!(conn.send(LIMITS, 1, frame(1, 2000), &mut Wakes::default()));
+        assert!(!conn.send(LIMITS, 2, frame(1, 10), &mut Wakes::default()));
+    }
+
+    #[test]
+    fn a_history_replay_comes_before_what_arrived_during_it() {
+        let conn = handle();
+        conn.release(Vec::new(), None);
+        assert!(conn.send(LIMITS, 1, frame(1, 1), &mut Wakes::default()));
+        conn.hold();
+        assert!(conn.send(LIMITS, 2, frame(2, 1), &mut Wakes::default()));
+        conn.release(vec![Outbound::own(0, frame(7, 1))], None);
+        assert_eq!(
+            conn.take_queued(),
+            vec![frame(1, 1), frame(7, 1), frame(2, 1)]
+        );
+    }
+
+    #[test]
+    fn flush_writes_in_order_keeps_a_partial_frame_and_hands_its_rest_to_the_close() {
+        let conn = handle();
+        conn.release(Vec::new(), None);
+        for byte in 1..=3u8 {
+            assert!(conn.send(LIMITS, 0, frame(byte, 4), &mut Wakes::default()));
+        }
+        let mut sink = Vec::new();
+        // The socket takes 6 bytes, then is full.
+        let mut room_left = 6;
+        let flushed = conn.flush(|slices| {
+            if room_left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut taken = 0;
+            for slice in slices {
+                let take = slice.len().min(room_left - taken);
+                sink.extend_from_slice(&slice[..take]);
+                taken += take;
+            }
+            room_left -= taken;
+            Ok(taken)
+        });
+        assert!(matches!(
+            flushed,
+            Flushed::Blocked {
+                bytes: 6,
+                frames: 1
+            }
+        ));
+        assert_eq!(sink, [1, 1, 1, 1, 2, 2]);
+        assert_eq!(conn.close_queue(), Some(frame(2, 2)));
+        assert!(
+            !conn.send(LIMITS, 0, frame(4, 1), &mut Wakes::default()),
+            "closed"
+        );
+    }
+}
