@@ -425,6 +425,16 @@ impl TestCluster {
         bail!("dispatcher never listed {count} rooms")
     }
 
+    /// Starts another room process named `name` with extra `--set` settings
+    /// (see [`all_transports_room_settings`]).
+    pub async fn start_extra_room(&self, name: &str, sets: &[String]) -> anyhow::Result<Proc> {
+        let mut args = self.node_args();
+        for setting in sets {
+            set(&mut args, setting.clone());
+        }
+        spawn(&self.dir, name, "room", &args).await
+    }
+
     /// `--set` arguments for another role process of this cluster.
     pub fn node_args(&self) -> Vec<String> {
         node_args(&self.keeper.addr("grpc").to_string())
@@ -624,6 +634,44 @@ impl TestCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A self-signed certificate for `localhost` and `127.0.0.1` (so TLS clients
+/// can check it by name or by the IP address rooms announce), written as PEM
+/// files in `dir`.
+pub struct TestCert {
+    /// The certificate, DER-encoded: a client trusts it as its root.
+    pub der: Vec<u8>,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+pub fn test_cert(dir: &Path) -> TestCert {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let certified = rcgen::generate_simple_self_signed(names).unwrap();
+    let cert_file = dir.join("room-cert.pem");
+    let key_file = dir.join("room-key.pem");
+    std::fs::write(&cert_file, certified.cert.pem()).unwrap();
+    std::fs::write(&key_file, certified.key_pair.serialize_pem()).unwrap();
+    TestCert {
+        der: certified.cert.der().to_vec(),
+        cert_file: cert_file.display().to_string(),
+        key_file: key_file.display().to_string(),
+    }
+}
+
+/// `--set` settings for a room that serves every transport
+/// (TCP, WebSocket, TLS and WebSocket over TLS, all on port 0) with `cert`.
+pub fn all_transports_room_settings(node_id: &str, cert: &TestCert) -> Vec<String> {
+    vec![
+        format!("node_id={node_id}"),
+        "tcp_listen=127.0.0.1:0".into(),
+        "ws_listen=127.0.0.1:0".into(),
+        "tls_listen=127.0.0.1:0".into(),
+        "wss_listen=127.0.0.1:0".into(),
+        format!("tls_cert_file={}", cert.cert_file),
+        format!("tls_key_file={}", cert.key_file),
+    ]
 }
 
 /// The next frame, or an error after `timeout`.

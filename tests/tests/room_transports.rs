@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use pushgrid_client::msg;
-use pushgrid_e2e::{ClusterOptions, Proc, TestCluster, spawn};
+use pushgrid_e2e::{ClusterOptions, Proc, TestCert, TestCluster, spawn, test_cert};
 use pushgrid_wire::{Decoded, Frame, Op, decode_frame, encode, encode_empty};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,26 +20,6 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A self-signed certificate for `localhost`, written as PEM files.
-struct TestCert {
-    der: CertificateDer<'static>,
-    cert_file: String,
-    key_file: String,
-}
-
-fn test_cert(dir: &std::path::Path) -> TestCert {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_file = dir.join("room-cert.pem");
-    let key_file = dir.join("room-key.pem");
-    std::fs::write(&cert_file, certified.cert.pem()).unwrap();
-    std::fs::write(&key_file, certified.key_pair.serialize_pem()).unwrap();
-    TestCert {
-        der: certified.cert.der().clone(),
-        cert_file: cert_file.display().to_string(),
-        key_file: key_file.display().to_string(),
-    }
-}
 
 async fn start_room(cluster: &TestCluster, name: &str, sets: &[String]) -> anyhow::Result<Proc> {
     let mut args = cluster.node_args();
@@ -52,7 +32,7 @@ async fn start_room(cluster: &TestCluster, name: &str, sets: &[String]) -> anyho
 
 fn connector(cert: &TestCert) -> TlsConnector {
     let mut roots = RootCertStore::empty();
-    roots.add(cert.der.clone()).unwrap();
+    roots.add(CertificateDer::from(cert.der.clone())).unwrap();
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -12,10 +12,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::address::{AddressError, RoomAddress, Transport};
 use crate::backoff::Backoff;
-use crate::connection::{ConnectOptions, Connection};
+use crate::connection::{ConnectOptions, Connection, TlsOptions, TlsSettings};
 use crate::dedup::{DedupFilter, Seen};
-use crate::dispatch::{dispatch, user_from_token};
+use crate::dispatch::{DispatchedRoom, dispatch, user_from_token};
 use crate::error::ClientError;
 
 /// How a [`Client`] finds rooms, authenticates and behaves. Build it with
@@ -25,9 +26,19 @@ pub struct ClientConfig {
     /// Base URL of a dispatcher (`http://127.0.0.1:8070`). When set, rooms come
     /// from `GET {dispatcher}/v1/dispatch?user=..`, tried in the order given.
     pub dispatcher: Option<String>,
-    /// Direct room addresses (`host:port`), tried in order when there is no
-    /// dispatcher, or when the dispatcher cannot be reached.
+    /// Direct room addresses, tried in order when there is no dispatcher, or
+    /// when the dispatcher cannot be reached: `host:port` or `tcp://host:port`,
+    /// `tls://host:port`, `ws://host:port/path`, `wss://host:port/path` (see
+    /// [`RoomAddress`]). A bad one stops the client at start.
     pub addrs: Vec<String>,
+    /// The transport to use when the dispatcher offers several for a room
+    /// (default plain TCP). A room without it is reached on the closest one it
+    /// serves; a secure preference (`Tls`, `Wss`) never falls back to a plain
+    /// transport.
+    pub transport: Transport,
+    /// Certificate checks for `tls://` and `wss://` rooms: extra trusted roots
+    /// (PEM files, DER bytes) and the server name (by default the address's host).
+    pub tls: TlsOptions,
     /// The user id sent to the dispatcher; by default the token's `sub` claim.
     pub user: Option<String>,
     /// The JWT sent in AUTH.
@@ -43,7 +54,8 @@ pub struct ClientConfig {
     pub reconnect_backoff_min: Duration,
     /// Largest reconnect delay.
     pub reconnect_backoff_max: Duration,
-    /// Limit on opening the TCP connection to one room.
+    /// Limit on opening the connection to one room (TCP, TLS and WebSocket
+    /// handshakes together).
     pub connect_timeout: Duration,
     /// Limit on the wait for AUTH_OK.
     pub auth_timeout: Duration,
@@ -69,6 +81,8 @@ impl ClientConfig {
         ClientConfig {
             dispatcher: None,
             addrs: Vec::new(),
+            transport: Transport::Tcp,
+            tls: TlsOptions::default(),
             user: None,
             token: token.into(),
             device_id: device_id.into(),
@@ -98,7 +112,8 @@ impl Default for ClientConfig {
 /// when the client stopped for good (closed, auth failure, single-login kick).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// AUTH succeeded on `room_addr`.
+    /// AUTH succeeded on `room_addr` (the room's address as [`RoomAddress`]
+    /// prints it: a bare `host:port` for plain TCP, else with its scheme).
     Connected {
         conn_id: u64,
         room_addr: String,
@@ -108,6 +123,11 @@ pub enum Event {
     Push(msg::Push),
     /// The connection ended; the client reconnects unless it was closed.
     Disconnected { reason: String },
+    /// No room could be reached this round (every address failed: refused,
+    /// TLS certificate not trusted, no WebSocket there...); the client tries
+    /// again after `retry_in`. Dropped rather than waited for when the event
+    /// channel is full.
+    ConnectFailed { reason: String, retry_in: Duration },
     /// The server sent KICK; a `Disconnected` follows.
     Kicked(msg::Kick),
     /// The server refused AUTH permanently; the client stopped.
@@ -380,10 +400,10 @@ enum SessionEnd {
 }
 
 enum ConnectOutcome {
+    /// Boxed: a connection is large next to the other outcomes.
     Connected {
-        connection: Connection,
+        connection: Box<Connection>,
         auth_ok: msg::AuthOk,
-        addr: String,
     },
     AllFailed(String),
     AuthFailed {
@@ -426,10 +446,18 @@ struct Worker {
     queued_upstreams: VecDeque<UpstreamRequest>,
     next_seq: u32,
     http: Option<reqwest::Client>,
-    /// Room addresses from the dispatcher and when they expire.
-    dispatched: Option<(Vec<String>, Instant)>,
-    /// Where a KICK told us to go next.
-    redirect: Option<String>,
+    /// `config.addrs`, parsed at start.
+    configured: Vec<RoomAddress>,
+    /// `config.tls` made ready, the first time a TLS room is tried.
+    tls: Option<TlsSettings>,
+    /// Room addresses from the dispatcher (one per room, on the preferred
+    /// transport) and when they expire.
+    dispatched: Option<(Vec<RoomAddress>, Instant)>,
+    /// The rooms of the last dispatcher answer, to tell the transport of a
+    /// KICK's bare `reconnect_to`.
+    known_rooms: Vec<DispatchedRoom>,
+    /// Where a KICK told us to go next, in the order to try.
+    redirect: Vec<RoomAddress>,
     /// Subscribed topics and their positions, resent after every connect.
     topics: HashMap<String, TopicPosition>,
 }
@@ -466,8 +494,11 @@ impl Worker {
             queued_upstreams: VecDeque::new(),
             next_seq: 0,
             http,
+            configured: Vec::new(),
+            tls: None,
             dispatched: None,
-            redirect: None,
+            known_rooms: Vec::new(),
+            redirect: Vec::new(),
             topics: HashMap::new(),
         }
     }
@@ -494,6 +525,23 @@ impl Worker {
             let _ = self.events.send(Event::Disconnected { reason }).await;
             return None;
         }
+        // Parsed once; a typo in a fallback address is reported now, not in
+        // the outage that would have needed it.
+        let parsed: Result<Vec<RoomAddress>, AddressError> = self
+            .config
+            .addrs
+            .iter()
+            .map(|addr| RoomAddress::parse(addr))
+            .collect();
+        match parsed {
+            Ok(addresses) => self.configured = addresses,
+            Err(error) => {
+                let reason = error.to_string();
+                warn!("{reason}; stopping");
+                let _ = self.events.send(Event::Disconnected { reason }).await;
+                return None;
+            }
+        }
         let mut wait = Duration::ZERO;
         loop {
             if !wait.is_zero() {
@@ -514,14 +562,19 @@ impl Worker {
                     self.dispatched = None;
                     wait = self.backoff.next_delay();
                     warn!(%reason, ?wait, "no room reachable");
+                    // Informational: never block the task on a slow reader here.
+                    let _ = self.events.try_send(Event::ConnectFailed {
+                        reason,
+                        retry_in: wait,
+                    });
                 }
                 ConnectOutcome::Connected {
                     connection,
                     auth_ok,
-                    addr,
                 } => {
                     let started = Instant::now();
-                    let end = self.session(connection, auth_ok, addr).await;
+                    let current = connection.address().clone();
+                    let end = self.session(*connection, auth_ok).await;
                     self.counters.connected.store(false, Ordering::Relaxed);
                     if started.elapsed() >= STABLE_SESSION {
                         self.backoff.reset();
@@ -557,7 +610,16 @@ impl Worker {
                                 format!("kicked ({}): {}", code.as_str_name(), kick.reason);
                             info!(code = code.as_str_name(), reason = %kick.reason, after_ms = kick.reconnect_after_ms, to = %kick.reconnect_to, "kicked");
                             if !kick.reconnect_to.is_empty() {
-                                self.redirect = Some(kick.reconnect_to.clone());
+                                match redirect_targets(
+                                    &kick.reconnect_to,
+                                    &current,
+                                    &self.known_rooms,
+                                ) {
+                                    Ok(targets) => self.redirect = targets,
+                                    Err(error) => {
+                                        warn!(%error, "ignoring the KICK's reconnect target");
+                                    }
+                                }
                             }
                             wait = if kick.reconnect_after_ms > 0 {
                                 Duration::from_millis(u64::from(kick.reconnect_after_ms))
@@ -642,20 +704,20 @@ impl Worker {
 
     /// Room addresses to try, in order: a KICK redirect, then the dispatcher's
     /// rooms (or the configured addresses when there is no dispatcher or it fails).
-    async fn targets(&mut self) -> Result<Result<Vec<String>, String>, Interrupt> {
-        let mut addrs: Vec<String> = self.redirect.take().into_iter().collect();
+    async fn targets(&mut self) -> Result<Result<Vec<RoomAddress>, String>, Interrupt> {
+        let mut addrs: Vec<RoomAddress> = std::mem::take(&mut self.redirect);
         let mut failure = None;
         if let Some(base) = self.config.dispatcher.clone() {
             match self.dispatched_addrs(&base).await? {
                 Ok(dispatched) => addrs.extend(dispatched),
                 Err(reason) => {
                     warn!(%reason, "dispatcher failed; falling back to configured addresses");
-                    addrs.extend(self.config.addrs.iter().cloned());
+                    addrs.extend(self.configured.iter().cloned());
                     failure = Some(reason);
                 }
             }
         } else {
-            addrs.extend(self.config.addrs.iter().cloned());
+            addrs.extend(self.configured.iter().cloned());
         }
         let mut unique = Vec::with_capacity(addrs.len());
         for addr in addrs {
@@ -672,7 +734,7 @@ impl Worker {
     async fn dispatched_addrs(
         &mut self,
         base: &str,
-    ) -> Result<Result<Vec<String>, String>, Interrupt> {
+    ) -> Result<Result<Vec<RoomAddress>, String>, Interrupt> {
         if let Some((addrs, expires)) = &self.dispatched
             && Instant::now() < *expires
         {
@@ -695,12 +757,20 @@ impl Worker {
             .await?;
         match answer {
             Ok(dispatch) => {
-                let addrs: Vec<String> = dispatch
+                let preferred = self.config.transport;
+                let addrs: Vec<RoomAddress> = dispatch
                     .rooms
-                    .into_iter()
-                    .filter_map(|room| room.tcp)
+                    .iter()
+                    .filter_map(|room| room.preferred_address(preferred))
                     .collect();
                 debug!(?addrs, "dispatcher answered");
+                self.known_rooms = dispatch.rooms;
+                if addrs.is_empty() {
+                    return Ok(Err(format!(
+                        "the dispatcher offered no room reachable over {preferred} \
+                         (a tls or wss preference never falls back to plain tcp or ws)"
+                    )));
+                }
                 if !dispatch.ttl.is_zero() {
                     self.dispatched = Some((addrs.clone(), Instant::now() + dispatch.ttl));
                 }
@@ -721,9 +791,22 @@ impl Worker {
             connect_timeout: self.config.connect_timeout,
             auth_timeout: self.config.auth_timeout,
             max_body: self.config.max_body,
+            tls: self.config.tls.clone(),
         };
         let mut failures = Vec::new();
         for addr in addrs {
+            let tls = if addr.transport().is_secure() {
+                match self.tls_settings() {
+                    Ok(tls) => Some(tls),
+                    Err(error) => {
+                        warn!(%addr, %error, "cannot connect over TLS");
+                        failures.push(format!("{addr}: {error}"));
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let auth = msg::Auth {
                 token: self.config.token.clone(),
                 device_id: self.config.device_id.clone(),
@@ -732,16 +815,15 @@ impl Worker {
             let attempt = {
                 let addr = addr.clone();
                 let options = options.clone();
-                async move { Connection::connect_with(&addr, auth, &options).await }
+                async move { Connection::connect_prepared(&addr, auth, &options, tls.as_ref()).await }
             };
             match self.idle(attempt, false).await {
                 Err(Interrupt::Close(done)) => return ConnectOutcome::Close(done),
                 Err(Interrupt::Reconnect) => {}
                 Ok(Ok((connection, auth_ok))) => {
                     return ConnectOutcome::Connected {
-                        connection,
+                        connection: Box::new(connection),
                         auth_ok,
-                        addr,
                     };
                 }
                 Ok(Err(error)) if error.is_permanent_auth_failure() => {
@@ -758,6 +840,17 @@ impl Worker {
         ConnectOutcome::AllFailed(failures.join("; "))
     }
 
+    /// The TLS settings, prepared on first use (a failure, such as an
+    /// unreadable root file, is tried again next time).
+    fn tls_settings(&mut self) -> Result<TlsSettings, ClientError> {
+        if let Some(tls) = &self.tls {
+            return Ok(tls.clone());
+        }
+        let tls = self.config.tls.prepare()?;
+        self.tls = Some(tls.clone());
+        Ok(tls)
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.next_seq = self.next_seq.wrapping_add(1);
         if self.next_seq == 0 {
@@ -766,12 +859,8 @@ impl Worker {
         self.next_seq
     }
 
-    async fn session(
-        &mut self,
-        mut connection: Connection,
-        auth_ok: msg::AuthOk,
-        addr: String,
-    ) -> SessionEnd {
+    async fn session(&mut self, mut connection: Connection, auth_ok: msg::AuthOk) -> SessionEnd {
+        let addr = connection.address().to_string();
         let first = self.counters.connects.fetch_add(1, Ordering::Relaxed) == 0;
         if !first {
             bump(&self.counters.reconnects, 1);
@@ -1155,4 +1244,108 @@ async fn send_sub(
         epoch: position.epoch,
     };
     write(connection, &pushgrid_wire::encode(Op::Sub, 0, &sub)).await
+}
+
+/// Where a KICK's `reconnect_to` sends the device, in the order to try. An
+/// address with a scheme names its transport. A bare `host:port` is, by the
+/// room's rule, the target room's listener for the device's own transport when
+/// that room has one, else its TCP listener: the last dispatcher answer tells
+/// which when it lists the address, otherwise both are tried, the device's
+/// transport first.
+fn redirect_targets(
+    reconnect_to: &str,
+    current: &RoomAddress,
+    known_rooms: &[DispatchedRoom],
+) -> Result<Vec<RoomAddress>, AddressError> {
+    let reconnect_to = reconnect_to.trim();
+    if reconnect_to.contains("://") {
+        return Ok(vec![RoomAddress::parse(reconnect_to)?]);
+    }
+    let bare = RoomAddress::parse(reconnect_to)?;
+    if current.transport() == Transport::Tcp {
+        return Ok(vec![bare]);
+    }
+    let listed = |transport: Transport| {
+        known_rooms
+            .iter()
+            .filter_map(|room| room.address(transport))
+            .find(|address| address.host() == bare.host() && address.port() == bare.port())
+    };
+    if let Some(address) = listed(current.transport()) {
+        return Ok(vec![address]);
+    }
+    if let Some(address) = listed(Transport::Tcp) {
+        return Ok(vec![address]);
+    }
+    Ok(vec![current.with_endpoint(bare.host(), bare.port()), bare])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn room(tcp: &str, ws: Option<&str>, wss: Option<&str>) -> DispatchedRoom {
+        DispatchedRoom {
+            node: "room".into(),
+            tcp: Some(tcp.into()),
+            ws: ws.map(Into::into),
+            tls: None,
+            wss: wss.map(Into::into),
+        }
+    }
+
+    fn targets(reconnect_to: &str, current: &str, known: &[DispatchedRoom]) -> Vec<String> {
+        let current = RoomAddress::parse(current).unwrap();
+        redirect_targets(reconnect_to, &current, known)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_kick_target_keeps_the_transport_of_the_connection() {
+        // Plain TCP: a bare address is the TCP listener.
+        assert_eq!(
+            targets("10.0.0.2:8090", "10.0.0.1:8090", &[]),
+            ["10.0.0.2:8090"]
+        );
+        // An explicit scheme wins.
+        assert_eq!(
+            targets("wss://push.example/d", "10.0.0.1:8090", &[]),
+            ["wss://push.example:443/d"]
+        );
+        // Unknown bare address from a WebSocket connection: the same
+        // transport (and path) first, then TCP.
+        assert_eq!(
+            targets("10.0.0.2:8091", "ws://10.0.0.1:8091/push", &[]),
+            ["ws://10.0.0.2:8091/push", "10.0.0.2:8091"]
+        );
+        assert_eq!(
+            targets("10.0.0.2:8443", "tls://10.0.0.1:8443", &[]),
+            ["tls://10.0.0.2:8443", "10.0.0.2:8443"]
+        );
+        // The dispatcher listed it: no guessing.
+        let known = [room(
+            "10.0.0.2:8090",
+            Some("10.0.0.2:8091"),
+            Some("10.0.0.2:8444"),
+        )];
+        assert_eq!(
+            targets("10.0.0.2:8444", "wss://10.0.0.1:8444/", &known),
+            ["wss://10.0.0.2:8444/"]
+        );
+        assert_eq!(
+            targets("10.0.0.2:8090", "wss://10.0.0.1:8444/", &known),
+            ["10.0.0.2:8090"]
+        );
+    }
+
+    #[test]
+    fn a_bad_kick_target_is_an_error() {
+        let current = RoomAddress::parse("ws://10.0.0.1:8091/").unwrap();
+        assert!(redirect_targets("not an address", &current, &[]).is_err());
+        assert!(redirect_targets("gopher://x:1", &current, &[]).is_err());
+    }
 }

@@ -4,21 +4,85 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde::Deserialize;
+use tracing::debug;
 
+use crate::address::{RoomAddress, Transport};
 use crate::error::ClientError;
 
-/// One room the dispatcher offered.
+/// One room the dispatcher offered: an address per transport it serves, each
+/// a bare `host:port` (or a whole address with its scheme).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct DispatchedRoom {
     /// The room's node name.
     #[serde(default)]
     pub node: String,
-    /// `host:port` of the room's TCP listener.
+    /// The room's TCP listener.
     #[serde(default)]
     pub tcp: Option<String>,
-    /// The room's WebSocket URL, when it has one.
+    /// The room's WebSocket listener, when it has one.
     #[serde(default)]
     pub ws: Option<String>,
+    /// The room's TLS listener, when it has one.
+    #[serde(default)]
+    pub tls: Option<String>,
+    /// The room's WebSocket-over-TLS listener, when it has one.
+    #[serde(default)]
+    pub wss: Option<String>,
+}
+
+impl DispatchedRoom {
+    /// The room's address on `transport`, when it lists a usable one.
+    pub fn address(&self, transport: Transport) -> Option<RoomAddress> {
+        let listed = match transport {
+            Transport::Tcp => &self.tcp,
+            Transport::Tls => &self.tls,
+            Transport::Ws => &self.ws,
+            Transport::Wss => &self.wss,
+        };
+        let listed = listed
+            .as_deref()
+            .map(str::trim)
+            .filter(|text| !text.is_empty())?;
+        match RoomAddress::with_transport(transport, listed) {
+            Ok(address) => Some(address),
+            Err(error) => {
+                debug!(node = %self.node, %error, "ignoring an unusable address from the dispatcher");
+                None
+            }
+        }
+    }
+
+    /// The address to use when the client prefers `preferred`: that transport
+    /// when the room serves it, else the closest one it does serve. A secure
+    /// preference (`tls`, `wss`) never falls back to a plain transport; a plain
+    /// one may move up to TLS when the room serves nothing else.
+    pub fn preferred_address(&self, preferred: Transport) -> Option<RoomAddress> {
+        let order: &[Transport] = match preferred {
+            Transport::Tcp => &[
+                Transport::Tcp,
+                Transport::Ws,
+                Transport::Tls,
+                Transport::Wss,
+            ],
+            Transport::Ws => &[
+                Transport::Ws,
+                Transport::Tcp,
+                Transport::Wss,
+                Transport::Tls,
+            ],
+            Transport::Tls => &[Transport::Tls, Transport::Wss],
+            Transport::Wss => &[Transport::Wss, Transport::Tls],
+        };
+        order.iter().find_map(|transport| self.address(*transport))
+    }
+
+    /// Every address the room lists, by transport.
+    pub fn addresses(&self) -> Vec<RoomAddress> {
+        Transport::ALL
+            .into_iter()
+            .filter_map(|transport| self.address(transport))
+            .collect()
+    }
 }
 
 /// The dispatcher's answer: rooms in the order to try them, and how long the
@@ -97,11 +161,11 @@ pub fn parse_dispatch(status: u16, body: &[u8]) -> Result<Dispatch, ClientError>
     let rooms: Vec<DispatchedRoom> = result
         .rooms
         .into_iter()
-        .filter(|room| room.tcp.as_deref().is_some_and(|tcp| !tcp.is_empty()))
+        .filter(|room| !room.addresses().is_empty())
         .collect();
     if rooms.is_empty() {
         return Err(ClientError::Dispatch(
-            "no room with a TCP address available".into(),
+            "no room with a usable address available".into(),
         ));
     }
     Ok(Dispatch {
@@ -131,17 +195,70 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_rooms_in_order_and_skips_rooms_without_tcp() {
+    fn parses_rooms_in_order_and_skips_rooms_without_a_usable_address() {
         let body = br#"{"result": {"rooms": [{"node": "room-1", "tcp": "127.0.0.1:8090"},
-            {"node": "room-ws", "ws": "ws://x"}, {"node": "room-2", "tcp": "127.0.0.1:8091", "extra": 1}], "ttl_secs": 60}}"#;
+            {"node": "broken", "tcp": "no port", "ws": ""}, {"node": "room-ws", "ws": "10.0.0.9:8091"},
+            {"node": "room-2", "tcp": "127.0.0.1:8091", "extra": 1}], "ttl_secs": 60}}"#;
         let dispatch = parse_dispatch(200, body).unwrap();
-        let addrs: Vec<_> = dispatch
+        let nodes: Vec<_> = dispatch
             .rooms
             .iter()
-            .map(|room| room.tcp.clone().unwrap())
+            .map(|room| room.node.as_str())
             .collect();
-        assert_eq!(addrs, ["127.0.0.1:8090", "127.0.0.1:8091"]);
+        assert_eq!(nodes, ["room-1", "room-ws", "room-2"]);
         assert_eq!(dispatch.ttl, Duration::from_secs(60));
+        let none = br#"{"result": {"rooms": [{"node": "broken", "tcp": "x"}], "ttl_secs": 1}}"#;
+        assert!(parse_dispatch(200, none).is_err());
+    }
+
+    #[test]
+    fn the_preferred_transport_wins_and_secure_never_falls_back_to_plain() {
+        let body = br#"{"result": {"rooms": [
+            {"node": "all", "tcp": "10.0.0.1:8090", "ws": "10.0.0.1:8091", "tls": "push.example:8443", "wss": "push.example:443"},
+            {"node": "plain", "tcp": "10.0.0.2:8090", "ws": "ws://10.0.0.2:8091/push"},
+            {"node": "tls-only", "tcp": "", "tls": "10.0.0.3:8443"}], "ttl_secs": 5}}"#;
+        let rooms = parse_dispatch(200, body).unwrap().rooms;
+        let chosen = |preferred: Transport| -> Vec<Option<String>> {
+            rooms
+                .iter()
+                .map(|room| {
+                    room.preferred_address(preferred)
+                        .map(|address| address.to_string())
+                })
+                .collect()
+        };
+        assert_eq!(
+            chosen(Transport::Tcp),
+            [
+                Some("10.0.0.1:8090".into()),
+                Some("10.0.0.2:8090".into()),
+                Some("tls://10.0.0.3:8443".into())
+            ]
+        );
+        assert_eq!(
+            chosen(Transport::Ws),
+            [
+                Some("ws://10.0.0.1:8091/".into()),
+                Some("ws://10.0.0.2:8091/push".into()),
+                Some("tls://10.0.0.3:8443".into())
+            ]
+        );
+        assert_eq!(
+            chosen(Transport::Tls),
+            [
+                Some("tls://push.example:8443".into()),
+                None,
+                Some("tls://10.0.0.3:8443".into())
+            ]
+        );
+        assert_eq!(
+            chosen(Transport::Wss),
+            [
+                Some("wss://push.example:443/".into()),
+                None,
+                Some("tls://10.0.0.3:8443".into())
+            ]
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use pushgrid_wire::FrameError;
+
+use crate::address::AddressError;
 use pushgrid_wire::msg::ErrorCode;
 
 /// Everything that can go wrong in the SDK.
@@ -14,6 +16,21 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
+    /// A room address does not parse (see [`crate::RoomAddress`]).
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The TLS settings cannot be used (an unreadable or empty root
+    /// certificate file, a bad DER certificate, a bad server name).
+    #[error("TLS settings: {0}")]
+    TlsConfig(String),
+    /// The TLS handshake with a room failed: most often a certificate that no
+    /// trusted root signed, or one issued for another name.
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    /// The WebSocket handshake with a room failed (no WebSocket listener
+    /// there, or an HTTP answer other than 101).
+    #[error("WebSocket handshake with {addr} failed: {reason}")]
+    WebSocket { addr: String, reason: String },
     /// Reading from or writing to an open connection failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

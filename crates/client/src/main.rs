@@ -2,11 +2,12 @@
 //! own line of stdout and acknowledges it. Logs go to stderr.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use pushgrid_client::{Client, ClientConfig, Event};
+use pushgrid_client::{Client, ClientConfig, Event, RoomAddress, Transport};
 use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
@@ -19,10 +20,22 @@ struct Args {
     /// Dispatcher base URL, e.g. http://127.0.0.1:8070.
     #[arg(long, env = "PUSHGRID_DISPATCHER")]
     dispatcher: Option<String>,
-    /// Room TCP address (host:port); repeat for fallbacks. Used when there is no
-    /// dispatcher or it cannot be reached.
-    #[arg(long = "addr")]
-    addrs: Vec<String>,
+    /// Room address; repeat for fallbacks. Used when there is no dispatcher or
+    /// it cannot be reached. Forms: host:port or tcp://host:port (plain TCP),
+    /// tls://host:port, ws://host:port/path, wss://host:port/path.
+    #[arg(long = "addr", value_parser = parse_address)]
+    addrs: Vec<RoomAddress>,
+    /// Transport to use for the dispatcher's rooms: tcp, tls, ws or wss (a
+    /// secure one never falls back to a plain one).
+    #[arg(long, default_value = "tcp")]
+    transport: Transport,
+    /// PEM file of extra trusted root certificates for tls:// and wss:// rooms
+    /// (repeatable; the public web roots are trusted too).
+    #[arg(long = "ca", value_name = "PEM")]
+    cas: Vec<PathBuf>,
+    /// Name the room's TLS certificate must carry (default: the address's host).
+    #[arg(long)]
+    tls_server_name: Option<String>,
     /// The device's JWT.
     #[arg(long, env = "PUSHGRID_TOKEN")]
     token: String,
@@ -44,6 +57,10 @@ struct Args {
     heartbeat_secs: Option<u64>,
 }
 
+fn parse_address(text: &str) -> Result<RoomAddress, String> {
+    RoomAddress::parse(text).map_err(|error| error.reason)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -55,7 +72,7 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     if args.dispatcher.is_none() && args.addrs.is_empty() {
-        eprintln!("error: give --dispatcher <url> or at least one --addr <host:port>");
+        eprintln!("error: give --dispatcher <url> or at least one --addr <address>");
         return ExitCode::from(2);
     }
     if args.count == Some(0) {
@@ -64,7 +81,10 @@ async fn main() -> ExitCode {
 
     let mut config = ClientConfig::new(args.token, args.device_id);
     config.dispatcher = args.dispatcher;
-    config.addrs = args.addrs;
+    config.addrs = args.addrs.iter().map(ToString::to_string).collect();
+    config.transport = args.transport;
+    config.tls.root_pem_files = args.cas;
+    config.tls.server_name = args.tls_server_name;
     config.user = args.user;
     config.platform = args.platform;
     config.auto_ack = true;
@@ -119,6 +139,8 @@ async fn main() -> ExitCode {
                 info!(conn_id, room = %room_addr, ?heartbeat, "connected");
             }
             Event::Disconnected { reason } => warn!(%reason, "disconnected"),
+            // The SDK logs the reason itself ("no room reachable").
+            Event::ConnectFailed { .. } => {}
             Event::Kicked(kick) => {
                 warn!(code = kick.code().as_str_name(), reason = %kick.reason, "kicked");
             }

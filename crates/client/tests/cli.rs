@@ -65,3 +65,21 @@ async fn auth_failure_exits_non_zero_with_the_servers_message() {
     );
     assert!(output.stdout.is_empty());
 }
+
+#[tokio::test]
+async fn a_bad_room_address_is_refused_before_connecting() {
+    let child = cli()
+        .args(["--token", "good", "--addr", "http://127.0.0.1:8090"])
+        .spawn()
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("http://127.0.0.1:8090") && stderr.contains("unknown transport"),
+        "{stderr}"
+    );
+}
