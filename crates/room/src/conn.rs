@@ -751,6 +751,7 @@ async fn task_loop(
                         let hot = metrics::hot();
                         hot.bytes_out.increment(bytes as u64);
                         hot.frames_sent.increment(frames.len() as u64);
+                        hot.writes.increment(1);
                     }
                     Err(_) => return None,
                 }

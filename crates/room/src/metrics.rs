@@ -10,6 +10,8 @@ pub(crate) struct Hot {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub frames_sent: Counter,
+    /// Write calls on sockets (frames_sent / writes: frames per write).
+    pub writes: Counter,
 }
 
 /// The hot counters. The first call must come after the process installed
@@ -20,6 +22,7 @@ pub(crate) fn hot() -> &'static Hot {
         bytes_in: counter!("pushgrid_room_received_bytes_total"),
         bytes_out: counter!("pushgrid_room_sent_bytes_total"),
         frames_sent: counter!("pushgrid_room_frames_sent_total"),
+        writes: counter!("pushgrid_room_socket_writes_total"),
     })
 }
 

@@ -198,11 +198,13 @@ pub(crate) enum Flushed {
     Done {
         bytes: usize,
         frames: usize,
+        writes: usize,
     },
     /// The socket is full; the writable event continues.
     Blocked {
         bytes: usize,
         frames: usize,
+        writes: usize,
     },
     Failed,
 }
@@ -446,11 +448,15 @@ impl ConnHandle {
     ) -> Flushed {
         let mut queue = self.lock();
         queue.flush_asked = false;
-        let (mut bytes, mut frames) = (0, 0);
+        let (mut bytes, mut frames, mut writes) = (0, 0, 0);
         loop {
             if queue.holds > 0 || queue.frames.is_empty() || queue.closed {
                 queue.stalled = false;
-                return Flushed::Done { bytes, frames };
+                return Flushed::Done {
+                    bytes,
+                    frames,
+                    writes,
+                };
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut count = 0;
@@ -459,12 +465,17 @@ impl ConnHandle {
                 slices[count] = IoSlice::new(&outbound.frame[start..]);
                 count += 1;
             }
+            writes += 1;
             let mut written = match write(&slices[..count]) {
                 Ok(0) => return Flushed::Failed,
                 Ok(written) => written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     queue.stalled = true;
-                    return Flushed::Blocked { bytes, frames };
+                    return Flushed::Blocked {
+                        bytes,
+                        frames,
+                        writes,
+                    };
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Flushed::Failed,
@@ -688,7 +699,8 @@ mod tests {
             flushed,
             Flushed::Blocked {
                 bytes: 6,
-                frames: 1
+                frames: 1,
+                writes: 2
             }
         ));
         assert_eq!(sink, [1, 1, 1, 1, 2, 2]);

@@ -14,8 +14,8 @@ use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
     AckItem, AckRequest, DeliveredRequest, DeliveryReport, HistoryRequest, HistoryResponse,
-    KickRequest, Message, PendingRequest, Role, Session, SessionBatch, StateBatch, StateEvent,
-    UpstreamRequest,
+    KickRequest, Message, PendingAnswer, PendingManyRequest, PendingRequest, Role, Session,
+    SessionBatch, StateBatch, StateEvent, UpstreamRequest,
 };
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -27,6 +27,8 @@ pub(crate) struct Peers {
     cluster: Cluster,
     pool: Arc<ChannelPool>,
     online: BatcherMap<Session, ()>,
+    /// Inbox reads after AUTH, many per PendingMany call.
+    inboxes: BatcherMap<PendingRequest, PendingAnswer>,
     /// Reports nobody waits for go through sinks: one queue slot per item,
     /// no task.
     offline: SinkMap<Session>,
@@ -58,6 +60,16 @@ impl Peers {
                     .online(SessionBatch { sessions })
                     .await?;
                 Ok(vec![(); count])
+            },
+        );
+        let inboxes = BatcherMap::per_peer(
+            pool.clone(),
+            batch_config(),
+            |channel, requests: Vec<PendingRequest>| async move {
+                let response = SaverClient::new(channel)
+                    .pending_many(PendingManyRequest { requests })
+                    .await?;
+                Ok(response.into_inner().answers)
             },
         );
         let offline = SinkMap::per_peer_sink(
@@ -138,6 +150,7 @@ impl Peers {
             cluster,
             pool,
             online,
+            inboxes,
             offline,
             acks,
             deliveries,
@@ -174,7 +187,7 @@ impl Peers {
         self.offline.get(&addr).send(session);
     }
 
-    /// The user's unacked inbox.
+    /// The user's unacked inbox (reads of many devices share a call).
     pub async fn pending(&self, app: &str, user: &str) -> Result<Vec<Message>, Status> {
         let addr = self.addr_of(Role::Saver, app, user)?;
         let request = PendingRequest {
@@ -182,10 +195,11 @@ impl Peers {
             user: user.to_string(),
             limit: PENDING_LIMIT,
         };
-        let response = SaverClient::new(self.pool.get(&addr)?)
-            .pending(request)
-            .await?;
-        Ok(response.into_inner().messages)
+        let answer = self.inboxes.get(&addr).call(request).await?;
+        if !answer.error.is_empty() {
+            return Err(Status::unavailable(answer.error));
+        }
+        Ok(answer.messages)
     }
 
     /// A topic's stream after `since_offset` (saver pages it).

@@ -470,27 +470,38 @@ impl Shard {
             let mut writer: &TcpStream = stream;
             writer.write_vectored(slices)
         });
-        let (bytes, frames) = match flushed {
-            Flushed::Done { bytes, frames } => {
+        let (bytes, frames, writes) = match flushed {
+            Flushed::Done {
+                bytes,
+                frames,
+                writes,
+            } => {
                 slot.stalled_since = 0;
-                (bytes, frames)
+                (bytes, frames, writes)
             }
-            Flushed::Blocked { bytes, frames } => {
+            Flushed::Blocked {
+                bytes,
+                frames,
+                writes,
+            } => {
                 if slot.stalled_since == 0 {
                     slot.stalled_since = room_clock().max(1);
                 }
-                (bytes, frames)
+                (bytes, frames, writes)
             }
             Flushed::Failed => {
                 self.close(key, "io");
                 return;
             }
         };
-        if bytes > 0 {
-            slot.wrote = true;
+        if writes > 0 {
             let hot = metrics::hot();
-            hot.bytes_out.increment(bytes as u64);
-            hot.frames_sent.increment(frames as u64);
+            hot.writes.increment(writes as u64);
+            if bytes > 0 {
+                slot.wrote = true;
+                hot.bytes_out.increment(bytes as u64);
+                hot.frames_sent.increment(frames as u64);
+            }
         }
         // A device that stopped sending is closed once it has its answers.
         if slot.input_ended != 0 && slot.conn.is_drained() {

@@ -20,9 +20,9 @@ use pushgrid_common::node;
 use pushgrid_common::{CancellationToken, db, net, now_ms};
 use pushgrid_proto::cluster::saver_server::{Saver, SaverServer};
 use pushgrid_proto::cluster::{
-    AckRequest, AckResponse, HistoryRequest, HistoryResponse, PendingRequest, PendingResponse,
-    PublishRequest, PublishResponse, Role, StoreManyRequest, StoreManyResponse, StoreRequest,
-    StoreResponse,
+    AckRequest, AckResponse, HistoryRequest, HistoryResponse, PendingAnswer, PendingManyRequest,
+    PendingManyResponse, PendingRequest, PendingResponse, PublishRequest, PublishResponse, Role,
+    StoreManyRequest, StoreManyResponse, StoreRequest, StoreResponse,
 };
 // Groups and message status (issue 12).
 use pushgrid_proto::cluster::{
@@ -270,6 +270,55 @@ impl Saver for SaverService {
             .map_err(|error| to_status("pending", error))?;
         metrics::pending_served(messages.len());
         Ok(Response::new(PendingResponse { messages }))
+    }
+
+    async fn pending_many(
+        &self,
+        request: Request<PendingManyRequest>,
+    ) -> Result<Response<PendingManyResponse>, Status> {
+        let requests = request.into_inner().requests;
+        if requests.len() > store::MAX_PENDING_MANY {
+            return Err(Status::invalid_argument(format!(
+                "{} inbox reads in one call; at most {}",
+                requests.len(),
+                store::MAX_PENDING_MANY
+            )));
+        }
+        let reads: Vec<store::PendingRead> = requests
+            .into_iter()
+            .map(|request| store::PendingRead {
+                app: request.app,
+                user: request.user,
+                limit: request.limit,
+            })
+            .collect();
+        let mut failures = 0;
+        let answers = self
+            .store
+            .pending_many(&reads)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Ok(messages) => {
+                    metrics::pending_served(messages.len());
+                    PendingAnswer {
+                        messages,
+                        error: String::new(),
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    PendingAnswer {
+                        messages: Vec::new(),
+                        error: Status::from(error).message().to_string(),
+                    }
+                }
+            })
+            .collect();
+        if failures > 0 {
+            tracing::warn!(failures, reads = reads.len(), "inbox reads failed");
+        }
+        Ok(Response::new(PendingManyResponse { answers }))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {

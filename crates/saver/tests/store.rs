@@ -11,8 +11,8 @@ use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{AckItem, Message, StoreItem};
 use pushgrid_saver::error::StoreError;
 use pushgrid_saver::store::{
-    Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, RedisSqlStore, SqlStore,
-    StoreLimits,
+    Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, PendingRead,
+    RedisSqlStore, SqlStore, StoreLimits,
 };
 use sqlx::{AnyPool, Row};
 
@@ -561,6 +561,53 @@ async fn attempts_count_each_pending(backend: Backend) -> anyhow::Result<Harness
 
 /// Redis lost its data (restart without persistence): Pending finds the inbox
 /// in SQL again, without the acked or dropped messages.
+/// PendingMany: one answer per read, in order; a cold inbox (its Redis keys
+/// gone) comes back from SQL with the others; a bad read fails alone.
+async fn many_inboxes_are_read_at_once(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(backend, limits()).await?;
+    let one = harness.store(&["ann", "ben"], "one").await?;
+    let two = harness.store(&["ann"], "two").await?;
+    // ann's inbox is served warm first; ben's is lost from Redis.
+    assert_eq!(payloads(&harness.pending("ann").await?), ["one", "two"]);
+    if harness.backend.has_redis() {
+        let tag = format!("pg:{{{}:ben}}", harness.app);
+        let keys: Vec<String> = ["inbox", "msgs", "att", "warm"]
+            .iter()
+            .map(|suffix| format!("{tag}:{suffix}"))
+            .collect();
+        // Never read yet: only the inbox and the bodies exist.
+        assert_eq!(harness.redis_del(&keys).await?, 2);
+    }
+    let read = |user: &str, limit: u32| PendingRead {
+        app: harness.app.clone(),
+        user: user.to_string(),
+        limit,
+    };
+    let reads = [
+        read("ben", 0),
+        read("", 0),
+        read("nobody", 0),
+        read("ann", 1),
+        read("ann", 0),
+    ];
+    let answers = harness.store.pending_many(&reads).await;
+    assert_eq!(answers.len(), 5, "one answer per read");
+    let ben = answers[0].as_ref().expect("ben's inbox");
+    assert_eq!(ids(ben), [one[1].id], "from SQL when Redis lost it");
+    assert!(
+        matches!(&answers[1], Err(StoreError::InvalidArgument(_))),
+        "an empty user fails alone: {:?}",
+        answers[1]
+    );
+    assert!(answers[2].as_ref().expect("empty inbox").is_empty());
+    assert_eq!(ids(answers[3].as_ref().expect("limited")), [one[0].id]);
+    assert_eq!(
+        ids(answers[4].as_ref().expect("ann's inbox")),
+        [one[0].id, two[0].id]
+    );
+    Ok(harness)
+}
+
 async fn a_lost_redis_inbox_is_reloaded_from_sql(backend: Backend) -> anyhow::Result<Harness> {
     let harness = Harness::new(
         backend,
@@ -911,5 +958,6 @@ mod backends {
         broadcast_history_recovers_or_says_not,
         concurrent_stores_are_all_durable,
         store_many_keeps_each_items_payload_and_ttl,
+        many_inboxes_are_read_at_once,
     );
 }

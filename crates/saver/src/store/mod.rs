@@ -41,6 +41,19 @@ pub const MAX_USERS_PER_STORE: usize = 10_000;
 pub const MAX_PENDING_LIMIT: u32 = 1000;
 pub const DEFAULT_PENDING_LIMIT: u32 = 100;
 
+/// Inbox reads of one [`MessageStore::pending_many`] run at once by default.
+pub const PENDING_MANY_CONCURRENCY: usize = 64;
+/// Most inbox reads in one PendingMany call.
+pub const MAX_PENDING_MANY: usize = 1000;
+
+/// One inbox read of a PendingMany call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRead {
+    pub app: String,
+    pub user: String,
+    pub limit: u32,
+}
+
 /// What a Store call stored: one message per user, in `users` order.
 #[derive(Debug, Clone, Default)]
 pub struct Stored {
@@ -95,6 +108,25 @@ pub trait MessageStore: GroupStore + Send + Sync + 'static {
     /// message returned; `attempts` in the answer includes this one. A message
     /// already delivered `max_attempts` times moves to the dead letters instead.
     async fn pending(&self, app: &str, user: &str, limit: u32) -> Result<Vec<Message>, StoreError>;
+
+    /// [`pending`](Self::pending) for many inboxes, one answer per request in
+    /// order. By default the reads run side by side,
+    /// [`PENDING_MANY_CONCURRENCY`] at a time; a store may share work among
+    /// them.
+    async fn pending_many(
+        &self,
+        requests: &[PendingRead],
+    ) -> Vec<Result<Vec<Message>, StoreError>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(PENDING_MANY_CONCURRENCY) {
+            let reads: Vec<_> = chunk
+                .iter()
+                .map(|read| self.pending(&read.app, &read.user, read.limit))
+                .collect();
+            answers.extend(futures::future::join_all(reads).await);
+        }
+        answers
+    }
 
     /// Marks messages acknowledged; returns how many were pending until now
     /// (acking twice counts once).

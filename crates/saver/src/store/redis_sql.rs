@@ -30,6 +30,7 @@
 //! Commands for many users are sent as one pipeline per batch (one round
 //! trip); on a Redis Cluster, as one pipeline per user (slot), concurrently.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,8 +45,8 @@ use redis::{Cmd, RedisFuture, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Durability, History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore, SqlStore,
-    StoreLimits, Stored,
+    Durability, History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore,
+    PendingRead, SqlStore, StoreLimits, Stored,
 };
 use crate::error::StoreError;
 use crate::metrics;
@@ -480,6 +481,134 @@ impl RedisSqlStore {
         Ok(())
     }
 
+    /// One read of a PendingMany call: the inbox was warmed with the others,
+    /// or (when that failed) warms itself.
+    async fn read_warm(
+        &self,
+        read: &PendingRead,
+        limit: Result<usize, StoreError>,
+        warmed: bool,
+    ) -> Result<Vec<Message>, StoreError> {
+        let limit = limit?;
+        if !warmed {
+            return self.pending(&read.app, &read.user, limit as u32).await;
+        }
+        self.read_inbox(&UserKeys::new(&read.app, &read.user), limit)
+            .await
+    }
+
+    /// Reads a warm inbox: what `pending` answers after the warm-up.
+    async fn read_inbox(&self, keys: &UserKeys, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let mut redis = self.redis.clone();
+        let max_attempts = i64::from(self.limits().max_attempts.max(1));
+        // Read in id order, setting aside entries that expired, lost their
+        // body or were delivered too often; nothing is changed until the end,
+        // so the offsets stay valid.
+        let now = now_ms();
+        let mut served: Vec<Message> = Vec::new();
+        let mut stale: Vec<String> = Vec::new();
+        let mut dead: Vec<Message> = Vec::new();
+        let mut offset = 0usize;
+        for _ in 0..PENDING_READ_ROUNDS {
+            let want = limit - served.len();
+            let members: Vec<String> = command("ZRANGE")
+                .arg(&keys.inbox)
+                .arg(offset)
+                .arg(offset + want - 1)
+                .query_async(&mut redis)
+                .await?;
+            if members.is_empty() {
+                break;
+            }
+            offset += members.len();
+            let (bodies, attempts): (Vec<Option<Vec<u8>>>, Vec<Option<i64>>) = redis::pipe()
+                .cmd("HMGET")
+                .arg(&keys.msgs)
+                .arg(&members)
+                .cmd("HMGET")
+                .arg(&keys.attempts)
+                .arg(&members)
+                .query_async(&mut redis)
+                .await?;
+            for ((member, body), attempts) in members.iter().zip(bodies).zip(attempts) {
+                let mut message = match body.map(|bytes| Message::decode(bytes.as_slice())) {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        tracing::error!(%error, %member, "undecodable message in redis inbox, removing it");
+                        stale.push(member.clone());
+                        continue;
+                    }
+                    // The body is gone (acked or dropped concurrently): a leftover entry.
+                    None => {
+                        stale.push(member.clone());
+                        continue;
+                    }
+                };
+                let attempts = attempts.unwrap_or(0);
+                if message.expires_ms <= now {
+                    stale.push(member.clone());
+                } else if attempts >= max_attempts {
+                    message.attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                    dead.push(message);
+                } else {
+                    served.push(message);
+                }
+            }
+            if served.len() >= limit || members.len() < want {
+                break;
+            }
+        }
+        if served.is_empty() && stale.is_empty() && dead.is_empty() {
+            return Ok(served);
+        }
+
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if !stale.is_empty() {
+            pipe.cmd("ZREM").arg(&keys.inbox).arg(&stale).ignore();
+            pipe.cmd("HDEL").arg(&keys.msgs).arg(&stale).ignore();
+            pipe.cmd("HDEL").arg(&keys.attempts).arg(&stale).ignore();
+        }
+        for message in &served {
+            pipe.cmd("HINCRBY")
+                .arg(&keys.attempts)
+                .arg(member(message.id))
+                .arg(1);
+        }
+        // One ZREM per dead message: its reply says whether this call moved it.
+        for message in &dead {
+            pipe.cmd("ZREM").arg(&keys.inbox).arg(member(message.id));
+        }
+        if !dead.is_empty() {
+            let members: Vec<String> = dead.iter().map(|message| member(message.id)).collect();
+            pipe.cmd("HDEL").arg(&keys.msgs).arg(&members).ignore();
+            pipe.cmd("HDEL").arg(&keys.attempts).arg(&members).ignore();
+        }
+        pipe.cmd("EXPIRE")
+            .arg(&keys.attempts)
+            .arg(self.key_ttl_secs())
+            .ignore();
+        let replies: Vec<i64> = pipe.query_async(&mut redis).await?;
+        let (attempts, removed) = replies.split_at(served.len().min(replies.len()));
+        for (message, attempts) in served.iter_mut().zip(attempts) {
+            message.attempts = u32::try_from((*attempts).max(0)).unwrap_or(u32::MAX);
+        }
+        let owned: Vec<Message> = dead
+            .into_iter()
+            .zip(removed)
+            .filter(|(_, removed)| **removed == 1)
+            .map(|(message, _)| message)
+            .collect();
+        if !owned.is_empty() {
+            // Out of Redis already; a failure here leaves the SQL row live, so a
+            // recovery can bring it back: never lost, at worst delivered again.
+            if let Err(error) = self.sql.dead_letter(&owned, false).await {
+                tracing::warn!(%error, count = owned.len(), "cannot record dead letters in sql");
+            }
+        }
+        Ok(served)
+    }
+
     /// Loads a user's unacked messages from SQL into Redis (never overwriting
     /// what is there) and marks the inbox warm.
     async fn warm_up(&self, app: &str, user: &str, keys: &UserKeys) -> Result<(), StoreError> {
@@ -487,44 +616,9 @@ impl RedisSqlStore {
             .sql
             .unacked(app, user, self.limits().max_inbox.max(1))
             .await?;
-        let key_ttl = self.key_ttl_secs();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for message in &messages {
-            let member = member(message.id);
-            let blob = Message {
-                attempts: 0,
-                ..message.clone()
-            }
-            .encode_to_vec();
-            pipe.cmd("HSETNX")
-                .arg(&keys.msgs)
-                .arg(&member)
-                .arg(blob)
-                .ignore();
-            pipe.cmd("HSETNX")
-                .arg(&keys.attempts)
-                .arg(&member)
-                .arg(message.attempts)
-                .ignore();
-            pipe.cmd("ZADD")
-                .arg(&keys.inbox)
-                .arg("NX")
-                .arg(score(message.id))
-                .arg(&member)
-                .ignore();
-        }
-        if !messages.is_empty() {
-            for key in [&keys.inbox, &keys.msgs, &keys.attempts] {
-                pipe.cmd("EXPIRE").arg(key).arg(key_ttl).ignore();
-            }
-        }
-        pipe.cmd("SET")
-            .arg(&keys.warm)
-            .arg(1)
-            .arg("EX")
-            .arg(key_ttl)
-            .ignore();
+        self.warm_up_commands(keys, &messages).pipeline(&mut pipe);
         let mut redis = self.redis.clone();
         pipe.exec_async(&mut redis).await?;
         if !messages.is_empty() {
@@ -534,6 +628,106 @@ impl RedisSqlStore {
                 count = messages.len(),
                 "loaded an inbox from sql into redis"
             );
+        }
+        Ok(())
+    }
+
+    /// The commands that load `messages` into an inbox and mark it warm:
+    /// bodies before inbox entries, so a reader that sees an entry finds its
+    /// body; existing entries are kept.
+    fn warm_up_commands(&self, keys: &UserKeys, messages: &[Message]) -> SlotCommands {
+        let key_ttl = self.key_ttl_secs();
+        let mut group = SlotCommands::default();
+        for message in messages {
+            let member = member(message.id);
+            let blob = Message {
+                attempts: 0,
+                ..message.clone()
+            }
+            .encode_to_vec();
+            let mut body = command("HSETNX");
+            body.arg(&keys.msgs).arg(&member).arg(blob);
+            group.run(body);
+            let mut attempts = command("HSETNX");
+            attempts
+                .arg(&keys.attempts)
+                .arg(&member)
+                .arg(message.attempts);
+            group.run(attempts);
+            let mut entry = command("ZADD");
+            entry
+                .arg(&keys.inbox)
+                .arg("NX")
+                .arg(score(message.id))
+                .arg(&member);
+            group.run(entry);
+        }
+        if !messages.is_empty() {
+            for key in [&keys.inbox, &keys.msgs, &keys.attempts] {
+                let mut expire = command("EXPIRE");
+                expire.arg(key).arg(key_ttl);
+                group.run(expire);
+            }
+        }
+        let mut warm = command("SET");
+        warm.arg(&keys.warm).arg(1).arg("EX").arg(key_ttl);
+        group.run(warm);
+        group
+    }
+
+    /// Warms every cold inbox of `reads`: one round trip for the warm flags,
+    /// one SQL query per app (in chunks) for the cold ones, one round trip to
+    /// load them.
+    async fn warm_up_many(&self, reads: &[&PendingRead]) -> Result<(), StoreError> {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<UserKeys> = reads
+            .iter()
+            .map(|read| UserKeys::new(&read.app, &read.user))
+            .collect();
+        let checks: Vec<SlotCommands> = keys
+            .iter()
+            .map(|keys| {
+                let mut group = SlotCommands::default();
+                let mut exists = command("EXISTS");
+                exists.arg(&keys.warm);
+                group.query(exists);
+                group
+            })
+            .collect();
+        let flags = self.run_groups(&checks).await?;
+        let mut cold_by_app: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (index, reply) in flags.iter().enumerate() {
+            let warm = matches!(reply.first(), Some(Value::Int(1)));
+            if !warm {
+                cold_by_app
+                    .entry(&reads[index].app)
+                    .or_default()
+                    .push(index);
+            }
+        }
+        if cold_by_app.is_empty() {
+            return Ok(());
+        }
+        let max_inbox = self.limits().max_inbox.max(1);
+        let mut loads = Vec::new();
+        let mut recovered = 0;
+        for (app, indices) in cold_by_app {
+            let users: Vec<String> = indices
+                .iter()
+                .map(|index| reads[*index].user.clone())
+                .collect();
+            let mut inboxes = self.sql.unacked_many(app, &users, max_inbox).await?;
+            for index in indices {
+                let messages = inboxes.remove(&reads[index].user).unwrap_or_default();
+                recovered += messages.len();
+                loads.push(self.warm_up_commands(&keys[index], &messages));
+            }
+        }
+        self.run_groups(&loads).await?;
+        if recovered > 0 {
+            metrics::recovered(recovered);
         }
         Ok(())
     }
@@ -727,8 +921,6 @@ impl MessageStore for RedisSqlStore {
         let limit = super::validate_pending(app, user, limit)? as usize;
         let keys = UserKeys::new(app, user);
         let mut redis = self.redis.clone();
-        let max_attempts = i64::from(self.limits().max_attempts.max(1));
-
         let warm: bool = command("EXISTS")
             .arg(&keys.warm)
             .query_async(&mut redis)
@@ -736,113 +928,48 @@ impl MessageStore for RedisSqlStore {
         if !warm {
             self.warm_up(app, user, &keys).await?;
         }
+        self.read_inbox(&keys, limit).await
+    }
 
-        // Read in id order, setting aside entries that expired, lost their
-        // body or were delivered too often; nothing is changed until the end,
-        // so the offsets stay valid.
-        let now = now_ms();
-        let mut served: Vec<Message> = Vec::new();
-        let mut stale: Vec<String> = Vec::new();
-        let mut dead: Vec<Message> = Vec::new();
-        let mut offset = 0usize;
-        for _ in 0..PENDING_READ_ROUNDS {
-            let want = limit - served.len();
-            let members: Vec<String> = command("ZRANGE")
-                .arg(&keys.inbox)
-                .arg(offset)
-                .arg(offset + want - 1)
-                .query_async(&mut redis)
-                .await?;
-            if members.is_empty() {
-                break;
-            }
-            offset += members.len();
-            let (bodies, attempts): (Vec<Option<Vec<u8>>>, Vec<Option<i64>>) = redis::pipe()
-                .cmd("HMGET")
-                .arg(&keys.msgs)
-                .arg(&members)
-                .cmd("HMGET")
-                .arg(&keys.attempts)
-                .arg(&members)
-                .query_async(&mut redis)
-                .await?;
-            for ((member, body), attempts) in members.iter().zip(bodies).zip(attempts) {
-                let mut message = match body.map(|bytes| Message::decode(bytes.as_slice())) {
-                    Some(Ok(message)) => message,
-                    Some(Err(error)) => {
-                        tracing::error!(%error, %member, "undecodable message in redis inbox, removing it");
-                        stale.push(member.clone());
-                        continue;
-                    }
-                    // The body is gone (acked or dropped concurrently): a leftover entry.
-                    None => {
-                        stale.push(member.clone());
-                        continue;
-                    }
-                };
-                let attempts = attempts.unwrap_or(0);
-                if message.expires_ms <= now {
-                    stale.push(member.clone());
-                } else if attempts >= max_attempts {
-                    message.attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-                    dead.push(message);
-                } else {
-                    served.push(message);
-                }
-            }
-            if served.len() >= limit || members.len() < want {
-                break;
-            }
-        }
-        if served.is_empty() && stale.is_empty() && dead.is_empty() {
-            return Ok(served);
-        }
-
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        if !stale.is_empty() {
-            pipe.cmd("ZREM").arg(&keys.inbox).arg(&stale).ignore();
-            pipe.cmd("HDEL").arg(&keys.msgs).arg(&stale).ignore();
-            pipe.cmd("HDEL").arg(&keys.attempts).arg(&stale).ignore();
-        }
-        for message in &served {
-            pipe.cmd("HINCRBY")
-                .arg(&keys.attempts)
-                .arg(member(message.id))
-                .arg(1);
-        }
-        // One ZREM per dead message: its reply says whether this call moved it.
-        for message in &dead {
-            pipe.cmd("ZREM").arg(&keys.inbox).arg(member(message.id));
-        }
-        if !dead.is_empty() {
-            let members: Vec<String> = dead.iter().map(|message| member(message.id)).collect();
-            pipe.cmd("HDEL").arg(&keys.msgs).arg(&members).ignore();
-            pipe.cmd("HDEL").arg(&keys.attempts).arg(&members).ignore();
-        }
-        pipe.cmd("EXPIRE")
-            .arg(&keys.attempts)
-            .arg(self.key_ttl_secs())
-            .ignore();
-        let replies: Vec<i64> = pipe.query_async(&mut redis).await?;
-        let (attempts, removed) = replies.split_at(served.len().min(replies.len()));
-        for (message, attempts) in served.iter_mut().zip(attempts) {
-            message.attempts = u32::try_from((*attempts).max(0)).unwrap_or(u32::MAX);
-        }
-        let owned: Vec<Message> = dead
-            .into_iter()
-            .zip(removed)
-            .filter(|(_, removed)| **removed == 1)
-            .map(|(message, _)| message)
+    /// Many inboxes at once: the warm flags in one round trip, the cold
+    /// inboxes from SQL in one query per app and into Redis in one more round
+    /// trip, then each inbox is read (the reads share the connection's
+    /// pipeline). If the shared warm-up fails, each read warms itself.
+    async fn pending_many(
+        &self,
+        requests: &[PendingRead],
+    ) -> Vec<Result<Vec<Message>, StoreError>> {
+        let limits: Vec<Result<usize, StoreError>> = requests
+            .iter()
+            .map(|read| {
+                super::validate_pending(&read.app, &read.user, read.limit)
+                    .map(|limit| limit as usize)
+            })
             .collect();
-        if !owned.is_empty() {
-            // Out of Redis already; a failure here leaves the SQL row live, so a
-            // recovery can bring it back: never lost, at worst delivered again.
-            if let Err(error) = self.sql.dead_letter(&owned, false).await {
-                tracing::warn!(%error, count = owned.len(), "cannot record dead letters in sql");
+        let valid: Vec<&PendingRead> = requests
+            .iter()
+            .zip(&limits)
+            .filter(|(_, limit)| limit.is_ok())
+            .map(|(read, _)| read)
+            .collect();
+        let warmed = match self.warm_up_many(&valid).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "shared inbox warm-up failed; warming one by one");
+                false
             }
+        };
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut limits = limits.into_iter();
+        for chunk in requests.chunks(super::PENDING_MANY_CONCURRENCY) {
+            let reads: Vec<_> = chunk
+                .iter()
+                .zip(limits.by_ref())
+                .map(|(read, limit)| self.read_warm(read, limit, warmed))
+                .collect();
+            answers.extend(futures::future::join_all(reads).await);
         }
-        Ok(served)
+        answers
     }
 
     async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError> {

@@ -4,6 +4,7 @@
 //! every statement runs unchanged on both. Ids are u64 snowflakes below 2^63,
 //! stored as BIGINT (i64).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ use crate::metrics;
 const INSERT_CHUNK_ROWS: usize = 1000;
 /// Ids per `IN (...)` list.
 const ID_CHUNK: usize = 1000;
+/// Users per query when many inboxes are read at once.
+const USER_CHUNK: usize = 500;
 /// (id, app, user) triples per batched ack UPDATE.
 const ACK_CHUNK: usize = 300;
 /// The table recording applied migrations, apart from other roles' tables.
@@ -621,6 +624,44 @@ impl SqlStore {
         rows.iter()
             .map(|row| message_from_row(app, user, row))
             .collect()
+    }
+
+    /// The unacked, unexpired messages of many users of one app, at most
+    /// `limit` per user, oldest first: one query per [`USER_CHUNK`] users.
+    /// Users without any are absent from the map.
+    pub(crate) async fn unacked_many(
+        &self,
+        app: &str,
+        users: &[String],
+        limit: u32,
+    ) -> Result<HashMap<String, Vec<Message>>, StoreError> {
+        let mut inboxes: HashMap<String, Vec<Message>> = HashMap::new();
+        for chunk in users.chunks(USER_CHUNK) {
+            let sql = format!(
+                "SELECT id, user_id, payload, created_ms, expires_ms, attempts FROM ( \
+                   SELECT id, user_id, payload, created_ms, expires_ms, attempts, \
+                     ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY id) AS position \
+                   FROM messages \
+                   WHERE app = ? AND user_id IN ({}) AND acked_ms IS NULL AND expires_ms > ? \
+                 ) AS inbox WHERE position <= ? ORDER BY user_id, id",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(app.to_string());
+            for user in chunk {
+                query = query.bind(user.clone());
+            }
+            let rows = query
+                .bind(ms_to_sql(now_ms()))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            for row in &rows {
+                let user: String = row.try_get("user_id")?;
+                let message = message_from_row(app, &user, row)?;
+                inboxes.entry(user).or_default().push(message);
+            }
+        }
+        Ok(inboxes)
     }
 
     async fn count_attempts(&self, ids: &[u64]) -> Result<(), StoreError> {
