@@ -82,8 +82,6 @@ struct OutQueue {
     counted_bytes: u32,
     /// Replays in progress.
     holds: u8,
-    /// Shard connections: the slot in the shard, once adopted.
-    token: Option<u32>,
     /// Shard connections: a flush is asked for and not yet done.
     flush_asked: bool,
     /// Shard connections: the socket was full; its writable event flushes.
@@ -155,34 +153,49 @@ pub struct ConnHandle {
     kick_code: AtomicI32,
     queue: Mutex<OutQueue>,
     writer: Writer,
+    /// Shard connections: the slot in the shard, once adopted.
+    token: AtomicU32,
+}
+
+/// Connections grouped by their shard: (token, connection id) lists.
+#[derive(Default)]
+pub(crate) struct PerShard {
+    groups: Vec<(Arc<ShardHandle>, Flushes)>,
+}
+
+impl PerShard {
+    pub fn add(&mut self, shard: &Arc<ShardHandle>, token: u32, conn_id: u64) {
+        match self
+            .groups
+            .iter_mut()
+            .find(|(known, _)| Arc::ptr_eq(known, shard))
+        {
+            Some((_, slots)) => slots.push((token, conn_id)),
+            None => self.groups.push((shard.clone(), vec![(token, conn_id)])),
+        }
+    }
+
+    pub fn into_groups(mut self) -> Vec<(Arc<ShardHandle>, Flushes)> {
+        std::mem::take(&mut self.groups)
+    }
 }
 
 /// Flushes asked of shards, sent to each shard as one command when dropped.
 #[derive(Default)]
 pub(crate) struct Wakes {
-    per_shard: Vec<(Arc<ShardHandle>, Flushes)>,
-}
-
-impl Wakes {
-    fn add(&mut self, shard: &Arc<ShardHandle>, token: u32, conn_id: u64) {
-        match self
-            .per_shard
-            .iter_mut()
-            .find(|(known, _)| Arc::ptr_eq(known, shard))
-        {
-            Some((_, flushes)) => flushes.push((token, conn_id)),
-            None => self.per_shard.push((shard.clone(), vec![(token, conn_id)])),
-        }
-    }
+    flushes: PerShard,
 }
 
 impl Drop for Wakes {
     fn drop(&mut self) {
-        for (shard, flushes) in self.per_shard.drain(..) {
+        for (shard, flushes) in std::mem::take(&mut self.flushes).into_groups() {
             shard.flush_many(flushes);
         }
     }
 }
+
+/// The token of a connection no shard holds (yet).
+const NOT_ADOPTED: u32 = u32::MAX;
 
 /// What to tell the writer once the queue's lock is released.
 #[must_use]
@@ -244,6 +257,7 @@ impl ConnHandle {
                 ..OutQueue::default()
             }),
             writer,
+            token: AtomicU32::new(NOT_ADOPTED),
         }
     }
 
@@ -292,7 +306,7 @@ impl ConnHandle {
         }
         match &self.writer {
             Writer::Task(_) => Wake::Notify,
-            Writer::Shard(_) => match queue.token {
+            Writer::Shard(_) => match self.adopted_token() {
                 Some(token) if !queue.flush_asked && !queue.stalled => {
                     queue.flush_asked = true;
                     Wake::Flush(token)
@@ -315,8 +329,8 @@ impl ConnHandle {
     /// or bytes) marks the device a slow consumer: it is kicked and the frame
     /// dropped (a unicast message stays in the inbox for the next
     /// connection). `msg_id` is the message of a PUSH frame, 0 for others.
-    /// Shard flushes are collected in `wakes`, so that one delivery batch or
-    /// broadcast wakes each shard once.
+    /// Shard flushes are collected in `wakes`, so that one delivery batch
+    /// wakes each shard once.
     pub(crate) fn send(
         &self,
         limits: QueueLimits,
@@ -324,12 +338,31 @@ impl ConnHandle {
         frame: Bytes,
         wakes: &mut Wakes,
     ) -> bool {
+        let Some(wake) = self.queue_counted(limits, msg_id, frame) else {
+            return false;
+        };
+        match (wake, &self.writer) {
+            (Wake::Flush(token), Writer::Shard(shard)) => wakes.flushes.add(shard, token, self.id),
+            (wake, _) => self.wake(wake),
+        }
+        true
+    }
+
+    /// [`Self::send`] on the connection's own shard thread, which flushes
+    /// right after (no wake-up).
+    pub(crate) fn send_local(&self, limits: QueueLimits, msg_id: u64, frame: Bytes) -> bool {
+        self.queue_counted(limits, msg_id, frame).is_some()
+    }
+
+    /// Queues a counted frame; None when it was refused (closed, or a full
+    /// queue: the device is kicked).
+    fn queue_counted(&self, limits: QueueLimits, msg_id: u64, frame: Bytes) -> Option<Wake> {
         let mut queue = self.lock();
         if queue.closed {
-            return false;
+            return None;
         }
         if queue.seen_in_inbox(msg_id) {
-            return true; // the inbox replay carried it
+            return Some(Wake::None); // the inbox replay carried it
         }
         let over = if queue.counted_frames as usize >= limits.frames {
             Some("frames")
@@ -346,20 +379,14 @@ impl ConnHandle {
             if self.kick(KickCode::SlowConsumer) {
                 ::metrics::counter!("pushgrid_room_slow_consumer_kicks_total").increment(1);
             }
-            return false;
+            return None;
         }
         queue.push(Outbound {
             frame,
             msg_id,
             counted: true,
         });
-        let wake = self.wake_for(&mut queue);
-        drop(queue);
-        match (wake, &self.writer) {
-            (Wake::Flush(token), Writer::Shard(shard)) => wakes.add(shard, token, self.id),
-            (wake, _) => self.wake(wake),
-        }
-        true
+        Some(self.wake_for(&mut queue))
     }
 
     /// Queues a frame of the room's own (an answer to the device), not
@@ -433,11 +460,23 @@ impl ConnHandle {
     }
 
     /// Shard writers: the connection now lives in slot `token`. True when
-    /// frames are waiting for a flush.
+    /// frames are waiting for a flush. (The token is published before the
+    /// queue is looked at: a frame queued meanwhile is either seen here or
+    /// asks for its flush by itself.)
     pub(crate) fn adopted(&self, token: u32) -> bool {
-        let mut queue = self.lock();
-        queue.token = Some(token);
+        debug_assert_ne!(token, NOT_ADOPTED);
+        self.token.store(token, Ordering::Release);
+        let queue = self.lock();
         queue.holds == 0 && !queue.frames.is_empty()
+    }
+
+    fn adopted_token(&self) -> Option<u32> {
+        Some(self.token.load(Ordering::Acquire)).filter(|token| *token != NOT_ADOPTED)
+    }
+
+    /// The shard and slot of an adopted shard connection.
+    pub(crate) fn place(&self) -> Option<(&Arc<ShardHandle>, u32)> {
+        Some((self.shard()?, self.adopted_token()?))
     }
 
     /// Shard writers: writes queued frames with `write` (a vectored write
@@ -558,9 +597,8 @@ impl ConnHandle {
             match &self.writer {
                 Writer::Task(notify) => notify.notify_one(),
                 Writer::Shard(shard) => {
-                    let token = self.lock().token;
                     // Not adopted yet: the shard sees the kick on adoption.
-                    if let Some(token) = token {
+                    if let Some(token) = self.adopted_token() {
                         shard.close(token, self.id);
                     }
                 }

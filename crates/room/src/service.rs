@@ -12,8 +12,9 @@ use pushgrid_proto::cluster::{
 use pushgrid_wire::{Op, encode};
 use tonic::{Request, Response, Status};
 
-use crate::Room;
-use crate::outbox::Wakes;
+use crate::outbox::{PerShard, Wakes};
+use crate::shard::Broadcast;
+use crate::{ConnHandle, Room};
 
 pub(crate) struct RoomService {
     room: Arc<Room>,
@@ -89,41 +90,56 @@ impl RoomRpc for RoomService {
             .into_inner()
             .message
             .ok_or_else(|| Status::invalid_argument("broadcast without a message"))?;
-        let (app, topic, id) = (message.app.clone(), message.topic.clone(), message.id);
+        let (app, topic, id): (Arc<str>, String, u64) = (
+            Arc::from(message.app.as_str()),
+            message.topic.clone(),
+            message.id,
+        );
         // Encoded once; every connection gets a reference-counted handle.
         let frame = encode(Op::Push, 0, &crate::conn::broadcast_push(message));
-        let targets: Vec<Arc<crate::ConnHandle>> = if topic == crate::topics::ALL {
-            self.room
-                .conns
-                .iter()
-                .filter(|entry| *entry.app == *app)
-                .map(|entry| entry.value().clone())
-                .collect()
-        } else {
-            self.room
-                .topics
-                .subscribers(&app, &topic)
-                .into_iter()
-                .filter_map(|conn_id| {
-                    self.room
-                        .conns
-                        .get(&conn_id)
-                        .map(|entry| entry.value().clone())
-                })
-                .collect()
-        };
-        let mut delivered = 0;
+        let limits = self.room.queue_limits;
+        // Shard connections are handed to their shards, which fan out;
+        // TLS/WebSocket connections and those still opening are queued here.
+        let mut per_shard = PerShard::default();
         let mut wakes = Wakes::default();
-        for conn in targets {
-            if conn.send(self.room.queue_limits, id, frame.clone(), &mut wakes) {
-                delivered += 1;
+        let mut queued_here = 0u32;
+        let mut visit = |conn: &ConnHandle| match conn.place() {
+            Some((shard, token)) => per_shard.add(shard, token, conn.id),
+            None => {
+                if conn.send(limits, id, frame.clone(), &mut wakes) {
+                    queued_here += 1;
+                }
+            }
+        };
+        if topic == crate::topics::ALL {
+            for entry in self.room.conns.iter() {
+                if *entry.app == *app {
+                    visit(entry.value());
+                }
+            }
+        } else {
+            for conn_id in self.room.topics.subscribers(&app, &topic) {
+                if let Some(entry) = self.room.conns.get(&conn_id) {
+                    visit(entry.value());
+                }
             }
         }
         drop(wakes); // wakes the shards
+        let mut handed = queued_here;
+        for (shard, targets) in per_shard.into_groups() {
+            handed += targets.len() as u32;
+            shard.broadcast(Broadcast {
+                frame: frame.clone(),
+                msg_id: id,
+                app: app.clone(),
+                targets,
+            });
+        }
         metrics::counter!("pushgrid_room_broadcast_deliveries_total")
-            .increment(u64::from(delivered));
-        self.room.peers.broadcast_delivered(&app, id, delivered);
-        Ok(Response::new(RoomBroadcastResponse { delivered }))
+            .increment(u64::from(queued_here));
+        self.room.peers.broadcast_delivered(&app, id, queued_here);
+        // Shards count and report their own deliveries as they queue them.
+        Ok(Response::new(RoomBroadcastResponse { delivered: handed }))
     }
 
     async fn kick(

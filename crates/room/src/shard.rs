@@ -54,8 +54,17 @@ pub(crate) struct Adoption {
 /// Slots to flush: (token, connection id).
 pub(crate) type Flushes = Vec<(u32, u64)>;
 
+/// One broadcast for some of a shard's connections.
+pub(crate) struct Broadcast {
+    pub frame: Bytes,
+    pub msg_id: u64,
+    pub app: Arc<str>,
+    pub targets: Flushes,
+}
+
 enum Command {
     Adopt(Box<Adoption>),
+    Broadcast(Box<Broadcast>),
     Flush(Flushes),
     Close { token: u32, conn_id: u64 },
     Stop,
@@ -90,6 +99,14 @@ impl ShardHandle {
     /// to write.
     pub fn flush_many(&self, flushes: Flushes) {
         self.push(Command::Flush(flushes));
+    }
+
+    /// Queues a broadcast frame for these connections and writes it: the
+    /// shard does the fan-out itself, so the frame's reference count and the
+    /// queues' locks stay on one thread, and broadcasts that arrive together
+    /// leave in one write per connection.
+    pub fn broadcast(&self, broadcast: Broadcast) {
+        self.push(Command::Broadcast(Box::new(broadcast)));
     }
 
     /// The connection in slot `token` has a kick pending.
@@ -152,6 +169,7 @@ impl Shards {
                 read_buf: BytesMut::new(),
                 scratch: vec![0; READ_CHUNK],
                 unfinished: Vec::new(),
+                dirty: Vec::new(),
             };
             let runtime = runtime.clone();
             threads.push(
@@ -218,6 +236,8 @@ struct Shard {
     scratch: Vec<u8>,
     /// Connections whose input was not all read in their turn.
     unfinished: Vec<(usize, u64)>,
+    /// Slots to flush at the end of a command batch (kept for its memory).
+    dirty: Vec<usize>,
 }
 
 /// How reading a connection's input ended.
@@ -278,16 +298,20 @@ impl Shard {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()),
             );
+            // Flushes wait for the end of the batch: a connection asked for
+            // several times, or sent several broadcasts, is written once.
+            let mut dirty = std::mem::take(&mut self.dirty);
             for command in commands {
                 match command {
                     Command::Adopt(adoption) => self.adopt(*adoption),
                     Command::Flush(flushes) => {
                         for (token, conn_id) in flushes {
                             if self.holds(token as usize, conn_id) {
-                                self.flush(token as usize);
+                                dirty.push(token as usize);
                             }
                         }
                     }
+                    Command::Broadcast(broadcast) => self.fan_out(*broadcast, &mut dirty),
                     Command::Close { token, conn_id } => {
                         if self.holds(token as usize, conn_id) {
                             self.kick(token as usize);
@@ -299,6 +323,16 @@ impl Shard {
                     }
                 }
             }
+            dirty.sort_unstable();
+            dirty.dedup();
+            for key in dirty.drain(..) {
+                // Closed meanwhile, or a new connection in a reused slot: a
+                // flush of a connection with nothing queued costs a lock.
+                if self.slots.contains(key) {
+                    self.flush(key);
+                }
+            }
+            self.dirty = dirty;
             let now = room_clock();
             if now != last_tick {
                 last_tick = now;
@@ -507,6 +541,31 @@ impl Shard {
         if slot.input_ended != 0 && slot.conn.is_drained() {
             self.close(key, "client");
         }
+    }
+
+    /// Queues a broadcast for its targets on this shard; they are written at
+    /// the end of the command batch.
+    fn fan_out(&mut self, broadcast: Broadcast, dirty: &mut Vec<usize>) {
+        let limits = self.room.queue_limits;
+        let mut delivered = 0u32;
+        for (token, conn_id) in broadcast.targets {
+            let key = token as usize;
+            let Some(slot) = self.slots.get(key).filter(|slot| slot.conn.id == conn_id) else {
+                continue; // closed meanwhile
+            };
+            if slot
+                .conn
+                .send_local(limits, broadcast.msg_id, broadcast.frame.clone())
+            {
+                delivered += 1;
+                dirty.push(key);
+            }
+        }
+        ::metrics::counter!("pushgrid_room_broadcast_deliveries_total")
+            .increment(u64::from(delivered));
+        self.room
+            .peers
+            .broadcast_delivered(&broadcast.app, broadcast.msg_id, delivered);
     }
 
     /// Sends the pending kick and closes.
