@@ -75,9 +75,11 @@ fn member(index: usize) -> String {
 #[tokio::main]
 async fn main() {
     let options = options();
-    let mut cluster_options = ClusterOptions::default();
-    // Devices that sit idle for the whole run must not be kicked for silence.
-    cluster_options.heartbeat_secs = 600;
+    let cluster_options = ClusterOptions {
+        // Devices that sit idle for the whole run must not be kicked for silence.
+        heartbeat_secs: 600,
+        ..ClusterOptions::default()
+    };
     let cluster = TestCluster::start(cluster_options).await.unwrap();
 
     let started = Instant::now();

@@ -23,8 +23,8 @@ use futures::stream::FuturesUnordered;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
     App, GroupMembersRequest, GroupMembersResponse, GroupPushProgressRequest, GroupUsersRequest,
-    MessageStatusRequest, MessageStatusResponse, Role, StartGroupPushRequest, StoreChildrenRequest,
-    UserGroupsRequest,
+    GroupUsersResponse, MessageStatusRequest, MessageStatusResponse, Role, StartGroupPushRequest,
+    StoreChildrenRequest, UserGroupsRequest,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -161,20 +161,14 @@ pub(crate) async fn bind(
     app: &App,
     params: GroupUsersParams,
 ) -> Result<Value, ApiError> {
-    check_group(&params.group)?;
-    check_users(&params.users)?;
-    let request = GroupUsersRequest {
-        app: app.id.clone(),
-        group: params.group.clone(),
-        users: params.users,
-    };
-    let added = SaverClient::new(saver(state)?)
-        .bind(request)
-        .await
-        .map_err(ApiError::from_status)?
-        .into_inner()
-        .changed;
-    Ok(json!({ "group": params.group, "added": added }))
+    change_members(
+        state,
+        app,
+        params,
+        "added",
+        |mut saver, request| async move { saver.bind(request).await },
+    )
+    .await
 }
 
 /// Removes users from a group; answers how many were members.
@@ -183,6 +177,30 @@ pub(crate) async fn unbind(
     app: &App,
     params: GroupUsersParams,
 ) -> Result<Value, ApiError> {
+    change_members(
+        state,
+        app,
+        params,
+        "removed",
+        |mut saver, request| async move { saver.unbind(request).await },
+    )
+    .await
+}
+
+/// The shared body of `bind` and `unbind`: checks the group and users, sends
+/// the membership change to a saver with `rpc`, and answers how many users
+/// it changed under `answer_key`.
+async fn change_members<F, Fut>(
+    state: &ApiState,
+    app: &App,
+    params: GroupUsersParams,
+    answer_key: &str,
+    rpc: F,
+) -> Result<Value, ApiError>
+where
+    F: FnOnce(SaverClient<Channel>, GroupUsersRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<GroupUsersResponse>, tonic::Status>>,
+{
     check_group(&params.group)?;
     check_users(&params.users)?;
     let request = GroupUsersRequest {
@@ -190,13 +208,12 @@ pub(crate) async fn unbind(
         group: params.group.clone(),
         users: params.users,
     };
-    let removed = SaverClient::new(saver(state)?)
-        .unbind(request)
+    let changed = rpc(SaverClient::new(saver(state)?), request)
         .await
         .map_err(ApiError::from_status)?
         .into_inner()
         .changed;
-    Ok(json!({ "group": params.group, "removed": removed }))
+    Ok(json!({ "group": params.group, answer_key: changed }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -588,13 +605,18 @@ mod tests {
     #[test]
     fn bad_groups_and_user_lists_name_the_field() {
         let message = |error: ApiError| format!("{error:?}");
-        assert!(message(check_group("").unwrap_err()).contains("group: must not be empty"));
-        assert!(message(check_group(&"g".repeat(129)).unwrap_err()).contains("group:"));
+        let empty_group = check_group("").expect_err("an empty group is refused");
+        assert!(message(empty_group).contains("group: must not be empty"));
+        let long_group = check_group(&"g".repeat(129)).expect_err("a 129-byte group is refused");
+        assert!(message(long_group).contains("group:"));
         let too_many: Vec<String> = (0..10_001).map(|n| format!("u{n}")).collect();
-        assert!(message(check_users(&too_many).unwrap_err()).contains("users: 10001 users"));
-        assert!(message(check_users(&[]).unwrap_err()).contains("users:"));
+        let too_many = check_users(&too_many).expect_err("10,001 users are refused");
+        assert!(message(too_many).contains("users: 10001 users"));
+        let no_users = check_users(&[]).expect_err("an empty user list is refused");
+        assert!(message(no_users).contains("users:"));
         let with_empty = vec!["a".to_string(), String::new()];
-        assert!(message(check_users(&with_empty).unwrap_err()).contains("users[1]"));
+        let with_empty = check_users(&with_empty).expect_err("an empty user id is refused");
+        assert!(message(with_empty).contains("users[1]"));
         assert!(check_users(&["a".to_string()]).is_ok());
     }
 }

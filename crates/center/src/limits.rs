@@ -93,7 +93,9 @@ mod tests {
         for _ in 0..3 {
             assert!(limits.check(&app).is_ok());
         }
-        let wait = limits.check(&app).unwrap_err();
+        let wait = limits
+            .check(&app)
+            .expect_err("a fourth call within the burst of 3 is refused");
         assert!(wait <= Duration::from_secs(1));
         let unlimited = App {
             id: "b".into(),

@@ -415,7 +415,7 @@ mod tests {
         assert!(retries.push(1, message(1))); // due 500 ms after start
         assert!(retries.push(0, message(2))); // due 250 ms after start
         assert_eq!(retries.len, 2);
-        let first_due = retries.next_due().unwrap();
+        let first_due = retries.next_due().expect("two messages are queued");
         assert!(first_due >= start + Duration::from_millis(250));
         assert!(first_due < start + Duration::from_millis(500));
         assert!(retries.take_due(start).is_empty());
@@ -436,8 +436,10 @@ mod tests {
 
     #[test]
     fn a_full_retry_queue_refuses_more() {
-        let mut retries = Retries::default();
-        retries.len = RETRY_CAPACITY;
+        let mut retries = Retries {
+            len: RETRY_CAPACITY,
+            ..Retries::default()
+        };
         assert!(!retries.push(0, message(1)));
     }
 }

@@ -1,6 +1,8 @@
 //! The saver's RPCs for groups and delivery status (issue 12); the storage
 //! is [`crate::store::GroupStore`], which every message store implements.
 
+use std::future::Future;
+
 use pushgrid_proto::cluster::{
     AckItem, BroadcastMessage, DeliveredRequest, DeliveredResponse, GroupMembersRequest,
     GroupMembersResponse, GroupPushProgressRequest, GroupPushProgressResponse, GroupUsersRequest,
@@ -10,19 +12,36 @@ use pushgrid_proto::cluster::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::error::StoreError;
 use crate::{SaverService, metrics, to_status};
+
+/// The shape every storage RPC here shares: the request's message goes to
+/// `call` (one store method), and a storage error becomes a status named
+/// after `operation`.
+async fn call_store<Req, Out, Fut>(
+    operation: &'static str,
+    request: Request<Req>,
+    call: impl FnOnce(Req) -> Fut,
+) -> Result<Out, Status>
+where
+    Fut: Future<Output = Result<Out, StoreError>>,
+{
+    call(request.into_inner())
+        .await
+        .map_err(|error| to_status(operation, error))
+}
 
 impl SaverService {
     pub(crate) async fn bind_rpc(
         &self,
         request: Request<GroupUsersRequest>,
     ) -> Result<Response<GroupUsersResponse>, Status> {
-        let request = request.into_inner();
-        let changed = self
-            .store
-            .bind(&request.app, &request.group, &request.users)
-            .await
-            .map_err(|error| to_status("bind", error))?;
+        let changed = call_store("bind", request, |request| async move {
+            self.store
+                .bind(&request.app, &request.group, &request.users)
+                .await
+        })
+        .await?;
         ::metrics::counter!("pushgrid_saver_group_binds_total").increment(changed);
         Ok(Response::new(GroupUsersResponse { changed }))
     }
@@ -31,12 +50,12 @@ impl SaverService {
         &self,
         request: Request<GroupUsersRequest>,
     ) -> Result<Response<GroupUsersResponse>, Status> {
-        let request = request.into_inner();
-        let changed = self
-            .store
-            .unbind(&request.app, &request.group, &request.users)
-            .await
-            .map_err(|error| to_status("unbind", error))?;
+        let changed = call_store("unbind", request, |request| async move {
+            self.store
+                .unbind(&request.app, &request.group, &request.users)
+                .await
+        })
+        .await?;
         ::metrics::counter!("pushgrid_saver_group_unbinds_total").increment(changed);
         Ok(Response::new(GroupUsersResponse { changed }))
     }
@@ -45,12 +64,12 @@ impl SaverService {
         &self,
         request: Request<GroupMembersRequest>,
     ) -> Result<Response<GroupMembersResponse>, Status> {
-        let request = request.into_inner();
-        let page = self
-            .store
-            .group_members(&request.app, &request.group, &request.after, request.limit)
-            .await
-            .map_err(|error| to_status("group_members", error))?;
+        let page = call_store("group_members", request, |request| async move {
+            self.store
+                .group_members(&request.app, &request.group, &request.after, request.limit)
+                .await
+        })
+        .await?;
         Ok(Response::new(GroupMembersResponse {
             users: page.users,
             next: page.next,
@@ -61,12 +80,10 @@ impl SaverService {
         &self,
         request: Request<UserGroupsRequest>,
     ) -> Result<Response<UserGroupsResponse>, Status> {
-        let request = request.into_inner();
-        let groups = self
-            .store
-            .user_groups(&request.app, &request.user)
-            .await
-            .map_err(|error| to_status("user_groups", error))?;
+        let groups = call_store("user_groups", request, |request| async move {
+            self.store.user_groups(&request.app, &request.user).await
+        })
+        .await?;
         Ok(Response::new(UserGroupsResponse { groups }))
     }
 
@@ -74,12 +91,12 @@ impl SaverService {
         &self,
         request: Request<StartGroupPushRequest>,
     ) -> Result<Response<StartGroupPushResponse>, Status> {
-        let request = request.into_inner();
-        let (id, created_ms) = self
-            .store
-            .start_group_push(&request.app, &request.group, request.ttl_secs)
-            .await
-            .map_err(|error| to_status("start_group_push", error))?;
+        let (id, created_ms) = call_store("start_group_push", request, |request| async move {
+            self.store
+                .start_group_push(&request.app, &request.group, request.ttl_secs)
+                .await
+        })
+        .await?;
         Ok(Response::new(StartGroupPushResponse { id, created_ms }))
     }
 
@@ -87,21 +104,21 @@ impl SaverService {
         &self,
         request: Request<StoreChildrenRequest>,
     ) -> Result<Response<StoreResponse>, Status> {
-        let request = request.into_inner();
-        if request.parent_id == 0 {
+        if request.get_ref().parent_id == 0 {
             return Err(Status::invalid_argument("parent_id must be set"));
         }
-        let messages = self
-            .store
-            .store_children(
-                &request.app,
-                &request.users,
-                request.payload,
-                request.ttl_secs,
-                request.parent_id,
-            )
-            .await
-            .map_err(|error| to_status("store_children", error))?;
+        let messages = call_store("store_children", request, |request| async move {
+            self.store
+                .store_children(
+                    &request.app,
+                    &request.users,
+                    request.payload,
+                    request.ttl_secs,
+                    request.parent_id,
+                )
+                .await
+        })
+        .await?;
         metrics::stored(messages.len());
         Ok(Response::new(StoreResponse {
             messages,
@@ -113,16 +130,17 @@ impl SaverService {
         &self,
         request: Request<GroupPushProgressRequest>,
     ) -> Result<Response<GroupPushProgressResponse>, Status> {
-        let request = request.into_inner();
-        self.store
-            .group_push_progress(
-                &request.app,
-                request.id,
-                request.members_added,
-                request.done,
-            )
-            .await
-            .map_err(|error| to_status("group_push_progress", error))?;
+        call_store("group_push_progress", request, |request| async move {
+            self.store
+                .group_push_progress(
+                    &request.app,
+                    request.id,
+                    request.members_added,
+                    request.done,
+                )
+                .await
+        })
+        .await?;
         Ok(Response::new(GroupPushProgressResponse {}))
     }
 
@@ -130,13 +148,12 @@ impl SaverService {
         &self,
         request: Request<DeliveredRequest>,
     ) -> Result<Response<DeliveredResponse>, Status> {
-        let reports = request.into_inner().reports;
-        self.store
-            .record_deliveries(&reports)
-            .await
-            .map_err(|error| to_status("delivered", error))?;
-        ::metrics::counter!("pushgrid_saver_delivery_reports_total")
-            .increment(reports.len() as u64);
+        let recorded = call_store("delivered", request, |request| async move {
+            self.store.record_deliveries(&request.reports).await?;
+            Ok(request.reports.len() as u64)
+        })
+        .await?;
+        ::metrics::counter!("pushgrid_saver_delivery_reports_total").increment(recorded);
         Ok(Response::new(DeliveredResponse {}))
     }
 
@@ -144,12 +161,10 @@ impl SaverService {
         &self,
         request: Request<MessageStatusRequest>,
     ) -> Result<Response<MessageStatusResponse>, Status> {
-        let request = request.into_inner();
-        let status = self
-            .store
-            .message_status(&request.app, request.id)
-            .await
-            .map_err(|error| to_status("message_status", error))?;
+        let status = call_store("message_status", request, |request| async move {
+            self.store.message_status(&request.app, request.id).await
+        })
+        .await?;
         Ok(Response::new(status))
     }
 

@@ -904,43 +904,26 @@ async fn concurrent_stores_are_all_durable(backend: Backend) -> anyhow::Result<H
     Ok(harness)
 }
 
+/// One `#[tokio::test]` per test in `mod $module`, run against `$backend`.
+macro_rules! on_backend {
+    ($module:ident, $backend:ident, $($test:ident),*) => {
+        mod $module {
+            $(#[tokio::test]
+            async fn $test() -> anyhow::Result<()> {
+                super::super::$test(super::super::Backend::$backend).await?.finish().await;
+                Ok(())
+            })*
+        }
+    };
+}
+
 macro_rules! on_every_backend {
     ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $test() -> anyhow::Result<()> {
-                super::super::$test(super::super::Backend::Sqlite).await?.finish().await;
-                Ok(())
-            })*
-        }
-        mod mysql {
-            $(#[tokio::test]
-            async fn $test() -> anyhow::Result<()> {
-                super::super::$test(super::super::Backend::Mysql).await?.finish().await;
-                Ok(())
-            })*
-        }
-        mod redis_mysql {
-            $(#[tokio::test]
-            async fn $test() -> anyhow::Result<()> {
-                super::super::$test(super::super::Backend::RedisMysql).await?.finish().await;
-                Ok(())
-            })*
-        }
-        mod redis_first {
-            $(#[tokio::test]
-            async fn $test() -> anyhow::Result<()> {
-                super::super::$test(super::super::Backend::RedisFirst).await?.finish().await;
-                Ok(())
-            })*
-        }
-        mod redis_cluster {
-            $(#[tokio::test]
-            async fn $test() -> anyhow::Result<()> {
-                super::super::$test(super::super::Backend::RedisCluster).await?.finish().await;
-                Ok(())
-            })*
-        }
+        on_backend!(sqlite, Sqlite, $($test),*);
+        on_backend!(mysql, Mysql, $($test),*);
+        on_backend!(redis_mysql, RedisMysql, $($test),*);
+        on_backend!(redis_first, RedisFirst, $($test),*);
+        on_backend!(redis_cluster, RedisCluster, $($test),*);
     };
 }
 

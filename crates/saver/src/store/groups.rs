@@ -27,7 +27,7 @@ use pushgrid_proto::cluster::{
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::redis_sql::RedisConnection;
-use super::{RedisSqlStore, SqlStore, validate_app, validate_user};
+use super::{RedisSqlStore, SqlStore, repeated, validate_app, validate_length, validate_user};
 use crate::error::StoreError;
 
 /// The longest group name (the `grp` column is `VARCHAR(128)`).
@@ -52,16 +52,7 @@ pub const KIND_BROADCAST: &str = "broadcast";
 
 /// Checks a group name.
 pub fn validate_group(group: &str) -> Result<(), StoreError> {
-    if group.is_empty() {
-        return Err(StoreError::invalid("group must not be empty"));
-    }
-    if group.len() > MAX_GROUP_BYTES {
-        return Err(StoreError::invalid(format!(
-            "group is {} bytes, at most {MAX_GROUP_BYTES} allowed",
-            group.len()
-        )));
-    }
-    Ok(())
+    validate_length("group", group, MAX_GROUP_BYTES)
 }
 
 /// Checks a Bind or Unbind call.
@@ -266,14 +257,14 @@ pub trait GroupStore: Send + Sync {
         let sql = self.durable();
         sql.insert_deliveries(&acks).await?;
         for chunk in acks.chunks(ROW_CHUNK) {
-            let mut text = String::from(
-                "UPDATE message_deliveries SET acked_ms = ? WHERE acked_ms IS NULL AND (",
+            let text = format!(
+                "UPDATE message_deliveries SET acked_ms = ? WHERE acked_ms IS NULL AND ({})",
+                repeated(
+                    "(id = ? AND user_id = ? AND device = ?)",
+                    " OR ",
+                    chunk.len()
+                )
             );
-            for index in 0..chunk.len() {
-                text.push_str(if index == 0 { "" } else { " OR " });
-                text.push_str("(id = ? AND user_id = ? AND device = ?)");
-            }
-            text.push(')');
             // Built from a fixed fragment repeated; every value is a bound parameter.
             let mut query = sqlx::query(AssertSqlSafe(text)).bind(now);
             for (id, user, device, _) in chunk {
@@ -360,17 +351,11 @@ impl SqlStore {
         let mut added = 0;
         let mut transaction = self.pool().begin().await?;
         for chunk in users.chunks(ROW_CHUNK) {
-            let mut text = format!(
-                "{} INTO group_members (app, grp, user_id, created_ms) VALUES ",
-                insert_ignore(self.pool())
+            let text = format!(
+                "{} INTO group_members (app, grp, user_id, created_ms) VALUES {}",
+                insert_ignore(self.pool()),
+                repeated("(?, ?, ?, ?)", ", ", chunk.len())
             );
-            for index in 0..chunk.len() {
-                text.push_str(if index == 0 {
-                    "(?, ?, ?, ?)"
-                } else {
-                    ", (?, ?, ?, ?)"
-                });
-            }
             let mut query = sqlx::query(AssertSqlSafe(text));
             for user in chunk {
                 query = query
@@ -394,13 +379,10 @@ impl SqlStore {
         let mut removed = 0;
         let mut transaction = self.pool().begin().await?;
         for chunk in users.chunks(ROW_CHUNK) {
-            let mut text = String::from(
-                "DELETE FROM group_members WHERE app = ? AND grp = ? AND user_id IN (",
+            let text = format!(
+                "DELETE FROM group_members WHERE app = ? AND grp = ? AND user_id IN ({})",
+                repeated("?", ", ", chunk.len())
             );
-            for index in 0..chunk.len() {
-                text.push_str(if index == 0 { "?" } else { ", ?" });
-            }
-            text.push(')');
             let mut query = sqlx::query(AssertSqlSafe(text))
                 .bind(app.to_string())
                 .bind(group.to_string());
@@ -483,17 +465,11 @@ impl SqlStore {
     /// Inserts (id, user, device, at) hand-offs; a device's first one stays.
     async fn insert_deliveries(&self, rows: &[(i64, &str, &str, i64)]) -> Result<(), StoreError> {
         for chunk in rows.chunks(ROW_CHUNK) {
-            let mut text = format!(
-                "{} INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) VALUES ",
-                insert_ignore(self.pool())
+            let text = format!(
+                "{} INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) VALUES {}",
+                insert_ignore(self.pool()),
+                repeated("(?, ?, ?, ?, NULL)", ", ", chunk.len())
             );
-            for index in 0..chunk.len() {
-                text.push_str(if index == 0 {
-                    "(?, ?, ?, ?, NULL)"
-                } else {
-                    ", (?, ?, ?, ?, NULL)"
-                });
-            }
             let mut query = sqlx::query(AssertSqlSafe(text));
             for (id, user, device, at_ms) in chunk {
                 query = query
@@ -510,11 +486,10 @@ impl SqlStore {
     /// Deletes the delivery rows of purged messages.
     pub(crate) async fn delete_deliveries(&self, ids: &[i64]) -> Result<(), StoreError> {
         for chunk in ids.chunks(ROW_CHUNK) {
-            let mut text = String::from("DELETE FROM message_deliveries WHERE id IN (");
-            for index in 0..chunk.len() {
-                text.push_str(if index == 0 { "?" } else { ", ?" });
-            }
-            text.push(')');
+            let text = format!(
+                "DELETE FROM message_deliveries WHERE id IN ({})",
+                repeated("?", ", ", chunk.len())
+            );
             let mut query = sqlx::query(AssertSqlSafe(text));
             for id in chunk {
                 query = query.bind(*id);
@@ -860,7 +835,8 @@ mod tests {
         assert!(validate_group(&"g".repeat(MAX_GROUP_BYTES + 1)).is_err());
         assert!(validate_group("city:paris").is_ok());
         let too_many: Vec<String> = (0..=MAX_USERS_PER_BIND).map(|n| n.to_string()).collect();
-        let error = validate_group_users("app", "g", &too_many).unwrap_err();
+        let error = validate_group_users("app", "g", &too_many)
+            .expect_err("one user over the bind limit is refused");
         assert!(error.to_string().contains("users"), "{error}");
         assert!(validate_group_users("app", "g", &["".to_string()]).is_err());
     }

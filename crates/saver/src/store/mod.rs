@@ -77,8 +77,34 @@ pub trait MessageStore: GroupStore + Send + Sync + 'static {
 
     /// Like [`store`](Self::store), but the same `(app, idempotency_key)`
     /// within [`IDEMPOTENCY_WINDOW_MS`] answers the first call's messages and
-    /// stores nothing new. An empty key is a plain store.
+    /// stores nothing new. An empty key is a plain store. Checks the key and
+    /// the arguments, then leaves a keyed store to
+    /// [`store_with_key`](Self::store_with_key).
     async fn store_once(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: Bytes,
+        ttl_secs: u32,
+        idempotency_key: &str,
+    ) -> Result<Stored, StoreError> {
+        validate_idempotency_key(idempotency_key)?;
+        if idempotency_key.is_empty() {
+            let messages = self.store(app, users, payload, ttl_secs).await?;
+            return Ok(Stored {
+                messages,
+                replayed: false,
+            });
+        }
+        validate_store(app, users, &payload)?;
+        self.store_with_key(app, users, payload, ttl_secs, idempotency_key)
+            .await
+    }
+
+    /// The store's own part of [`store_once`](Self::store_once): a
+    /// non-empty `idempotency_key`, the key and arguments already checked.
+    /// Callers use `store_once`.
+    async fn store_with_key(
         &self,
         app: &str,
         users: &[String],
@@ -269,16 +295,22 @@ impl MessageIds {
     }
 }
 
-fn validate_app(app: &str) -> Result<(), StoreError> {
-    if app.is_empty() {
-        return Err(StoreError::invalid("app must not be empty"));
+/// Checks that `value` is 1 to `max_bytes` bytes; errors name it `what`.
+pub(crate) fn validate_length(what: &str, value: &str, max_bytes: usize) -> Result<(), StoreError> {
+    if value.is_empty() {
+        return Err(StoreError::invalid(format!("{what} must not be empty")));
     }
-    if app.len() > MAX_APP_BYTES {
+    if value.len() > max_bytes {
         return Err(StoreError::invalid(format!(
-            "app is {} bytes, at most {MAX_APP_BYTES} allowed",
-            app.len()
+            "{what} is {} bytes, at most {max_bytes} allowed",
+            value.len()
         )));
     }
+    Ok(())
+}
+
+fn validate_app(app: &str) -> Result<(), StoreError> {
+    validate_length("app", app, MAX_APP_BYTES)?;
     // `<app>:<user>` names a user's Redis keys; a `:` in the app would make it ambiguous.
     if app.contains(':') {
         return Err(StoreError::invalid(format!(
@@ -289,16 +321,7 @@ fn validate_app(app: &str) -> Result<(), StoreError> {
 }
 
 fn validate_user(user: &str) -> Result<(), StoreError> {
-    if user.is_empty() {
-        return Err(StoreError::invalid("user must not be empty"));
-    }
-    if user.len() > MAX_USER_BYTES {
-        return Err(StoreError::invalid(format!(
-            "user is {} bytes, at most {MAX_USER_BYTES} allowed",
-            user.len()
-        )));
-    }
-    Ok(())
+    validate_length("user", user, MAX_USER_BYTES)
 }
 
 /// Checks a Store call's arguments.
@@ -320,6 +343,14 @@ pub fn validate_store(app: &str, users: &[String], payload: &[u8]) -> Result<(),
         )));
     }
     Ok(())
+}
+
+/// `fragment` `count` times with `separator` between: the placeholder lists
+/// of multi-row SQL statements (every value stays a bound parameter).
+pub(crate) fn repeated(fragment: &str, separator: &str, count: usize) -> String {
+    std::iter::repeat_n(fragment, count)
+        .collect::<Vec<_>>()
+        .join(separator)
 }
 
 /// Checks an idempotency key (empty: none).
@@ -511,6 +542,25 @@ fn new_messages_of_items(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_joins_fragments_and_lengths_name_the_value() {
+        assert_eq!(repeated("(?, ?)", ", ", 3), "(?, ?), (?, ?), (?, ?)");
+        assert_eq!(repeated("?", " OR ", 1), "?");
+        assert_eq!(repeated("?", ", ", 0), "");
+        let empty = validate_length("user", "", 5).expect_err("empty is refused");
+        assert!(
+            empty.to_string().contains("user must not be empty"),
+            "{empty}"
+        );
+        let long = validate_length("user", "abcdef", 5).expect_err("6 bytes over 5 are refused");
+        assert!(
+            long.to_string()
+                .contains("user is 6 bytes, at most 5 allowed"),
+            "{long}"
+        );
+        assert!(validate_length("user", "abcde", 5).is_ok());
+    }
 
     #[test]
     fn ttl_defaults_and_caps() {

@@ -828,7 +828,7 @@ impl MessageStore for RedisSqlStore {
         Ok(messages)
     }
 
-    async fn store_once(
+    async fn store_with_key(
         &self,
         app: &str,
         users: &[String],
@@ -836,15 +836,6 @@ impl MessageStore for RedisSqlStore {
         ttl_secs: u32,
         idempotency_key: &str,
     ) -> Result<Stored, StoreError> {
-        super::validate_idempotency_key(idempotency_key)?;
-        if idempotency_key.is_empty() {
-            let messages = self.store(app, users, payload, ttl_secs).await?;
-            return Ok(Stored {
-                messages,
-                replayed: false,
-            });
-        }
-        super::validate_store(app, users, &payload)?;
         let started = Instant::now();
         let redis_key = self::idempotency_key(app, idempotency_key);
         let mut redis = self.redis.clone();

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
     History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore, StoreLimits, Stored,
+    repeated,
 };
 use crate::error::StoreError;
 use crate::metrics;
@@ -142,13 +143,10 @@ async fn insert_rows(
     messages: &[&Message],
 ) -> Result<(), StoreError> {
     for chunk in messages.chunks(INSERT_CHUNK_ROWS) {
-        let mut sql = String::from(
-            "INSERT INTO messages (id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts, parent_id) VALUES ",
+        let sql = format!(
+            "INSERT INTO messages (id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts, parent_id) VALUES {}",
+            repeated("(?, ?, ?, ?, ?, ?, NULL, 0, ?)", ", ", chunk.len())
         );
-        for index in 0..chunk.len() {
-            sql.push_str(if index == 0 { "" } else { ", " });
-            sql.push_str("(?, ?, ?, ?, ?, ?, NULL, 0, ?)");
-        }
         // Generated from a fixed fragment repeated; every value is a bound parameter.
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for message in chunk {
@@ -446,13 +444,10 @@ impl SqlStore {
                 delete = delete.bind(*id);
             }
             delete.execute(&mut *transaction).await?;
-            let mut sql = String::from(
-                "INSERT INTO dead_letters (id, app, user_id, payload, created_ms, attempts, dead_ms) VALUES ",
+            let sql = format!(
+                "INSERT INTO dead_letters (id, app, user_id, payload, created_ms, attempts, dead_ms) VALUES {}",
+                repeated("(?, ?, ?, ?, ?, ?, ?)", ", ", chunk.len())
             );
-            for index in 0..chunk.len() {
-                sql.push_str(if index == 0 { "" } else { ", " });
-                sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
-            }
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for message in chunk {
                 query = query
@@ -696,13 +691,10 @@ impl SqlStore {
             .collect();
         let mut acked = 0;
         for chunk in triples.chunks(ACK_CHUNK) {
-            let mut sql =
-                String::from("UPDATE messages SET acked_ms = ? WHERE acked_ms IS NULL AND (");
-            for index in 0..chunk.len() {
-                sql.push_str(if index == 0 { "" } else { " OR " });
-                sql.push_str("(id = ? AND app = ? AND user_id = ?)");
-            }
-            sql.push(')');
+            let sql = format!(
+                "UPDATE messages SET acked_ms = ? WHERE acked_ms IS NULL AND ({})",
+                repeated("(id = ? AND app = ? AND user_id = ?)", " OR ", chunk.len())
+            );
             let mut query = sqlx::query(AssertSqlSafe(sql)).bind(acked_ms);
             for (id, app, user) in chunk {
                 query = query.bind(*id).bind(app.to_string()).bind(user.to_string());
@@ -812,7 +804,7 @@ impl MessageStore for SqlStore {
         Ok(messages)
     }
 
-    async fn store_once(
+    async fn store_with_key(
         &self,
         app: &str,
         users: &[String],
@@ -820,15 +812,6 @@ impl MessageStore for SqlStore {
         ttl_secs: u32,
         idempotency_key: &str,
     ) -> Result<Stored, StoreError> {
-        super::validate_idempotency_key(idempotency_key)?;
-        if idempotency_key.is_empty() {
-            let messages = self.store(app, users, payload, ttl_secs).await?;
-            return Ok(Stored {
-                messages,
-                replayed: false,
-            });
-        }
-        super::validate_store(app, users, &payload)?;
         if let Some(first) = self.idempotent_answer(app, idempotency_key).await? {
             return Ok(first);
         }
@@ -930,11 +913,7 @@ fn message_from_row(app: &str, user: &str, row: &AnyRow) -> Result<Message, Stor
 /// `?, ?, ?` with `count` placeholders.
 fn placeholders(count: usize) -> String {
     debug_assert!(count > 0);
-    let mut list = String::with_capacity(count * 3);
-    for index in 0..count {
-        list.push_str(if index == 0 { "?" } else { ", ?" });
-    }
-    list
+    repeated("?", ", ", count)
 }
 
 /// Saver ids are below 2^63 (41 + 10 + 12 bits), so they fit a BIGINT.
