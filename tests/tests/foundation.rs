@@ -91,6 +91,47 @@ async fn push_reaches_the_device_once_and_its_ack_clears_redis_and_mysql() {
     cluster.cleanup().await;
 }
 
+/// Messages to one user routed at once share a register lookup batch; each
+/// must still reach the user's connection once. (Center used to send the
+/// user once per message in the batch, got its session back that often and
+/// handed every message to the same connection that many times: the 420
+/// duplicates of the unicast load test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_routed_together_to_one_user_reach_its_device_once_each() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
+    let (mut device, _) = cluster.device("erin").await.unwrap();
+    // Ten calls at once, as the load test makes them: their routing jobs
+    // run side by side and their lookups share batches. 50 messages in all
+    // stay below the room's outbound queue of 64 frames.
+    let calls: Vec<_> = (0..10)
+        .map(|_| cluster.push(&["erin"; 5], "one of many"))
+        .collect();
+    let mut ids = Vec::new();
+    for answer in futures::future::join_all(calls).await {
+        ids.extend(answer.unwrap());
+    }
+    assert_eq!(ids.len(), 50);
+
+    let mut received = Vec::new();
+    while let Ok(Some(frame)) = next_frame(&mut device, Duration::from_millis(1500)).await {
+        if frame.op == Op::Push {
+            received.push(frame.decode::<msg::Push>().unwrap().msg_id);
+        }
+    }
+    received.sort_unstable();
+    let mut expected = ids.clone();
+    expected.sort_unstable();
+    assert_eq!(
+        received.len(),
+        expected.len(),
+        "{} pushes arrived for {} messages",
+        received.len(),
+        expected.len()
+    );
+    assert_eq!(received, expected, "each message exactly once");
+    cluster.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_inbox_is_delivered_on_connect_and_again_until_acked() {
     let cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();

@@ -37,6 +37,18 @@ struct Found {
     warming: bool,
 }
 
+/// Each user of a lookup batch once, in the order first asked. The register
+/// answers a user's sessions once per time the request names the user, so a
+/// user named twice would get every session twice, and each of its messages
+/// would be handed to each of its connections twice.
+fn distinct_users(users: Vec<UserKey>) -> Vec<UserKey> {
+    let mut seen = std::collections::HashSet::with_capacity(users.len());
+    users
+        .into_iter()
+        .filter(|key| seen.insert((key.app.clone(), key.user.clone())))
+        .collect()
+}
+
 /// How a routing attempt ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Routed {
@@ -66,7 +78,9 @@ impl Router {
                     .map(|key| (key.app.clone(), key.user.clone()))
                     .collect();
                 let response = RegisterClient::new(channel)
-                    .lookup(LookupRequest { users })
+                    .lookup(LookupRequest {
+                        users: distinct_users(users),
+                    })
                     .await?
                     .into_inner();
                 let warming = response.warming;
@@ -77,7 +91,8 @@ impl Router {
                         .or_default()
                         .push(session);
                 }
-                // A user asked twice in one batch gets its sessions both times.
+                // A user asked twice in one batch (two of its messages routed
+                // at once) gets its sessions, once each, both times.
                 Ok(keys
                     .iter()
                     .map(|key| Found {
@@ -431,6 +446,29 @@ mod tests {
         assert!(
             !retries.push(RETRY_DELAYS_MS.len(), message(3)),
             "no attempt after the last"
+        );
+    }
+
+    fn key(app: &str, user: &str) -> UserKey {
+        UserKey {
+            app: app.into(),
+            user: user.into(),
+        }
+    }
+
+    #[test]
+    fn a_lookup_names_each_user_once_in_first_asked_order() {
+        let asked = vec![
+            key("a", "erin"),
+            key("a", "finn"),
+            key("a", "erin"),
+            key("b", "erin"),
+            key("a", "finn"),
+        ];
+        let sent = distinct_users(asked);
+        assert_eq!(
+            sent,
+            vec![key("a", "erin"), key("a", "finn"), key("b", "erin")]
         );
     }
 
