@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
     };
     runtime()?.block_on(async move {
         let json = args.json.clone();
-        let report = run::run(scenario, args, Vec::new()).await?;
+        let report = run::run(scenario, args, Vec::new(), None).await?;
         println!("{}", report.table());
         std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
         eprintln!("JSON report: {json}");

@@ -63,6 +63,13 @@ pub struct MillionArgs {
     /// Everything stops after this many minutes, finished or not.
     #[arg(long, default_value_t = 30)]
     pub max_minutes: u64,
+    /// Faults to inject one after the other in every scenario, after the hold
+    /// and before the pushes: `kill-register` (kill -9 and restart: every
+    /// session must come back) and `kill-rooms` (kill -9 of every room,
+    /// restarted on the same address: a reconnect storm of every device, with
+    /// no stale session left in register).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub faults: Vec<FaultKind>,
     /// Extra `--set key=value` for every room.
     #[arg(long = "room-set")]
     pub room_set: Vec<String>,
@@ -74,6 +81,12 @@ pub struct MillionArgs {
     pub center_set: Vec<String>,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultKind {
+    KillRegister,
+    KillRooms,
 }
 
 /// The roles started before the rooms, in start order: (process name, binary).
@@ -88,6 +101,8 @@ const ROLES: [(&str, &str); 5] = [
 struct Started {
     name: String,
     role: String,
+    program: PathBuf,
+    settings: Vec<String>,
     child: Child,
     pid: u32,
     bound: Arc<Mutex<HashMap<String, String>>>,
@@ -131,7 +146,11 @@ async fn start(
     settings: &[String],
     log_dir: &Path,
 ) -> anyhow::Result<Started> {
-    let stderr = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+    // Appended: a process restarted by --fault keeps its first life's log.
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join(format!("{name}.log")))?;
     let mut child = Command::new(program)
         .args(
             settings
@@ -148,7 +167,11 @@ async fn start(
     let stdout = child.stdout.take().context("stdout")?;
     let bound = Arc::new(Mutex::new(HashMap::new()));
     let lines_bound = bound.clone();
-    let mut out = tokio::fs::File::create(log_dir.join(format!("{name}.out"))).await?;
+    let mut out = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join(format!("{name}.out")))
+        .await?;
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -166,6 +189,8 @@ async fn start(
     Ok(Started {
         name: name.to_owned(),
         role: role.to_owned(),
+        program: program.to_owned(),
+        settings: settings.to_vec(),
         child,
         pid,
         bound,
@@ -409,6 +434,8 @@ async fn run_inner(
             "tcp_listen=127.0.0.1:0".to_owned(),
             format!("heartbeat_secs={}", args.heartbeat_secs),
             format!("node_id=lt-room-{index}"),
+            // Dozens of rooms share the machine: one shard thread each.
+            "io_threads=1".to_owned(),
         ]);
         settings.extend(args.room_set.iter().cloned());
         processes.push(
@@ -423,15 +450,7 @@ async fn run_inner(
         );
     }
     let mut rooms = Vec::new();
-    let mut servers: Vec<ServerProc> = processes[..first_room]
-        .iter()
-        .map(|process| ServerProc {
-            pid: process.pid,
-            role: process.role.clone(),
-            room_index: None,
-        })
-        .collect();
-    for (index, process) in processes.iter_mut().skip(first_room).enumerate() {
+    for process in processes.iter_mut().skip(first_room) {
         rooms.push(
             process
                 .wait_bound("room tcp", Duration::from_secs(60))
@@ -440,15 +459,20 @@ async fn run_inner(
         process
             .wait_bound("room ready", Duration::from_secs(60))
             .await?;
-        servers.push(ServerProc {
-            pid: process.pid,
-            role: process.role.clone(),
-            room_index: Some(index),
-        });
     }
     wait_for_rooms(&center, &tenant.api_key, rooms_needed).await?;
 
     for (position, scenario) in args.scenarios.iter().enumerate() {
+        // Taken again per scenario: a --fault replaces processes.
+        let servers: Vec<ServerProc> = processes
+            .iter()
+            .enumerate()
+            .map(|(index, process)| ServerProc {
+                pid: process.pid,
+                role: process.role.clone(),
+                room_index: index.checked_sub(first_room),
+            })
+            .collect();
         let mut run = args.run.clone();
         run.rooms = rooms.clone();
         run.api = format!("http://{center}");
@@ -470,7 +494,18 @@ async fn run_inner(
             run.connections,
             rooms.len()
         );
-        let mut report = crate::run::run(*scenario, run.clone(), servers.clone()).await?;
+        let mut injector = ClusterFault {
+            kinds: &args.faults,
+            processes: &mut *processes,
+            log_dir,
+        };
+        let fault = (!args.faults.is_empty()).then_some(&mut injector as &mut dyn crate::run::Fault);
+        let mut report = crate::run::run(*scenario, run.clone(), servers, fault).await?;
+        if !args.faults.is_empty() {
+            report.notes.push(
+                "the fault restarted processes: rows marked (gone) are the killed ones, their successors are not measured".into(),
+            );
+        }
         if position > 0 {
             report.notes.push(
                 "the rooms held the previous scenario's connections: their RSS growth here is not memory per connection (see the first scenario)".into(),
@@ -490,6 +525,123 @@ async fn run_inner(
         eprintln!("JSON report: {}", run.json);
     }
     Ok(())
+}
+
+/// `--faults`: kills processes of the run's cluster with SIGKILL and starts
+/// them again with the same settings.
+struct ClusterFault<'a> {
+    kinds: &'a [FaultKind],
+    processes: &'a mut Vec<Started>,
+    log_dir: &'a Path,
+}
+
+impl ClusterFault<'_> {
+    async fn kill_and_restart(&mut self, index: usize, settings: Vec<String>) -> anyhow::Result<()> {
+        let process = &mut self.processes[index];
+        let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+        let _ = process.child.wait().await;
+        let (name, role, program) = (
+            process.name.clone(),
+            process.role.clone(),
+            process.program.clone(),
+        );
+        let mut restarted = start(&name, &role, &program, &settings, self.log_dir).await?;
+        restarted
+            .wait_bound(&format!("{role} ready"), Duration::from_secs(60))
+            .await?;
+        self.processes[index] = restarted;
+        Ok(())
+    }
+
+    async fn inject_now(&mut self, kind: FaultKind) -> anyhow::Result<Value> {
+        let started = tokio::time::Instant::now();
+        let mut restarted = Vec::new();
+        match kind {
+            FaultKind::KillRegister => {
+                let index = self
+                    .processes
+                    .iter()
+                    .position(|process| process.role == "register")
+                    .context("no register")?;
+                let settings = self.processes[index].settings.clone();
+                self.kill_and_restart(index, settings).await?;
+                restarted.push(self.processes[index].pid);
+            }
+            FaultKind::KillRooms => {
+                let rooms: Vec<usize> = (0..self.processes.len())
+                    .filter(|index| self.processes[*index].role == "room")
+                    .collect();
+                // Every room at once, then each back on the address its
+                // devices know (the listener takes the port again with
+                // SO_REUSEADDR).
+                let mut addresses = Vec::new();
+                for index in &rooms {
+                    let process = &self.processes[*index];
+                    let tcp = process.bound("room tcp").context("room tcp address")?;
+                    let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+                    addresses.push(tcp);
+                }
+                for (index, tcp) in rooms.iter().zip(addresses) {
+                    let mut settings: Vec<String> = self.processes[*index]
+                        .settings
+                        .iter()
+                        .filter(|setting| !setting.starts_with("tcp_listen="))
+                        .cloned()
+                        .collect();
+                    settings.push(format!("tcp_listen={tcp}"));
+                    self.kill_and_restart(*index, settings).await?;
+                    restarted.push(self.processes[*index].pid);
+                }
+            }
+        }
+        Ok(json!({
+            "fault": match kind {
+                FaultKind::KillRegister => "kill -9 of register, restarted",
+                FaultKind::KillRooms => "kill -9 of every room, restarted on the same addresses",
+            },
+            "restarted_pids": restarted,
+            "restart_secs": started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    async fn sessions_now(&self) -> anyhow::Result<u64> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let mut total = 0u64;
+        for process in self.processes.iter().filter(|process| process.role == "register") {
+            let admin = process
+                .bound("register admin")
+                .context("register admin address")?;
+            let text = http
+                .get(format!("http://{admin}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            total += text
+                .lines()
+                .find_map(|line| line.strip_prefix("pushgrid_register_sessions "))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+        }
+        Ok(total)
+    }
+}
+
+impl crate::run::Fault for ClusterFault<'_> {
+    fn count(&self) -> usize {
+        self.kinds.len()
+    }
+
+    fn inject(&mut self, step: usize) -> futures::future::BoxFuture<'_, anyhow::Result<Value>> {
+        let kind = self.kinds[step];
+        Box::pin(self.inject_now(kind))
+    }
+
+    fn sessions(&mut self) -> futures::future::BoxFuture<'_, anyhow::Result<u64>> {
+        Box::pin(self.sessions_now())
+    }
 }
 
 /// Waits until center's view holds every room (keeper has pushed them).

@@ -162,6 +162,9 @@ pub struct Report {
     pub processes: Vec<ProcessRow>,
     /// The cluster `loadtest million` started for the run (null otherwise).
     pub cluster: Value,
+    /// What `loadtest million --faults` injected and how the cluster came
+    /// back, one entry per fault.
+    pub faults: Vec<Value>,
     pub notes: Vec<String>,
 }
 
@@ -193,6 +196,7 @@ impl Report {
             memory: Memory::default(),
             processes: Vec::new(),
             cluster: Value::Null,
+            faults: Vec::new(),
             notes: Vec::new(),
         }
     }
@@ -329,6 +333,32 @@ impl Report {
                     )
                 );
             }
+        }
+        for f in &self.faults {
+            let _ = writeln!(
+                out,
+                "{:<34} {}",
+                "fault",
+                f["detail"]["fault"].as_str().unwrap_or("?")
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {} open before, {} after (all open after {:.1} s; {} closed by the server)",
+                "  devices",
+                f["open_before"],
+                f["open_after"],
+                f["all_open_after_secs"].as_f64().unwrap_or(0.0),
+                f["closed_by_server"]
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {} before, {} after ({:.1} s), stale or missing {}",
+                "  register sessions",
+                f["register_sessions_before"],
+                f["register_sessions_after"],
+                f["sessions_match_after_secs"].as_f64().unwrap_or(0.0),
+                f["stale_or_missing_sessions"]
+            );
         }
         let mem = &self.memory;
         let per = |value: Option<f64>| {

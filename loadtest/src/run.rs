@@ -130,6 +130,20 @@ pub struct RunArgs {
     pub ping_secs: u32,
 }
 
+/// Faults injected one after the other after the hold and before the pushes
+/// (`loadtest million --faults`): after each the run waits until every device
+/// that was open is open again and the registers hold exactly one session per
+/// open device; then it pushes as usual, so the report's loss accounting
+/// covers the faults.
+pub trait Fault: Send {
+    /// How many faults there are.
+    fn count(&self) -> usize;
+    /// Injects fault `step` (and repairs it: a restart); returns what it did.
+    fn inject(&mut self, step: usize) -> futures::future::BoxFuture<'_, anyhow::Result<Value>>;
+    /// Sessions the register instances hold now.
+    fn sessions(&mut self) -> futures::future::BoxFuture<'_, anyhow::Result<u64>>;
+}
+
 /// A server process to measure, with what it is.
 #[derive(Debug, Clone)]
 pub struct ServerProc {
@@ -621,6 +635,7 @@ pub async fn run(
     scenario: Scenario,
     args: RunArgs,
     mut servers: Vec<ServerProc>,
+    fault: Option<&mut dyn Fault>,
 ) -> anyhow::Result<Report> {
     for room in &args.rooms {
         check_loopback(room)?;
@@ -745,6 +760,14 @@ pub async fn run(
         hold_bar.finish();
     }
     report.connections.open_after_hold = workers.total().open;
+
+    if let Some(fault) = fault {
+        set_phase("fault");
+        for step in 0..fault.count() {
+            let outcome = inject_fault(&mut *fault, step, &workers, &args).await?;
+            report.faults.push(outcome);
+        }
+    }
 
     // Users to push to: online, by class.
     let mut online = Vec::new();
@@ -1126,6 +1149,52 @@ pub async fn run(
         .sum();
     report.wall_secs = wall;
     Ok(report)
+}
+
+/// Injects fault `step`, then waits (at most --ramp-timeout-secs) until every
+/// device open before it is open again and the registers hold exactly one
+/// session per open device: every session back, none stale.
+async fn inject_fault(
+    fault: &mut dyn Fault,
+    step: usize,
+    workers: &Workers,
+    args: &RunArgs,
+) -> anyhow::Result<Value> {
+    let before = workers.total();
+    let sessions_before = fault.sessions().await?;
+    let started = Instant::now();
+    let detail = fault.inject(step).await?;
+    let injected_secs = started.elapsed().as_secs_f64();
+    let limit = Duration::from_secs(args.ramp_timeout_secs);
+    // Progress comes every 250 ms: let the workers see the fault first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut all_open_secs = None;
+    let (mut open, mut sessions);
+    loop {
+        open = workers.total().open;
+        if all_open_secs.is_none() && open >= before.open {
+            all_open_secs = Some(started.elapsed().as_secs_f64());
+        }
+        sessions = fault.sessions().await.unwrap_or(0);
+        if (open >= before.open && sessions == open) || started.elapsed() >= limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = workers.total();
+    Ok(json!({
+        "detail": detail,
+        "open_before": before.open,
+        "register_sessions_before": sessions_before,
+        "injected_secs": injected_secs,
+        "all_open_again": all_open_secs.is_some(),
+        "all_open_after_secs": all_open_secs,
+        "closed_by_server": after.closed_by_server - before.closed_by_server,
+        "open_after": open,
+        "register_sessions_after": sessions,
+        "sessions_match_after_secs": started.elapsed().as_secs_f64(),
+        "stale_or_missing_sessions": sessions as i64 - open as i64,
+    }))
 }
 
 /// Global indices of the devices not connected when their worker reported.

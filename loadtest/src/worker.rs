@@ -356,7 +356,7 @@ async fn device(
                 }
             }
             let began = Instant::now();
-            match establish(&shared, index, !reconnecting && attempt == 0).await {
+            match establish(&shared, index).await {
                 Ok(connection) => {
                     let micros = began.elapsed().as_micros() as u64;
                     let mut records = shared.records();
@@ -458,20 +458,19 @@ fn io_reason(stage: &str, error: &std::io::Error) -> String {
 async fn establish(
     shared: &Shared,
     index: u32,
-    fresh: bool,
 ) -> Result<(TcpStream, Vec<u8>), String> {
     let spec = &shared.spec;
-    // An explicit port per device on the first connect: bind(port 0) scans the
-    // ports in use on the address, which grows quadratic over 18,000 sockets.
-    // Reconnects take port 0 (the old port may still be in TIME_WAIT).
-    let port = match fresh {
-        true if index < 30_000 => FIRST_SOURCE_PORT.checked_add(index as u16),
-        _ => None,
-    };
+    // An explicit port per device, on reconnects too: bind(port 0) scans the
+    // ports in use on the address, which grows quadratic over 18,000 sockets
+    // (a reconnect storm of 17,000 devices spent minutes of system CPU in it).
+    // Our side closes with a reset, so the device's port is free again.
+    let port = (index < 30_000)
+        .then(|| FIRST_SOURCE_PORT.checked_add(index as u16))
+        .flatten();
     let mut stream = match connect_from(shared, port).await {
         // The fixed port's 4-tuple is still taken (TIME_WAIT of an earlier run
         // against the same room): let the kernel pick a port instead.
-        Err(error) if port.is_some() && error.raw_os_error() == Some(99) => {
+        Err(error) if port.is_some() && matches!(error.raw_os_error(), Some(98 | 99)) => {
             connect_from(shared, None).await
         }
         other => other,

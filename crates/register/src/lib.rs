@@ -3,10 +3,13 @@
 //! and coordinator find a user's connections with batched Lookup calls.
 //!
 //! Sessions of a room whose keeper lease is gone are dropped, so a room that
-//! died leaves no stale sessions behind.
+//! died leaves no stale sessions behind; so are the sessions of an earlier
+//! process of a room that restarted under the same node id (its new lease
+//! replaces the old one at once, so the room never leaves the view).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use pushgrid_common::cli::RoleConfig;
@@ -71,6 +74,8 @@ impl Listeners {
 #[derive(Default)]
 pub struct SessionTable {
     users: DashMap<String, Vec<Session>>,
+    /// Sessions held, kept beside the map so the gauge never walks it.
+    count: AtomicUsize,
 }
 
 fn user_key(app: &str, user: &str) -> String {
@@ -87,9 +92,13 @@ impl SessionTable {
             .users
             .entry(user_key(&session.app, &session.user))
             .or_default();
+        let before = sessions.len();
         sessions.retain(|existing| {
             !(existing.room == session.room && existing.conn_id == session.conn_id)
         });
+        if sessions.len() == before {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
         sessions.push(session);
     }
 
@@ -97,9 +106,12 @@ impl SessionTable {
         let key = user_key(&session.app, &session.user);
         let emptied = match self.users.get_mut(&key) {
             Some(mut sessions) => {
+                let before = sessions.len();
                 sessions.retain(|existing| {
                     !(existing.room == session.room && existing.conn_id == session.conn_id)
                 });
+                self.count
+                    .fetch_sub(before - sessions.len(), Ordering::Relaxed);
                 sessions.is_empty()
             }
             None => false,
@@ -117,9 +129,16 @@ impl SessionTable {
             .unwrap_or_default()
     }
 
-    /// Drops every session held by a room not in `live_rooms`; returns how many.
-    pub fn retain_rooms(&self, live_rooms: &HashSet<String>) -> usize {
-        self.retain(|session| live_rooms.contains(&session.room))
+    /// Drops every session held by a room not in `live_rooms` (node id ->
+    /// `started_ms` of its process), and every session that began before its
+    /// room's process started: one of an earlier process under the same id.
+    /// Both times come from the room's own clock. Returns how many.
+    pub fn retain_rooms(&self, live_rooms: &HashMap<String, u64>) -> usize {
+        self.retain(|session| {
+            live_rooms
+                .get(&session.room)
+                .is_some_and(|started_ms| session.since_ms >= *started_ms)
+        })
     }
 
     /// Keeps the sessions for which `keep` holds; returns how many were dropped.
@@ -131,11 +150,12 @@ impl SessionTable {
             dropped += before - sessions.len();
             !sessions.is_empty()
         });
+        self.count.fetch_sub(dropped, Ordering::Relaxed);
         dropped
     }
 
     pub fn len(&self) -> usize {
-        self.users.iter().map(|entry| entry.value().len()).sum()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -262,11 +282,12 @@ async fn drop_stale_sessions(
         if view.version == 0 {
             continue;
         }
-        let live: HashSet<String> = view
+        let live: HashMap<String, u64> = view
             .nodes_of(Role::Room)
-            .map(|node| node.id.clone())
+            .map(|node| (node.id.clone(), node.started_ms))
             .collect();
         let dropped = table.retain_rooms(&live);
+        metrics::gauge!("pushgrid_register_sessions").set(table.len() as f64);
         if dropped > 0 {
             tracing::info!(dropped, "dropped sessions of rooms whose lease ended");
             metrics::counter!("pushgrid_register_sessions_dropped_total", "reason" => "room_gone")
@@ -279,6 +300,7 @@ async fn drop_stale_sessions(
                 view.register_for(&session.app, &session.user)
                     .is_none_or(|owner| owner.id == own_id)
             });
+            metrics::gauge!("pushgrid_register_sessions").set(table.len() as f64);
             if moved > 0 {
                 tracing::info!(moved, "dropped sessions now owned by another register");
                 metrics::counter!("pushgrid_register_sessions_dropped_total", "reason" => "moved")
@@ -298,6 +320,7 @@ mod tests {
             user: user.into(),
             room: room.into(),
             conn_id,
+            since_ms: 1_000,
             ..Default::default()
         }
     }
@@ -309,11 +332,15 @@ mod tests {
         table.online(session("u", "r2", 2));
         table.online(session("u", "r1", 1)); // a repeat replaces, not duplicates
         assert_eq!(table.lookup("a", "u").len(), 2);
+        assert_eq!(table.len(), 2);
+        table.offline(&session("u", "r9", 1)); // not held: nothing changes
+        assert_eq!(table.len(), 2);
         table.offline(&session("u", "r1", 1));
         assert_eq!(table.lookup("a", "u"), vec![session("u", "r2", 2)]);
         table.offline(&session("u", "r2", 2));
         assert!(table.lookup("a", "u").is_empty());
         assert!(table.is_empty());
+        assert_eq!(table.len(), 0);
     }
 
     #[test]
@@ -321,9 +348,26 @@ mod tests {
         let table = SessionTable::default();
         table.online(session("u", "r1", 1));
         table.online(session("v", "r2", 2));
-        let live: HashSet<String> = ["r2".to_string()].into();
+        let live: HashMap<String, u64> = [("r2".to_string(), 500)].into();
         assert_eq!(table.retain_rooms(&live), 1);
         assert!(table.lookup("a", "u").is_empty());
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn sessions_of_a_room_restarted_under_the_same_id_are_dropped() {
+        let table = SessionTable::default();
+        table.online(session("u", "r1", 1)); // since 1_000, the old process
+        table.online(Session {
+            since_ms: 2_500,
+            ..session("u", "r1", 7) // the same device, back on the new process
+        });
+        table.online(session("v", "r2", 2));
+        // r1's new process started at 2_000; r2 has not restarted.
+        let live: HashMap<String, u64> = [("r1".to_string(), 2_000), ("r2".to_string(), 900)].into();
+        assert_eq!(table.retain_rooms(&live), 1);
+        assert_eq!(table.lookup("a", "u").len(), 1);
+        assert_eq!(table.lookup("a", "u")[0].conn_id, 7);
+        assert_eq!(table.len(), 2);
     }
 }
