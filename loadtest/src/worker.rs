@@ -467,11 +467,14 @@ async fn establish(
     let port = (index < 30_000)
         .then(|| FIRST_SOURCE_PORT.checked_add(index as u16))
         .flatten();
-    let mut stream = match connect_from(shared, port).await {
+    // A slow device is a phone on a bad network: a small receive window, so
+    // what it does not read backs up into the room's queue, not the kernel's.
+    let rcvbuf = is_slow(spec, index).then_some(SLOW_RCVBUF);
+    let mut stream = match connect_from(shared, port, rcvbuf).await {
         // The fixed port's 4-tuple is still taken (TIME_WAIT of an earlier run
         // against the same room): let the kernel pick a port instead.
         Err(error) if port.is_some() && matches!(error.raw_os_error(), Some(98 | 99)) => {
-            connect_from(shared, None).await
+            connect_from(shared, None, rcvbuf).await
         }
         other => other,
     }
@@ -580,10 +583,21 @@ async fn establish(
     }
 }
 
+/// Receive buffer of a slow device's socket (the kernel doubles it).
+const SLOW_RCVBUF: u32 = 4096;
+
 /// TCP connect from the worker's source address, from `port` or any port.
-async fn connect_from(shared: &Shared, port: Option<u16>) -> std::io::Result<TcpStream> {
+async fn connect_from(
+    shared: &Shared,
+    port: Option<u16>,
+    rcvbuf: Option<u32>,
+) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     let _ = socket.set_reuseaddr(true);
+    if let Some(size) = rcvbuf {
+        // Before connect, so the window offered in the SYN is already small.
+        socket.set_recv_buffer_size(size)?;
+    }
     let bound = match port {
         Some(port) => socket.bind(SocketAddr::new(shared.source, port)).is_ok(),
         None => false,

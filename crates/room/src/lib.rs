@@ -104,6 +104,12 @@ pub struct RoomConfig {
     /// Shard threads serving authenticated plain TCP connections (reads,
     /// writes, heartbeats); 0: one per CPU.
     pub io_threads: usize,
+    /// SO_SNDBUF of every device socket (the kernel doubles it); 0: the
+    /// kernel's autotuning, which lets one device that stops reading hold up
+    /// to `net.ipv4.tcp_wmem` (4 MiB here) of kernel memory before the room
+    /// sees its queue fill. Bounded, a stalled device shows up in its
+    /// outbound queue and is kicked as a slow consumer.
+    pub tcp_send_buffer: usize,
 }
 
 impl Default for RoomConfig {
@@ -131,6 +137,7 @@ impl Default for RoomConfig {
             shutdown_grace_secs: 15,
             admin_token: String::new(),
             io_threads: 0,
+            tcp_send_buffer: 64 * 1024,
         }
     }
 }
@@ -150,22 +157,34 @@ pub struct Listeners {
     pub wss: Option<TcpListener>,
 }
 
-async fn bind_optional(addr: &str) -> anyhow::Result<Option<TcpListener>> {
+/// A device listener; accepted sockets inherit its send buffer size.
+async fn bind_devices(addr: &str, send_buffer: usize) -> anyhow::Result<TcpListener> {
+    let listener = net::bind(addr).await?;
+    if send_buffer > 0 {
+        socket2::SockRef::from(&listener)
+            .set_send_buffer_size(send_buffer)
+            .map_err(|error| anyhow::anyhow!("{addr}: SO_SNDBUF {send_buffer}: {error}"))?;
+    }
+    Ok(listener)
+}
+
+async fn bind_optional(addr: &str, send_buffer: usize) -> anyhow::Result<Option<TcpListener>> {
     if addr.is_empty() {
         return Ok(None);
     }
-    Ok(Some(net::bind(addr).await?))
+    Ok(Some(bind_devices(addr, send_buffer).await?))
 }
 
 impl Listeners {
     pub async fn bind(config: &RoomConfig) -> anyhow::Result<Listeners> {
+        let send_buffer = config.tcp_send_buffer;
         Ok(Listeners {
             grpc: net::bind(&config.node.listen).await?,
             admin: net::bind(&config.node.admin_listen).await?,
-            tcp: net::bind(&config.tcp_listen).await?,
-            ws: bind_optional(&config.ws_listen).await?,
-            tls: bind_optional(&config.tls_listen).await?,
-            wss: bind_optional(&config.wss_listen).await?,
+            tcp: bind_devices(&config.tcp_listen, send_buffer).await?,
+            ws: bind_optional(&config.ws_listen, send_buffer).await?,
+            tls: bind_optional(&config.tls_listen, send_buffer).await?,
+            wss: bind_optional(&config.wss_listen, send_buffer).await?,
         })
     }
 }

@@ -66,7 +66,11 @@ impl Peers {
             pool.clone(),
             batch_config(),
             |channel, requests: Vec<PendingRequest>| async move {
+                // Many users' inboxes in one answer: saver keeps it under
+                // 32 MiB past the first read, which may hold up to 1,000
+                // messages of 64 KiB.
                 let response = SaverClient::new(channel)
+                    .max_decoding_message_size(96 << 20)
                     .pending_many(PendingManyRequest { requests })
                     .await?;
                 Ok(response.into_inner().answers)

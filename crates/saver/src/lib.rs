@@ -293,6 +293,7 @@ impl Saver for SaverService {
             })
             .collect();
         let mut failures = 0;
+        let mut budget = store::PENDING_MANY_MAX_BYTES;
         let answers = self
             .store
             .pending_many(&reads)
@@ -300,6 +301,21 @@ impl Saver for SaverService {
             .into_iter()
             .map(|result| match result {
                 Ok(messages) => {
+                    let bytes: usize = messages.iter().map(prost::Message::encoded_len).sum();
+                    if bytes > budget && budget < store::PENDING_MANY_MAX_BYTES {
+                        // The answer would not fit the caller's decoding
+                        // limit: this read is tried again in a later call.
+                        failures += 1;
+                        budget = 0;
+                        return PendingAnswer {
+                            messages: Vec::new(),
+                            error: format!(
+                                "this call's inbox reads exceed {} bytes; read again",
+                                store::PENDING_MANY_MAX_BYTES
+                            ),
+                        };
+                    }
+                    budget = budget.saturating_sub(bytes);
                     metrics::pending_served(messages.len());
                     PendingAnswer {
                         messages,

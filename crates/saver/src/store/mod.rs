@@ -45,6 +45,11 @@ pub const DEFAULT_PENDING_LIMIT: u32 = 100;
 pub const PENDING_MANY_CONCURRENCY: usize = 64;
 /// Most inbox reads in one PendingMany call.
 pub const MAX_PENDING_MANY: usize = 1000;
+/// Most message bytes in one PendingMany answer (rooms decode up to 96 MiB):
+/// the reads past it are answered with an error and read again by their
+/// room. The first read of a call always fits (1,000 messages of at most
+/// 64 KiB).
+pub const PENDING_MANY_MAX_BYTES: usize = 32 << 20;
 
 /// One inbox read of a PendingMany call.
 #[derive(Debug, Clone, PartialEq, Eq)]
