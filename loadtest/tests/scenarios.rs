@@ -392,3 +392,71 @@ fn loadtest_million_starts_its_cluster_on_redis_and_mysql_and_cleans_up() {
     assert_eq!(String::from_utf8_lossy(&exists.stdout).trim(), "0");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 7 and 11: with 50,000 devices connected on 3 rooms, kill -9 of
+/// register (every session must come back to the new process), then kill -9
+/// of every room at once, restarted on the same addresses (a reconnect storm
+/// of all 50,000): every device is back, register holds exactly one session
+/// per device (none of the dead processes' left), and a unicast to every
+/// device afterwards is delivered with nothing lost. `PUSHGRID_FAULT_DEVICES`
+/// changes the size.
+#[test]
+fn loadtest_million_register_kill_and_room_storm_at_50000_devices() {
+    pushgrid_binary();
+    let devices: u64 = std::env::var("PUSHGRID_FAULT_DEVICES")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(50_000);
+    let per_room = devices.div_ceil(3).to_string();
+    let dir = std::env::temp_dir().join(format!("pushgrid-lt-faults-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("faults.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["million", "--scenarios", "unicast"])
+        .args(["--connections", &devices.to_string(), "--per-room", &per_room])
+        .args(["--faults", "kill-register,kill-rooms"])
+        .args(["--hold-secs", "1", "--max-minutes", "12", "--quiet"])
+        .args(["--ramp-timeout-secs", "300", "--drain-secs", "240"])
+        .args(["--quiet-secs", "60", "--source-base", "127.0.16.2"])
+        .arg("--work-dir")
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "loadtest million failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{stdout}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["connections"]["established"], devices, "{report:#}");
+    let faults = report["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 2, "{report:#}");
+    for (fault, name) in faults.iter().zip(["register", "every room"]) {
+        assert!(
+            fault["detail"]["fault"].as_str().unwrap().contains(name),
+            "{fault:#}"
+        );
+        assert_eq!(fault["open_before"], devices, "{fault:#}");
+        assert_eq!(fault["register_sessions_before"], devices, "{fault:#}");
+        assert_eq!(fault["all_open_again"], true, "{fault:#}");
+        assert_eq!(fault["open_after"], devices, "{fault:#}");
+        assert_eq!(fault["register_sessions_after"], devices, "{fault:#}");
+        assert_eq!(fault["stale_or_missing_sessions"], 0, "{fault:#}");
+    }
+    // The register kill closes no device; the room kill closes every one
+    // (and a device whose inbox read failed under the storm is closed again).
+    assert_eq!(faults[0]["closed_by_server"], 0, "{report:#}");
+    assert!(
+        faults[1]["closed_by_server"].as_u64().unwrap() >= devices,
+        "{report:#}"
+    );
+    assert_eq!(report["messages"]["accepted"], devices, "{report:#}");
+    assert_eq!(report["messages"]["delivered"], devices, "{report:#}");
+    assert_eq!(report["messages"]["lost"], 0, "{report:#}");
+    assert_eq!(report["messages"]["duplicated"], 0, "{report:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

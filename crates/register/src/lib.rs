@@ -273,11 +273,20 @@ async fn drop_stale_sessions(
 ) {
     let mut views = cluster.subscribe();
     let own_id = cluster.node_id().to_string();
+    // Each pass walks the whole table, and the view changes with every
+    // room's load report: a pass runs only when what it depends on changed
+    // (the rooms and their processes; the register instances), and once a
+    // minute for what arrived late from a room that was already gone.
+    let mut sweep = tokio::time::interval(std::time::Duration::from_secs(60));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rooms: Option<HashMap<String, u64>> = None;
+    let mut last_registers: Option<Vec<String>> = None;
     loop {
-        tokio::select! {
+        let periodic = tokio::select! {
             _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
-        }
+            changed = views.changed() => if changed.is_err() { return } else { false },
+            _ = sweep.tick() => true,
+        };
         let view = views.borrow_and_update().clone();
         if view.version == 0 {
             continue;
@@ -286,16 +295,26 @@ async fn drop_stale_sessions(
             .nodes_of(Role::Room)
             .map(|node| (node.id.clone(), node.started_ms))
             .collect();
-        let dropped = table.retain_rooms(&live);
-        metrics::gauge!("pushgrid_register_sessions").set(table.len() as f64);
-        if dropped > 0 {
-            tracing::info!(dropped, "dropped sessions of rooms whose lease ended");
-            metrics::counter!("pushgrid_register_sessions_dropped_total", "reason" => "room_gone")
-                .increment(dropped as u64);
+        if periodic || last_rooms.as_ref() != Some(&live) {
+            let dropped = table.retain_rooms(&live);
+            metrics::gauge!("pushgrid_register_sessions").set(table.len() as f64);
+            if dropped > 0 {
+                tracing::info!(dropped, "dropped sessions of rooms whose lease ended");
+                metrics::counter!("pushgrid_register_sessions_dropped_total", "reason" => "room_gone")
+                    .increment(dropped as u64);
+            }
+            last_rooms = Some(live);
         }
         // Only while this instance is in the view: a view without it (a keeper
         // that restarted and has not seen our lease yet) says nothing of ownership.
-        if view.node(&own_id).is_some() {
+        if view.node(&own_id).is_none() {
+            continue;
+        }
+        let registers: Vec<String> = view
+            .nodes_of(Role::Register)
+            .map(|node| node.id.clone())
+            .collect();
+        if periodic || last_registers.as_ref() != Some(&registers) {
             let moved = table.retain(|session| {
                 view.register_for(&session.app, &session.user)
                     .is_none_or(|owner| owner.id == own_id)
@@ -306,6 +325,7 @@ async fn drop_stale_sessions(
                 metrics::counter!("pushgrid_register_sessions_dropped_total", "reason" => "moved")
                     .increment(moved as u64);
             }
+            last_registers = Some(registers);
         }
     }
 }

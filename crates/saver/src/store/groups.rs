@@ -27,6 +27,7 @@ use pushgrid_proto::cluster::{
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::redis_sql::RedisConnection;
+use super::sql::retry_lock_conflicts;
 use super::{RedisSqlStore, SqlStore, repeated, validate_app, validate_length, validate_user};
 use crate::error::StoreError;
 
@@ -254,6 +255,8 @@ pub trait GroupStore: Send + Sync {
         if acks.is_empty() {
             return Ok(());
         }
+        let mut acks = acks;
+        acks.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
         let sql = self.durable();
         sql.insert_deliveries(&acks).await?;
         for chunk in acks.chunks(ROW_CHUNK) {
@@ -265,15 +268,18 @@ pub trait GroupStore: Send + Sync {
                     chunk.len()
                 )
             );
-            // Built from a fixed fragment repeated; every value is a bound parameter.
-            let mut query = sqlx::query(AssertSqlSafe(text)).bind(now);
-            for (id, user, device, _) in chunk {
-                query = query
-                    .bind(*id)
-                    .bind(user.to_string())
-                    .bind(device.to_string());
-            }
-            query.execute(sql.pool()).await?;
+            retry_lock_conflicts(|| {
+                // Built from a fixed fragment repeated; every value is bound.
+                let mut query = sqlx::query(AssertSqlSafe(text.clone())).bind(now);
+                for (id, user, device, _) in chunk {
+                    query = query
+                        .bind(*id)
+                        .bind(user.to_string())
+                        .bind(device.to_string());
+                }
+                async move { query.execute(sql.pool()).await.map(drop).map_err(StoreError::from) }
+            })
+            .await?;
         }
         Ok(())
     }
@@ -464,21 +470,29 @@ impl SqlStore {
 
     /// Inserts (id, user, device, at) hand-offs; a device's first one stays.
     async fn insert_deliveries(&self, rows: &[(i64, &str, &str, i64)]) -> Result<(), StoreError> {
+        // In key order: concurrent batches then take their row locks in
+        // the same order, which avoids most deadlocks.
+        let mut rows = rows.to_vec();
+        rows.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
         for chunk in rows.chunks(ROW_CHUNK) {
             let text = format!(
                 "{} INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) VALUES {}",
                 insert_ignore(self.pool()),
                 repeated("(?, ?, ?, ?, NULL)", ", ", chunk.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(text));
-            for (id, user, device, at_ms) in chunk {
-                query = query
-                    .bind(*id)
-                    .bind(user.to_string())
-                    .bind(device.to_string())
-                    .bind(*at_ms);
-            }
-            query.execute(self.pool()).await?;
+            retry_lock_conflicts(|| {
+                // Built from a fixed fragment repeated; every value is bound.
+                let mut query = sqlx::query(AssertSqlSafe(text.clone()));
+                for (id, user, device, at_ms) in chunk {
+                    query = query
+                        .bind(*id)
+                        .bind(user.to_string())
+                        .bind(device.to_string())
+                        .bind(*at_ms);
+                }
+                async move { query.execute(self.pool()).await.map(drop).map_err(StoreError::from) }
+            })
+            .await?;
         }
         Ok(())
     }

@@ -602,7 +602,9 @@ impl RedisSqlStore {
         if !owned.is_empty() {
             // Out of Redis already; a failure here leaves the SQL row live, so a
             // recovery can bring it back: never lost, at worst delivered again.
-            if let Err(error) = self.sql.dead_letter(&owned, false).await {
+            let moved =
+                super::sql::retry_lock_conflicts(|| self.sql.dead_letter(&owned, false)).await;
+            if let Err(error) = moved {
                 tracing::warn!(%error, count = owned.len(), "cannot record dead letters in sql");
             }
         }
