@@ -463,6 +463,18 @@ async fn run_inner(
     wait_for_rooms(&center, &tenant.api_key, rooms_needed).await?;
 
     for (position, scenario) in args.scenarios.iter().enumerate() {
+        if position > 0 {
+            // The previous scenario's devices just left: let register take
+            // their Offline batches (a million of them) before new devices
+            // connect, so the next ramp measures connects, not the backlog.
+            let until = tokio::time::Instant::now() + Duration::from_secs(300);
+            let mut left = register_sessions(processes).await.unwrap_or(0);
+            while left > 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                left = register_sessions(processes).await.unwrap_or(0);
+            }
+            eprintln!("register holds {left} sessions of the previous scenario");
+        }
         // Taken again per scenario: a --fault replaces processes.
         let servers: Vec<ServerProc> = processes
             .iter()
@@ -605,28 +617,33 @@ impl ClusterFault<'_> {
     }
 
     async fn sessions_now(&self) -> anyhow::Result<u64> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()?;
-        let mut total = 0u64;
-        for process in self.processes.iter().filter(|process| process.role == "register") {
-            let admin = process
-                .bound("register admin")
-                .context("register admin address")?;
-            let text = http
-                .get(format!("http://{admin}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
-            total += text
-                .lines()
-                .find_map(|line| line.strip_prefix("pushgrid_register_sessions "))
-                .and_then(|value| value.trim().parse::<f64>().ok())
-                .unwrap_or(0.0) as u64;
-        }
-        Ok(total)
+        register_sessions(&self.processes[..]).await
     }
+}
+
+/// Sessions the run's register instances hold (`pushgrid_register_sessions`).
+async fn register_sessions(processes: &[Started]) -> anyhow::Result<u64> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut total = 0u64;
+    for process in processes.iter().filter(|process| process.role == "register") {
+        let admin = process
+            .bound("register admin")
+            .context("register admin address")?;
+        let text = http
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        total += text
+            .lines()
+            .find_map(|line| line.strip_prefix("pushgrid_register_sessions "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+    }
+    Ok(total)
 }
 
 impl crate::run::Fault for ClusterFault<'_> {
