@@ -146,7 +146,7 @@ async fn start(
     settings: &[String],
     log_dir: &Path,
 ) -> anyhow::Result<Started> {
-    // Appended: a process restarted by --fault keeps its first life's log.
+    // Appended: a process restarted by --faults keeps its first life's log.
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -511,7 +511,8 @@ async fn run_inner(
             processes: &mut *processes,
             log_dir,
         };
-        let fault = (!args.faults.is_empty()).then_some(&mut injector as &mut dyn crate::run::Fault);
+        let fault =
+            (!args.faults.is_empty()).then_some(&mut injector as &mut dyn crate::run::Fault);
         let mut report = crate::run::run(*scenario, run.clone(), servers, fault).await?;
         if !args.faults.is_empty() {
             report.notes.push(
@@ -548,7 +549,11 @@ struct ClusterFault<'a> {
 }
 
 impl ClusterFault<'_> {
-    async fn kill_and_restart(&mut self, index: usize, settings: Vec<String>) -> anyhow::Result<()> {
+    async fn kill_and_restart(
+        &mut self,
+        index: usize,
+        settings: Vec<String>,
+    ) -> anyhow::Result<()> {
         let process = &mut self.processes[index];
         let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
         let _ = process.child.wait().await;
@@ -627,7 +632,10 @@ async fn register_sessions(processes: &[Started]) -> anyhow::Result<u64> {
         .timeout(Duration::from_secs(5))
         .build()?;
     let mut total = 0u64;
-    for process in processes.iter().filter(|process| process.role == "register") {
+    for process in processes
+        .iter()
+        .filter(|process| process.role == "register")
+    {
         let admin = process
             .bound("register admin")
             .context("register admin address")?;

@@ -455,10 +455,7 @@ fn io_reason(stage: &str, error: &std::io::Error) -> String {
 }
 
 /// TCP connect from the worker's source address, AUTH, and SUB when a topic is set.
-async fn establish(
-    shared: &Shared,
-    index: u32,
-) -> Result<(TcpStream, Vec<u8>), String> {
+async fn establish(shared: &Shared, index: u32) -> Result<(TcpStream, Vec<u8>), String> {
     let spec = &shared.spec;
     // An explicit port per device, on reconnects too: bind(port 0) scans the
     // ports in use on the address, which grows quadratic over 18,000 sockets

@@ -413,7 +413,12 @@ fn loadtest_million_register_kill_and_room_storm_at_50000_devices() {
     let json = dir.join("faults.json");
     let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args(["million", "--scenarios", "unicast"])
-        .args(["--connections", &devices.to_string(), "--per-room", &per_room])
+        .args([
+            "--connections",
+            &devices.to_string(),
+            "--per-room",
+            &per_room,
+        ])
         .args(["--faults", "kill-register,kill-rooms"])
         .args(["--hold-secs", "1", "--max-minutes", "12", "--quiet"])
         .args(["--ramp-timeout-secs", "300", "--drain-secs", "240"])

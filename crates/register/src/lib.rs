@@ -384,7 +384,8 @@ mod tests {
         });
         table.online(session("v", "r2", 2));
         // r1's new process started at 2_000; r2 has not restarted.
-        let live: HashMap<String, u64> = [("r1".to_string(), 2_000), ("r2".to_string(), 900)].into();
+        let live: HashMap<String, u64> =
+            [("r1".to_string(), 2_000), ("r2".to_string(), 900)].into();
         assert_eq!(table.retain_rooms(&live), 1);
         assert_eq!(table.lookup("a", "u").len(), 1);
         assert_eq!(table.lookup("a", "u")[0].conn_id, 7);

@@ -20,9 +20,9 @@ use pushgrid_common::node;
 use pushgrid_common::{CancellationToken, db, net, now_ms};
 use pushgrid_proto::cluster::saver_server::{Saver, SaverServer};
 use pushgrid_proto::cluster::{
-    AckRequest, AckResponse, HistoryRequest, HistoryResponse, PendingAnswer, PendingManyRequest,
-    PendingManyResponse, PendingRequest, PendingResponse, PublishRequest, PublishResponse, Role,
-    StoreManyRequest, StoreManyResponse, StoreRequest, StoreResponse,
+    AckRequest, AckResponse, HistoryRequest, HistoryResponse, Message, PendingAnswer,
+    PendingManyRequest, PendingManyResponse, PendingRequest, PendingResponse, PublishRequest,
+    PublishResponse, Role, StoreManyRequest, StoreManyResponse, StoreRequest, StoreResponse,
 };
 // Groups and message status (issue 12).
 use pushgrid_proto::cluster::{
@@ -173,6 +173,45 @@ fn to_status(operation: &'static str, error: StoreError) -> Status {
     error.into()
 }
 
+/// PendingMany answers, one per read, whose messages stay under `max_bytes`
+/// together past the first read that has any (a caller's decoding limit):
+/// the reads that do not fit are answered with an error, and their room
+/// reads them again. Returns the answers and how many failed.
+fn pending_answers(
+    results: Vec<Result<Vec<Message>, StoreError>>,
+    max_bytes: usize,
+) -> (Vec<PendingAnswer>, usize) {
+    let mut failures = 0;
+    let mut budget = max_bytes;
+    let answers = results
+        .into_iter()
+        .map(|result| {
+            let error = match result {
+                Ok(messages) => {
+                    let bytes: usize = messages.iter().map(prost::Message::encoded_len).sum();
+                    if bytes <= budget || budget == max_bytes {
+                        budget = budget.saturating_sub(bytes);
+                        metrics::pending_served(messages.len());
+                        return PendingAnswer {
+                            messages,
+                            error: String::new(),
+                        };
+                    }
+                    budget = 0;
+                    format!("this call's inbox reads exceed {max_bytes} bytes; read again")
+                }
+                Err(error) => Status::from(error).message().to_string(),
+            };
+            failures += 1;
+            PendingAnswer {
+                messages: Vec::new(),
+                error,
+            }
+        })
+        .collect();
+    (answers, failures)
+}
+
 #[tonic::async_trait]
 impl Saver for SaverService {
     async fn store(
@@ -292,45 +331,8 @@ impl Saver for SaverService {
                 limit: request.limit,
             })
             .collect();
-        let mut failures = 0;
-        let mut budget = store::PENDING_MANY_MAX_BYTES;
-        let answers = self
-            .store
-            .pending_many(&reads)
-            .await
-            .into_iter()
-            .map(|result| match result {
-                Ok(messages) => {
-                    let bytes: usize = messages.iter().map(prost::Message::encoded_len).sum();
-                    if bytes > budget && budget < store::PENDING_MANY_MAX_BYTES {
-                        // The answer would not fit the caller's decoding
-                        // limit: this read is tried again in a later call.
-                        failures += 1;
-                        budget = 0;
-                        return PendingAnswer {
-                            messages: Vec::new(),
-                            error: format!(
-                                "this call's inbox reads exceed {} bytes; read again",
-                                store::PENDING_MANY_MAX_BYTES
-                            ),
-                        };
-                    }
-                    budget = budget.saturating_sub(bytes);
-                    metrics::pending_served(messages.len());
-                    PendingAnswer {
-                        messages,
-                        error: String::new(),
-                    }
-                }
-                Err(error) => {
-                    failures += 1;
-                    PendingAnswer {
-                        messages: Vec::new(),
-                        error: Status::from(error).message().to_string(),
-                    }
-                }
-            })
-            .collect();
+        let results = self.store.pending_many(&reads).await;
+        let (answers, failures) = pending_answers(results, store::PENDING_MANY_MAX_BYTES);
         if failures > 0 {
             tracing::warn!(failures, reads = reads.len(), "inbox reads failed");
         }
@@ -522,5 +524,60 @@ async fn purge_expired(sql: SqlStore, shutdown: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(count: usize, size: usize) -> Vec<Message> {
+        (0..count)
+            .map(|id| Message {
+                id: id as u64 + 1,
+                payload: vec![7u8; size].into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// Answers stay under the byte budget past the first read with messages;
+    /// what does not fit fails (and is read again), empty reads always fit.
+    #[test]
+    fn pending_many_answers_stay_within_the_byte_budget() {
+        let size = |answer: &PendingAnswer| -> usize {
+            answer
+                .messages
+                .iter()
+                .map(prost::Message::encoded_len)
+                .sum()
+        };
+        let results = vec![
+            Ok(Vec::new()),
+            Ok(messages(10, 100)), // the first with messages: fits anyway
+            Ok(messages(3, 100)),
+            Ok(messages(20, 100)), // over what is left
+            Ok(messages(1, 10)),   // after an overflow nothing more is served
+            Ok(Vec::new()),
+            Err(StoreError::InvalidArgument("user is empty".into())),
+        ];
+        let budget = 1_500;
+        let (answers, failures) = pending_answers(results, budget);
+        assert_eq!(answers.len(), 7);
+        assert_eq!(
+            answers.iter().map(|a| a.messages.len()).collect::<Vec<_>>(),
+            [0, 10, 3, 0, 0, 0, 0]
+        );
+        assert!(answers[..3].iter().all(|a| a.error.is_empty()));
+        assert!(answers[3].error.contains("read again"), "{:?}", answers[3]);
+        assert!(answers[4].error.contains("read again"));
+        assert!(answers[5].error.is_empty());
+        assert_eq!(answers[6].error, "user is empty");
+        assert_eq!(failures, 3);
+        assert!(answers.iter().map(size).sum::<usize>() <= budget);
+
+        // One inbox bigger than the whole budget is still served when first.
+        let (answers, failures) = pending_answers(vec![Ok(messages(50, 100))], budget);
+        assert_eq!((answers[0].messages.len(), failures), (50, 0));
     }
 }

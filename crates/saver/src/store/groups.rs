@@ -277,7 +277,13 @@ pub trait GroupStore: Send + Sync {
                         .bind(user.to_string())
                         .bind(device.to_string());
                 }
-                async move { query.execute(sql.pool()).await.map(drop).map_err(StoreError::from) }
+                async move {
+                    query
+                        .execute(sql.pool())
+                        .await
+                        .map(drop)
+                        .map_err(StoreError::from)
+                }
             })
             .await?;
         }
@@ -490,7 +496,13 @@ impl SqlStore {
                         .bind(device.to_string())
                         .bind(*at_ms);
                 }
-                async move { query.execute(self.pool()).await.map(drop).map_err(StoreError::from) }
+                async move {
+                    query
+                        .execute(self.pool())
+                        .await
+                        .map(drop)
+                        .map_err(StoreError::from)
+                }
             })
             .await?;
         }

@@ -175,8 +175,10 @@ fn is_lock_conflict(error: &StoreError) -> bool {
     let StoreError::Sql(sqlx::Error::Database(database)) = error else {
         return false;
     };
-    matches!(database.code().as_deref(), Some("40001" | "5" | "6" | "517"))
-        || database.message().contains("Lock wait timeout exceeded")
+    matches!(
+        database.code().as_deref(),
+        Some("40001" | "5" | "6" | "517")
+    ) || database.message().contains("Lock wait timeout exceeded")
 }
 
 /// Runs `attempt` again, up to 3 times in all, after a lock conflict
