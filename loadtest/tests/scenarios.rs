@@ -299,33 +299,59 @@ fn loadtest_broadcast_counts_every_delivery_per_offset() {
     assert!(report["notes"].as_array().unwrap().is_empty(), "{report:#}");
 }
 
+/// Runs `loadtest million --quiet` with `args` in a fresh work directory;
+/// the JSON report goes to `<dir>/<name>.json`. Returns the directory and
+/// stderr, after checking the run succeeded.
+fn million(name: &str, args: &[&str]) -> (PathBuf, String) {
+    pushgrid_binary(); // builds every role binary beside `loadtest`
+    let dir = std::env::temp_dir().join(format!("pushgrid-lt-{name}-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .arg("million")
+        .args(args)
+        .arg("--quiet")
+        .arg("--work-dir")
+        .arg(&dir)
+        .arg("--json")
+        .arg(dir.join(format!("{name}.json")))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(
+        output.status.success(),
+        "loadtest million failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stdout}");
+    (dir, stderr)
+}
+
 /// `loadtest million` at a small size: it starts keeper, register, saver,
 /// coordinator, center and two rooms on the real Redis and MariaDB, runs
 /// unicast and broadcast with nothing lost, and leaves no process and no
 /// database behind.
 #[test]
 fn loadtest_million_starts_its_cluster_on_redis_and_mysql_and_cleans_up() {
-    pushgrid_binary(); // builds every role binary beside `loadtest`
-    let dir = std::env::temp_dir().join(format!("pushgrid-lt-million-{}", rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("million.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["million", "--scenarios", "unicast,broadcast"])
-        .args(["--connections", "200", "--per-room", "100"])
-        .args(["--messages-per-user", "2", "--broadcasts", "3"])
-        .args(["--hold-secs", "1", "--max-minutes", "3", "--quiet"])
-        .args(["--source-base", "127.0.15.2"])
-        .arg("--work-dir")
-        .arg(&dir)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(
-        output.status.success(),
-        "loadtest million failed:\n{}\n{stderr}",
-        String::from_utf8_lossy(&output.stdout)
+    let (dir, stderr) = million(
+        "million",
+        &[
+            "--scenarios",
+            "unicast,broadcast",
+            "--connections",
+            "200",
+            "--per-room",
+            "100",
+            "--messages-per-user",
+            "2",
+            "--broadcasts",
+            "3",
+            "--hold-secs",
+            "1",
+            "--max-minutes",
+            "3",
+            "--source-base",
+            "127.0.15.2",
+        ],
     );
     let read = |name: &str| -> Value {
         serde_json::from_slice(&std::fs::read(dir.join(name)).unwrap()).unwrap()
@@ -402,40 +428,37 @@ fn loadtest_million_starts_its_cluster_on_redis_and_mysql_and_cleans_up() {
 /// changes the size.
 #[test]
 fn loadtest_million_register_kill_and_room_storm_at_50000_devices() {
-    pushgrid_binary();
     let devices: u64 = std::env::var("PUSHGRID_FAULT_DEVICES")
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(50_000);
-    let per_room = devices.div_ceil(3).to_string();
-    let dir = std::env::temp_dir().join(format!("pushgrid-lt-faults-{}", rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("faults.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["million", "--scenarios", "unicast"])
-        .args([
+    let (connections, per_room) = (devices.to_string(), devices.div_ceil(3).to_string());
+    let (dir, _) = million(
+        "faults",
+        &[
+            "--scenarios",
+            "unicast",
             "--connections",
-            &devices.to_string(),
+            &connections,
             "--per-room",
             &per_room,
-        ])
-        .args(["--faults", "kill-register,kill-rooms"])
-        .args(["--hold-secs", "1", "--max-minutes", "12", "--quiet"])
-        .args(["--ramp-timeout-secs", "300", "--drain-secs", "240"])
-        .args(["--quiet-secs", "60", "--source-base", "127.0.16.2"])
-        .arg("--work-dir")
-        .arg(&dir)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "loadtest million failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+            "--faults",
+            "kill-register,kill-rooms",
+            "--hold-secs",
+            "1",
+            "--max-minutes",
+            "12",
+            "--ramp-timeout-secs",
+            "300",
+            "--drain-secs",
+            "240",
+            "--quiet-secs",
+            "60",
+            "--source-base",
+            "127.0.16.2",
+        ],
     );
-    eprintln!("{stdout}");
+    let json = dir.join("faults.json");
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["connections"]["established"], devices, "{report:#}");
     let faults = report["faults"].as_array().unwrap();

@@ -27,7 +27,7 @@ use pushgrid_proto::cluster::{
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::redis_sql::RedisConnection;
-use super::sql::retry_lock_conflicts;
+use super::sql::execute_retrying;
 use super::{RedisSqlStore, SqlStore, repeated, validate_app, validate_length, validate_user};
 use crate::error::StoreError;
 
@@ -202,7 +202,7 @@ pub trait GroupStore: Send + Sync {
     /// of a message, and broadcast counts.
     async fn record_deliveries(&self, reports: &[DeliveryReport]) -> Result<(), StoreError> {
         let sql = self.durable();
-        let unicast: Vec<(i64, &str, &str, i64)> = reports
+        let mut unicast: Vec<(i64, &str, &str, i64)> = reports
             .iter()
             .filter(|report| !report.broadcast && report.msg_id <= i64::MAX as u64)
             .map(|report| {
@@ -218,7 +218,7 @@ pub trait GroupStore: Send + Sync {
                 )
             })
             .collect();
-        sql.insert_deliveries(&unicast).await?;
+        sql.insert_deliveries(&mut unicast).await?;
         let mut broadcasts: HashMap<(u64, &str), u64> = HashMap::new();
         for report in reports.iter().filter(|report| report.broadcast) {
             *broadcasts
@@ -242,7 +242,7 @@ pub trait GroupStore: Send + Sync {
     /// hand-off, so a missing delivery row is created with the ACK's time).
     async fn record_acks(&self, items: &[AckItem]) -> Result<(), StoreError> {
         let now = to_sql(now_ms());
-        let acks: Vec<(i64, &str, &str, i64)> = items
+        let mut acks: Vec<(i64, &str, &str, i64)> = items
             .iter()
             .filter(|item| !item.device.is_empty())
             .flat_map(|item| {
@@ -255,10 +255,9 @@ pub trait GroupStore: Send + Sync {
         if acks.is_empty() {
             return Ok(());
         }
-        let mut acks = acks;
-        acks.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
         let sql = self.durable();
-        sql.insert_deliveries(&acks).await?;
+        // Sorts the rows: the UPDATEs below then lock in key order too.
+        sql.insert_deliveries(&mut acks).await?;
         for chunk in acks.chunks(ROW_CHUNK) {
             let text = format!(
                 "UPDATE message_deliveries SET acked_ms = ? WHERE acked_ms IS NULL AND ({})",
@@ -268,7 +267,7 @@ pub trait GroupStore: Send + Sync {
                     chunk.len()
                 )
             );
-            retry_lock_conflicts(|| {
+            execute_retrying(sql.pool(), || {
                 // Built from a fixed fragment repeated; every value is bound.
                 let mut query = sqlx::query(AssertSqlSafe(text.clone())).bind(now);
                 for (id, user, device, _) in chunk {
@@ -277,13 +276,7 @@ pub trait GroupStore: Send + Sync {
                         .bind(user.to_string())
                         .bind(device.to_string());
                 }
-                async move {
-                    query
-                        .execute(sql.pool())
-                        .await
-                        .map(drop)
-                        .map_err(StoreError::from)
-                }
+                query
             })
             .await?;
         }
@@ -475,10 +468,12 @@ impl SqlStore {
     }
 
     /// Inserts (id, user, device, at) hand-offs; a device's first one stays.
-    async fn insert_deliveries(&self, rows: &[(i64, &str, &str, i64)]) -> Result<(), StoreError> {
+    async fn insert_deliveries(
+        &self,
+        rows: &mut [(i64, &str, &str, i64)],
+    ) -> Result<(), StoreError> {
         // In key order: concurrent batches then take their row locks in
         // the same order, which avoids most deadlocks.
-        let mut rows = rows.to_vec();
         rows.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
         for chunk in rows.chunks(ROW_CHUNK) {
             let text = format!(
@@ -486,7 +481,7 @@ impl SqlStore {
                 insert_ignore(self.pool()),
                 repeated("(?, ?, ?, ?, NULL)", ", ", chunk.len())
             );
-            retry_lock_conflicts(|| {
+            execute_retrying(self.pool(), || {
                 // Built from a fixed fragment repeated; every value is bound.
                 let mut query = sqlx::query(AssertSqlSafe(text.clone()));
                 for (id, user, device, at_ms) in chunk {
@@ -496,13 +491,7 @@ impl SqlStore {
                         .bind(device.to_string())
                         .bind(*at_ms);
                 }
-                async move {
-                    query
-                        .execute(self.pool())
-                        .await
-                        .map(drop)
-                        .map_err(StoreError::from)
-                }
+                query
             })
             .await?;
         }

@@ -203,6 +203,25 @@ where
     }
 }
 
+/// Executes the statement `build` makes, built again for each attempt of
+/// [`retry_lock_conflicts`] (a query is used up by executing it).
+pub(crate) async fn execute_retrying<'q>(
+    pool: &AnyPool,
+    build: impl Fn() -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+) -> Result<(), StoreError> {
+    retry_lock_conflicts(|| {
+        let query = build();
+        async move {
+            query
+                .execute(pool)
+                .await
+                .map(drop)
+                .map_err(StoreError::from)
+        }
+    })
+    .await
+}
+
 /// Cheap to clone: clones share the pool, ids and group commit.
 #[derive(Clone)]
 pub struct SqlStore {
