@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 pub mod faults;
+pub mod launcher;
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
@@ -53,6 +54,27 @@ pub fn ensure_built() {
             command.args(["--profile", &profile]);
         }
         command.current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo hands this test its own package's variables; ring's build
+        // script watches some (CARGO_MANIFEST_DIR, CARGO_PKG_VERSION_*), so
+        // passing them on would make this build and the next `cargo build`
+        // from a shell rebuild each other's TLS stack.
+        let package_variables = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ];
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if package_variables
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+            {
+                command.env_remove(name.as_ref());
+            }
+        }
         let status = command.status().expect("run cargo build");
         assert!(status.success(), "building the role binaries failed");
     });

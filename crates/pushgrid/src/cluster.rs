@@ -1,55 +1,207 @@
 //! `pushgrid cluster`: the seven roles as separate OS processes against Redis
-//! and MySQL, on the fixed ports of the docker compose file. keeper starts
-//! first; every child's stdout is forwarded with its name; SIGINT/SIGTERM is
-//! passed on to every child, which then drains and exits.
+//! and MySQL, on the fixed ports of the docker compose file (or every
+//! listener on port 0 with `--ephemeral-ports`). Keepers start first; every
+//! child's output is forwarded with its instance name.
+//!
+//! The launcher supervises (`supervise.rs`): a role that exits, crashes or is
+//! killed is started again after a back-off, on the addresses it had, and
+//! counted in `pushgrid_launcher_restarts_total{instance}` on the launcher's
+//! admin port. Only SIGINT/SIGTERM stops the cluster: rooms, then the other
+//! roles, then keepers get SIGTERM and drain.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use pushgrid_common::{CancellationToken, net, telemetry};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::dev::{DEMO_API_KEY, DEMO_APP, DEMO_SECRET};
+use crate::supervise::{Backoff, Instance, Line, supervise};
+
+/// Most instances of keeper, register, saver and center on fixed ports.
+const MAX_INSTANCES: u16 = 10;
+/// Most rooms on fixed ports (7010 + n must stay below 7200).
+const MAX_ROOMS: u16 = 190;
 
 #[derive(Debug, clap::Args)]
 pub struct ClusterArgs {
     /// Redis for the hot inbox.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis: String,
-    /// MySQL database for apps and the durable message copy (created if missing).
+    /// MySQL database for apps, leases and the durable message copy (created if missing).
     #[arg(long, default_value = "mysql://root@127.0.0.1:3306/pushgrid")]
     mysql: String,
     /// Number of room processes (ports 8090, 8091, ...).
     #[arg(long, default_value_t = 1)]
     rooms: u16,
+    /// Number of keeper processes (gRPC 7000, then 7210, 7220, ...).
+    #[arg(long, default_value_t = 1)]
+    keepers: u16,
+    /// Number of register processes (users are split between them).
+    #[arg(long, default_value_t = 1)]
+    registers: u16,
+    /// Number of saver processes.
+    #[arg(long, default_value_t = 1)]
+    savers: u16,
+    /// Number of center processes (push API 8080, then 8181, 8182, ...).
+    #[arg(long, default_value_t = 1)]
+    centers: u16,
     /// Address the public listeners bind to.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Every listener on port 0 (the kernel picks; each role prints what it
+    /// bound); a restarted role comes back on the ports it had.
+    #[arg(long)]
+    ephemeral_ports: bool,
+    /// An extra setting for every instance of one role, `ROLE:KEY=VALUE`
+    /// (ROLE: keeper, register, saver, coordinator, center, dispatcher, room,
+    /// or `all`), e.g. `room:heartbeat_secs=60`. Repeatable; applied last.
+    #[arg(long = "role-set", value_name = "ROLE:KEY=VALUE")]
+    role_sets: Vec<String>,
+    /// The launcher's own admin listener (`/metrics`, `/healthz`).
+    #[arg(long, default_value = "127.0.0.1:9099")]
+    admin_listen: String,
+    /// First wait before a role that exited is started again (doubles each time).
+    #[arg(long, default_value_t = 250)]
+    restart_backoff_ms: u64,
+    /// Longest wait before a restart.
+    #[arg(long, default_value_t = 10_000)]
+    restart_backoff_max_ms: u64,
+    /// How long a role may drain after SIGTERM at stop before it is killed.
+    #[arg(long, default_value_t = 20)]
+    stop_grace_secs: u64,
     /// Directory holding the role binaries; defaults to this binary's own.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
 }
 
-struct Spec {
-    name: String,
-    binary: &'static str,
-    settings: Vec<String>,
+/// The listen settings of one instance.
+struct Ports {
+    grpc: String,
+    admin: String,
+    /// keeper: admin API; center: push API; dispatcher: dispatch API.
+    http: Option<String>,
+    /// room: device TCP.
+    tcp: Option<String>,
 }
 
-fn spec(name: impl Into<String>, binary: &'static str, settings: &[String]) -> Spec {
-    Spec {
-        name: name.into(),
-        binary,
-        settings: settings.to_vec(),
+/// Role kinds in start order after keepers, with their offset in the block
+/// of extra instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Keeper,
+    Register,
+    Saver,
+    Coordinator,
+    Center,
+    Dispatcher,
+    Room,
+}
+
+impl Kind {
+    fn binary(self) -> &'static str {
+        match self {
+            Kind::Keeper => "keeper",
+            Kind::Register => "register",
+            Kind::Saver => "saver",
+            Kind::Coordinator => "coordinator",
+            Kind::Center => "center",
+            Kind::Dispatcher => "dispatcher",
+            Kind::Room => "room",
+        }
+    }
+
+    /// The fixed ports of instance `index`: the compose file's ports for the
+    /// first instance of each role, `7200 + 10 * index + offset` (gRPC) and
+    /// `9200 + ...` (admin) for further keepers, registers, savers and centers.
+    fn fixed_ports(self, index: u16, host: &str) -> Ports {
+        let local = |port: u16| format!("127.0.0.1:{port}");
+        let public = |port: u16| format!("{host}:{port}");
+        let offset = match self {
+            Kind::Keeper => 0,
+            Kind::Register => 1,
+            Kind::Saver => 2,
+            Kind::Coordinator => 3,
+            Kind::Center => 4,
+            Kind::Dispatcher => 6,
+            Kind::Room => 10,
+        };
+        let (grpc, admin) = match (self, index) {
+            (Kind::Room, n) => (7010 + n, 9010 + n),
+            (_, 0) => (7000 + offset, 9000 + offset),
+            (_, n) => (7200 + 10 * n + offset, 9200 + 10 * n + offset),
+        };
+        let http = match (self, index) {
+            (Kind::Keeper, 0) => Some(local(7080)),
+            (Kind::Keeper, n) => Some(local(7180 + n)),
+            (Kind::Center, 0) => Some(public(8080)),
+            (Kind::Center, n) => Some(public(8180 + n)),
+            (Kind::Dispatcher, _) => Some(public(8070)),
+            _ => None,
+        };
+        let tcp = (self == Kind::Room).then(|| public(8090 + index));
+        Ports {
+            grpc: local(grpc),
+            admin: local(admin),
+            http,
+            tcp,
+        }
+    }
+
+    fn ephemeral_ports(self, host: &str) -> Ports {
+        let public = format!("{host}:0");
+        Ports {
+            grpc: "127.0.0.1:0".into(),
+            admin: "127.0.0.1:0".into(),
+            http: matches!(self, Kind::Keeper | Kind::Center | Kind::Dispatcher).then(|| {
+                if self == Kind::Keeper {
+                    "127.0.0.1:0".into()
+                } else {
+                    public.clone()
+                }
+            }),
+            tcp: (self == Kind::Room).then_some(public),
+        }
     }
 }
 
+/// `ROLE:KEY=VALUE` settings that apply to `kind`.
+fn extra_settings(role_sets: &[String], kind: Kind) -> anyhow::Result<Vec<String>> {
+    let mut settings = Vec::new();
+    for entry in role_sets {
+        let Some((role, setting)) = entry.split_once(':') else {
+            anyhow::bail!("--role-set {entry:?}: expected ROLE:KEY=VALUE");
+        };
+        if !setting.contains('=') {
+            anyhow::bail!("--role-set {entry:?}: expected ROLE:KEY=VALUE");
+        }
+        let known = [
+            "all",
+            "keeper",
+            "register",
+            "saver",
+            "coordinator",
+            "center",
+            "dispatcher",
+            "room",
+        ];
+        if !known.contains(&role) {
+            anyhow::bail!(
+                "--role-set {entry:?}: unknown role {role:?} (one of {})",
+                known.join(", ")
+            );
+        }
+        if role == "all" || role == kind.binary() {
+            settings.push(setting.to_string());
+        }
+    }
+    Ok(settings)
+}
+
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    pushgrid_common::telemetry::init_tracing(false);
+    telemetry::init_tracing(false);
     let bin_dir = match args.bin_dir.clone() {
         Some(dir) => dir,
         None => std::env::current_exe()?
@@ -57,156 +209,221 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             .map(Path::to_path_buf)
             .ok_or_else(|| anyhow::anyhow!("cannot find the directory of this binary"))?,
     };
-    let host = &args.host;
-    let keeper_addr = "127.0.0.1:7000".to_string();
-    let common = |grpc: u16, admin: u16| {
-        vec![
-            format!("keeper={keeper_addr}"),
-            format!("listen=127.0.0.1:{grpc}"),
-            format!("admin_listen=127.0.0.1:{admin}"),
-        ]
-    };
-    let apps = format!(
-        "[{{id=\"{DEMO_APP}\", jwt_secret=\"{DEMO_SECRET}\", api_key=\"{DEMO_API_KEY}\"}}]"
-    );
-
-    let mut keeper = common(7000, 9000);
-    keeper.push(format!("database_url={}", args.mysql));
-    keeper.push(format!("apps={apps}"));
-    let mut saver = common(7002, 9002);
-    saver.push(format!("database_url={}", args.mysql));
-    saver.push(format!("redis_url={}", args.redis));
-    let mut center = common(7004, 9004);
-    center.push(format!("http_listen={host}:8080"));
-    let mut dispatcher = common(7006, 9006);
-    dispatcher.push(format!("http_listen={host}:8070"));
-
-    let mut specs = vec![
-        spec("register", "register", &common(7001, 9001)),
-        spec("saver", "saver", &saver),
-        spec("coordinator", "coordinator", &common(7003, 9003)),
-        spec("center", "center", &center),
-        spec("dispatcher", "dispatcher", &dispatcher),
+    let counts = [
+        ("keepers", args.keepers),
+        ("registers", args.registers),
+        ("savers", args.savers),
+        ("centers", args.centers),
     ];
-    for index in 0..args.rooms {
-        let mut room = common(7010 + index, 9010 + index);
-        room.push(format!("tcp_listen={host}:{}", 8090 + index));
-        specs.push(spec(format!("room-{index}"), "room", &room));
+    for (what, count) in counts {
+        if count == 0 || (!args.ephemeral_ports && count > MAX_INSTANCES) {
+            anyhow::bail!(
+                "--{what} must be 1 to {MAX_INSTANCES} (any number above 0 with --ephemeral-ports)"
+            );
+        }
     }
+    if args.keepers > 1 {
+        anyhow::bail!("--keepers: roles follow one keeper address until keeper failover lands");
+    }
+    if args.rooms == 0 || (!args.ephemeral_ports && args.rooms > MAX_ROOMS) {
+        anyhow::bail!(
+            "--rooms must be 1 to {MAX_ROOMS} (any number above 0 with --ephemeral-ports)"
+        );
+    }
+    let host = args.host.clone();
+    let ports = |kind: Kind, index: u16| {
+        if args.ephemeral_ports {
+            kind.ephemeral_ports(&host)
+        } else {
+            kind.fixed_ports(index, &host)
+        }
+    };
+    let instance = |kind: Kind,
+                    name: String,
+                    index: u16,
+                    keepers: Option<&str>|
+     -> anyhow::Result<Arc<Instance>> {
+        let ports = ports(kind, index);
+        let mut settings = vec![
+            format!("node_id={name}"),
+            format!("listen={}", ports.grpc),
+            format!("admin_listen={}", ports.admin),
+        ];
+        if let Some(keepers) = keepers {
+            settings.push(format!("keeper={keepers}"));
+        }
+        if let Some(http) = ports.http {
+            settings.push(format!("http_listen={http}"));
+        }
+        if let Some(tcp) = ports.tcp {
+            settings.push(format!("tcp_listen={tcp}"));
+        }
+        match kind {
+            Kind::Keeper => {
+                settings.push(format!("database_url={}", args.mysql));
+                settings.push(format!(
+                    "apps=[{{id=\"{DEMO_APP}\", jwt_secret=\"{DEMO_SECRET}\", api_key=\"{DEMO_API_KEY}\"}}]"
+                ));
+            }
+            Kind::Saver => {
+                settings.push(format!("database_url={}", args.mysql));
+                settings.push(format!("redis_url={}", args.redis));
+            }
+            _ => {}
+        }
+        settings.extend(extra_settings(&args.role_sets, kind)?);
+        Ok(Instance::new(name, bin_dir.join(kind.binary()), settings))
+    };
 
-    let (lines, mut line_receiver) = mpsc::channel::<(String, String)>(1024);
-    let mut children: Vec<(String, Child)> = Vec::new();
-    let keeper_child = start(&bin_dir, &spec("keeper", "keeper", &keeper), lines.clone())?;
-    children.push(("keeper".into(), keeper_child));
-    // Others would wait for keeper anyway; starting it first keeps logs tidy.
-    wait_for_line(
-        &mut line_receiver,
-        "keeper",
-        " ready ",
-        Duration::from_secs(30),
-    )
-    .await?;
-    for spec in &specs {
-        children.push((spec.name.clone(), start(&bin_dir, spec, lines.clone())?));
+    let admin = net::bind(&args.admin_listen).await?;
+    let admin_addr = admin.local_addr()?;
+    net::announce("cluster", "admin", admin_addr);
+    let shutdown = CancellationToken::new();
+    pushgrid_common::cli::spawn_signal_handler(shutdown.clone());
+
+    // Keepers first: the other roles are told their addresses.
+    let (lines, line_receiver) = mpsc::channel::<Line>(1024);
+    let printer = tokio::spawn(print_lines(line_receiver));
+    let backoff = Backoff {
+        min: Duration::from_millis(args.restart_backoff_ms.max(1)),
+        max: Duration::from_millis(
+            args.restart_backoff_max_ms
+                .max(args.restart_backoff_ms.max(1)),
+        ),
+    };
+    let grace = Duration::from_secs(args.stop_grace_secs);
+    let stop_keepers = CancellationToken::new();
+    let stop_roles = CancellationToken::new();
+    let stop_rooms = CancellationToken::new();
+    let all: Arc<std::sync::Mutex<Vec<Arc<Instance>>>> = Arc::default();
+    let remember = |instance: &Arc<Instance>| {
+        all.lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(instance.clone());
+    };
+    let mut keeper_tasks = JoinSet::new();
+    let mut keepers = Vec::new();
+    for index in 0..args.keepers {
+        let keeper = instance(Kind::Keeper, format!("keeper-{index}"), index, None)?;
+        keeper_tasks.spawn(supervise(
+            keeper.clone(),
+            backoff,
+            grace,
+            lines.clone(),
+            stop_keepers.clone(),
+        ));
+        remember(&keeper);
+        keepers.push(keeper);
+    }
+    tokio::spawn(telemetry::serve_admin_with(
+        admin,
+        "launcher",
+        health(all.clone()),
+        shutdown.clone(),
+    ));
+    let mut keeper_addrs = Vec::new();
+    for keeper in &keepers {
+        tokio::select! {
+            ready = keeper.wait_ready(1, Duration::from_secs(60)) => ready?,
+            _ = shutdown.cancelled() => {
+                stop_keepers.cancel();
+                while keeper_tasks.join_next().await.is_some() {}
+                return Ok(());
+            }
+        }
+        let addr = keeper
+            .bound("grpc")
+            .ok_or_else(|| anyhow::anyhow!("{} announced no gRPC address", keeper.name))?;
+        keeper_addrs.push(addr);
+    }
+    let keeper_list = keeper_addrs.join(",");
+
+    let mut plan: Vec<(Kind, String, u16)> = Vec::new();
+    let numbered = |kind: Kind, count: u16| {
+        (0..count).map(move |index| (kind, format!("{}-{index}", kind.binary()), index))
+    };
+    plan.extend(numbered(Kind::Register, args.registers));
+    plan.extend(numbered(Kind::Saver, args.savers));
+    plan.push((Kind::Coordinator, "coordinator".into(), 0));
+    plan.extend(numbered(Kind::Center, args.centers));
+    plan.push((Kind::Dispatcher, "dispatcher".into(), 0));
+    plan.extend(numbered(Kind::Room, args.rooms));
+    let mut role_tasks = JoinSet::new();
+    let mut room_tasks = JoinSet::new();
+    let mut others = Vec::new();
+    for (kind, name, index) in plan {
+        let role = instance(kind, name, index, Some(&keeper_list))?;
+        let (tasks, stop) = if kind == Kind::Room {
+            (&mut room_tasks, stop_rooms.clone())
+        } else {
+            (&mut role_tasks, stop_roles.clone())
+        };
+        tasks.spawn(supervise(role.clone(), backoff, grace, lines.clone(), stop));
+        remember(&role);
+        others.push(role);
     }
     drop(lines);
+    let ready = async {
+        for role in &others {
+            role.wait_ready(1, Duration::from_secs(120)).await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        result = ready => match result {
+            Ok(()) => {
+                net::announce("cluster", "ready", admin_addr);
+                let center = others.iter().find(|role| role.name == "center-0").and_then(|role| role.bound("http")).unwrap_or_default();
+                let dispatcher = others.iter().find(|role| role.name == "dispatcher").and_then(|role| role.bound("http")).unwrap_or_default();
+                let room = others.iter().find(|role| role.name == "room-0").and_then(|role| role.bound("tcp")).unwrap_or_default();
+                println!(
+                    "pushgrid cluster: push API http://{center}/api/push (API key {DEMO_API_KEY}), dispatcher http://{dispatcher}, rooms from {room}, keepers {keeper_list}, launcher metrics http://{admin_addr}/metrics"
+                );
+            }
+            Err(error) => tracing::warn!(%error, "not every role was ready in time; the launcher keeps supervising"),
+        },
+        _ = shutdown.cancelled() => {}
+    }
 
-    let shutdown = pushgrid_common::CancellationToken::new();
-    pushgrid_common::cli::spawn_signal_handler(shutdown.clone());
-    println!(
-        "pushgrid cluster: push API http://{host}:8080/api/push (API key {DEMO_API_KEY}), dispatcher http://{host}:8070, rooms from {host}:8090"
-    );
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            line = line_receiver.recv() => match line {
-                Some((name, line)) => println!("[{name}] {line}"),
-                None => break,
-            },
-            exited = first_exit(&mut children) => {
-                tracing::error!(role = %exited, "a role exited; stopping the cluster");
-                break;
-            }
-        }
-    }
-    for (name, child) in &children {
-        if let Some(pid) = child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            tracing::info!(role = %name, pid, "sent SIGTERM");
-        }
-    }
-    for (name, child) in &mut children {
-        match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(role = %name, "did not stop in time; killing");
-                let _ = child.kill().await;
-            }
-        }
-    }
+    shutdown.cancelled().await;
+    tracing::info!("stopping the cluster: rooms, then the other roles, then keepers");
+    stop_rooms.cancel();
+    while room_tasks.join_next().await.is_some() {}
+    stop_roles.cancel();
+    while role_tasks.join_next().await.is_some() {}
+    stop_keepers.cancel();
+    while keeper_tasks.join_next().await.is_some() {}
+    let _ = printer.await;
     Ok(())
 }
 
-fn start(
-    bin_dir: &Path,
-    spec: &Spec,
-    lines: mpsc::Sender<(String, String)>,
-) -> anyhow::Result<Child> {
-    let binary = bin_dir.join(spec.binary);
-    let mut command = Command::new(&binary);
-    for setting in &spec.settings {
-        command.arg("--set").arg(setting);
-    }
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    let mut child = command.spawn().map_err(|error| {
-        anyhow::anyhow!("cannot start {} ({}): {error}", spec.name, binary.display())
-    })?;
-    if let Some(stdout) = child.stdout.take() {
-        let name = spec.name.clone();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if lines.send((name.clone(), line)).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    Ok(child)
+/// The launcher is healthy while every instance's process runs.
+fn health(instances: Arc<std::sync::Mutex<Vec<Arc<Instance>>>>) -> telemetry::HealthCheck {
+    Arc::new(move || {
+        let instances = instances
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let down: Vec<&str> = instances
+            .iter()
+            .filter(|instance| !instance.is_up())
+            .map(|instance| instance.name.as_str())
+            .collect();
+        if down.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("down: {}", down.join(", ")))
+        }
+    })
 }
 
-async fn wait_for_line(
-    receiver: &mut mpsc::Receiver<(String, String)>,
-    name: &str,
-    needle: &str,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, receiver.recv()).await {
-            Ok(Some((from, line))) => {
-                println!("[{from}] {line}");
-                if from == name && line.contains(needle) {
-                    return Ok(());
-                }
-            }
-            Ok(None) => anyhow::bail!("{name} exited before it was ready"),
-            Err(_) => anyhow::bail!("{name} was not ready within {timeout:?}"),
+/// Prints every child's lines with its instance name: stdout lines on
+/// stdout, stderr lines on stderr.
+async fn print_lines(mut lines: mpsc::Receiver<Line>) {
+    while let Some((name, stderr, line)) = lines.recv().await {
+        if stderr {
+            eprintln!("[{name}] {line}");
+        } else {
+            println!("[{name}] {line}");
         }
-    }
-}
-
-/// Resolves with the name of the first child that exits.
-async fn first_exit(children: &mut [(String, Child)]) -> String {
-    loop {
-        for (name, child) in children.iter_mut() {
-            if let Ok(Some(_)) = child.try_wait() {
-                return name.clone();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

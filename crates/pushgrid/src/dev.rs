@@ -1,5 +1,6 @@
 //! `pushgrid dev`: every role in one process, embedded SQLite, a demo app.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -113,35 +114,81 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let dispatcher_admin = dispatcher_listeners.admin.local_addr()?;
     let room_admin = room_listeners.admin.local_addr()?;
 
+    // A restarted role binds the addresses its first start bound.
+    keeper.node.listen = keeper_addr.clone();
+    keeper.node.admin_listen = keeper_listeners.admin.local_addr()?.to_string();
+    keeper.http_listen = keeper_listeners.http.local_addr()?.to_string();
+    let mut register = register;
+    pin_node(
+        &mut register.node,
+        register_listeners.grpc.local_addr()?,
+        register_listeners.admin.local_addr()?,
+    );
+    let mut saver = saver;
+    pin_node(
+        &mut saver.node,
+        saver_listeners.grpc.local_addr()?,
+        saver_listeners.admin.local_addr()?,
+    );
+    let mut coordinator = coordinator;
+    pin_node(
+        &mut coordinator.node,
+        coordinator_listeners.grpc.local_addr()?,
+        coordinator_listeners.admin.local_addr()?,
+    );
+    let mut center = center;
+    pin_node(
+        &mut center.node,
+        center_listeners.grpc.local_addr()?,
+        center_admin,
+    );
+    center.http_listen = center_addr.to_string();
+    let mut dispatcher = dispatcher;
+    dispatcher.node.admin_listen = dispatcher_admin.to_string();
+    dispatcher.http_listen = dispatcher_addr.to_string();
+    let mut room = room;
+    pin_node(
+        &mut room.node,
+        room_listeners.grpc.local_addr()?,
+        room_admin,
+    );
+    room.tcp_listen = room_addr.to_string();
+
+    // Each role runs under a supervisor that starts it again when it fails
+    // (an error or a panic), after a back-off; only a stop request ends them.
     let mut roles = tokio::task::JoinSet::new();
-    roles.spawn(named(
-        "keeper",
-        pushgrid_keeper::run(keeper, keeper_listeners, shutdown.clone()),
-    ));
-    roles.spawn(named(
-        "register",
-        pushgrid_register::run(register, register_listeners, shutdown.clone()),
-    ));
-    roles.spawn(named(
-        "saver",
-        pushgrid_saver::run(saver, saver_listeners, shutdown.clone()),
-    ));
-    roles.spawn(named(
+    macro_rules! supervised {
+        ($name:literal, $krate:ident, $config:expr, $listeners:expr) => {
+            roles.spawn(supervise_task(
+                $name,
+                $config,
+                $listeners,
+                |config| {
+                    let config = config.clone();
+                    async move { $krate::Listeners::bind(&config).await }
+                },
+                $krate::run,
+                shutdown.clone(),
+            ))
+        };
+    }
+    supervised!("keeper", pushgrid_keeper, keeper, keeper_listeners);
+    supervised!("register", pushgrid_register, register, register_listeners);
+    supervised!("saver", pushgrid_saver, saver, saver_listeners);
+    supervised!(
         "coordinator",
-        pushgrid_coordinator::run(coordinator, coordinator_listeners, shutdown.clone()),
-    ));
-    roles.spawn(named(
-        "center",
-        pushgrid_center::run(center, center_listeners, shutdown.clone()),
-    ));
-    roles.spawn(named(
+        pushgrid_coordinator,
+        coordinator,
+        coordinator_listeners
+    );
+    supervised!("center", pushgrid_center, center, center_listeners);
+    supervised!(
         "dispatcher",
-        pushgrid_dispatcher::run(dispatcher, dispatcher_listeners, shutdown.clone()),
-    ));
-    roles.spawn(named(
-        "room",
-        pushgrid_room::run(room, room_listeners, shutdown.clone()),
-    ));
+        pushgrid_dispatcher,
+        dispatcher,
+        dispatcher_listeners
+    );
+    supervised!("room", pushgrid_room, room, room_listeners);
 
     let checks = [center_admin, dispatcher_admin, room_admin];
     if tokio::time::timeout(
@@ -163,27 +210,81 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
     }
 
-    // One role failing ends the whole process: a half cluster is worse than none.
-    let mut first_error = None;
-    while let Some(joined) = roles.join_next().await {
-        let (role, result) = joined?;
-        if let Err(error) = result {
-            tracing::error!(role, %error, "role failed");
-            first_error.get_or_insert(anyhow::anyhow!("{role} failed: {error}"));
-        }
-        shutdown.cancel();
-    }
-    match first_error {
-        Some(error) => Err(error),
-        None => Ok(()),
-    }
+    // The supervisors return only once `shutdown` is cancelled.
+    while roles.join_next().await.is_some() {}
+    Ok(())
 }
 
-async fn named(
+/// Points a role's gRPC and admin listeners at the addresses bound for it.
+fn pin_node(node: &mut NodeConfig, grpc: SocketAddr, admin: SocketAddr) {
+    node.listen = grpc.to_string();
+    node.admin_listen = admin.to_string();
+}
+
+/// Runs one role until `shutdown`: the first time on `listeners`, after that
+/// on listeners `bind` makes from `config` (the same addresses). When the
+/// role ends on its own (an error, a panic, or a return while the process
+/// is not stopping) it is started again after a back-off, 250 ms doubling to
+/// 10 s, counted in `pushgrid_launcher_restarts_total{instance}`. Each run
+/// gets a token of its own, cancelled when it ends, so whatever it left
+/// running (its admin server) stops and frees the ports.
+async fn supervise_task<C, L, B, BF, R, RF>(
     role: &'static str,
-    future: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> (&'static str, anyhow::Result<()>) {
-    (role, future.await)
+    config: C,
+    listeners: L,
+    bind: B,
+    run: R,
+    shutdown: CancellationToken,
+) where
+    C: Clone,
+    B: Fn(&C) -> BF,
+    BF: std::future::Future<Output = anyhow::Result<L>>,
+    R: Fn(C, L, CancellationToken) -> RF,
+    RF: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    const BACKOFF_MIN: Duration = Duration::from_millis(250);
+    const BACKOFF_MAX: Duration = Duration::from_secs(10);
+    let mut first = Some(listeners);
+    let mut delay = BACKOFF_MIN;
+    loop {
+        let listeners = match first.take() {
+            Some(listeners) => Ok(listeners),
+            None => bind(&config).await,
+        };
+        let started = tokio::time::Instant::now();
+        let ended = match listeners {
+            Ok(listeners) => {
+                let incarnation = shutdown.child_token();
+                let task = tokio::spawn(run(config.clone(), listeners, incarnation.clone()));
+                let ended = match task.await {
+                    Ok(Ok(())) => "returned".to_string(),
+                    Ok(Err(error)) => format!("failed: {error:#}"),
+                    Err(error) => format!("panicked: {error}"),
+                };
+                incarnation.cancel();
+                ended
+            }
+            Err(error) => format!("cannot bind its listeners again: {error:#}"),
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if started.elapsed() >= crate::supervise::STABLE_AFTER {
+            delay = BACKOFF_MIN;
+        }
+        metrics::counter!("pushgrid_launcher_restarts_total", "instance" => role).increment(1);
+        tracing::error!(
+            role,
+            reason = %ended,
+            restart_in_ms = delay.as_millis() as u64,
+            "role ended; restarting it"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
 }
 
 /// Waits until the roles that need others (center, dispatcher, room) report
@@ -225,4 +326,65 @@ Try it, in two more terminals:
         key = DEMO_API_KEY,
         app = DEMO_APP,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// A role that fails, then panics, then runs: the supervisor starts it
+    /// three times, each time on the address of the first start, and returns
+    /// once the process stops.
+    #[tokio::test]
+    async fn a_failing_role_is_started_again_on_its_address_until_shutdown() {
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = first.local_addr().unwrap();
+        let runs = Arc::new(AtomicU32::new(0));
+        let shutdown = CancellationToken::new();
+        let (running, mut third) = tokio::sync::mpsc::channel::<SocketAddr>(1);
+        let counted = runs.clone();
+        let supervisor = tokio::spawn(supervise_task(
+            "test-role",
+            addr,
+            first,
+            |addr: &SocketAddr| {
+                let addr = *addr;
+                async move { Ok(tokio::net::TcpListener::bind(addr).await?) }
+            },
+            move |_addr, listener: tokio::net::TcpListener, token: CancellationToken| {
+                let run = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                let running = running.clone();
+                async move {
+                    let bound = listener.local_addr()?;
+                    match run {
+                        1 => anyhow::bail!("the store is gone"),
+                        2 => panic!("a bug"),
+                        _ => {
+                            running.send(bound).await?;
+                            token.cancelled().await;
+                            Ok(())
+                        }
+                    }
+                }
+            },
+            shutdown.clone(),
+        ));
+        let bound = tokio::time::timeout(Duration::from_secs(10), third.recv())
+            .await
+            .expect("the third start runs")
+            .unwrap();
+        assert_eq!(bound, addr, "every start binds the first address");
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), supervisor)
+            .await
+            .expect("the supervisor ends with the process")
+            .unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "no start after shutdown");
+    }
 }

@@ -8,6 +8,7 @@
 
 mod cluster;
 mod dev;
+mod supervise;
 
 use clap::{Parser, Subcommand};
 

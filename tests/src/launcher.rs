@@ -1,0 +1,241 @@
+//! `pushgrid cluster` as a test runs it: the launcher process on ephemeral
+//! ports, its stdout read for the whole run (the addresses each instance
+//! bound, each start and exit of a role process, the ready lines).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{TestApp, binary, eventually};
+
+/// What the launcher said about one instance (`keeper-0`, `room-1`, ...).
+#[derive(Debug, Default, Clone)]
+pub struct InstanceState {
+    /// The pid of the running process, 0 while it is down.
+    pub pid: u32,
+    /// Starts so far (the first start counts).
+    pub starts: u32,
+    pub exits: u32,
+    /// `ready` lines so far.
+    pub ready: u32,
+    /// Listener name -> address, as last announced.
+    pub bound: HashMap<String, SocketAddr>,
+}
+
+#[derive(Default)]
+struct Seen {
+    instances: HashMap<String, InstanceState>,
+    /// The launcher's own `PUSHGRID_BOUND cluster ...` lines.
+    launcher: HashMap<String, SocketAddr>,
+}
+
+/// A running `pushgrid cluster`. Killed (with its children, which die with
+/// their pipes) when dropped.
+pub struct Launcher {
+    child: Child,
+    seen: Arc<Mutex<Seen>>,
+    pub log: PathBuf,
+}
+
+/// `pushgrid cluster` arguments for a test: ephemeral ports, the test's own
+/// database and app, short leases.
+pub fn launcher_args(app: &TestApp, database_url: &str, redis_url: &str) -> Vec<String> {
+    let apps = format!(
+        "keeper:apps=[{{id=\"{}\", jwt_secret=\"{}\", api_key=\"{}\"}}]",
+        app.id, app.secret, app.api_key
+    );
+    [
+        "cluster",
+        "--ephemeral-ports",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--mysql",
+        database_url,
+        "--redis",
+        redis_url,
+        "--restart-backoff-ms",
+        "100",
+        "--restart-backoff-max-ms",
+        "1000",
+        "--stop-grace-secs",
+        "5",
+        "--role-set",
+        &apps,
+        "--role-set",
+        "all:lease_ttl_secs=3",
+        "--role-set",
+        "room:auth_timeout_secs=2",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect()
+}
+
+impl Launcher {
+    /// Starts `pushgrid <args>` (stderr to `dir/launcher.log`) and waits for
+    /// its `ready` line.
+    pub async fn start(dir: &Path, args: &[String]) -> anyhow::Result<Launcher> {
+        let log = dir.join("launcher.log");
+        let stderr = std::fs::File::create(&log)?;
+        let mut child = Command::new(binary("pushgrid"))
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true)
+            .spawn()
+            .context("start pushgrid cluster")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                note(&record, &line);
+            }
+        });
+        let launcher = Launcher { child, seen, log };
+        let ready = eventually(Duration::from_secs(120), || async {
+            launcher.seen.lock().unwrap().launcher.contains_key("ready")
+        })
+        .await;
+        if !ready {
+            bail!(
+                "pushgrid cluster was not ready in 120 s:\n{}",
+                launcher.log_text()
+            );
+        }
+        Ok(launcher)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The launcher's admin address (`/metrics`, `/healthz`).
+    pub fn admin(&self) -> SocketAddr {
+        self.seen.lock().unwrap().launcher["admin"]
+    }
+
+    pub fn instance(&self, name: &str) -> InstanceState {
+        self.seen
+            .lock()
+            .unwrap()
+            .instances
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The instance names the launcher started, sorted.
+    pub fn instances(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .seen
+            .lock()
+            .unwrap()
+            .instances
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The address `name` announced for `listener` (`grpc`, `http`, `tcp`, `admin`).
+    pub fn addr(&self, name: &str, listener: &str) -> SocketAddr {
+        *self
+            .instance(name)
+            .bound
+            .get(listener)
+            .unwrap_or_else(|| panic!("{name} announced no {listener} listener"))
+    }
+
+    /// kill -9 of instance `name`'s process; returns the pid killed.
+    pub fn kill_instance(&self, name: &str) -> u32 {
+        let pid = self.instance(name).pid;
+        assert!(pid > 0, "{name} is not running");
+        // A pid the launcher reported for its own child.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        pid
+    }
+
+    /// Waits until `name` was started `starts` times in all and its latest
+    /// process announced `ready`.
+    pub async fn wait_started(&self, name: &str, starts: u32, timeout: Duration) -> bool {
+        eventually(timeout, || async {
+            let state = self.instance(name);
+            state.starts >= starts && state.ready >= starts && state.pid > 0
+        })
+        .await
+    }
+
+    /// SIGTERM to the launcher; waits up to `timeout` for it to exit.
+    pub async fn stop(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
+    }
+}
+
+fn note(seen: &Mutex<Seen>, line: &str) {
+    let mut seen = seen.lock().unwrap();
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    match parts.as_slice() {
+        ["PUSHGRID_BOUND", "cluster", listener, addr] => {
+            if let Ok(addr) = addr.parse() {
+                seen.launcher.insert(listener.to_string(), addr);
+            }
+        }
+        ["PUSHGRID_CHILD", name, "started", pid] => {
+            let state = seen.instances.entry(name.to_string()).or_default();
+            state.pid = pid.parse().unwrap_or(0);
+            state.starts += 1;
+        }
+        ["PUSHGRID_CHILD", name, "exited", _] => {
+            let state = seen.instances.entry(name.to_string()).or_default();
+            state.pid = 0;
+            state.exits += 1;
+        }
+        [name, "PUSHGRID_BOUND", _role, listener, addr] => {
+            let Some(name) = name
+                .strip_prefix('[')
+                .and_then(|name| name.strip_suffix(']'))
+            else {
+                return;
+            };
+            let state = seen.instances.entry(name.to_string()).or_default();
+            if *listener == "ready" {
+                state.ready += 1;
+            } else if let Ok(addr) = addr.parse() {
+                state.bound.insert(listener.to_string(), addr);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether process `pid` still exists.
+pub fn process_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}

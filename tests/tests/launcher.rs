@@ -1,0 +1,129 @@
+//! `pushgrid cluster` supervises its roles: a role process that dies is
+//! started again by the launcher, on the addresses it had, and counted; the
+//! cluster stops only when asked.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use pushgrid_client::{Connection, msg};
+use pushgrid_e2e::launcher::{Launcher, launcher_args, process_alive};
+use pushgrid_e2e::{MYSQL_SERVER, REDIS_URL, TestApp, metric, next_push, temp_dir};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_launcher_restarts_a_killed_role_on_its_address_and_stops_only_when_asked() {
+    let dir = temp_dir("pushgrid-launcher");
+    let app = TestApp::random();
+    let database = format!("pg_e2e_{}", &app.id[3..]);
+    let mut args = launcher_args(&app, &format!("{MYSQL_SERVER}/{database}"), REDIS_URL);
+    args.extend(["--rooms".to_string(), "2".to_string()]);
+    let mut launcher = Launcher::start(&dir, &args).await.unwrap();
+    let instances = launcher.instances();
+    assert_eq!(
+        instances,
+        [
+            "center-0",
+            "coordinator",
+            "dispatcher",
+            "keeper-0",
+            "register-0",
+            "room-0",
+            "room-1",
+            "saver-0"
+        ]
+    );
+    let center = launcher.addr("center-0", "http");
+    let room = launcher.addr("room-0", "tcp").to_string();
+    let http = reqwest::Client::new();
+    let push = |payload: &'static str| {
+        let http = http.clone();
+        let key = app.api_key.clone();
+        async move {
+            let response = http
+                .post(format!("http://{center}/api/push"))
+                .header("Authorization", format!("apikey {key}"))
+                .json(&serde_json::json!({ "users": ["lena"], "payload": payload }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["result"]["messages"][0]["id"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        }
+    };
+    let auth = || msg::Auth {
+        token: app.token("lena"),
+        device_id: "lena-phone".into(),
+        platform: "test".into(),
+    };
+
+    // kill -9 of a room: the launcher starts it again on the same device port.
+    let killed = launcher.kill_instance("room-0");
+    assert!(
+        launcher
+            .wait_started("room-0", 2, Duration::from_secs(60))
+            .await,
+        "room-0 came back: {:?}\n{}",
+        launcher.instance("room-0"),
+        launcher.log_text()
+    );
+    let again = launcher.instance("room-0");
+    assert_ne!(again.pid, killed);
+    assert_eq!(again.exits, 1);
+    assert_eq!(launcher.addr("room-0", "tcp").to_string(), room);
+    assert!(
+        launcher.log_text().contains("role exited; restarting it"),
+        "the restart is logged"
+    );
+    let restarts = metric(
+        launcher.admin(),
+        "pushgrid_launcher_restarts_total",
+        "instance=\"room-0\"",
+    )
+    .await;
+    assert_eq!(restarts, 1.0);
+    let others = metric(launcher.admin(), "pushgrid_launcher_restarts_total", "").await;
+    assert_eq!(others, 1.0, "no other role was restarted");
+
+    // The restarted room serves devices at its old address.
+    let mut delivered = false;
+    for _ in 0..100 {
+        if let Ok((mut device, _)) = Connection::connect(&room, auth()).await {
+            let id = push("after the restart").await;
+            if let Ok(message) = next_push(&mut device, Duration::from_secs(10)).await {
+                assert_eq!(message.msg_id, id);
+                delivered = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "a push reached a device on the restarted room");
+
+    // Stopped only when asked: SIGTERM ends the launcher and every role.
+    let pids: Vec<u32> = launcher
+        .instances()
+        .iter()
+        .map(|name| launcher.instance(name).pid)
+        .collect();
+    assert!(pids.iter().all(|pid| *pid > 0 && process_alive(*pid)));
+    let status = launcher.stop(Duration::from_secs(60)).await.unwrap();
+    assert!(status.success(), "launcher exit: {status}");
+    let stopped = pushgrid_e2e::eventually(Duration::from_secs(10), || async {
+        pids.iter().all(|pid| !process_alive(*pid))
+    })
+    .await;
+    assert!(stopped, "every role process ended with the launcher");
+    drop(launcher);
+    if let Ok(pool) = pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{database}"), 1).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS `{database}`"
+        )))
+        .execute(&pool)
+        .await;
+    }
+    println!("log kept in {}", dir.display());
+}
