@@ -12,30 +12,33 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
-/// A `redis-server` of the test's own on a random port, keeping nothing on disk.
+/// A `redis-server` of the test's own, on a unix socket in a directory of the
+/// test's own (no TCP port to find or to lose), keeping nothing on disk.
 pub struct OwnRedis {
     child: Child,
-    port: u16,
     dir: PathBuf,
 }
 
 impl OwnRedis {
     pub async fn start() -> OwnRedis {
         let dir = crate::temp_dir("pg-own-redis");
-        for _ in 0..50 {
-            let port = 20_000 + rand::random::<u16>() % 40_000;
-            if let Some(redis) = OwnRedis::start_on(port, &dir).await {
-                return redis;
-            }
-        }
-        panic!("no port for redis-server");
+        OwnRedis::start_in(&dir)
+            .await
+            .unwrap_or_else(|| panic!("redis-server did not start in {}", dir.display()))
     }
 
-    /// Starts on `port`; None when the port is taken.
-    async fn start_on(port: u16, dir: &Path) -> Option<OwnRedis> {
+    fn socket(dir: &Path) -> PathBuf {
+        dir.join("redis.sock")
+    }
+
+    /// Starts on the socket of `dir` (a stale socket file is replaced); None
+    /// when it does not answer within 5 s.
+    async fn start_in(dir: &Path) -> Option<OwnRedis> {
+        let socket = OwnRedis::socket(dir);
         let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
@@ -43,15 +46,14 @@ impl OwnRedis {
             .kill_on_drop(true)
             .spawn()
             .expect("redis-server is installed");
-        for _ in 0..100 {
+        for _ in 0..250 {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if child.try_wait().ok().flatten().is_some() {
                 return None;
             }
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if OwnRedis::answers(&socket).await {
                 return Some(OwnRedis {
                     child,
-                    port,
                     dir: dir.to_path_buf(),
                 });
             }
@@ -60,21 +62,48 @@ impl OwnRedis {
         None
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+    async fn answers(socket: &Path) -> bool {
+        let Ok(client) = redis::Client::open(format!("redis+unix://{}", socket.display())) else {
+            return false;
+        };
+        let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .is_ok()
     }
 
-    /// kill -9 and start again on the same port: empty.
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", OwnRedis::socket(&self.dir).display())
+    }
+
+    /// A connection of the test's own (e.g. for CLIENT KILL).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("a redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the test's redis answers")
+    }
+
+    /// kill -9: Redis is gone until [`OwnRedis::restart_empty`].
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// kill -9 (when running) and start again on the same socket: empty.
     pub async fn restart_empty(&mut self) {
         let _ = self.child.kill().await;
-        for _ in 0..100 {
-            if let Some(redis) = OwnRedis::start_on(self.port, &self.dir).await {
+        for _ in 0..20 {
+            if let Some(redis) = OwnRedis::start_in(&self.dir).await {
                 *self = redis;
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("redis-server did not come back on port {}", self.port);
+        panic!("redis-server did not come back in {}", self.dir.display());
     }
 }
 

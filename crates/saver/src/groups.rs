@@ -107,18 +107,27 @@ impl SaverService {
         if request.get_ref().parent_id == 0 {
             return Err(Status::invalid_argument("parent_id must be set"));
         }
-        let messages = call_store("store_children", request, |request| async move {
-            self.store
-                .store_children(
-                    &request.app,
-                    &request.users,
-                    request.payload,
-                    request.ttl_secs,
-                    request.parent_id,
-                )
-                .await
-        })
-        .await?;
+        let request = request.into_inner();
+        let store = self.store.clone();
+        let messages = crate::answer_or_withdraw(
+            &self.store,
+            async move {
+                store
+                    .store_children(
+                        &request.app,
+                        &request.users,
+                        request.payload,
+                        request.ttl_secs,
+                        request.parent_id,
+                    )
+                    .await
+            },
+            |messages: &Vec<pushgrid_proto::cluster::Message>| {
+                Some(crate::store::Withdrawal::of(messages, None))
+            },
+        )
+        .await
+        .map_err(|error| to_status("store_children", error))?;
         metrics::stored(messages.len());
         Ok(Response::new(StoreResponse {
             messages,

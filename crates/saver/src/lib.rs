@@ -39,7 +39,7 @@ use tonic::{Request, Response, Status};
 use crate::error::StoreError;
 use crate::store::{
     Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, RedisSqlStore, SqlStore,
-    StoreLimits,
+    StoreLimits, Withdrawal,
 };
 
 pub const ROLE: &str = "saver";
@@ -166,6 +166,41 @@ impl SaverService {
     }
 }
 
+/// Runs a Store call to its end in a task of its own, so a caller that gives
+/// up (its deadline passed, its connection broke: tonic then drops this
+/// handler) cannot cut it between its writes. When the caller is gone by the
+/// time the call is done, nobody was told the messages were accepted: they
+/// are withdrawn (`withdrawal_of` names them; None keeps them).
+pub(crate) async fn answer_or_withdraw<T, Work, Of>(
+    store: &Arc<dyn MessageStore>,
+    work: Work,
+    withdrawal_of: Of,
+) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    Work: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    Of: FnOnce(&T) -> Option<Withdrawal> + Send + 'static,
+{
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let store = store.clone();
+    tokio::spawn(async move {
+        let result = work.await;
+        if let Err(Ok(unheard)) = reply.send(result)
+            && let Some(withdrawal) = withdrawal_of(&unheard)
+        {
+            metrics::abandoned();
+            tracing::warn!(
+                count = withdrawal.messages.len(),
+                "the caller gave up before the store call was answered; withdrawing its messages"
+            );
+            store.withdraw(withdrawal).await;
+        }
+    });
+    answer
+        .await
+        .map_err(|_| StoreError::Commit("the store call ended without an answer".into()))?
+}
+
 fn to_status(operation: &'static str, error: StoreError) -> Status {
     if !matches!(error, StoreError::InvalidArgument(_)) {
         tracing::warn!(operation, %error, "storage failed");
@@ -219,17 +254,32 @@ impl Saver for SaverService {
         request: Request<StoreRequest>,
     ) -> Result<Response<StoreResponse>, Status> {
         let request = request.into_inner();
-        let stored = self
-            .store
-            .store_once(
-                &request.app,
-                &request.users,
-                request.payload,
-                request.ttl_secs,
-                &request.idempotency_key,
-            )
-            .await
-            .map_err(|error| to_status("store", error))?;
+        let store = self.store.clone();
+        let key = request.idempotency_key.clone();
+        let app = request.app.clone();
+        let stored = answer_or_withdraw(
+            &self.store,
+            async move {
+                store
+                    .store_once(
+                        &request.app,
+                        &request.users,
+                        request.payload,
+                        request.ttl_secs,
+                        &request.idempotency_key,
+                    )
+                    .await
+            },
+            move |stored: &store::Stored| {
+                // A replay answers an earlier call: never withdrawn here.
+                (!stored.replayed).then(|| {
+                    let key = (!key.is_empty()).then_some((app.as_str(), key.as_str()));
+                    Withdrawal::of(&stored.messages, key)
+                })
+            },
+        )
+        .await
+        .map_err(|error| to_status("store", error))?;
         if stored.replayed {
             metrics::idempotent_replay();
         } else {
@@ -246,11 +296,14 @@ impl Saver for SaverService {
         request: Request<StoreManyRequest>,
     ) -> Result<Response<StoreManyResponse>, Status> {
         let request = request.into_inner();
-        let messages = self
-            .store
-            .store_many(&request.items)
-            .await
-            .map_err(|error| to_status("store_many", error))?;
+        let store = self.store.clone();
+        let messages = answer_or_withdraw(
+            &self.store,
+            async move { store.store_many(&request.items).await },
+            |messages: &Vec<Message>| Some(Withdrawal::of(messages, None)),
+        )
+        .await
+        .map_err(|error| to_status("store_many", error))?;
         metrics::stored(messages.len());
         Ok(Response::new(StoreManyResponse { messages }))
     }
@@ -478,6 +531,7 @@ pub async fn run(
         }
         None => Arc::new(sql.with_ids(ids()).with_limits(config.limits())),
     };
+    let settle = tokio::spawn(store::settle_owed_until(store.clone(), shutdown.clone()));
     let purge = tokio::spawn(purge_expired(
         SqlStore::from_pool(pool.clone()),
         shutdown.clone(),
@@ -489,6 +543,7 @@ pub async fn run(
     let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
     cluster.leave().await;
     let _ = purge.await;
+    let _ = settle.await;
     if let Some(watcher) = watcher {
         let _ = watcher.await;
     }

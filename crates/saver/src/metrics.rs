@@ -74,3 +74,23 @@ pub fn redis_lost() {
 pub fn recovered(count: usize) {
     metrics::counter!("pushgrid_saver_recovered_total").increment(count as u64);
 }
+
+/// An ACK the store did not take, tried again.
+pub fn ack_retry() {
+    metrics::counter!("pushgrid_saver_ack_retries_total").increment(1);
+}
+
+/// Messages of failed Store calls removed from the stores.
+pub fn withdrawn(count: usize) {
+    metrics::counter!("pushgrid_saver_withdrawn_total").increment(count as u64);
+}
+
+/// Store calls whose caller was gone when the answer was ready.
+pub fn abandoned() {
+    metrics::counter!("pushgrid_saver_abandoned_calls_total").increment(1);
+}
+
+/// Redis writes of new messages tried once more after a broken connection.
+pub fn redis_write_retry() {
+    metrics::counter!("pushgrid_saver_redis_write_retries_total").increment(1);
+}

@@ -9,12 +9,14 @@
 //! a caller gets the same answer whichever is configured.
 
 mod groups;
+pub mod owed;
 mod redis_sql;
 mod sql;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pushgrid_common::ids::{IdGenerator, MAX_WORKER_ID};
@@ -24,6 +26,7 @@ use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreItem};
 pub use groups::{
     GroupStore, MAX_GROUP_BYTES, MAX_USERS_PER_BIND, MembersPage, STATUS_KEEP_AFTER_TTL_MS,
 };
+pub use owed::{Owed, Withdrawal, Withdrawn};
 pub use redis_sql::RedisSqlStore;
 pub use sql::{GroupCommitConfig, SqlStore};
 
@@ -159,9 +162,140 @@ pub trait MessageStore: GroupStore + Send + Sync + 'static {
         answers
     }
 
+    /// Applies ACKs once: marks the messages acknowledged and removes them
+    /// from the inbox; returns how many were pending until now (acking twice
+    /// counts once). Callers use [`ack`](Self::ack), which retries.
+    async fn apply_acks(&self, items: &[AckItem]) -> Result<u64, StoreError>;
+
+    /// Removes the messages of a failed Store call from every store once,
+    /// with its idempotency key unless a retry of the call already answered
+    /// with them. Callers use [`withdraw`](Self::withdraw), which retries.
+    async fn apply_withdrawal(&self, withdrawal: &Withdrawal) -> Result<Withdrawn, StoreError>;
+
+    /// The ACKs and withdrawals this store still owes after faults.
+    fn owed(&self) -> &Owed;
+
     /// Marks messages acknowledged; returns how many were pending until now
-    /// (acking twice counts once).
-    async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError>;
+    /// (acking twice counts once). An ACK the store does not take is tried
+    /// again for up to [`ACK_INLINE_BUDGET`], then kept in
+    /// [`owed`](Self::owed) and applied by [`settle_owed`](Self::settle_owed)
+    /// until it sticks; meanwhile this saver's inbox reads skip its messages.
+    /// Only a bad argument is an error.
+    async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError> {
+        validate_ack(&items)?;
+        let tries = async {
+            let mut pause = Duration::from_millis(25);
+            loop {
+                match self.apply_acks(&items).await {
+                    Ok(acked) => return Ok(acked),
+                    Err(error) => {
+                        crate::metrics::ack_retry();
+                        tracing::warn!(%error, "ack not taken by the store; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(200));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(ACK_INLINE_BUDGET, tries).await {
+            Ok(result) => result,
+            Err(_) => {
+                let ids: usize = items.iter().map(|item| item.msg_ids.len()).sum();
+                tracing::warn!(
+                    ids,
+                    "acks kept to be applied when the store takes them again"
+                );
+                self.owed().owe_acks(items);
+                Ok(0)
+            }
+        }
+    }
+
+    /// Withdraws the messages of a Store call that failed (or whose caller
+    /// gave up): applies the withdrawal now when the stores answer, and keeps
+    /// it in [`owed`](Self::owed) either way, to be applied (again) until it
+    /// sticks and once more to confirm it.
+    async fn withdraw(&self, withdrawal: Withdrawal) {
+        if withdrawal.messages.is_empty() {
+            return;
+        }
+        let count = withdrawal.messages.len();
+        let applied =
+            match tokio::time::timeout(WITHDRAW_INLINE_BUDGET, self.apply_withdrawal(&withdrawal))
+                .await
+            {
+                Ok(applied) => applied,
+                Err(_) => Err(StoreError::Commit(format!(
+                    "not done in {WITHDRAW_INLINE_BUDGET:?}"
+                ))),
+            };
+        match applied {
+            Ok(Withdrawn::Removed) => {
+                crate::metrics::withdrawn(count);
+                self.owed().owe_withdrawal(withdrawal, true);
+            }
+            Ok(Withdrawn::KeptForRetry) => {
+                tracing::info!(
+                    count,
+                    "a retry with the same idempotency key answered these messages; they stay"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, count, "cannot withdraw the messages of a failed call yet; will retry");
+                self.owed().owe_withdrawal(withdrawal, false);
+            }
+        }
+    }
+
+    /// Applies the owed work that is due (see [`owed`](Self::owed)).
+    async fn settle_owed(&self) {
+        let (acks, withdrawals) = self.owed().take_due();
+        if !acks.is_empty() {
+            let items: Vec<AckItem> = acks.iter().map(|ack| ack.item.clone()).collect();
+            let applied =
+                match tokio::time::timeout(SETTLE_BUDGET, self.apply_acks(&items)).await {
+                    Ok(applied) => applied,
+                    Err(_) => Err(StoreError::Commit(format!("not done in {SETTLE_BUDGET:?}"))),
+                };
+            match applied {
+                Ok(acked) => {
+                    crate::metrics::acked(acked);
+                    tracing::info!(items = items.len(), "owed acks applied");
+                    self.owed().acks_done(acks);
+                }
+                Err(error) => {
+                    crate::metrics::ack_retry();
+                    tracing::warn!(%error, items = items.len(), "owed acks still not taken");
+                    self.owed().acks_failed(acks);
+                }
+            }
+        }
+        for owed in withdrawals {
+            let first = !owed.confirming;
+            let applied = match tokio::time::timeout(
+                SETTLE_BUDGET,
+                self.apply_withdrawal(&owed.withdrawal),
+            )
+            .await
+            {
+                Ok(applied) => applied,
+                Err(_) => Err(StoreError::Commit(format!("not done in {SETTLE_BUDGET:?}"))),
+            };
+            match applied {
+                Ok(Withdrawn::Removed) => {
+                    if first {
+                        crate::metrics::withdrawn(owed.withdrawal.messages.len());
+                    }
+                    self.owed().withdrawal_applied(owed);
+                }
+                Ok(Withdrawn::KeptForRetry) => self.owed().withdrawal_done(owed),
+                Err(error) => {
+                    tracing::warn!(%error, count = owed.withdrawal.messages.len(), "owed withdrawal still failing");
+                    self.owed().withdrawal_failed(owed);
+                }
+            }
+        }
+    }
 
     /// Appends `payload` to the broadcast stream of `topic` ("" is "all").
     async fn publish(
@@ -192,6 +326,30 @@ pub struct History {
     pub recovered: bool,
     pub offset: u64,
     pub epoch: u64,
+}
+
+/// How long [`MessageStore::ack`] keeps trying before it keeps the ACK as owed.
+pub const ACK_INLINE_BUDGET: Duration = Duration::from_secs(1);
+/// How long a failed Store call tries to withdraw its messages before it
+/// answers (the withdrawal is then owed).
+pub const WITHDRAW_INLINE_BUDGET: Duration = Duration::from_secs(1);
+/// How long one application of owed work may take before it counts as failed.
+pub const SETTLE_BUDGET: Duration = Duration::from_secs(5);
+
+/// Applies a store's owed work until `shutdown`: whenever some is due, and at
+/// least every [`owed::RETRY_MAX`].
+pub async fn settle_owed_until(
+    store: Arc<dyn MessageStore>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let wait = store.owed().next_due();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = store.owed().wait(wait) => {}
+        }
+        store.settle_owed().await;
+    }
 }
 
 /// An idempotency key is remembered this long.

@@ -45,8 +45,8 @@ use redis::{Cmd, RedisFuture, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Durability, History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore,
-    PendingRead, SqlStore, StoreLimits, Stored,
+    Durability, History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore, Owed,
+    PendingRead, SqlStore, StoreLimits, Stored, Withdrawal, Withdrawn,
 };
 use crate::error::StoreError;
 use crate::metrics;
@@ -167,6 +167,20 @@ fn command(name: &str) -> Cmd {
     redis::cmd(name)
 }
 
+/// Removes `members` from a user's inbox: bodies, attempt counts, entries.
+fn remove_commands(keys: &UserKeys, members: &[String]) -> SlotCommands {
+    let mut group = SlotCommands::default();
+    for key in [&keys.msgs, &keys.attempts] {
+        let mut hdel = command("HDEL");
+        hdel.arg(key).arg(members);
+        group.run(hdel);
+    }
+    let mut zrem = command("ZREM");
+    zrem.arg(&keys.inbox).arg(members);
+    group.run(zrem);
+    group
+}
+
 pub struct RedisSqlStore {
     redis: RedisConnection,
     sql: SqlStore,
@@ -211,6 +225,10 @@ impl StreamKeys {
         }
     }
 }
+
+/// What `pg:idem:{..}` holds while the first call with the key is storing
+/// (durability `redis`).
+const IDEMPOTENCY_CLAIM: &str = "storing";
 
 fn idempotency_key(app: &str, key: &str) -> String {
     format!("pg:idem:{{{app}:{key}}}")
@@ -544,6 +562,10 @@ impl RedisSqlStore {
                         continue;
                     }
                 };
+                // Acked, or being withdrawn, where a store has not taken it yet.
+                if self.sql.owed_work().hides(message.id) {
+                    continue;
+                }
                 let attempts = attempts.unwrap_or(0);
                 if message.expires_ms <= now {
                     stale.push(member.clone());
@@ -620,7 +642,7 @@ impl RedisSqlStore {
             .await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
-        self.warm_up_commands(keys, &messages).pipeline(&mut pipe);
+        self.warm_up_commands(keys, &messages, true).pipeline(&mut pipe);
         let mut redis = self.redis.clone();
         pipe.exec_async(&mut redis).await?;
         if !messages.is_empty() {
@@ -634,10 +656,15 @@ impl RedisSqlStore {
         Ok(())
     }
 
-    /// The commands that load `messages` into an inbox and mark it warm:
-    /// bodies before inbox entries, so a reader that sees an entry finds its
-    /// body; existing entries are kept.
-    fn warm_up_commands(&self, keys: &UserKeys, messages: &[Message]) -> SlotCommands {
+    /// The commands that load `messages` into an inbox and (with
+    /// `mark_warm`) mark it warm: bodies before inbox entries, so a reader
+    /// that sees an entry finds its body; existing entries are kept.
+    fn warm_up_commands(
+        &self,
+        keys: &UserKeys,
+        messages: &[Message],
+        mark_warm: bool,
+    ) -> SlotCommands {
         let key_ttl = self.key_ttl_secs();
         let mut group = SlotCommands::default();
         for message in messages {
@@ -671,9 +698,11 @@ impl RedisSqlStore {
                 group.run(expire);
             }
         }
-        let mut warm = command("SET");
-        warm.arg(&keys.warm).arg(1).arg("EX").arg(key_ttl);
-        group.run(warm);
+        if mark_warm {
+            let mut warm = command("SET");
+            warm.arg(&keys.warm).arg(1).arg("EX").arg(key_ttl);
+            group.run(warm);
+        }
         group
     }
 
@@ -724,7 +753,7 @@ impl RedisSqlStore {
             for index in indices {
                 let messages = inboxes.remove(&reads[index].user).unwrap_or_default();
                 recovered += messages.len();
-                loads.push(self.warm_up_commands(&keys[index], &messages));
+                loads.push(self.warm_up_commands(&keys[index], &messages, true));
             }
         }
         self.run_groups(&loads).await?;
@@ -735,26 +764,83 @@ impl RedisSqlStore {
     }
 
     /// Writes new messages where the configured durability says, in order.
+    /// When a write fails (or its outcome is unknown) the messages are
+    /// withdrawn: a failed call leaves nothing deliverable.
     async fn write_new(&self, messages: &[Message]) -> Result<(), StoreError> {
-        match self.durability {
-            Durability::Mysql => {
-                self.sql.insert(messages).await?;
-                if let Err(error) = self.cache(messages).await {
-                    // The caller sees a failure and retries; expire the SQL rows so a
-                    // recovery does not deliver the same push twice under two ids.
-                    let ids: Vec<u64> = messages.iter().map(|message| message.id).collect();
-                    if let Err(sql_error) = self.sql.expire_now(&ids).await {
-                        tracing::warn!(error = %sql_error, "cannot expire messages redis did not take");
-                    }
-                    return Err(error);
-                }
-            }
+        let written = match self.durability {
+            Durability::Mysql => match self.sql.insert(messages).await {
+                Ok(()) => self.cache_again_on_a_broken_connection(messages).await,
+                Err(error) => Err(error),
+            },
             Durability::Redis => {
-                self.cache(messages).await?;
-                self.sql.insert_in_background(messages.to_vec());
+                let cached = self.cache_again_on_a_broken_connection(messages).await;
+                if cached.is_ok() {
+                    self.sql.insert_in_background(messages.to_vec());
+                }
+                cached
             }
+        };
+        if let Err(error) = written {
+            self.withdraw(Withdrawal::of(messages, None)).await;
+            return Err(error);
         }
         Ok(())
+    }
+
+    /// [`cache`](Self::cache), once more after a connection that broke
+    /// (killed, or Redis restarted): the writes are idempotent, and the
+    /// connection manager has reconnected by then.
+    async fn cache_again_on_a_broken_connection(
+        &self,
+        messages: &[Message],
+    ) -> Result<(), StoreError> {
+        match self.cache(messages).await {
+            Err(StoreError::Redis(error)) if error.is_connection_dropped() || error.is_io_error() => {
+                metrics::redis_write_retry();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                self.cache(messages).await
+            }
+            other => other,
+        }
+    }
+
+    /// Puts stored messages back into their inboxes (keeping what is there,
+    /// leaving the warm flags alone): a retry answered with the first call's
+    /// messages must find them deliverable.
+    async fn recache(&self, messages: &[Message]) -> Result<(), StoreError> {
+        let mut by_user: HashMap<(&str, &str), Vec<Message>> = HashMap::new();
+        for message in messages {
+            by_user
+                .entry((&message.app, &message.user))
+                .or_default()
+                .push(message.clone());
+        }
+        let groups: Vec<SlotCommands> = by_user
+            .iter()
+            .map(|((app, user), messages)| {
+                self.warm_up_commands(&UserKeys::new(app, user), messages, false)
+            })
+            .collect();
+        self.run_groups(&groups).await?;
+        Ok(())
+    }
+
+    /// Answers a retry with the first call's messages (durability `mysql`):
+    /// the live ones go back into Redis, then the key is confirmed so a
+    /// withdrawal of the first call keeps them. When the first call was
+    /// withdrawn meanwhile, the retry fails and the caller tries again.
+    async fn replay(&self, app: &str, key: &str, first: Stored) -> Result<Stored, StoreError> {
+        let ids: Vec<u64> = first.messages.iter().map(|message| message.id).collect();
+        let live = self.sql.unacked_by_ids(&ids).await?;
+        self.recache(&live).await?;
+        if !self.sql.confirm_key(app, key).await? {
+            self.withdraw(Withdrawal::of(&live, None)).await;
+            return Err(StoreError::Commit(
+                "the first call with this idempotency key failed and was withdrawn; retry".into(),
+            ));
+        }
+        self.remember_answer(app, key, &first).await;
+        Ok(first)
     }
 
     async fn remember_answer(&self, app: &str, key: &str, stored: &Stored) {
@@ -853,42 +939,38 @@ impl MessageStore for RedisSqlStore {
             messages,
             replayed: false,
         };
+        let withdrawal = || Withdrawal::of(&stored.messages, Some((app, idempotency_key)));
         match self.durability {
             Durability::Mysql => {
                 // SQL decides who was first (its primary key), also after Redis lost its data.
                 if let Some(first) = self.sql.idempotent_answer(app, idempotency_key).await? {
-                    self.remember_answer(app, idempotency_key, &first).await;
-                    return Ok(first);
+                    return self.replay(app, idempotency_key, first).await;
                 }
-                if let Some(first) = self
+                match self
                     .sql
                     .insert_with_key(app, idempotency_key, &stored.messages)
-                    .await?
+                    .await
                 {
-                    self.remember_answer(app, idempotency_key, &first).await;
-                    return Ok(first);
+                    Ok(Some(first)) => return self.replay(app, idempotency_key, first).await,
+                    Ok(None) => {}
+                    Err(error) => {
+                        self.withdraw(withdrawal()).await;
+                        return Err(error);
+                    }
                 }
-                if let Err(error) = self.cache(&stored.messages).await {
-                    let ids: Vec<u64> = stored.messages.iter().map(|message| message.id).collect();
-                    if let Err(sql_error) = self.sql.expire_now(&ids).await {
-                        tracing::warn!(error = %sql_error, "cannot expire messages redis did not take");
-                    }
-                    if let Err(sql_error) = self.sql.forget_key(app, idempotency_key).await {
-                        tracing::warn!(error = %sql_error, "cannot forget a failed idempotency key");
-                    }
+                if let Err(error) = self.cache_again_on_a_broken_connection(&stored.messages).await
+                {
+                    self.withdraw(withdrawal()).await;
                     return Err(error);
                 }
                 self.remember_answer(app, idempotency_key, &stored).await;
             }
             Durability::Redis => {
-                let answer = StoreResponse {
-                    messages: stored.messages.clone(),
-                    replayed: false,
-                }
-                .encode_to_vec();
+                // Claimed first, answered once stored: a retry meanwhile is
+                // told to try again rather than given ids not stored yet.
                 let claimed: Option<String> = command("SET")
                     .arg(&redis_key)
-                    .arg(answer)
+                    .arg(IDEMPOTENCY_CLAIM)
                     .arg("NX")
                     .arg("PX")
                     .arg(IDEMPOTENCY_WINDOW_MS)
@@ -899,11 +981,22 @@ impl MessageStore for RedisSqlStore {
                         .arg(&redis_key)
                         .query_async(&mut redis)
                         .await?;
-                    if let Some(answer) = first {
-                        return replayed(&answer);
-                    }
+                    return match first {
+                        Some(answer) if answer != IDEMPOTENCY_CLAIM.as_bytes() => {
+                            replayed(&answer)
+                        }
+                        _ => Err(StoreError::Commit(
+                            "a call with this idempotency key is in progress; retry".into(),
+                        )),
+                    };
                 }
-                self.write_new(&stored.messages).await?;
+                if let Err(error) = self.cache_again_on_a_broken_connection(&stored.messages).await
+                {
+                    self.withdraw(withdrawal()).await;
+                    return Err(error);
+                }
+                self.sql.insert_in_background(stored.messages.clone());
+                self.remember_answer(app, idempotency_key, &stored).await;
             }
         }
         metrics::store_seconds(started.elapsed());
@@ -965,29 +1058,53 @@ impl MessageStore for RedisSqlStore {
         answers
     }
 
-    async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError> {
-        super::validate_ack(&items)?;
-        let acked = self.sql.mark_acked(&items).await?;
+    async fn apply_acks(&self, items: &[AckItem]) -> Result<u64, StoreError> {
+        super::validate_ack(items)?;
+        let acked = super::sql::retry_lock_conflicts(|| self.sql.mark_acked(items)).await?;
         let mut groups = Vec::with_capacity(items.len());
-        for item in &items {
+        for item in items {
             if item.msg_ids.is_empty() {
                 continue;
             }
             let keys = UserKeys::new(&item.app, &item.user);
             let members: Vec<String> = item.msg_ids.iter().map(|id| member(*id)).collect();
-            let mut group = SlotCommands::default();
-            for key in [&keys.msgs, &keys.attempts] {
-                let mut hdel = command("HDEL");
-                hdel.arg(key).arg(&members);
-                group.run(hdel);
-            }
-            let mut zrem = command("ZREM");
-            zrem.arg(&keys.inbox).arg(&members);
-            group.run(zrem);
-            groups.push(group);
+            groups.push(remove_commands(&keys, &members));
         }
         self.run_groups(&groups).await?;
         Ok(acked)
+    }
+
+    async fn apply_withdrawal(&self, withdrawal: &Withdrawal) -> Result<Withdrawn, StoreError> {
+        // SQL first: it says whether a retry already answered these messages.
+        let outcome =
+            super::sql::retry_lock_conflicts(|| self.sql.withdraw_rows(withdrawal)).await?;
+        if outcome == Withdrawn::KeptForRetry {
+            return Ok(outcome);
+        }
+        let mut by_user: HashMap<(&str, &str), Vec<String>> = HashMap::new();
+        for message in &withdrawal.messages {
+            by_user
+                .entry((&message.app, &message.user))
+                .or_default()
+                .push(member(message.id));
+        }
+        let mut groups: Vec<SlotCommands> = by_user
+            .iter()
+            .map(|((app, user), members)| remove_commands(&UserKeys::new(app, user), members))
+            .collect();
+        if let Some((app, key)) = &withdrawal.key {
+            let mut group = SlotCommands::default();
+            let mut forget = command("DEL");
+            forget.arg(idempotency_key(app, key));
+            group.run(forget);
+            groups.push(group);
+        }
+        self.run_groups(&groups).await?;
+        Ok(Withdrawn::Removed)
+    }
+
+    fn owed(&self) -> &Owed {
+        self.sql.owed_work()
     }
 
     async fn publish(

@@ -17,8 +17,8 @@ use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore, StoreLimits, Stored,
-    repeated,
+    History, HistoryQuery, IDEMPOTENCY_WINDOW_MS, MessageIds, MessageStore, Owed, StoreLimits,
+    Stored, Withdrawal, Withdrawn, repeated,
 };
 use crate::error::StoreError;
 use crate::metrics;
@@ -230,6 +230,7 @@ pub struct SqlStore {
     limits: StoreLimits,
     group_commit: Option<Arc<GroupCommit>>,
     background_writes: Arc<Semaphore>,
+    owed: Arc<Owed>,
 }
 
 impl SqlStore {
@@ -258,6 +259,7 @@ impl SqlStore {
             limits: StoreLimits::default(),
             group_commit: None,
             background_writes: Arc::new(Semaphore::new(MAX_BACKGROUND_WRITES)),
+            owed: Arc::new(Owed::default()),
         }
     }
 
@@ -326,14 +328,103 @@ impl SqlStore {
         self.ids.next_ids(1)[0]
     }
 
-    /// Forgets an idempotency key (its Store call failed after SQL took it).
-    pub(crate) async fn forget_key(&self, app: &str, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency WHERE app = ? AND idem_key = ?")
-            .bind(app.to_string())
-            .bind(key.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// The work this store (and its clones) still owes after faults.
+    pub(crate) fn owed_work(&self) -> &Owed {
+        &self.owed
+    }
+
+    /// Records that a retry with an idempotency key answers the first call's
+    /// messages, so a withdrawal of that call keeps them. False when the key
+    /// is unknown (the first call failed and was withdrawn meanwhile).
+    pub(crate) async fn confirm_key(&self, app: &str, key: &str) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE idempotency SET confirmed = confirmed + 1 WHERE app = ? AND idem_key = ? AND created_ms > ?",
+        )
+        .bind(app.to_string())
+        .bind(key.to_string())
+        .bind(ms_to_sql(now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS)))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Deletes the rows of a failed Store call's messages (and their
+    /// delivery records) in one transaction, with its idempotency key unless
+    /// a retry confirmed the key (then nothing is deleted).
+    pub(crate) async fn withdraw_rows(
+        &self,
+        withdrawal: &Withdrawal,
+    ) -> Result<Withdrawn, StoreError> {
+        let ids: Vec<u64> = withdrawal.ids().collect();
+        let mut transaction = self.pool.begin().await?;
+        if let Some((app, key)) = &withdrawal.key {
+            let forgotten = sqlx::query(
+                "DELETE FROM idempotency WHERE app = ? AND idem_key = ? AND confirmed = 0",
+            )
+            .bind(app.clone())
+            .bind(key.clone())
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            if forgotten == 0 {
+                let confirmed = sqlx::query(
+                    "SELECT confirmed FROM idempotency WHERE app = ? AND idem_key = ? AND confirmed > 0",
+                )
+                .bind(app.clone())
+                .bind(key.clone())
+                .fetch_optional(&mut *transaction)
+                .await?
+                .is_some();
+                if confirmed {
+                    transaction.commit().await?;
+                    return Ok(Withdrawn::KeptForRetry);
+                }
+            }
+        }
+        for table in ["messages", "message_deliveries"] {
+            for chunk in ids.chunks(ID_CHUNK) {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE id IN ({})",
+                    placeholders(chunk.len())
+                );
+                // The table name is one of two constants; ids are bound.
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for id in chunk {
+                    query = query.bind(id_to_sql(*id));
+                }
+                query.execute(&mut *transaction).await?;
+            }
+        }
+        transaction.commit().await?;
+        Ok(Withdrawn::Removed)
+    }
+
+    /// The messages of `ids` that are stored, unacked and unexpired.
+    pub(crate) async fn unacked_by_ids(&self, ids: &[u64]) -> Result<Vec<Message>, StoreError> {
+        let mut messages = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ID_CHUNK) {
+            let sql = format!(
+                "SELECT id, app, user_id, payload, created_ms, expires_ms, attempts, parent_id FROM messages \
+                 WHERE acked_ms IS NULL AND expires_ms > ? AND id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(ms_to_sql(now_ms()));
+            for id in chunk {
+                query = query.bind(id_to_sql(*id));
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let app: String = row.try_get("app")?;
+                let user: String = row.try_get("user_id")?;
+                let mut message = message_from_row(&app, &user, &row)?;
+                message.parent_id = row
+                    .try_get::<Option<i64>, _>("parent_id")?
+                    .and_then(|id| u64::try_from(id).ok())
+                    .unwrap_or(0);
+                messages.push(message);
+            }
+        }
+        messages.sort_by_key(|message| message.id);
+        Ok(messages)
     }
 
     /// Closes the pool, waiting for connections in use to come back.
@@ -841,6 +932,30 @@ impl SqlStore {
     }
 }
 
+impl SqlStore {
+    /// Writes new messages durably; when that fails (or its outcome is
+    /// unknown: a commit that timed out may still land) they are withdrawn,
+    /// so a failed call leaves nothing deliverable.
+    async fn write_new(&self, messages: &[Message]) -> Result<(), StoreError> {
+        if let Err(error) = self.insert(messages).await {
+            self.withdraw(Withdrawal::of(messages, None)).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Answers a retry with the first call's messages, once the key is
+    /// confirmed (so a withdrawal of the first call keeps them).
+    async fn replay(&self, app: &str, key: &str, first: Stored) -> Result<Stored, StoreError> {
+        if !self.confirm_key(app, key).await? {
+            return Err(StoreError::Commit(
+                "the first call with this idempotency key failed and was withdrawn; retry".into(),
+            ));
+        }
+        Ok(first)
+    }
+}
+
 #[tonic::async_trait]
 impl MessageStore for SqlStore {
     async fn store(
@@ -853,7 +968,7 @@ impl MessageStore for SqlStore {
         super::validate_store(app, users, &payload)?;
         let started = Instant::now();
         let messages = self.new_messages(app, users, &payload, ttl_secs);
-        self.insert(&messages).await?;
+        self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
     }
@@ -867,26 +982,31 @@ impl MessageStore for SqlStore {
         idempotency_key: &str,
     ) -> Result<Stored, StoreError> {
         if let Some(first) = self.idempotent_answer(app, idempotency_key).await? {
-            return Ok(first);
+            return self.replay(app, idempotency_key, first).await;
         }
         let messages = self.new_messages(app, users, &payload, ttl_secs);
-        if let Some(first) = self
+        match self
             .insert_with_key(app, idempotency_key, &messages)
-            .await?
+            .await
         {
-            return Ok(first);
+            Ok(Some(first)) => self.replay(app, idempotency_key, first).await,
+            Ok(None) => Ok(Stored {
+                messages,
+                replayed: false,
+            }),
+            Err(error) => {
+                self.withdraw(Withdrawal::of(&messages, Some((app, idempotency_key))))
+                    .await;
+                Err(error)
+            }
         }
-        Ok(Stored {
-            messages,
-            replayed: false,
-        })
     }
 
     async fn store_many(&self, items: &[StoreItem]) -> Result<Vec<Message>, StoreError> {
         super::validate_store_many(items)?;
         let started = Instant::now();
         let messages = self.new_messages_of_items(items);
-        self.insert(&messages).await?;
+        self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
     }
@@ -902,7 +1022,7 @@ impl MessageStore for SqlStore {
         super::validate_store(app, users, &payload)?;
         let started = Instant::now();
         let messages = self.new_children(app, users, &payload, ttl_secs, parent_id);
-        self.insert(&messages).await?;
+        self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
     }
@@ -915,6 +1035,8 @@ impl MessageStore for SqlStore {
             .unacked(app, user, limit)
             .await?
             .into_iter()
+            // Acked, or being withdrawn, where the store has not taken it yet.
+            .filter(|message| !self.owed.hides(message.id))
             .partition(|message| message.attempts >= max_attempts);
         self.dead_letter(&dead, true).await?;
         let ids: Vec<u64> = messages.iter().map(|message| message.id).collect();
@@ -925,9 +1047,17 @@ impl MessageStore for SqlStore {
         Ok(messages)
     }
 
-    async fn ack(&self, items: Vec<AckItem>) -> Result<u64, StoreError> {
-        super::validate_ack(&items)?;
-        self.mark_acked(&items).await
+    async fn apply_acks(&self, items: &[AckItem]) -> Result<u64, StoreError> {
+        super::validate_ack(items)?;
+        retry_lock_conflicts(|| self.mark_acked(items)).await
+    }
+
+    async fn apply_withdrawal(&self, withdrawal: &Withdrawal) -> Result<Withdrawn, StoreError> {
+        retry_lock_conflicts(|| self.withdraw_rows(withdrawal)).await
+    }
+
+    fn owed(&self) -> &Owed {
+        &self.owed
     }
 
     async fn publish(
