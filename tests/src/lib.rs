@@ -23,6 +23,8 @@ pub mod launcher;
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
+/// The node id of a test cluster's saver.
+pub const SAVER_NODE_ID: &str = "saver";
 /// keeper's admin API token in test clusters.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -248,6 +250,9 @@ pub struct ClusterOptions {
     pub centers: usize,
     /// Extra `--set` settings for every center, e.g. `route_queue=2`.
     pub center_sets: Vec<String>,
+    /// Keeper processes (the first is `keeper`, the others `extra_keepers`);
+    /// every role is given all their addresses.
+    pub keepers: usize,
 }
 
 impl Default for ClusterOptions {
@@ -261,6 +266,7 @@ impl Default for ClusterOptions {
             keeper_sets: Vec::new(),
             centers: 1,
             center_sets: Vec::new(),
+            keepers: 1,
         }
     }
 }
@@ -271,7 +277,11 @@ pub struct TestCluster {
     pub dir: PathBuf,
     pub database: String,
     pub keeper: Proc,
+    /// Keepers beyond the first (`ClusterOptions::keepers`).
+    pub extra_keepers: Vec<Proc>,
     keeper_args: Vec<String>,
+    /// Every keeper's gRPC address, comma-separated, as roles are given it.
+    keeper_list: String,
     pub register: Proc,
     pub extra_registers: Vec<Proc>,
     pub saver: Proc,
@@ -344,7 +354,16 @@ impl TestCluster {
             ),
         );
         let keeper = spawn(&dir, "keeper", "keeper", &keeper_args).await?;
-        let keeper_addr = keeper.addr("grpc").to_string();
+        let mut extra_keepers = Vec::new();
+        for index in 1..options.keepers.max(1) {
+            let name = format!("keeper{index}");
+            extra_keepers.push(spawn(&dir, &name, "keeper", &keeper_args).await?);
+        }
+        let keeper_addr = std::iter::once(&keeper)
+            .chain(&extra_keepers)
+            .map(|keeper| keeper.addr("grpc").to_string())
+            .collect::<Vec<_>>()
+            .join(",");
 
         let mut role_args = HashMap::new();
         role_args.insert("register".to_string(), node_args(&keeper_addr));
@@ -362,6 +381,10 @@ impl TestCluster {
             );
         }
         let mut saver_args = node_args(&keeper_addr);
+        // A fixed node id: a saver started again in its place (a restart,
+        // another store) replaces its lease at once instead of leaving a
+        // dead saver in the view until the lease ends.
+        set(&mut saver_args, format!("node_id={SAVER_NODE_ID}"));
         set(&mut saver_args, format!("database_url={database_url}"));
         set(&mut saver_args, format!("redis_url={REDIS_URL}"));
         let saver = spawn(&dir, "saver", "saver", &saver_args).await?;
@@ -402,7 +425,9 @@ impl TestCluster {
             dir,
             database,
             keeper,
+            extra_keepers,
             keeper_args,
+            keeper_list: keeper_addr.clone(),
             register,
             extra_registers,
             saver,
@@ -459,7 +484,30 @@ impl TestCluster {
 
     /// `--set` arguments for another role process of this cluster.
     pub fn node_args(&self) -> Vec<String> {
-        node_args(&self.keeper.addr("grpc").to_string())
+        node_args(&self.keeper_list)
+    }
+
+    /// Keeper `index` (0 is `keeper`).
+    pub fn keeper_at(&mut self, index: usize) -> &mut Proc {
+        match index {
+            0 => &mut self.keeper,
+            index => &mut self.extra_keepers[index - 1],
+        }
+    }
+
+    /// kill -9 of keeper `index`.
+    pub async fn kill_keeper(&mut self, index: usize) {
+        self.keeper_at(index).kill().await;
+    }
+
+    /// Starts keeper `index` again on the gRPC address it had.
+    pub async fn start_keeper_again(&mut self, index: usize) -> anyhow::Result<()> {
+        let grpc = self.keeper_at(index).addr("grpc");
+        let mut args = self.keeper_args.clone();
+        set(&mut args, format!("listen={grpc}"));
+        let name = format!("keeper{index}-restarted");
+        *self.keeper_at(index) = spawn(&self.dir, &name, "keeper", &args).await?;
+        Ok(())
     }
 
     /// Connects a raw device to room `index` directly.
@@ -507,11 +555,7 @@ impl TestCluster {
     /// new instance does). Kill it first with [`TestCluster::kill_role`].
     pub async fn start_role_again(&mut self, name: &str) -> anyhow::Result<()> {
         if name == "keeper" {
-            let grpc = self.keeper.addr("grpc");
-            let mut args = self.keeper_args.clone();
-            set(&mut args, format!("listen={grpc}"));
-            self.keeper = spawn(&self.dir, "keeper-restarted", "keeper", &args).await?;
-            return Ok(());
+            return self.start_keeper_again(0).await;
         }
         let args = self
             .role_args
@@ -531,6 +575,7 @@ impl TestCluster {
     /// The arguments of this cluster's saver with another Redis and SQL URL.
     pub fn saver_args(&self, redis_url: &str, database_url: &str) -> Vec<String> {
         let mut args = self.node_args();
+        set(&mut args, format!("node_id={SAVER_NODE_ID}"));
         set(&mut args, format!("database_url={database_url}"));
         set(&mut args, format!("redis_url={redis_url}"));
         set(&mut args, "commit_timeout_ms=2000".into());

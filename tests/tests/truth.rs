@@ -13,8 +13,7 @@ use std::time::Duration;
 use pushgrid_client::{Op, msg};
 use pushgrid_e2e::faults::{MysqlProxy, OwnRedis};
 use pushgrid_e2e::{
-    ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, next_frame,
-    next_push,
+    ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, next_frame, next_push,
 };
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{PendingRequest, StoreRequest};
@@ -87,9 +86,7 @@ async fn nothing_arrives(cluster: &TestCluster, user: &str, quiet: Duration) -> 
 /// in SQL or in the inbox. The same call with a patient caller is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_call_whose_caller_gave_up_is_withdrawn() {
-    let mut cluster = TestCluster::start(ClusterOptions::default())
-        .await
-        .unwrap();
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
     let database = format!("{MYSQL_SERVER}/{}", cluster.database);
     let mut args = cluster.saver_args(REDIS_URL, &database);
     args.extend(["--set".into(), "commit_timeout_ms=30000".into()]);
@@ -137,7 +134,10 @@ async fn a_store_call_whose_caller_gave_up_is_withdrawn() {
         1.0
     );
     assert_eq!(rows_of(&cluster, "impatient").await, 0, "no row is left");
-    assert!(inbox(&cluster, "impatient").await.is_empty(), "no inbox entry is left");
+    assert!(
+        inbox(&cluster, "impatient").await.is_empty(),
+        "no inbox entry is left"
+    );
     assert_eq!(inbox(&cluster, "patient").await, [kept[0].id]);
     println!(
         "TRUTH caller gave up: abandoned 1, withdrawn 1 message; patient call stored 1, inbox 1"
@@ -151,13 +151,14 @@ async fn a_store_call_whose_caller_gave_up_is_withdrawn() {
 /// device receives exactly that one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_refused_while_redis_is_down_is_never_delivered_and_its_retry_delivers_once() {
-    let mut cluster = TestCluster::start(ClusterOptions::default())
-        .await
-        .unwrap();
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
     let mut redis = OwnRedis::start().await;
     let database = format!("{MYSQL_SERVER}/{}", cluster.database);
     let args = cluster.saver_args(&redis.url(), &database);
-    cluster.replace_saver("saver-own-redis", &args).await.unwrap();
+    cluster
+        .replace_saver("saver-own-redis", &args)
+        .await
+        .unwrap();
     let key = cluster.app.api_key.clone();
     let push = |payload: &'static str, idempotency_key: Option<&'static str>| {
         let mut body = json!({ "users": ["rosa"], "payload": payload });
@@ -203,7 +204,9 @@ async fn a_push_refused_while_redis_is_down_is_never_delivered_and_its_retry_del
     assert_eq!(body["result"]["replayed"], json!(true));
 
     let (mut device, _) = cluster.device_at(0, "rosa", "phone").await.unwrap();
-    let message = next_push(&mut device, Duration::from_secs(10)).await.unwrap();
+    let message = next_push(&mut device, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(message.msg_id, accepted);
     assert_eq!(&message.payload[..], b"refused with a key");
     assert!(
@@ -214,7 +217,11 @@ async fn a_push_refused_while_redis_is_down_is_never_delivered_and_its_retry_del
     );
     assert_eq!(rows_of(&cluster, "rosa").await, 1);
     let (status, body) = cluster
-        .call(&key, "message_status", json!({ "id": accepted.to_string() }))
+        .call(
+            &key,
+            "message_status",
+            json!({ "id": accepted.to_string() }),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_ne!(body["result"]["state"], json!("expired"), "{body}");
@@ -230,13 +237,14 @@ async fn a_push_refused_while_redis_is_down_is_never_delivered_and_its_retry_del
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_survive_redis_connections_killed_during_acks() {
     const PUSHES: usize = 300;
-    let mut cluster = TestCluster::start(ClusterOptions::default())
-        .await
-        .unwrap();
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
     let redis = OwnRedis::start().await;
     let database = format!("{MYSQL_SERVER}/{}", cluster.database);
     let args = cluster.saver_args(&redis.url(), &database);
-    cluster.replace_saver("saver-own-redis", &args).await.unwrap();
+    cluster
+        .replace_saver("saver-own-redis", &args)
+        .await
+        .unwrap();
     let admin = cluster.saver.addr("admin");
 
     let (mut device, _) = cluster.device_at(0, "uwe", "phone").await.unwrap();
@@ -342,7 +350,10 @@ async fn acks_survive_redis_connections_killed_during_acks() {
          delivered again 0",
         accepted.len()
     );
-    assert!(retries > 0.0, "the kills hit acks (else this test showed nothing)");
+    assert!(
+        retries > 0.0,
+        "the kills hit acks (else this test showed nothing)"
+    );
     assert_eq!(owed, 0.0);
     cluster.cleanup().await;
 }
@@ -352,9 +363,7 @@ async fn acks_survive_redis_connections_killed_during_acks() {
 /// is back the ACK is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_mysql_did_not_take_is_kept_until_it_is_applied() {
-    let mut cluster = TestCluster::start(ClusterOptions::default())
-        .await
-        .unwrap();
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
     let mut proxy = MysqlProxy::start().await;
     let args = cluster.saver_args(REDIS_URL, &proxy.url(&cluster.database));
     cluster.replace_saver("saver-proxied", &args).await.unwrap();
@@ -362,7 +371,9 @@ async fn an_ack_mysql_did_not_take_is_kept_until_it_is_applied() {
 
     let (mut device, _) = cluster.device_at(0, "vera", "phone").await.unwrap();
     let ids = cluster.push(&["vera"], "ack me").await.unwrap();
-    let message = next_push(&mut device, Duration::from_secs(10)).await.unwrap();
+    let message = next_push(&mut device, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(message.msg_id, ids[0]);
 
     proxy.cut();

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub struct NodeConfig {
     /// Unique node id; generated (`<role>-<random>`) when empty.
     pub node_id: String,
-    /// Address of a keeper's gRPC server.
+    /// Keeper gRPC addresses: one, or several separated by commas
+    /// (`10.0.0.1:7000,10.0.0.2:7000`). Calls move on to the next keeper when
+    /// one does not answer; keepers the view lists are added.
     pub keeper: String,
     /// This node's gRPC listen address.
     pub listen: String,

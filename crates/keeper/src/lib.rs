@@ -1,11 +1,16 @@
-//! keeper: the node registry (leases with a TTL) and the cluster configuration
-//! (apps with their JWT secrets, API keys, rate limits and webhooks; settings;
-//! upstream routes).
+//! keeper: the node registry (leases with a TTL, fenced worker ids) and the
+//! cluster configuration (apps with their JWT secrets, API keys, rate limits
+//! and webhooks; settings; upstream routes).
 //!
 //! Every node registers under a lease and heartbeats it; a lease not renewed
 //! within its TTL ends and the node leaves the view. Every change (membership
 //! or config) is pushed to every watcher as a full snapshot: at this size a
 //! snapshot is a few kilobytes and makes watchers trivially correct.
+//!
+//! Keeper keeps nothing that only it knows: leases, node lists and worker ids
+//! live in its database (`leases.rs`), so any number of keepers can serve one
+//! cluster side by side, nodes fail over between them, and any of them can
+//! die or restart.
 //!
 //! The configuration lives in SQL (MySQL, or SQLite for the embedded default),
 //! is seeded from the config file at start, changed through the admin HTTP
@@ -13,6 +18,7 @@
 //! another keeper or by hand reaches every node without a restart.
 
 mod admin;
+pub mod leases;
 mod registry;
 pub mod store;
 
@@ -24,6 +30,7 @@ use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::config::NodeConfig;
 use pushgrid_common::{CancellationToken, db, net, telemetry};
 use pushgrid_proto::cluster::keeper_server::KeeperServer;
+use pushgrid_proto::cluster::{NodeInfo, Role};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -53,6 +60,14 @@ pub struct KeeperConfig {
     pub config_poll_secs: u64,
     /// Upper bound on the lease TTL a node may ask for.
     pub max_lease_ttl_secs: u32,
+    /// How often this keeper reads the live leases (and deletes expired ones).
+    pub lease_poll_ms: u64,
+    /// How long a worker id lives after each renewal. A saver stops minting
+    /// ids this long after it last reached a keeper: keep it above the
+    /// longest keeper outage pushes must survive.
+    pub worker_lease_secs: u32,
+    /// An expired worker id is granted again only this much later.
+    pub worker_id_margin_ms: u64,
 }
 
 impl Default for KeeperConfig {
@@ -67,6 +82,9 @@ impl Default for KeeperConfig {
             routes: Vec::new(),
             config_poll_secs: 5,
             max_lease_ttl_secs: 60,
+            lease_poll_ms: 500,
+            worker_lease_secs: 120,
+            worker_id_margin_ms: 5000,
         }
     }
 }
@@ -121,8 +139,9 @@ pub async fn run(
     validate(&config)?;
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
     net::announce(ROLE, "grpc", grpc_addr);
-    net::announce(ROLE, "admin", listeners.admin.local_addr()?);
+    net::announce(ROLE, "admin", admin_addr);
     net::announce(ROLE, "http", http_addr);
     tokio::spawn(telemetry::serve_admin(
         listeners.admin,
@@ -142,11 +161,49 @@ pub async fn run(
         "configuration loaded"
     );
 
+    let policy = leases::WorkerPolicy {
+        // Renewed with every heartbeat (a third of the node's lease TTL):
+        // keep it above the savers' lease_ttl_secs.
+        ttl_ms: u64::from(config.worker_lease_secs.max(2)) * 1000,
+        margin_ms: config.worker_id_margin_ms,
+    };
+    let lease_store = leases::LeaseStore::new(
+        store.pool().clone(),
+        db::is_sqlite(&config.database_url),
+        policy,
+    );
     let state = Arc::new(registry::KeeperState::new(
         cluster_config,
+        lease_store,
         config.max_lease_ttl_secs,
     ));
-    tokio::spawn(registry::expire_leases(state.clone(), shutdown.clone()));
+    let own = NodeInfo {
+        id: config.node.resolved_node_id(ROLE),
+        role: Role::Keeper as i32,
+        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
+        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
+        http_addr: net::advertised(http_addr, &config.node.advertise_host),
+        started_ms: pushgrid_common::now_ms(),
+        labels: config
+            .node
+            .labels
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    // The first read before serving: a restarted keeper answers watchers
+    // with the live nodes at once.
+    if let Err(error) = state.refresh_nodes().await {
+        tracing::warn!(error = %error.message(), "cannot read the leases yet");
+    }
+    let maintainer = tokio::spawn(registry::maintain_leases(
+        state.clone(),
+        own,
+        config.node.lease_ttl_secs,
+        Duration::from_millis(config.lease_poll_ms.max(50)),
+        shutdown.clone(),
+    ));
     tokio::spawn(poll_config(
         state.clone(),
         store.clone(),
@@ -174,6 +231,7 @@ pub async fn run(
         )
         .await;
     let _ = admin_server.await;
+    let _ = maintainer.await;
     store.close().await;
     tracing::info!("keeper stopped");
     served.map_err(Into::into)

@@ -1,46 +1,42 @@
-//! Leases and the `Keeper` gRPC service: register, heartbeat, deregister and
-//! the watch stream of full cluster snapshots.
+//! The `Keeper` gRPC service over the leases in keeper's database
+//! (`leases.rs`): register, heartbeat, deregister, and the watch stream of
+//! full cluster snapshots.
+//!
+//! Every keeper of a cluster serves the same rows, so any of them answers
+//! any node. Each keeper keeps its watchers current by reading the live
+//! leases every `lease_poll_ms` (and right after a change it made itself),
+//! deletes expired leases (any keeper may), and publishes a snapshot when the
+//! node list or the configuration changed. Keepers list themselves too (role
+//! KEEPER), so nodes learn every keeper's address from the view.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use pushgrid_common::{CancellationToken, ids, now_ms};
+use pushgrid_common::{CancellationToken, now_ms};
 use pushgrid_proto::cluster::keeper_server::Keeper;
 use pushgrid_proto::cluster::{
     ClusterState, DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
     NodeInfo, RegisterNodeRequest, RegisterNodeResponse, WatchRequest,
 };
 use tokio::sync::{Mutex, watch};
-use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use crate::leases::{LeaseStore, WorkerRequest};
 use crate::store::ClusterConfig;
 
-struct Lease {
-    node: NodeInfo,
-    ttl: Duration,
-    deadline: Instant,
-}
-
-struct Registry {
-    leases: HashMap<u64, Lease>,
+/// What this keeper publishes: the live nodes and the configuration.
+struct Published {
+    nodes: Vec<NodeInfo>,
     config: ClusterConfig,
 }
 
-impl Registry {
+impl Published {
     fn snapshot(&self, version: u64) -> ClusterState {
-        let mut nodes: Vec<NodeInfo> = self
-            .leases
-            .values()
-            .map(|lease| lease.node.clone())
-            .collect();
-        nodes.sort_by(|a, b| a.id.cmp(&b.id));
         ClusterState {
             version,
-            nodes,
+            nodes: self.nodes.clone(),
             apps: self.config.apps.values().cloned().collect(),
             settings: self
                 .config
@@ -51,73 +47,70 @@ impl Registry {
             routes: self.config.routes.clone(),
         }
     }
-
-    /// The smallest worker id no live node holds, or `preferred` when free.
-    fn free_worker_id(&self, preferred: Option<u32>) -> Result<u32, Status> {
-        let taken: HashSet<u32> = self
-            .leases
-            .values()
-            .map(|lease| lease.node.worker_id)
-            .collect();
-        if let Some(preferred) = preferred
-            && preferred <= ids::MAX_WORKER_ID
-            && !taken.contains(&preferred)
-        {
-            return Ok(preferred);
-        }
-        (0..=ids::MAX_WORKER_ID)
-            .find(|candidate| !taken.contains(candidate))
-            .ok_or_else(|| Status::resource_exhausted("all worker ids are in use"))
-    }
 }
 
 pub(crate) struct KeeperState {
-    registry: Mutex<Registry>,
+    published: Mutex<Published>,
     version: AtomicU64,
-    next_lease: AtomicU64,
     snapshots: watch::Sender<Arc<ClusterState>>,
+    pub(crate) leases: LeaseStore,
     max_ttl_secs: u32,
 }
 
 impl KeeperState {
-    pub fn new(config: ClusterConfig, max_ttl_secs: u32) -> KeeperState {
-        let registry = Registry {
-            leases: HashMap::new(),
+    pub fn new(config: ClusterConfig, leases: LeaseStore, max_ttl_secs: u32) -> KeeperState {
+        let published = Published {
+            nodes: Vec::new(),
             config,
         };
-        let (snapshots, _) = watch::channel(Arc::new(registry.snapshot(1)));
+        // Versions start from the clock, so a watcher that moves to another
+        // keeper (or a restarted one) still sees them grow.
+        let version = now_ms();
+        let (snapshots, _) = watch::channel(Arc::new(published.snapshot(version)));
         KeeperState {
-            registry: Mutex::new(registry),
-            version: AtomicU64::new(1),
-            // Lease ids start from the clock so a restarted keeper never
-            // confirms a lease handed out by its previous life.
-            next_lease: AtomicU64::new(now_ms()),
+            published: Mutex::new(published),
+            version: AtomicU64::new(version),
             snapshots,
+            leases,
             max_ttl_secs: max_ttl_secs.max(2),
         }
     }
 
-    /// Publishes a new snapshot; call with the registry lock held so versions
-    /// and contents go out in the same order.
-    fn publish(&self, registry: &Registry) {
+    /// Publishes a new snapshot; call with the lock held so versions and
+    /// contents go out in the same order.
+    fn publish(&self, published: &Published) {
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
         self.snapshots
-            .send_replace(Arc::new(registry.snapshot(version)));
-        metrics::gauge!("pushgrid_keeper_nodes").set(registry.leases.len() as f64);
+            .send_replace(Arc::new(published.snapshot(version)));
+        metrics::gauge!("pushgrid_keeper_nodes").set(published.nodes.len() as f64);
     }
 
     /// Replaces the configuration, publishing only when it changed.
     pub async fn set_config(&self, config: ClusterConfig) {
-        let mut registry = self.registry.lock().await;
-        if registry.config != config {
+        let mut published = self.published.lock().await;
+        if published.config != config {
             tracing::info!(
                 apps = config.apps.len(),
                 routes = config.routes.len(),
                 "cluster configuration changed"
             );
-            registry.config = config;
-            self.publish(&registry);
+            published.config = config;
+            self.publish(&published);
         }
+    }
+
+    /// Reads the live leases and publishes them when they changed.
+    pub async fn refresh_nodes(&self) -> Result<(), Status> {
+        let nodes = self.leases.live_nodes().await.map_err(|error| {
+            metrics::counter!("pushgrid_keeper_store_errors_total", "op" => "read").increment(1);
+            Status::from(error)
+        })?;
+        let mut published = self.published.lock().await;
+        if published.nodes != nodes {
+            published.nodes = nodes;
+            self.publish(&published);
+        }
+        Ok(())
     }
 
     /// The latest snapshot.
@@ -136,6 +129,12 @@ impl KeeperService {
     }
 }
 
+fn store_failed(op: &'static str, error: crate::leases::LeaseError) -> Status {
+    metrics::counter!("pushgrid_keeper_store_errors_total", "op" => op).increment(1);
+    tracing::warn!(op, %error, "lease store failed");
+    error.into()
+}
+
 #[tonic::async_trait]
 impl Keeper for KeeperService {
     async fn register(
@@ -143,7 +142,7 @@ impl Keeper for KeeperService {
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let request = request.into_inner();
-        let Some(mut node) = request.node else {
+        let Some(node) = request.node else {
             return Err(Status::invalid_argument("node is required"));
         };
         if node.id.is_empty() || (node.grpc_addr.is_empty() && node.http_addr.is_empty()) {
@@ -152,29 +151,41 @@ impl Keeper for KeeperService {
             ));
         }
         let ttl_secs = request.ttl_secs.clamp(2, self.state.max_ttl_secs);
-        let mut registry = self.state.registry.lock().await;
+        let worker = WorkerRequest {
+            wanted: request.needs_worker_id,
+            preferred: request.preferred_worker_id,
+            generation: request.worker_generation,
+        };
         // A node that registers again (after its own restart or a lost lease)
         // replaces its old lease.
-        registry.leases.retain(|_, lease| lease.node.id != node.id);
-        node.worker_id = registry.free_worker_id(request.preferred_worker_id)?;
-        let lease_id = self.state.next_lease.fetch_add(1, Ordering::SeqCst);
-        let ttl = Duration::from_secs(u64::from(ttl_secs));
-        tracing::info!(node = %node.id, role = ?node.role(), lease_id, "node registered");
-        let worker_id = node.worker_id;
-        registry.leases.insert(
-            lease_id,
-            Lease {
-                node,
-                ttl,
-                deadline: Instant::now() + ttl,
-            },
+        let registered = self
+            .state
+            .leases
+            .register(&node, u64::from(ttl_secs) * 1000, worker)
+            .await
+            .map_err(|error| store_failed("register", error))?;
+        let grant = registered.worker;
+        tracing::info!(
+            node = %node.id,
+            role = ?node.role(),
+            lease_id = registered.lease_id,
+            worker_id = ?grant.map(|grant| grant.id),
+            "node registered"
         );
-        self.state.publish(&registry);
         metrics::counter!("pushgrid_keeper_registrations_total").increment(1);
+        // Watchers of this keeper see the node now; other keepers at their next poll.
+        let _ = self.state.refresh_nodes().await;
+        let policy = self.state.leases.policy();
         Ok(Response::new(RegisterNodeResponse {
-            lease_id,
+            lease_id: registered.lease_id,
             ttl_secs,
-            worker_id,
+            worker_id: grant.map_or(0, |grant| grant.id),
+            worker_generation: grant.map_or(0, |grant| grant.generation),
+            worker_ttl_ms: if grant.is_some() {
+                u32::try_from(policy.ttl_ms).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
         }))
     }
 
@@ -183,20 +194,27 @@ impl Keeper for KeeperService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let request = request.into_inner();
-        let mut registry = self.state.registry.lock().await;
-        let Some(lease) = registry.leases.get_mut(&request.lease_id) else {
+        let renewed = self
+            .state
+            .leases
+            .heartbeat(request.lease_id, request.load)
+            .await
+            .map_err(|error| store_failed("heartbeat", error))?;
+        let Some(renewed) = renewed else {
             return Err(Status::not_found(format!(
                 "lease {} is unknown or expired",
                 request.lease_id
             )));
         };
-        lease.deadline = Instant::now() + lease.ttl;
-        let load_changed = lease.node.load != request.load;
-        lease.node.load = request.load;
-        if load_changed {
-            self.state.publish(&registry);
-        }
-        Ok(Response::new(HeartbeatResponse {}))
+        let policy = self.state.leases.policy();
+        Ok(Response::new(HeartbeatResponse {
+            worker_renewed: renewed.worker_renewed,
+            worker_ttl_ms: if renewed.worker_renewed {
+                u32::try_from(policy.ttl_ms).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
+        }))
     }
 
     async fn deregister(
@@ -204,10 +222,15 @@ impl Keeper for KeeperService {
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         let lease_id = request.into_inner().lease_id;
-        let mut registry = self.state.registry.lock().await;
-        if let Some(lease) = registry.leases.remove(&lease_id) {
-            tracing::info!(node = %lease.node.id, "node left");
-            self.state.publish(&registry);
+        let left = self
+            .state
+            .leases
+            .deregister(lease_id)
+            .await
+            .map_err(|error| store_failed("deregister", error))?;
+        if let Some(node) = left {
+            tracing::info!(%node, "node left");
+            let _ = self.state.refresh_nodes().await;
         }
         Ok(Response::new(DeregisterResponse {}))
     }
@@ -225,27 +248,92 @@ impl Keeper for KeeperService {
     }
 }
 
-pub(crate) async fn expire_leases(state: Arc<KeeperState>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+/// Keeps this keeper's view of the leases current: every `every`, deletes
+/// expired leases, renews this keeper's own lease (registering it again when
+/// it was lost) and publishes the live nodes. A store that does not answer
+/// is logged and tried again at the next tick; the last snapshot stays.
+pub(crate) async fn maintain_leases(
+    state: Arc<KeeperState>,
+    own: NodeInfo,
+    own_ttl_secs: u32,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let own_ttl_ms = u64::from(own_ttl_secs.max(2)) * 1000;
+    let renew_every = Duration::from_millis(own_ttl_ms / 3);
+    let mut own_lease: Option<u64> = None;
+    let mut renewed_at: Option<tokio::time::Instant> = None;
+    let mut failing = false;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let now = Instant::now();
-        let mut registry = state.registry.lock().await;
-        let before = registry.leases.len();
-        registry.leases.retain(|_, lease| {
-            let alive = lease.deadline > now;
-            if !alive {
-                tracing::warn!(node = %lease.node.id, "lease expired");
+        let mut healthy = true;
+        match state.leases.reap().await {
+            Ok(ended) => {
+                for node in &ended {
+                    tracing::warn!(%node, "lease expired");
+                }
+                if !ended.is_empty() {
+                    metrics::counter!("pushgrid_keeper_leases_expired_total")
+                        .increment(ended.len() as u64);
+                }
             }
-            alive
-        });
-        let expired = before - registry.leases.len();
-        if expired > 0 {
-            metrics::counter!("pushgrid_keeper_leases_expired_total").increment(expired as u64);
-            state.publish(&registry);
+            Err(error) => {
+                healthy = false;
+                if !failing {
+                    tracing::warn!(%error, "cannot reap expired leases; keeping the last view");
+                }
+            }
         }
+        if renewed_at.is_none_or(|at| at.elapsed() >= renew_every) {
+            let renewed = match own_lease {
+                Some(lease_id) => state
+                    .leases
+                    .heartbeat(lease_id, 0)
+                    .await
+                    .map(|renewed| renewed.is_some()),
+                None => Ok(false),
+            };
+            match renewed {
+                Ok(true) => renewed_at = Some(tokio::time::Instant::now()),
+                Ok(false) => match state
+                    .leases
+                    .register(&own, own_ttl_ms, WorkerRequest::default())
+                    .await
+                {
+                    Ok(registered) => {
+                        tracing::info!(lease_id = registered.lease_id, "keeper listed itself");
+                        own_lease = Some(registered.lease_id);
+                        renewed_at = Some(tokio::time::Instant::now());
+                    }
+                    Err(error) => {
+                        healthy = false;
+                        if !failing {
+                            tracing::warn!(%error, "cannot list this keeper");
+                        }
+                    }
+                },
+                Err(error) => {
+                    healthy = false;
+                    if !failing {
+                        tracing::warn!(%error, "cannot renew this keeper's lease");
+                    }
+                }
+            }
+        }
+        if state.refresh_nodes().await.is_err() {
+            healthy = false;
+        }
+        if healthy && failing {
+            tracing::info!("lease store answers again");
+        }
+        failing = !healthy;
+    }
+    if let Some(lease_id) = own_lease {
+        let _ = state.leases.deregister(lease_id).await;
     }
 }

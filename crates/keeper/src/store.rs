@@ -117,7 +117,7 @@ pub struct ConfigStore {
 
 impl ConfigStore {
     pub async fn connect(url: &str) -> anyhow::Result<ConfigStore> {
-        let pool = db::connect(url, 4).await?;
+        let pool = db::connect(url, 8).await?;
         db::migrate(
             &pool,
             sqlx::migrate!("./migrations"),
@@ -310,6 +310,11 @@ impl ConfigStore {
             });
         }
         Ok(config)
+    }
+
+    /// The pool, shared with the lease store.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     pub async fn close(&self) {

@@ -222,9 +222,6 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             );
         }
     }
-    if args.keepers > 1 {
-        anyhow::bail!("--keepers: roles follow one keeper address until keeper failover lands");
-    }
     if args.rooms == 0 || (!args.ephemeral_ports && args.rooms > MAX_ROOMS) {
         anyhow::bail!(
             "--rooms must be 1 to {MAX_ROOMS} (any number above 0 with --ephemeral-ports)"

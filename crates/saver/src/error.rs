@@ -18,6 +18,10 @@ pub enum StoreError {
     Commit(String),
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
+    /// No worker id lease is held (no keeper renewed it in time): minting
+    /// could repeat ids another saver mints, so nothing is stored.
+    #[error("this saver holds no worker id right now (no keeper renewed its lease); retry")]
+    NoWorkerId,
     /// Stored bytes that do not decode: a bug or a foreign writer, never the caller's fault.
     #[error("corrupt stored message: {0}")]
     Corrupt(String),

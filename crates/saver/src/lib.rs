@@ -511,8 +511,9 @@ pub async fn run(
     .await?;
     let node_id = cluster.node_id().to_string();
 
-    // Ids follow the worker id keeper assigned, which can change after a lost lease.
-    let ids = || MessageIds::new(cluster.worker_id());
+    // Ids follow the fenced worker id keeper granted: it can change after a
+    // lost lease, and none is minted while the lease may have lapsed.
+    let ids = || MessageIds::from_lease(cluster.worker_lease());
     let mut watcher = None;
     let store: Arc<dyn MessageStore> = match redis {
         Some(redis) => {

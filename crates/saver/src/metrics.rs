@@ -94,3 +94,8 @@ pub fn abandoned() {
 pub fn redis_write_retry() {
     metrics::counter!("pushgrid_saver_redis_write_retries_total").increment(1);
 }
+
+/// Store calls refused because the saver held no valid worker id.
+pub fn no_worker_id() {
+    metrics::counter!("pushgrid_saver_no_worker_id_total").increment(1);
+}

@@ -146,7 +146,7 @@ pub trait GroupStore: Send + Sync {
         validate_app(app)?;
         validate_group(group)?;
         let sql = self.durable();
-        let id = sql.next_id();
+        let id = sql.next_id()?;
         let created_ms = now_ms();
         let ttl_ms = u64::from(sql.limits().effective_ttl_secs(ttl_secs)) * 1000;
         sql.insert_push_record(

@@ -14,7 +14,6 @@ mod redis_sql;
 mod sql;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -252,11 +251,10 @@ pub trait MessageStore: GroupStore + Send + Sync + 'static {
         let (acks, withdrawals) = self.owed().take_due();
         if !acks.is_empty() {
             let items: Vec<AckItem> = acks.iter().map(|ack| ack.item.clone()).collect();
-            let applied =
-                match tokio::time::timeout(SETTLE_BUDGET, self.apply_acks(&items)).await {
-                    Ok(applied) => applied,
-                    Err(_) => Err(StoreError::Commit(format!("not done in {SETTLE_BUDGET:?}"))),
-                };
+            let applied = match tokio::time::timeout(SETTLE_BUDGET, self.apply_acks(&items)).await {
+                Ok(applied) => applied,
+                Err(_) => Err(StoreError::Commit(format!("not done in {SETTLE_BUDGET:?}"))),
+            };
             match applied {
                 Ok(acked) => {
                     crate::metrics::acked(acked);
@@ -272,15 +270,13 @@ pub trait MessageStore: GroupStore + Send + Sync + 'static {
         }
         for owed in withdrawals {
             let first = !owed.confirming;
-            let applied = match tokio::time::timeout(
-                SETTLE_BUDGET,
-                self.apply_withdrawal(&owed.withdrawal),
-            )
-            .await
-            {
-                Ok(applied) => applied,
-                Err(_) => Err(StoreError::Commit(format!("not done in {SETTLE_BUDGET:?}"))),
-            };
+            let applied =
+                match tokio::time::timeout(SETTLE_BUDGET, self.apply_withdrawal(&owed.withdrawal))
+                    .await
+                {
+                    Ok(applied) => applied,
+                    Err(_) => Err(StoreError::Commit(format!("not done in {SETTLE_BUDGET:?}"))),
+                };
             match applied {
                 Ok(Withdrawn::Removed) => {
                     if first {
@@ -415,34 +411,50 @@ impl StoreLimits {
     }
 }
 
-/// Message ids for the worker id keeper assigned to this node, which may
-/// change while the node runs (after a lost lease).
+/// Where a saver's worker id comes from: the fenced lease keeper granted
+/// (`Cluster::worker_lease`), read at every call; None while the lease may
+/// have lapsed.
+pub type WorkerIdSource = Arc<dyn Fn() -> Option<u32> + Send + Sync>;
+
+/// Message ids for the worker id keeper granted this node, which may change
+/// while the node runs (after a lost lease), and which may be missing: then
+/// no id is minted ([`StoreError::NoWorkerId`]), since another saver may
+/// hold the id by now.
 ///
 /// One generator is kept per worker id ever used, never rebuilt: a fresh
 /// generator forgets the sequence state, and could repeat an id its
 /// predecessor made in the same millisecond.
 pub struct MessageIds {
-    worker_id: Arc<AtomicU32>,
+    worker_id: WorkerIdSource,
     generators: Mutex<HashMap<u32, Arc<IdGenerator>>>,
 }
 
 impl MessageIds {
-    /// Follows `worker_id` (e.g. `Cluster::worker_id()`), read at every call.
-    pub fn new(worker_id: Arc<AtomicU32>) -> MessageIds {
+    /// Follows `worker_id`, read at every call.
+    pub fn new(worker_id: WorkerIdSource) -> MessageIds {
         MessageIds {
             worker_id,
             generators: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A fixed worker id, for tests and single-node use.
-    pub fn fixed(worker_id: u32) -> MessageIds {
-        MessageIds::new(Arc::new(AtomicU32::new(worker_id)))
+    /// Follows a node's fenced worker id lease.
+    pub fn from_lease(lease: pushgrid_common::cluster::WorkerLease) -> MessageIds {
+        MessageIds::new(Arc::new(move || lease.current()))
     }
 
-    /// `count` new ids, increasing.
-    pub fn next_ids(&self, count: usize) -> Vec<u64> {
-        let worker_id = self.worker_id.load(Ordering::Relaxed) & MAX_WORKER_ID;
+    /// A fixed worker id, for tests and single-node use.
+    pub fn fixed(worker_id: u32) -> MessageIds {
+        MessageIds::new(Arc::new(move || Some(worker_id)))
+    }
+
+    /// `count` new ids, increasing; an error while no worker id is held.
+    pub fn next_ids(&self, count: usize) -> Result<Vec<u64>, StoreError> {
+        let Some(worker_id) = (self.worker_id)() else {
+            crate::metrics::no_worker_id();
+            return Err(StoreError::NoWorkerId);
+        };
+        let worker_id = worker_id & MAX_WORKER_ID;
         let generator = {
             // Held only for the map lookup; never across an await.
             let mut generators = self
@@ -454,7 +466,7 @@ impl MessageIds {
                 .or_insert_with(|| Arc::new(IdGenerator::new(worker_id)))
                 .clone()
         };
-        generator.next_ids(count)
+        Ok(generator.next_ids(count))
     }
 }
 
@@ -646,10 +658,11 @@ fn new_messages(
     payload: &Bytes,
     ttl_secs: u32,
     parent_id: u64,
-) -> Vec<Message> {
+) -> Result<Vec<Message>, StoreError> {
     let created_ms = now_ms();
     let expires_ms = created_ms + u64::from(limits.effective_ttl_secs(ttl_secs)) * 1000;
-    ids.next_ids(users.len())
+    Ok(ids
+        .next_ids(users.len())?
         .into_iter()
         .zip(users)
         .map(|(id, user)| Message {
@@ -662,7 +675,7 @@ fn new_messages(
             attempts: 0,
             parent_id,
         })
-        .collect()
+        .collect())
 }
 
 /// Checks a StoreMany call's items (as [`validate_store`] does for each).
@@ -684,9 +697,10 @@ fn new_messages_of_items(
     ids: &MessageIds,
     limits: &StoreLimits,
     items: &[StoreItem],
-) -> Vec<Message> {
+) -> Result<Vec<Message>, StoreError> {
     let created_ms = now_ms();
-    ids.next_ids(items.len())
+    Ok(ids
+        .next_ids(items.len())?
         .into_iter()
         .zip(items)
         .map(|(id, item)| Message {
@@ -699,7 +713,7 @@ fn new_messages_of_items(
             attempts: 0,
             ..Message::default()
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
@@ -772,16 +786,33 @@ mod tests {
         assert!(first.recovered && first.offset == 5 && first.epoch == 7);
     }
 
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     #[test]
     fn a_changed_worker_id_keeps_ids_unique() {
         let worker = Arc::new(AtomicU32::new(1));
-        let ids = MessageIds::new(worker.clone());
-        let mut all = ids.next_ids(3000);
+        let source = worker.clone();
+        let ids = MessageIds::new(Arc::new(move || Some(source.load(Ordering::Relaxed))));
+        let mut all = ids.next_ids(3000).unwrap_or_default();
         worker.store(2, Ordering::Relaxed);
-        all.extend(ids.next_ids(3000));
+        all.extend(ids.next_ids(3000).unwrap_or_default());
         worker.store(1, Ordering::Relaxed);
-        all.extend(ids.next_ids(3000));
+        all.extend(ids.next_ids(3000).unwrap_or_default());
+        assert_eq!(all.len(), 9000);
         let unique: std::collections::HashSet<u64> = all.iter().copied().collect();
         assert_eq!(unique.len(), all.len());
+    }
+
+    #[test]
+    fn no_ids_are_minted_without_a_worker_id() {
+        let held = Arc::new(AtomicU32::new(1));
+        let source = held.clone();
+        // 0 stands for "lapsed" in this test's source.
+        let ids = MessageIds::new(Arc::new(move || {
+            Some(source.load(Ordering::Relaxed)).filter(|id| *id != 0)
+        }));
+        assert_eq!(ids.next_ids(2).map(|ids| ids.len()).ok(), Some(2));
+        held.store(0, Ordering::Relaxed);
+        assert!(matches!(ids.next_ids(1), Err(StoreError::NoWorkerId)));
     }
 }

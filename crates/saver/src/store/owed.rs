@@ -232,11 +232,10 @@ impl Owed {
         let (due_acks, kept): (VecDeque<OwedAck>, VecDeque<OwedAck>) =
             queues.acks.drain(..).partition(|ack| ack.retry_at <= now);
         queues.acks = kept;
-        let (due_withdrawals, kept): (VecDeque<OwedWithdrawal>, VecDeque<OwedWithdrawal>) =
-            queues
-                .withdrawals
-                .drain(..)
-                .partition(|owed| owed.retry_at <= now);
+        let (due_withdrawals, kept): (VecDeque<OwedWithdrawal>, VecDeque<OwedWithdrawal>) = queues
+            .withdrawals
+            .drain(..)
+            .partition(|owed| owed.retry_at <= now);
         queues.withdrawals = kept;
         (due_acks.into(), due_withdrawals.into())
     }
@@ -358,7 +357,10 @@ mod tests {
         owed.owe_withdrawal_at(withdrawal(&[3]), false, start);
         assert!(owed.hides(1) && owed.hides(2) && owed.hides(3) && !owed.hides(4));
         let (acks, withdrawals) = owed.take_due_at(start);
-        assert!(acks.is_empty() && withdrawals.is_empty(), "nothing due at once");
+        assert!(
+            acks.is_empty() && withdrawals.is_empty(),
+            "nothing due at once"
+        );
 
         let now = at(RETRY_MIN);
         let (acks, withdrawals) = owed.take_due_at(now);

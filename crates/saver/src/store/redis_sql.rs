@@ -642,7 +642,8 @@ impl RedisSqlStore {
             .await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
-        self.warm_up_commands(keys, &messages, true).pipeline(&mut pipe);
+        self.warm_up_commands(keys, &messages, true)
+            .pipeline(&mut pipe);
         let mut redis = self.redis.clone();
         pipe.exec_async(&mut redis).await?;
         if !messages.is_empty() {
@@ -795,7 +796,9 @@ impl RedisSqlStore {
         messages: &[Message],
     ) -> Result<(), StoreError> {
         match self.cache(messages).await {
-            Err(StoreError::Redis(error)) if error.is_connection_dropped() || error.is_io_error() => {
+            Err(StoreError::Redis(error))
+                if error.is_connection_dropped() || error.is_io_error() =>
+            {
                 metrics::redis_write_retry();
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 self.cache(messages).await
@@ -883,7 +886,7 @@ impl MessageStore for RedisSqlStore {
     ) -> Result<Vec<Message>, StoreError> {
         super::validate_store(app, users, &payload)?;
         let started = Instant::now();
-        let messages = self.sql.new_messages(app, users, &payload, ttl_secs);
+        let messages = self.sql.new_messages(app, users, &payload, ttl_secs)?;
         self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
@@ -901,7 +904,7 @@ impl MessageStore for RedisSqlStore {
         let started = Instant::now();
         let messages = self
             .sql
-            .new_children(app, users, &payload, ttl_secs, parent_id);
+            .new_children(app, users, &payload, ttl_secs, parent_id)?;
         self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
@@ -910,7 +913,7 @@ impl MessageStore for RedisSqlStore {
     async fn store_many(&self, items: &[StoreItem]) -> Result<Vec<Message>, StoreError> {
         super::validate_store_many(items)?;
         let started = Instant::now();
-        let messages = self.sql.new_messages_of_items(items);
+        let messages = self.sql.new_messages_of_items(items)?;
         self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
@@ -934,7 +937,7 @@ impl MessageStore for RedisSqlStore {
         if let Some(answer) = known {
             return replayed(&answer);
         }
-        let messages = self.sql.new_messages(app, users, &payload, ttl_secs);
+        let messages = self.sql.new_messages(app, users, &payload, ttl_secs)?;
         let stored = Stored {
             messages,
             replayed: false,
@@ -958,7 +961,9 @@ impl MessageStore for RedisSqlStore {
                         return Err(error);
                     }
                 }
-                if let Err(error) = self.cache_again_on_a_broken_connection(&stored.messages).await
+                if let Err(error) = self
+                    .cache_again_on_a_broken_connection(&stored.messages)
+                    .await
                 {
                     self.withdraw(withdrawal()).await;
                     return Err(error);
@@ -982,15 +987,15 @@ impl MessageStore for RedisSqlStore {
                         .query_async(&mut redis)
                         .await?;
                     return match first {
-                        Some(answer) if answer != IDEMPOTENCY_CLAIM.as_bytes() => {
-                            replayed(&answer)
-                        }
+                        Some(answer) if answer != IDEMPOTENCY_CLAIM.as_bytes() => replayed(&answer),
                         _ => Err(StoreError::Commit(
                             "a call with this idempotency key is in progress; retry".into(),
                         )),
                     };
                 }
-                if let Err(error) = self.cache_again_on_a_broken_connection(&stored.messages).await
+                if let Err(error) = self
+                    .cache_again_on_a_broken_connection(&stored.messages)
+                    .await
                 {
                     self.withdraw(withdrawal()).await;
                     return Err(error);
@@ -1116,7 +1121,7 @@ impl MessageStore for RedisSqlStore {
         let topic = super::validate_publish(app, topic, &payload)?;
         let limits = self.limits();
         let keys = StreamKeys::new(app, topic);
-        let id = self.sql.next_id();
+        let id = self.sql.next_id()?;
         let created_ms = now_ms();
         let max_age_ms = u64::from(limits.stream_max_age_secs.max(1)) * 1000;
         let mut redis = self.redis.clone();

@@ -294,7 +294,7 @@ impl SqlStore {
         users: &[String],
         payload: &Bytes,
         ttl_secs: u32,
-    ) -> Vec<Message> {
+    ) -> Result<Vec<Message>, StoreError> {
         super::new_messages(&self.ids, &self.limits, app, users, payload, ttl_secs, 0)
     }
 
@@ -306,7 +306,7 @@ impl SqlStore {
         payload: &Bytes,
         ttl_secs: u32,
         parent_id: u64,
-    ) -> Vec<Message> {
+    ) -> Result<Vec<Message>, StoreError> {
         super::new_messages(
             &self.ids,
             &self.limits,
@@ -319,13 +319,16 @@ impl SqlStore {
     }
 
     /// One new message per StoreMany item.
-    pub(crate) fn new_messages_of_items(&self, items: &[StoreItem]) -> Vec<Message> {
+    pub(crate) fn new_messages_of_items(
+        &self,
+        items: &[StoreItem],
+    ) -> Result<Vec<Message>, StoreError> {
         super::new_messages_of_items(&self.ids, &self.limits, items)
     }
 
     /// One new message id.
-    pub(crate) fn next_id(&self) -> u64 {
-        self.ids.next_ids(1)[0]
+    pub(crate) fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.ids.next_ids(1)?[0])
     }
 
     /// The work this store (and its clones) still owes after faults.
@@ -619,7 +622,7 @@ impl SqlStore {
         topic: &str,
         payload: Bytes,
     ) -> Result<BroadcastMessage, StoreError> {
-        let id = self.next_id();
+        let id = self.next_id()?;
         let created_ms = now_ms();
         // A new topic's row may be inserted by two callers at once: retry the loser.
         for _ in 0..3 {
@@ -967,7 +970,7 @@ impl MessageStore for SqlStore {
     ) -> Result<Vec<Message>, StoreError> {
         super::validate_store(app, users, &payload)?;
         let started = Instant::now();
-        let messages = self.new_messages(app, users, &payload, ttl_secs);
+        let messages = self.new_messages(app, users, &payload, ttl_secs)?;
         self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
@@ -984,11 +987,8 @@ impl MessageStore for SqlStore {
         if let Some(first) = self.idempotent_answer(app, idempotency_key).await? {
             return self.replay(app, idempotency_key, first).await;
         }
-        let messages = self.new_messages(app, users, &payload, ttl_secs);
-        match self
-            .insert_with_key(app, idempotency_key, &messages)
-            .await
-        {
+        let messages = self.new_messages(app, users, &payload, ttl_secs)?;
+        match self.insert_with_key(app, idempotency_key, &messages).await {
             Ok(Some(first)) => self.replay(app, idempotency_key, first).await,
             Ok(None) => Ok(Stored {
                 messages,
@@ -1005,7 +1005,7 @@ impl MessageStore for SqlStore {
     async fn store_many(&self, items: &[StoreItem]) -> Result<Vec<Message>, StoreError> {
         super::validate_store_many(items)?;
         let started = Instant::now();
-        let messages = self.new_messages_of_items(items);
+        let messages = self.new_messages_of_items(items)?;
         self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
@@ -1021,7 +1021,7 @@ impl MessageStore for SqlStore {
     ) -> Result<Vec<Message>, StoreError> {
         super::validate_store(app, users, &payload)?;
         let started = Instant::now();
-        let messages = self.new_children(app, users, &payload, ttl_secs, parent_id);
+        let messages = self.new_children(app, users, &payload, ttl_secs, parent_id)?;
         self.write_new(&messages).await?;
         metrics::store_seconds(started.elapsed());
         Ok(messages)
