@@ -98,6 +98,8 @@ pub struct WorkerReport {
     /// Unicast deliveries: message ids, and latencies in microseconds (same order).
     pub delivered_ids: Vec<u64>,
     pub delivered_latency_us: Vec<u64>,
+    /// The receiving device of each delivery (index relative to `first_user`).
+    pub delivered_devices: Vec<u32>,
     /// Deliveries to slow devices (ids), kept apart from the loss ledger.
     pub slow_delivered_ids: Vec<u64>,
     /// Broadcast deliveries: (offset, count), and latencies. A list, not a map:

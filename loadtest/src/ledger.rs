@@ -8,6 +8,7 @@ pub struct Ledger {
     /// id -> (user index, deliveries)
     accepted: HashMap<u64, (u64, u32)>,
     unexpected: u64,
+    misrouted: u64,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -23,6 +24,8 @@ pub struct Outcome {
     pub duplicated_messages: u64,
     /// Deliveries of ids the push API never returned to this run.
     pub unexpected: u64,
+    /// Deliveries of accepted messages to a device of another user.
+    pub misrouted: u64,
 }
 
 impl Ledger {
@@ -41,6 +44,19 @@ impl Ledger {
         }
     }
 
+    /// A delivery of `id` to the device of user `device_user`: counted as
+    /// [`deliver`](Self::deliver), and as misrouted when the message was
+    /// accepted for another user.
+    pub fn deliver_to(&mut self, id: u64, device_user: u64) {
+        if let Some((user, _)) = self.accepted.get(&id)
+            && *user != device_user
+        {
+            self.misrouted += 1;
+            return;
+        }
+        self.deliver(id);
+    }
+
     pub fn len(&self) -> usize {
         self.accepted.len()
     }
@@ -49,6 +65,7 @@ impl Ledger {
         let mut outcome = Outcome {
             accepted: self.accepted.len() as u64,
             unexpected: self.unexpected,
+            misrouted: self.misrouted,
             ..Default::default()
         };
         for (id, (user, count)) in &self.accepted {
@@ -88,5 +105,18 @@ mod tests {
         assert_eq!(outcome.duplicated, 3);
         assert_eq!(outcome.duplicated_messages, 2);
         assert_eq!(outcome.unexpected, 1);
+    }
+
+    #[test]
+    fn a_delivery_to_another_users_device_is_misrouted_not_delivered() {
+        let mut ledger = Ledger::default();
+        ledger.accept(1, 10);
+        ledger.accept(2, 20);
+        ledger.deliver_to(1, 10);
+        ledger.deliver_to(2, 10);
+        let outcome = ledger.outcome();
+        assert_eq!(outcome.delivered, 1);
+        assert_eq!(outcome.misrouted, 1);
+        assert_eq!(outcome.lost, vec![(2, 20)]);
     }
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! loadtest connect   --rooms 127.0.0.1:8090 --connections 10000
 //! loadtest unicast   --rooms 127.0.0.1:8090 --api http://127.0.0.1:8080 --connections 10000
+//! loadtest push-rate --connections 5000 --rate 10000 --secs 10   # latency and CPU per message
 //! loadtest broadcast | churn | slow ...
 //! loadtest million   --connections 1000000     # starts and stops its own cluster
 //! ```
@@ -17,6 +18,7 @@ mod ipc;
 mod ledger;
 mod million;
 mod procstat;
+mod push_rate;
 mod report;
 mod run;
 mod worker;
@@ -40,10 +42,12 @@ enum Cmd {
     Broadcast(run::RunArgs),
     /// Connect, then reconnect storms (--storms) while pushing.
     Churn(run::RunArgs),
+    /// Pushes at --rate messages/s for --secs, each ACKed; latency, loss and CPU per message.
+    PushRate(push_rate::PushRateArgs),
     /// Every --slow-every-th device stops reading; push to all; then resume.
     Slow(run::RunArgs),
     /// Start a cluster sized for --connections, run --scenarios, clean up.
-    Million(million::MillionArgs),
+    Million(Box<million::MillionArgs>),
     /// Internal: one worker process.
     #[command(hide = true)]
     Worker { spec: String },
@@ -53,12 +57,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (scenario, args) = match cli.command {
         Cmd::Worker { spec } => return worker::main(&spec),
-        Cmd::Million(args) => return runtime()?.block_on(million::run(args)),
+        Cmd::Million(args) => return runtime()?.block_on(million::run(*args)),
         Cmd::Connect(args) => (run::Scenario::Connect, args),
         Cmd::Unicast(args) => (run::Scenario::Unicast, args),
         Cmd::Broadcast(args) => (run::Scenario::Broadcast, args),
         Cmd::Churn(args) => (run::Scenario::Churn, args),
         Cmd::Slow(args) => (run::Scenario::Slow, args),
+        Cmd::PushRate(args) => (run::Scenario::PushRate, args.into_run()?),
     };
     runtime()?.block_on(async move {
         let json = args.json.clone();

@@ -65,12 +65,17 @@ pub fn discover_pushgrid() -> Vec<u32> {
         "coordinator",
         "pushgrid-client",
     ];
+    pids_named(&NAMES)
+}
+
+/// Processes whose name (`comm`) is one of `names`, by pid.
+pub fn pids_named(names: &[&str]) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     let mut pids: Vec<u32> = entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid| NAMES.contains(&name(*pid).as_str()))
+        .filter(|pid| names.contains(&name(*pid).as_str()))
         .collect();
     pids.sort_unstable();
     pids

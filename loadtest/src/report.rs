@@ -70,6 +70,8 @@ pub struct Messages {
     pub duplicated: u64,
     pub duplicated_messages: u64,
     pub unexpected: u64,
+    /// Deliveries of accepted messages to another user's device.
+    pub misrouted: u64,
     pub drain_secs: f64,
     /// Send (payload timestamp) to receipt.
     pub latency_ms: Percentiles,
@@ -84,6 +86,7 @@ impl Messages {
         self.duplicated = outcome.duplicated;
         self.duplicated_messages = outcome.duplicated_messages;
         self.unexpected = outcome.unexpected;
+        self.misrouted = outcome.misrouted;
         self.latency_ms = percentiles_ms(latency);
     }
 }
@@ -146,8 +149,85 @@ pub struct ProcessRow {
     pub alive_at_end: bool,
 }
 
+/// Where and from what a report was made: enough to measure it again.
+#[derive(Debug, Default, Serialize)]
+pub struct Meta {
+    /// The command line.
+    pub command: String,
+    /// `git rev-parse HEAD` of the working directory, `-dirty` with local changes.
+    pub commit: String,
+    /// UTC, ISO 8601.
+    pub date: String,
+    pub machine: Value,
+}
+
+impl Meta {
+    pub fn now() -> Meta {
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(args)
+                .output()
+                .ok()
+                .filter(|output| output.status.success())
+                .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        };
+        let commit = match git(&["rev-parse", "HEAD"]) {
+            Some(head) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+                Some(changes) if !changes.is_empty() => format!("{head}-dirty"),
+                _ => head,
+            },
+            None => "unknown".into(),
+        };
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let cpu_model = read("/proc/cpuinfo")
+            .lines()
+            .find(|line| line.starts_with("model name"))
+            .and_then(|line| line.split(':').nth(1))
+            .map(|model| model.trim().to_owned())
+            .unwrap_or_default();
+        let memory_kb: u64 = read("/proc/meminfo")
+            .lines()
+            .find(|line| line.starts_with("MemTotal:"))
+            .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
+        Meta {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            commit,
+            date: iso_date(crate::frames::unix_us() / 1_000_000),
+            machine: serde_json::json!({
+                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "cpu_model": cpu_model,
+                "memory_gib": (memory_kb as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+                "kernel": read("/proc/sys/kernel/osrelease").trim(),
+            }),
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (the civil-from-days algorithm).
+fn iso_date(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let secs = unix_secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
+    pub meta: Meta,
     pub scenario: Scenario,
     pub started_unix_ms: u64,
     pub user_prefix: String,
@@ -158,6 +238,8 @@ pub struct Report {
     pub broadcast: Broadcast,
     pub slow: Slow,
     pub churn: Churn,
+    /// `loadtest push-rate` only.
+    pub push_rate: Option<crate::push_rate::PushRate>,
     pub memory: Memory,
     pub processes: Vec<ProcessRow>,
     /// The cluster `loadtest million` started for the run (null otherwise).
@@ -176,6 +258,7 @@ impl Report {
             object.remove("api_key");
         }
         Report {
+            meta: Meta::now(),
             scenario,
             started_unix_ms: crate::frames::unix_us() / 1000,
             user_prefix: prefix.to_owned(),
@@ -193,6 +276,7 @@ impl Report {
             broadcast: Broadcast::default(),
             slow: Slow::default(),
             churn: Churn::default(),
+            push_rate: None,
             memory: Memory::default(),
             processes: Vec::new(),
             cluster: Value::Null,
@@ -277,7 +361,44 @@ impl Report {
                 "duplicated", m.duplicated, m.duplicated_messages
             );
             let _ = writeln!(out, "{:<34} {}", "unexpected ids", m.unexpected);
+            let _ = writeln!(out, "{:<34} {}", "MISROUTED", m.misrouted);
             let _ = writeln!(out, "{:<34} {}", "latency", pct(&m.latency_ms));
+        }
+        if let Some(rate) = &self.push_rate {
+            let _ = writeln!(
+                out,
+                "{:<34} {}/s asked for {} s, {} user(s) per call, {} calls in flight",
+                "push rate", rate.asked_per_sec, rate.secs, rate.users_per_call, rate.calls_in_flight
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {:.0}/s accepted, {:.0}/s delivered",
+                "achieved", rate.accepted_per_sec, rate.delivered_per_sec
+            );
+            let _ = writeln!(out, "{:<34} {}", "API answer", pct(&rate.answer_ms));
+            let _ = writeln!(
+                out,
+                "{:<34} {:.2} s = {:.1} us per delivered message",
+                "CPU, pushgrid processes", rate.pushgrid_cpu_secs, rate.pushgrid_cpu_us_per_message
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {:.2} s = {:.1} us per delivered message",
+                "CPU, Redis + MariaDB", rate.stores_cpu_secs, rate.stores_cpu_us_per_message
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {:.2} s",
+                "CPU, load generator", rate.load_generator_cpu_secs
+            );
+            for row in rate.cpu.iter().filter(|row| row.kind != "load generator") {
+                let _ = writeln!(
+                    out,
+                    "{:<34} {:.2} s",
+                    format!("  {} ({})", row.name, row.pid),
+                    row.cpu_secs
+                );
+            }
         }
         if self.scenario == Scenario::Broadcast {
             let b = &self.broadcast;
@@ -414,5 +535,17 @@ impl Report {
             let _ = writeln!(out, "note: {note}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates_of_known_unix_times() {
+        assert_eq!(iso_date(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso_date(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(iso_date(1_796_517_045), "2026-12-06T00:30:45Z");
     }
 }

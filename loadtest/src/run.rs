@@ -21,6 +21,7 @@ use crate::frames::{payload, unix_us};
 use crate::ipc::{Command, Event, Progress, WorkerReport, WorkerSpec};
 use crate::ledger::{Ledger, Outcome};
 use crate::procstat::{self, Sample};
+use crate::push_rate;
 use crate::report::{self, Report};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -31,6 +32,7 @@ pub enum Scenario {
     Broadcast,
     Churn,
     Slow,
+    PushRate,
 }
 
 /// Options shared by every scenario.
@@ -128,6 +130,9 @@ pub struct RunArgs {
     /// Ping interval when the room does not say.
     #[arg(long, default_value_t = 60)]
     pub ping_secs: u32,
+    /// push-rate: seconds of pushing at `push_rate` (set by its own flags).
+    #[arg(skip)]
+    pub push_secs: u64,
 }
 
 /// Faults injected one after the other after the hold and before the pushes
@@ -468,14 +473,32 @@ fn sample_all(pids: impl Iterator<Item = u32>) -> Vec<Sample> {
     pids.map(procstat::sample).collect()
 }
 
-#[derive(Default)]
-struct PushOutcome {
-    calls: u64,
-    errors: BTreeMap<String, u64>,
-    seconds: f64,
+pub(crate) struct PushOutcome {
+    pub calls: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub seconds: f64,
+    /// Request to answer of each accepted call, in microseconds.
+    pub answer_us: Histogram<u64>,
 }
 
-/// Pushes `rounds` messages to each of `users` (global indices) through the API.
+impl Default for PushOutcome {
+    fn default() -> Self {
+        PushOutcome {
+            calls: 0,
+            errors: BTreeMap::new(),
+            seconds: 0.0,
+            answer_us: latency_histogram(),
+        }
+    }
+}
+
+/// Microseconds from 1 µs to 10 minutes, 3 significant digits.
+pub(crate) fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds")
+}
+
+/// Pushes `rounds` messages to each of `users` (global indices) through the
+/// API, `--batch` users per call.
 async fn push_unicast(
     args: &RunArgs,
     http: &reqwest::Client,
@@ -485,11 +508,27 @@ async fn push_unicast(
     ledger: &Mutex<Ledger>,
     progress: &ProgressBar,
 ) -> PushOutcome {
-    let batches: Vec<&[u64]> = (0..rounds)
+    let batches: Vec<Vec<u64>> = (0..rounds)
         .flat_map(|_| users.chunks(args.batch.clamp(1, 10_000)))
+        .map(<[u64]>::to_vec)
         .collect();
+    push_batches(args, http, prefix, &batches, ledger, progress).await
+}
+
+/// One push call per batch of users (global indices), paced at
+/// `--push-rate` messages per second when set, `--push-concurrency` calls in
+/// flight; every accepted id goes into `ledger`.
+pub(crate) async fn push_batches(
+    args: &RunArgs,
+    http: &reqwest::Client,
+    prefix: &str,
+    batches: &[Vec<u64>],
+    ledger: &Mutex<Ledger>,
+    progress: &ProgressBar,
+) -> PushOutcome {
     let started = Instant::now();
     let errors = Mutex::new(BTreeMap::<String, u64>::new());
+    let answers = Mutex::new(latency_histogram());
     let mut sent_messages = 0u64;
     let schedule: Vec<(usize, Duration)> = batches
         .iter()
@@ -507,17 +546,17 @@ async fn push_unicast(
     let calls = schedule.len() as u64;
     futures::stream::iter(schedule)
         .map(|(index, at)| {
-            let batch = batches[index];
-            let errors = &errors;
+            let batch = &batches[index];
+            let (errors, answers) = (&errors, &answers);
             async move {
                 tokio::time::sleep_until((started + at).into()).await;
                 let names: Vec<String> =
                     batch.iter().map(|user| format!("{prefix}{user}")).collect();
+                let called = Instant::now();
                 match push_call(args, http, &names).await {
                     Ok(messages) => {
-                        let mut ledger = ledger
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let _ = lock(answers).record((called.elapsed().as_micros() as u64).max(1));
+                        let mut ledger = lock(ledger);
                         for (user, id) in messages {
                             let index = user
                                 .strip_prefix(prefix)
@@ -528,11 +567,7 @@ async fn push_unicast(
                         progress.inc(batch.len() as u64);
                     }
                     Err(reason) => {
-                        *errors
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .entry(reason)
-                            .or_default() += batch.len() as u64;
+                        *lock(errors).entry(reason).or_default() += batch.len() as u64;
                     }
                 }
             }
@@ -544,6 +579,7 @@ async fn push_unicast(
         calls,
         errors: errors.into_inner().unwrap_or_default(),
         seconds: started.elapsed().as_secs_f64(),
+        answer_us: answers.into_inner().unwrap_or_else(|_| latency_histogram()),
     }
 }
 
@@ -792,6 +828,55 @@ pub async fn run(
     let slow_ledger = Mutex::new(Ledger::default());
     match scenario {
         Scenario::Connect => {}
+        Scenario::PushRate => {
+            let total = args.push_rate * args.push_secs;
+            let batches = push_rate::schedule(&online, total, args.batch);
+            let mut measured: Vec<push_rate::Measured> = meter
+                .servers
+                .iter()
+                .map(|server| push_rate::Measured {
+                    pid: server.pid,
+                    name: server.role.clone(),
+                    kind: "pushgrid",
+                })
+                .collect();
+            measured.extend(push_rate::discover_stores());
+            measured.extend(
+                workers
+                    .pids()
+                    .into_iter()
+                    .chain([std::process::id()])
+                    .map(|pid| push_rate::Measured {
+                        pid,
+                        name: "loadtest".into(),
+                        kind: "load generator",
+                    }),
+            );
+            set_phase("push");
+            let push_bar = bar(&args, total, "push");
+            let window = push_rate::CpuWindow::start(measured);
+            let pushed = push_batches(&args, &http, &prefix, &batches, &ledger, &push_bar).await;
+            push_bar.finish();
+            let accepted = lock(&ledger).len() as u64;
+            set_phase("deliver");
+            let drain_bar = bar(&args, accepted, "deliver");
+            let drain_secs = drain(&workers, &args, accepted, |p| p.delivered, &drain_bar).await;
+            drain_bar.finish();
+            let delivered = workers.total().delivered.min(accepted);
+            report.push_rate = Some(push_rate::PushRate::measured(
+                &args,
+                pushed.calls,
+                pushed.seconds,
+                accepted,
+                delivered,
+                &pushed.answer_us,
+                window,
+            ));
+            report.messages.push_secs = pushed.seconds;
+            report.messages.api_calls = pushed.calls;
+            report.messages.api_errors = pushed.errors;
+            report.messages.drain_secs = drain_secs;
+        }
         Scenario::Unicast | Scenario::Slow => {
             let targets = online.len() as u64 * u64::from(args.messages_per_user);
             set_phase("push");
@@ -980,7 +1065,7 @@ pub async fn run(
     {
         let mut ledger = lock(&ledger);
         let mut slow_ledger = lock(&slow_ledger);
-        for worker in &worker_reports {
+        for (spec, worker) in specs.iter().zip(&worker_reports) {
             for (reason, count) in &worker.failures {
                 *report
                     .connections
@@ -997,15 +1082,19 @@ pub async fn run(
             }
             report.connections.closed_by_server += worker.progress.closed_by_server;
             report.churn.reconnected += worker.reconnected;
-            for (id, us) in worker
+            for (index, (id, us)) in worker
                 .delivered_ids
                 .iter()
                 .zip(&worker.delivered_latency_us)
+                .enumerate()
             {
                 if slow_ledger.contains(*id) {
                     slow_ledger.deliver(*id);
                 } else {
-                    ledger.deliver(*id);
+                    match worker.delivered_devices.get(index) {
+                        Some(device) => ledger.deliver_to(*id, spec.first_user + u64::from(*device)),
+                        None => ledger.deliver(*id),
+                    }
                     if *us > 0 {
                         let _ = latency.record(*us);
                     }

@@ -56,7 +56,8 @@ struct Records {
     failures: BTreeMap<String, u64>,
     closes: BTreeMap<String, u64>,
     failed_users: Vec<u32>,
-    delivered: Vec<(u64, u64)>,
+    /// Unicast deliveries: (message id, latency µs, device index).
+    delivered: Vec<(u64, u64, u32)>,
     slow_delivered: Vec<u64>,
     /// Unicast ids received at least once: the `delivered` counter (which
     /// ends the drain) counts each message once, however often it arrives.
@@ -278,8 +279,13 @@ fn report_of(shared: &Shared, storm_settle_ms: Vec<u64>) -> WorkerReport {
         progress,
         failures: records.failures.clone(),
         closes: records.closes.clone(),
-        delivered_ids: records.delivered.iter().map(|(id, _)| *id).collect(),
-        delivered_latency_us: records.delivered.iter().map(|(_, us)| *us).collect(),
+        delivered_ids: records.delivered.iter().map(|(id, _, _)| *id).collect(),
+        delivered_latency_us: records.delivered.iter().map(|(_, us, _)| *us).collect(),
+        delivered_devices: records
+            .delivered
+            .iter()
+            .map(|(_, _, device)| *device)
+            .collect(),
         slow_delivered_ids: records.slow_delivered.clone(),
         broadcast_by_offset: records
             .broadcast_by_offset
@@ -402,7 +408,7 @@ async fn device(
         let Some((stream, carry)) = connected else {
             return;
         };
-        let end = session(&shared, stream, carry, slow, &mut ctl).await;
+        let end = session(&shared, index, stream, carry, slow, &mut ctl).await;
         counters.open.fetch_sub(1, Ordering::Relaxed);
         shared.online[index as usize].store(false, Ordering::Relaxed);
         match end {
@@ -561,7 +567,7 @@ async fn establish(shared: &Shared, index: u32) -> Result<(TcpStream, Vec<u8>), 
                     // Unicast pushes may arrive before SUB_OK (an inbox replay).
                     Op::Push => {
                         if let Ok(push) = prost::Message::decode(&body[..]) {
-                            let ack = on_push(shared, push, false);
+                            let ack = on_push(shared, index, push, false);
                             if let Some(ack) = ack {
                                 let _ = stream.write_all(&ack).await;
                             }
@@ -643,7 +649,9 @@ async fn read_frame(
 }
 
 /// Records a push; returns the ACK frame to send for a unicast one.
-fn on_push(shared: &Shared, push: msg::Push, slow: bool) -> Option<bytes::Bytes> {
+/// `index` is the receiving device's (relative to `first_user`): a message
+/// handed to another user's device is misrouted.
+fn on_push(shared: &Shared, index: u32, push: msg::Push, slow: bool) -> Option<bytes::Bytes> {
     let latency = sent_us(&push.payload).map(|sent| unix_us().saturating_sub(sent));
     if push.kind() == msg::PushKind::Broadcast {
         shared
@@ -665,7 +673,9 @@ fn on_push(shared: &Shared, push: msg::Push, slow: bool) -> Option<bytes::Bytes>
         if slow {
             records.slow_delivered.push(push.msg_id);
         } else {
-            records.delivered.push((push.msg_id, latency.unwrap_or(0)));
+            records
+                .delivered
+                .push((push.msg_id, latency.unwrap_or(0), index));
         }
     }
     Some(encode(
@@ -680,6 +690,7 @@ fn on_push(shared: &Shared, push: msg::Push, slow: bool) -> Option<bytes::Bytes>
 /// Serves an authenticated connection until stop, storm or a server close.
 async fn session(
     shared: &Shared,
+    index: u32,
     mut stream: TcpStream,
     mut carry: Vec<u8>,
     slow: bool,
@@ -691,7 +702,7 @@ async fn session(
     // Frames that arrived with AUTH_OK/SUB_OK.
     if !carry.is_empty() {
         let data = std::mem::take(&mut carry);
-        if let Some(end) = consume(shared, &mut carry, &data, slow, &mut pending_acks) {
+        if let Some(end) = consume(shared, index, &mut carry, &data, slow, &mut pending_acks) {
             shared.closed(end);
             return SessionEnd::Closed;
         }
@@ -746,7 +757,7 @@ async fn session(
                             return SessionEnd::Closed;
                         }
                         Ok(read) => {
-                            if let Some(end) = consume(shared, &mut carry, &buf[..read], slow, &mut pending_acks) {
+                            if let Some(end) = consume(shared, index, &mut carry, &buf[..read], slow, &mut pending_acks) {
                                 shared.closed(end);
                                 return SessionEnd::Closed;
                             }
@@ -766,6 +777,7 @@ async fn session(
 /// Handles received bytes; returns a close reason when the server said goodbye.
 fn consume(
     shared: &Shared,
+    index: u32,
     carry: &mut Vec<u8>,
     data: &[u8],
     slow: bool,
@@ -777,7 +789,7 @@ fn consume(
             if let Ok(push) = prost::Message::decode(body) {
                 let push: msg::Push = push;
                 let id = push.msg_id;
-                if on_push(shared, push, slow).is_some() {
+                if on_push(shared, index, push, slow).is_some() {
                     acks.push(id);
                 }
             }

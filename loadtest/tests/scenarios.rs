@@ -138,6 +138,7 @@ fn loadtest(dev: &Dev, scenario: &str, extra: &[&str]) -> Value {
         "unicast" => "127.0.11.2",
         "churn" => "127.0.12.2",
         "slow" => "127.0.13.2",
+        "push-rate" => "127.0.15.2",
         _ => "127.0.14.2",
     };
     let json = dev._dir.join(format!("{scenario}.json"));
@@ -212,6 +213,51 @@ fn loadtest_unicast_accounts_for_every_message() {
     assert_eq!(messages["unexpected"], 0);
     // Every delivery, redeliveries included, has a latency.
     assert!(messages["latency_ms"]["count"].as_u64().unwrap() >= 900);
+}
+
+/// The CI step of the push-rate benchmark: a small run against `pushgrid
+/// dev` (in-process roles) that fails on any lost, misrouted or unexpected
+/// message. Its figures are printed, never asserted.
+#[test]
+fn loadtest_push_rate_accounts_for_every_message_by_id_and_device() {
+    let dev = Dev::start();
+    for users_per_call in ["1", "10"] {
+        let report = loadtest(
+            &dev,
+            "push-rate",
+            &[
+                "--rate",
+                "1000",
+                "--secs",
+                "2",
+                "--users-per-call",
+                users_per_call,
+                "--push-concurrency",
+                "16",
+            ],
+        );
+        let messages = &report["messages"];
+        assert_eq!(report["connections"]["established"], 300, "{report:#}");
+        assert_eq!(messages["accepted"], 2000, "{report:#}");
+        assert_eq!(messages["delivered"], 2000, "{report:#}");
+        assert_eq!(messages["lost"], 0, "{report:#}");
+        assert_eq!(messages["misrouted"], 0, "{report:#}");
+        assert_eq!(messages["unexpected"], 0, "{report:#}");
+        let rate = &report["push_rate"];
+        assert_eq!(rate["asked_per_sec"], 1000, "{report:#}");
+        assert_eq!(rate["users_per_call"].to_string(), users_per_call);
+        assert_eq!(rate["calls"], 2000 / users_per_call.parse::<u64>().unwrap());
+        assert!(rate["answer_ms"]["count"].as_u64().unwrap() > 0);
+        // The pushgrid process was measured (its CPU is a figure, not a bound).
+        let pushgrid_rows = rate["cpu"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|row| row["kind"] == "pushgrid")
+            .count();
+        assert_eq!(pushgrid_rows, 1, "{report:#}");
+        assert!(!report["meta"]["commit"].as_str().unwrap().is_empty());
+    }
 }
 
 #[test]

@@ -85,7 +85,7 @@ function render(data) {
   push(history.queue, totals.route_queue_depth);
   push(history.p50, totals.store_p50_seconds * 1000);
   push(history.p99, totals.store_p99_seconds * 1000);
-  push(history.wait, totals.route_wait_p99_seconds * 1000);
+  push(history.wait, totals.route_p99_seconds * 1000);
   push(history.delivery, totals.delivery_p99_seconds * 1000);
   chart("chart-connections", [{ values: history.connections, color: "#2f855a" }]);
   chart("chart-rates", [{ values: history.rateIn, color: "#3182ce" }, { values: history.rateOut, color: "#dd6b20" }]);

@@ -192,7 +192,7 @@ struct Totals {
     store_p50_seconds: f64,
     store_p99_seconds: f64,
     /// Seconds a stored message waited for a routing worker before delivery, p99.
-    route_wait_p99_seconds: f64,
+    route_p99_seconds: f64,
     /// API acceptance to the hand-off to a live connection, p99 over rooms.
     delivery_p99_seconds: f64,
 }
@@ -267,9 +267,9 @@ async fn take_snapshot(cluster: &Cluster) -> Snapshot {
                         totals.store_p99_seconds,
                         "pushgrid_center_store_seconds{quantile=\"0.99\"}",
                     );
-                    totals.route_wait_p99_seconds = max(
-                        totals.route_wait_p99_seconds,
-                        "pushgrid_center_route_wait_seconds{quantile=\"0.99\"}",
+                    totals.route_p99_seconds = max(
+                        totals.route_p99_seconds,
+                        "pushgrid_center_route_seconds{quantile=\"0.99\"}",
                     );
                 }
                 Role::Room => {

@@ -29,7 +29,7 @@ use pushgrid_proto::cluster::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
+use pushgrid_common::rpc::PeerChannel;
 
 use crate::api::{ApiError, ApiState, decode_payload, overloaded, unavailable};
 
@@ -137,7 +137,7 @@ fn check_users(users: &[String]) -> Result<(), ApiError> {
 }
 
 /// A live saver's channel; any saver serves any group (they share storage).
-fn saver(state: &ApiState) -> Result<Channel, ApiError> {
+fn saver(state: &ApiState) -> Result<PeerChannel, ApiError> {
     let view = state.cluster.view();
     let node = view
         .pick(Role::Saver, rand::random::<u64>())
@@ -198,7 +198,7 @@ async fn change_members<F, Fut>(
     rpc: F,
 ) -> Result<Value, ApiError>
 where
-    F: FnOnce(SaverClient<Channel>, GroupUsersRequest) -> Fut,
+    F: FnOnce(SaverClient<PeerChannel>, GroupUsersRequest) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<GroupUsersResponse>, tonic::Status>>,
 {
     check_group(&params.group)?;
@@ -255,7 +255,7 @@ pub(crate) async fn group_members(
 }
 
 async fn members_page(
-    channel: Channel,
+    channel: PeerChannel,
     app: &str,
     group: &str,
     after: String,
@@ -354,7 +354,7 @@ pub(crate) async fn push_group(
 /// (on another saver, if there is one) while it is unavailable.
 async fn with_retries<T, F, Fut>(state: &ApiState, what: &str, mut call: F) -> Option<T>
 where
-    F: FnMut(Channel) -> Fut,
+    F: FnMut(PeerChannel) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let mut backoff = Duration::from_millis(100);

@@ -1,10 +1,10 @@
 //! center: the public HTTP push API for application backends.
 //!
-//! `POST /api/push` stores one message per user in saver first and answers
-//! with their ids only then; routing (register lookup, room delivery) happens
-//! after the answer, in a resident worker pool fed by a bounded queue. A full
-//! queue answers 503 with Retry-After before anything is stored, so memory
-//! never grows with load. Concurrent single-user pushes share StoreMany
+//! `POST /api/push` stores one message per user in saver first, hands them
+//! to routing (register lookup, room delivery) and answers with their ids
+//! after the first routing attempt. A bounded number of pushes may be stored
+//! or routed at once; beyond it the API answers 503 with Retry-After before
+//! anything is stored, so memory never grows with load. Concurrent single-user pushes share StoreMany
 //! calls; broadcasts are split into one subtask per room and shared among the
 //! live centers through center's gRPC service.
 
@@ -29,7 +29,6 @@ use pushgrid_proto::cluster::Role;
 use pushgrid_proto::cluster::center_server::CenterServer;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 
 pub const ROLE: &str = "center";
 
@@ -47,9 +46,8 @@ pub struct CenterConfig {
     pub max_payload_bytes: usize,
     /// Most users in one push call.
     pub max_users_per_push: usize,
-    /// Routing workers.
-    pub route_workers: usize,
-    /// Pushes waiting for a routing worker before the API answers 503.
+    /// Pushes being stored or routed at once; beyond it the API answers 503
+    /// before storing anything.
     pub route_queue: usize,
     /// Broadcast fan-outs in flight before the API answers 503.
     pub broadcast_in_flight: usize,
@@ -60,9 +58,8 @@ pub struct CenterConfig {
     /// Most single-user pushes stored with one StoreMany call; 0 or 1 turns
     /// the coalescing off (one Store call per push).
     pub store_batch_max: usize,
-    /// How long the first single-user push waits for others to share its call.
-    pub store_batch_wait_us: u64,
-    /// StoreMany calls in flight per saver.
+    /// StoreMany calls in flight per saver. A push goes out at once when one
+    /// of them is free; while all are busy, pushes gather for the next call.
     pub store_batch_in_flight: usize,
     /// Token for `/dashboard` (Bearer header or `?token=`); empty falls back
     /// to the `PUSHGRID_ADMIN_TOKEN` environment variable, and with neither
@@ -84,13 +81,11 @@ impl Default for CenterConfig {
             max_request_bytes: 1024 * 1024,
             max_payload_bytes: 60 * 1024,
             max_users_per_push: 10_000,
-            route_workers: 8,
             route_queue: 10_000,
             retry_after_secs: 1,
             max_batch_commands: 1000,
-            store_batch_max: 256,
-            store_batch_wait_us: 1000,
-            store_batch_in_flight: 16,
+            store_batch_max: 512,
+            store_batch_in_flight: 4,
             broadcast_in_flight: 256,
             admin_token: String::new(),
             group_fanout_workers: 4,
@@ -148,8 +143,7 @@ pub async fn run(
     .await?;
     let node_id = cluster.node_id().to_string();
     let router = Arc::new(route::Router::new(cluster.clone()));
-    let workers =
-        route::WorkerPool::start(router.clone(), config.route_workers, config.route_queue);
+    let workers = route::WorkerPool::start(router.clone(), config.route_queue);
     let state = Arc::new(api::ApiState {
         config: config.clone(),
         cluster: cluster.clone(),
@@ -162,7 +156,7 @@ pub async fn run(
         stores: push::StoreBatcher::new(&config),
         groups: groups::GroupFanout::new(config.group_fanout_queue),
     });
-    let grpc_router = Server::builder().add_service(CenterServer::new(broadcast::CenterService {
+    let grpc_router = tonic::service::Routes::new(CenterServer::new(broadcast::CenterService {
         state: state.clone(),
     }));
     let grpc_shutdown = shutdown.clone();
@@ -179,7 +173,7 @@ pub async fn run(
     ));
     groups::start_fanout_workers(&state, config.group_fanout_workers);
     let app = api::router(state).merge(dashboard::router(dashboard));
-    let served = axum::serve(listeners.http, app)
+    let served = axum::serve(net::http_listener(listeners.http), app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     cluster.leave().await;

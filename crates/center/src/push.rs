@@ -2,13 +2,13 @@
 //! routes them in the worker pool.
 //!
 //! Concurrent single-user pushes (the common unicast case) are coalesced:
-//! a [`StoreBatcher`] per saver collects them for up to `store_batch_wait_us`
-//! or `store_batch_max` items and stores them with one StoreMany call, each
-//! caller getting its own message back. Multi-user pushes and pushes with an
+//! a [`StoreBatcher`] per saver sends a push at once when one of its
+//! `store_batch_in_flight` calls is free, and while all are busy gathers the
+//! pushes that arrive (up to `store_batch_max`) into the next StoreMany
+//! call, each caller getting its own message back. Multi-user pushes and pushes with an
 //! idempotency key keep their own Store call.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use pushgrid_common::batch::{BatchConfig, BatcherMap};
@@ -212,7 +212,7 @@ fn saver_address(state: &ApiState) -> Result<String, ApiError> {
         .ok_or_else(|| unavailable("no saver is live"))
 }
 
-fn saver_channel(state: &ApiState) -> Result<tonic::transport::Channel, ApiError> {
+fn saver_channel(state: &ApiState) -> Result<pushgrid_common::rpc::PeerChannel, ApiError> {
     let saver = saver_address(state)?;
     state.channels.get(&saver).map_err(ApiError::from_status)
 }
@@ -231,9 +231,9 @@ impl StoreBatcher {
         let batch = BatchConfig {
             // saver refuses StoreMany calls of more than 10,000 items.
             max_items: config.store_batch_max.min(10_000),
-            max_wait: Duration::from_micros(config.store_batch_wait_us),
             queue: config.store_batch_max.max(4096),
             in_flight: config.store_batch_in_flight.max(1),
+            linger: std::time::Duration::ZERO,
         };
         let pool = Arc::new(ChannelPool::new(2));
         let batchers =

@@ -12,7 +12,7 @@ use pushgrid_common::rpc::ChannelPool;
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::room_client::RoomClient;
 use pushgrid_proto::cluster::{DeliverRequest, Delivery, LookupRequest, Message, Session, UserKey};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -20,12 +20,14 @@ use tonic::Status;
 /// Messages of one job routed at once.
 const ROUTE_CONCURRENCY: usize = 256;
 
+/// Lookups and deliveries per peer: sent at once when a call slot is free,
+/// batched while both are busy.
 fn batch_config() -> BatchConfig {
     BatchConfig {
         max_items: 512,
-        max_wait: Duration::from_micros(300),
         queue: 16_384,
-        in_flight: 8,
+        in_flight: 2,
+        linger: Duration::ZERO,
     }
 }
 
@@ -301,13 +303,6 @@ async fn serve_retries(router: Arc<Router>, queue: Arc<RetryQueue>, tracker: Tas
     }
 }
 
-struct Job {
-    messages: Vec<Message>,
-    queued_at: Instant,
-    /// Told when every message had its first routing attempt.
-    routed: tokio::sync::oneshot::Sender<()>,
-}
-
 /// Resolves when a submitted job's messages had their first routing attempt
 /// (handed to the rooms of every session found, or queued for another try).
 pub(crate) type Routing = tokio::sync::oneshot::Receiver<()>;
@@ -323,22 +318,26 @@ pub(crate) async fn routed(routing: Routing) {
     let _ = tokio::time::timeout(ANSWER_AFTER_ROUTING_WITHIN, routing).await;
 }
 
-/// A bounded queue served by resident workers.
+/// Routing of stored pushes. Each push (a job: its messages) is routed by a
+/// task of its own, so many are routed at once and their lookups and
+/// deliveries share batches; the number of pushes being stored or routed is
+/// bounded by `capacity` places, taken before anything is stored.
 #[derive(Clone)]
 pub(crate) struct WorkerPool {
-    queue: mpsc::Sender<Job>,
+    router: Arc<Router>,
+    places: Arc<Semaphore>,
+    retries: Arc<RetryQueue>,
     tracker: TaskTracker,
     capacity: usize,
 }
 
-/// A reserved place in the queue: take it before storing, so a full queue is
-/// answered before anything is written.
-pub(crate) struct Slot(mpsc::OwnedPermit<Job>);
+/// A place taken before storing, so a full pool is answered before anything
+/// is written.
+pub(crate) struct Slot(OwnedSemaphorePermit);
 
 impl WorkerPool {
-    pub fn start(router: Arc<Router>, workers: usize, capacity: usize) -> WorkerPool {
-        let (queue, receiver) = mpsc::channel::<Job>(capacity.max(1));
-        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+    pub fn start(router: Arc<Router>, capacity: usize) -> WorkerPool {
+        let capacity = capacity.max(1);
         let tracker = TaskTracker::new();
         let retries = Arc::new(RetryQueue::default());
         tokio::spawn(serve_retries(
@@ -346,69 +345,52 @@ impl WorkerPool {
             retries.clone(),
             tracker.clone(),
         ));
-        for _ in 0..workers.max(1) {
-            let (router, receiver) = (router.clone(), receiver.clone());
-            let retries = retries.clone();
-            tracker.spawn(async move {
-                loop {
-                    let (job, depth) = {
-                        let mut receiver = receiver.lock().await;
-                        let job = receiver.recv().await;
-                        (job, receiver.len())
-                    };
-                    let Some(job) = job else { return };
-                    metrics::gauge!("pushgrid_center_route_queue_depth").set(depth as f64);
-                    metrics::histogram!("pushgrid_center_route_wait_seconds")
-                        .record(job.queued_at.elapsed().as_secs_f64());
-                    // The messages of one job (a multicast) are routed together,
-                    // so their lookups and deliveries share batches.
-                    futures::stream::iter(job.messages)
-                        .for_each_concurrent(ROUTE_CONCURRENCY, |message| {
-                            route_once(&router, &retries, 0, message)
-                        })
-                        .await;
-                    let _ = job.routed.send(());
-                }
-            });
-        }
         WorkerPool {
-            queue,
+            router,
+            places: Arc::new(Semaphore::new(capacity)),
+            retries,
             tracker,
-            capacity: capacity.max(1),
+            capacity,
         }
     }
 
-    /// A place in the queue, or None when it is full.
+    /// A place, or None when every place is taken.
     pub fn reserve(&self) -> Option<Slot> {
-        let slot = self.queue.clone().try_reserve_owned().ok().map(Slot);
-        metrics::gauge!("pushgrid_center_route_queue_depth")
-            .set((self.capacity - self.queue.capacity()) as f64);
+        let slot = self.places.clone().try_acquire_owned().ok().map(Slot);
+        metrics::gauge!("pushgrid_center_route_queue_depth").set(self.depth() as f64);
         slot
     }
 
-    /// Jobs waiting for a worker.
+    /// Pushes being stored or routed.
     pub fn depth(&self) -> usize {
-        self.capacity - self.queue.capacity()
+        self.capacity - self.places.available_permits()
     }
 
-    /// Queues `messages` for routing in the reserved place; the returned
-    /// [`Routing`] resolves after their first attempt (see [`routed`]).
+    /// Routes `messages` in a task of their own that keeps the place until
+    /// their first attempt is done; the returned [`Routing`] resolves then
+    /// (see [`routed`]).
     pub fn submit(&self, slot: Slot, messages: Vec<Message>) -> Routing {
-        let (routed, routing) = tokio::sync::oneshot::channel();
-        slot.0.send(Job {
-            messages,
-            queued_at: Instant::now(),
-            routed,
+        let (done, routing) = tokio::sync::oneshot::channel();
+        let (router, retries) = (self.router.clone(), self.retries.clone());
+        self.tracker.spawn(async move {
+            let _place = slot.0;
+            let started = Instant::now();
+            futures::stream::iter(messages)
+                .for_each_concurrent(ROUTE_CONCURRENCY, |message| {
+                    route_once(&router, &retries, 0, message)
+                })
+                .await;
+            metrics::histogram!("pushgrid_center_route_seconds")
+                .record(started.elapsed().as_secs_f64());
+            let _ = done.send(());
         });
         routing
     }
 
-    /// Lets the workers finish what is queued (bounded), at shutdown.
+    /// Lets the routing under way finish (bounded), at shutdown.
     pub async fn drain(self) {
-        let WorkerPool { queue, tracker, .. } = self;
-        drop(queue);
-        tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
     }
 }
 

@@ -8,6 +8,14 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 
+/// Set on every SQLite connection. In WAL mode `synchronous = NORMAL` syncs
+/// the log at checkpoints, not at each commit: a committed write survives
+/// the process being killed (kill -9), and only a power cut or kernel crash
+/// can take the last commits back. The embedded store is the quick start;
+/// the cluster's durable store is MySQL. The cache keeps the inbox indexes
+/// in memory (16 MiB per connection at most).
+const SQLITE_PRAGMAS: &str = "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -16384;";
+
 /// True for an SQLite URL (`sqlite:` / `sqlite://`).
 pub fn is_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:")
@@ -44,9 +52,22 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool>
     } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
         create_mysql_database(&url).await?;
     }
-    let pool = AnyPoolOptions::new()
+    let mut options = AnyPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(10));
+    if is_sqlite(&url) {
+        options = options
+            // A ping before every acquire is a round trip to the connection's
+            // worker thread; an SQLite file cannot drop a connection.
+            .test_before_acquire(false)
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    use sqlx::Executor;
+                    connection.execute(SQLITE_PRAGMAS).await.map(drop)
+                })
+            });
+    }
+    let pool = options
         .connect(&url)
         .await
         .map_err(|error| anyhow::anyhow!("cannot connect to {}: {error}", redact(&url)))?;

@@ -16,6 +16,20 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .map_err(|error| anyhow::anyhow!("cannot listen on {addr}: {error}"))
 }
 
+/// An HTTP listener whose accepted connections have TCP_NODELAY set: a
+/// response written in parts must not wait for the client's delayed ACK.
+pub fn http_listener(
+    listener: TcpListener,
+) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn no_delay(stream: &mut tokio::net::TcpStream) {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+        }
+    }
+    listener.tap_io(no_delay as fn(&mut tokio::net::TcpStream))
+}
+
 /// Prints `PUSHGRID_BOUND <role> <name> <addr>` on stdout and flushes it.
 pub fn announce(role: &str, name: &str, addr: SocketAddr) {
     let mut stdout = std::io::stdout().lock();

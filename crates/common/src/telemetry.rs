@@ -207,7 +207,7 @@ pub async fn serve_admin_with_routes(
         .route("/debug/log-level", get(get_log_level).put(put_log_level))
         .merge(extra_routes);
     if let Err(error) = axum::serve(
-        listener,
+        crate::net::http_listener(listener),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 mod upstream;
@@ -290,7 +289,7 @@ pub async fn run(
         states,
         channels: ChannelPool::new(2),
     };
-    let router = Server::builder().add_service(CoordinatorServer::new(service));
+    let router = tonic::service::Routes::new(CoordinatorServer::new(service));
     let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
     cluster.leave().await;
     tracing::info!(node = %node_id, "coordinator stopped");

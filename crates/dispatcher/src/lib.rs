@@ -437,7 +437,7 @@ pub async fn run(
     tracing::info!(node = %node_id, %http_addr, "dispatcher serving");
     net::announce(ROLE, "ready", http_addr);
     let served = axum::serve(
-        listeners.http,
+        net::http_listener(listeners.http),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -216,7 +216,7 @@ pub async fn run(
         state: state.clone(),
     });
     let admin_server = tokio::spawn(
-        axum::serve(listeners.http, admin_api)
+        axum::serve(net::http_listener(listeners.http), admin_api)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
@@ -226,7 +226,7 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .add_service(KeeperServer::new(registry::KeeperService::new(state)))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+            pushgrid_common::node::grpc_incoming(listeners.grpc),
             shutdown.cancelled_owned(),
         )
         .await;

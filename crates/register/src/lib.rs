@@ -23,7 +23,6 @@ use pushgrid_proto::cluster::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 pub const ROLE: &str = "register";
@@ -253,7 +252,7 @@ pub async fn run(
         warm_at: std::time::Instant::now() + std::time::Duration::from_millis(config.warmup_ms),
     };
     let served = node::serve_grpc(
-        Server::builder().add_service(RegisterServer::new(service)),
+        tonic::service::Routes::new(RegisterServer::new(service)),
         listeners.grpc,
         &shutdown,
     )

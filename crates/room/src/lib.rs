@@ -43,7 +43,6 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 
 pub use outbox::ConnHandle;
 use transport::Transport;
@@ -395,7 +394,7 @@ pub async fn run(
     tracing::info!(node = %node_id, %tcp_addr, ?ws_addr, ?tls_addr, ?wss_addr, %grpc_addr, "room serving");
     net::announce(ROLE, "ready", grpc_addr);
     let router =
-        Server::builder().add_service(RoomServer::new(service::RoomService::new(room.clone())));
+        tonic::service::Routes::new(RoomServer::new(service::RoomService::new(room.clone())));
     let grpc_stop = CancellationToken::new();
     let mut served = {
         let grpc_stop = grpc_stop.clone();

@@ -42,10 +42,27 @@ pub(crate) struct Peers {
 fn batch_config() -> BatchConfig {
     BatchConfig {
         max_items: 512,
-        max_wait: Duration::from_micros(500),
         queue: 8192,
-        in_flight: 4,
+        in_flight: 2,
+        linger: Duration::ZERO,
     }
+}
+
+/// Reports nobody waits for: a deeper queue, since a full one drops, and a
+/// linger, so that a quiet room sends its acknowledgements and delivery
+/// records a few at a time (each call is a saver transaction).
+fn sink_config() -> BatchConfig {
+    BatchConfig {
+        queue: 65_536,
+        linger: Duration::from_millis(10),
+        ..batch_config()
+    }
+}
+
+/// Counts (and logs) a report a full sink refused: its peer is slow or down.
+fn refused(kind: &'static str) {
+    metrics::counter!("pushgrid_room_reports_dropped_total", "kind" => kind).increment(1);
+    tracing::debug!(kind, "report queue full; report dropped");
 }
 
 impl Peers {
@@ -78,7 +95,7 @@ impl Peers {
         );
         let offline = SinkMap::per_peer_sink(
             pool.clone(),
-            batch_config(),
+            sink_config(),
             |channel, sessions: Vec<Session>| async move {
                 let count = sessions.len();
                 let sent = match channel {
@@ -97,7 +114,7 @@ impl Peers {
         );
         let acks = SinkMap::per_peer_sink(
             pool.clone(),
-            batch_config(),
+            sink_config(),
             |channel, items: Vec<AckItem>| async move {
                 let count = items.len() as u64;
                 let sent = match channel {
@@ -120,7 +137,7 @@ impl Peers {
         );
         let deliveries = SinkMap::per_peer_sink(
             pool.clone(),
-            batch_config(),
+            sink_config(),
             |channel, reports: Vec<DeliveryReport>| async move {
                 let sent = match channel {
                     Ok(channel) => SaverClient::new(channel)
@@ -136,7 +153,7 @@ impl Peers {
         );
         let states = SinkMap::per_peer_sink(
             pool.clone(),
-            batch_config(),
+            sink_config(),
             |channel, events: Vec<StateEvent>| async move {
                 let sent = match channel {
                     Ok(channel) => CoordinatorClient::new(channel)
@@ -188,7 +205,11 @@ impl Peers {
         let Ok(addr) = self.register_addr(&session.app, &session.user) else {
             return;
         };
-        self.offline.get(&addr).send(session);
+        if !self.offline.get(&addr).send(session) {
+            // register drops the session with the room's lease, or at the
+            // next delivery attempt that finds no connection.
+            refused("offline");
+        }
     }
 
     /// The user's unacked inbox (reads of many devices share a call).
@@ -266,7 +287,9 @@ impl Peers {
         let Ok(addr) = self.addr_of(Role::Saver, &report.app, &key) else {
             return;
         };
-        self.deliveries.get(&addr).send(report);
+        if !self.deliveries.get(&addr).send(report) {
+            refused("delivery");
+        }
     }
 
     /// Forwards a device's ACK to saver, in the background.
@@ -285,7 +308,11 @@ impl Peers {
             msg_ids,
             device: device.to_string(),
         };
-        self.acks.get(&addr).send(item);
+        if !self.acks.get(&addr).send(item) {
+            // The messages stay in the inbox: delivered again at the next
+            // connect, and dropped by id in the SDK.
+            refused("ack");
+        }
     }
 
     /// Sends an online/offline event to coordinator, in the background.
@@ -296,7 +323,9 @@ impl Peers {
         let Ok(addr) = self.addr_of(Role::Coordinator, &session.app, &session.user) else {
             return;
         };
-        self.states.get(&addr).send(event);
+        if !self.states.get(&addr).send(event) {
+            refused("state");
+        }
     }
 
     /// Has coordinator kick the user's other connections of the same platform

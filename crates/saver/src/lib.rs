@@ -33,7 +33,6 @@ use pushgrid_proto::cluster::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::error::StoreError;
@@ -540,7 +539,7 @@ pub async fn run(
 
     tracing::info!(node = %node_id, %grpc_addr, "saver serving");
     net::announce(ROLE, "ready", grpc_addr);
-    let router = Server::builder().add_service(SaverServer::new(SaverService::new(store)));
+    let router = tonic::service::Routes::new(SaverServer::new(SaverService::new(store)));
     let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
     cluster.leave().await;
     let _ = purge.await;

@@ -132,6 +132,11 @@ async fn insert_all(pool: &AnyPool, messages: &[&Message]) -> Result<(), StoreEr
     if messages.is_empty() {
         return Ok(());
     }
+    if messages.len() <= INSERT_CHUNK_ROWS {
+        // One statement is atomic on its own: no BEGIN and COMMIT round trips.
+        let mut connection = pool.acquire().await?;
+        return insert_rows(&mut connection, messages).await;
+    }
     let mut transaction = pool.begin().await?;
     insert_rows(&mut transaction, messages).await?;
     transaction.commit().await?;
