@@ -585,9 +585,22 @@ impl TestCluster {
     /// Replaces the cluster's saver with one started from `args` (kept for
     /// [`TestCluster::start_role_again`]).
     pub async fn replace_saver(&mut self, name: &str, args: &[String]) -> anyhow::Result<()> {
+        // SIGTERM: the old saver leaves keeper's view before the new one
+        // joins, so center never picks a saver that is gone (a kill -9 would
+        // leave it listed until its lease ran out).
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.saver.pid().to_string()])
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.saver.child.wait()).await;
         self.saver.kill().await;
         self.saver = spawn(&self.dir, name, "saver", args).await?;
         self.role_args.insert("saver".to_string(), args.to_vec());
+        // Center stores through the new saver once keeper's view reached it.
+        let reached = eventually(Duration::from_secs(30), || async {
+            self.push(&["replace-saver-probe"], "probe").await.is_ok()
+        })
+        .await;
+        anyhow::ensure!(reached, "center did not reach the new saver {name} within 30 s");
         Ok(())
     }
 
