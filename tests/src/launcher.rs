@@ -36,8 +36,9 @@ struct Seen {
     launcher: HashMap<String, SocketAddr>,
 }
 
-/// A running `pushgrid cluster`. Killed (with its children, which die with
-/// their pipes) when dropped.
+/// A running `pushgrid cluster`, in a process group of its own that its role
+/// processes share: dropping it kills the whole group, so no role outlives
+/// the test (a launcher killed alone would leave its children running).
 pub struct Launcher {
     child: Child,
     seen: Arc<Mutex<Seen>>,
@@ -92,6 +93,7 @@ impl Launcher {
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .context("start pushgrid cluster")?;
@@ -195,6 +197,18 @@ impl Launcher {
             );
         }
         Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        // The group the launcher leads: it and every role it started.
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 

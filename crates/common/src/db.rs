@@ -80,17 +80,62 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool>
 }
 
 /// Runs `migrator` recording applied migrations in `table`, so several roles
-/// can share one database.
+/// can share one database. On MySQL the run holds a named lock first, so
+/// several instances starting at once (two keepers, two savers) migrate one
+/// after the other: sqlx's own lock asks MariaDB for an infinite wait with a
+/// negative timeout, which MariaDB does not grant, and MySQL's DDL is not
+/// transactional, so a race leaves a half-applied migration behind.
 pub async fn migrate(
     pool: &AnyPool,
     mut migrator: Migrator,
     table: &'static str,
 ) -> anyhow::Result<()> {
     migrator.dangerous_set_table_name(table);
-    migrator
-        .run(pool)
+    let mut connection = pool.acquire().await?;
+    let lock = if connection.backend_name() == "MySQL" {
+        let database: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
+            .fetch_one(&mut *connection)
+            .await?;
+        let name = migration_lock_name(database.as_deref().unwrap_or(""), table);
+        let granted: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+            .bind(name.clone())
+            .bind(MIGRATION_LOCK_WAIT_SECS)
+            .fetch_one(&mut *connection)
+            .await?;
+        if granted != Some(1) {
+            anyhow::bail!(
+                "migration failed: another process held the migration lock for {MIGRATION_LOCK_WAIT_SECS} s"
+            );
+        }
+        Some(name)
+    } else {
+        None
+    };
+    let ran = migrator
+        .run_direct(None, &mut *connection, false)
         .await
-        .map_err(|error| anyhow::anyhow!("migration failed: {error}"))
+        .map_err(|error| anyhow::anyhow!("migration failed: {error}"));
+    if let Some(name) = lock {
+        let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
+            .bind(name)
+            .execute(&mut *connection)
+            .await;
+    }
+    ran
+}
+
+/// How long a process waits for another's migration run.
+const MIGRATION_LOCK_WAIT_SECS: i64 = 300;
+
+/// A MySQL lock name (at most 64 characters) for migrating `table` of
+/// `database`: the same in every process and version (FNV-1a).
+fn migration_lock_name(database: &str, table: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in database.bytes().chain([0]).chain(table.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("pushgrid-migrate-{hash:016x}")
 }
 
 async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
@@ -135,5 +180,28 @@ pub fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_lock_names_are_stable_and_short() {
+        let name = migration_lock_name("pg_e2e_0123abcd", "_pushgrid_keeper_migrations");
+        assert_eq!(
+            name,
+            migration_lock_name("pg_e2e_0123abcd", "_pushgrid_keeper_migrations")
+        );
+        assert_ne!(
+            name,
+            migration_lock_name("pg_e2e_0123abcd", "_pushgrid_saver_migrations")
+        );
+        assert_ne!(
+            name,
+            migration_lock_name("pg_e2e_0123abce", "_pushgrid_keeper_migrations")
+        );
+        assert!(name.len() <= 64);
     }
 }

@@ -85,7 +85,9 @@ impl From<LeaseError> for tonic::Status {
 }
 
 /// Attempts of a write that lost a race with another keeper.
-const ATTEMPTS: usize = 5;
+const ATTEMPTS: usize = 8;
+/// After a lost race, a worker id is picked among this many free ones.
+const RETRY_SPREAD: usize = 16;
 
 pub struct LeaseStore {
     pool: AnyPool,
@@ -134,6 +136,15 @@ impl LeaseStore {
         Ok(row.try_get::<i64, _>("now_ms")?)
     }
 
+    /// A cheap read of the leases table: answers at once unless the store
+    /// is stalled (a lock, a failover) or down.
+    pub async fn probe(&self) -> Result<(), LeaseError> {
+        sqlx::query("SELECT COUNT(*) AS n FROM leases WHERE lease_id = 0")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The database's clock now.
     pub async fn db_now_ms(&self) -> Result<u64, LeaseError> {
         let mut connection = self.pool.acquire().await?;
@@ -150,7 +161,7 @@ impl LeaseStore {
     ) -> Result<Registered, LeaseError> {
         let mut attempt = 1;
         loop {
-            match self.try_register(node, ttl_ms, worker).await {
+            match self.try_register(node, ttl_ms, worker, attempt).await {
                 Err(error) if attempt < ATTEMPTS && is_race(&error) => {
                     metrics::counter!("pushgrid_keeper_lease_races_total").increment(1);
                     tokio::time::sleep(std::time::Duration::from_millis(
@@ -169,6 +180,7 @@ impl LeaseStore {
         node: &NodeInfo,
         ttl_ms: u64,
         worker: WorkerRequest,
+        attempt: usize,
     ) -> Result<Registered, LeaseError> {
         let mut transaction = self.pool.begin().await?;
         let now = self.now_ms(&mut transaction).await?;
@@ -182,7 +194,7 @@ impl LeaseStore {
         let mut node = node.clone();
         let grant = if worker.wanted {
             let grant = self
-                .grant_worker_id(&mut transaction, &node.id, lease_id, now, worker)
+                .grant_worker_id(&mut transaction, &node.id, lease_id, now, worker, attempt)
                 .await?;
             node.worker_id = grant.id;
             Some(grant)
@@ -223,6 +235,7 @@ impl LeaseStore {
         lease_id: i64,
         now: i64,
         request: WorkerRequest,
+        attempt: usize,
     ) -> Result<WorkerGrant, LeaseError> {
         let expires = now + ms(self.policy.ttl_ms);
         if let Some(preferred) = request.preferred
@@ -263,10 +276,17 @@ impl LeaseStore {
             None => true,
             Some((_, expires_ms)) => *expires_ms < free_after,
         };
+        // The smallest free id; after a lost race, one of the first few free
+        // ones at random, so keepers granting at once spread out.
+        let spread = if attempt > 1 { RETRY_SPREAD } else { 1 };
+        let free: Vec<u32> = (0..=MAX_WORKER_ID)
+            .filter(|id| is_free(*id))
+            .take(spread)
+            .collect();
         let candidate = request
             .preferred
             .filter(|id| *id <= MAX_WORKER_ID && is_free(*id))
-            .or_else(|| (0..=MAX_WORKER_ID).find(|id| is_free(*id)))
+            .or_else(|| (!free.is_empty()).then(|| free[rand::random_range(0..free.len())]))
             .ok_or(LeaseError::NoWorkerId)?;
         let claimed = match known.get(&candidate) {
             None => sqlx::query(
@@ -312,18 +332,20 @@ impl LeaseStore {
         }
     }
 
-    /// Renews a live lease (and the worker id it holds) and records its
-    /// load; None when the lease is unknown or expired.
+    /// Renews a lease (and the worker id it still holds) and records its
+    /// load; None when the lease is unknown (it ended and was deleted).
     pub async fn heartbeat(&self, lease_id: u64, load: u64) -> Result<Option<Renewed>, LeaseError> {
         let mut transaction = self.pool.begin().await?;
         let now = self.now_ms(&mut transaction).await?;
+        // A lease past its expiry that no keeper has deleted yet is renewed:
+        // it ended only because no keeper could renew it (the database was
+        // stalled), and the worker id is fenced on its own row below.
         let renewed = sqlx::query(
-            "UPDATE leases SET expires_ms = ? + ttl_ms, node_load = ? WHERE lease_id = ? AND expires_ms > ?",
+            "UPDATE leases SET expires_ms = ? + ttl_ms, node_load = ? WHERE lease_id = ?",
         )
         .bind(now)
         .bind(i64::try_from(load).unwrap_or(i64::MAX))
         .bind(ms(lease_id))
-        .bind(now)
         .execute(&mut *transaction)
         .await?
         .rows_affected();
@@ -393,19 +415,22 @@ impl LeaseStore {
     }
 
     /// Every node with a live lease, by node id (one per id: the lease that
-    /// lives longest).
-    pub async fn live_nodes(&self) -> Result<Vec<NodeInfo>, LeaseError> {
+    /// lives longest), and the longest lease TTL among them (ms).
+    pub async fn live_nodes(&self) -> Result<(Vec<NodeInfo>, u64), LeaseError> {
         let mut connection = self.pool.acquire().await?;
         let now = self.now_ms(&mut connection).await?;
         let rows = sqlx::query(
-            "SELECT node, node_load FROM leases WHERE expires_ms > ? ORDER BY node_id, expires_ms DESC",
+            "SELECT node, node_load, ttl_ms FROM leases WHERE expires_ms > ? ORDER BY node_id, expires_ms DESC",
         )
         .bind(now)
         .fetch_all(&mut *connection)
         .await?;
         let mut seen = HashSet::with_capacity(rows.len());
         let mut nodes = Vec::with_capacity(rows.len());
+        let mut longest_ttl_ms = 0;
         for row in rows {
+            longest_ttl_ms =
+                longest_ttl_ms.max(u64::try_from(row.try_get::<i64, _>("ttl_ms")?).unwrap_or(0));
             let bytes: Vec<u8> = row.try_get("node")?;
             let mut node = NodeInfo::decode(bytes.as_slice())
                 .map_err(|error| LeaseError::Corrupt(error.to_string()))?;
@@ -415,7 +440,7 @@ impl LeaseStore {
             node.load = u64::try_from(row.try_get::<i64, _>("node_load")?).unwrap_or(0);
             nodes.push(node);
         }
-        Ok(nodes)
+        Ok((nodes, longest_ttl_ms))
     }
 
     /// The worker id rows, for tests and inspection: (worker id, holder,

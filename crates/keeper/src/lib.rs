@@ -197,6 +197,11 @@ pub async fn run(
     if let Err(error) = state.refresh_nodes().await {
         tracing::warn!(error = %error.message(), "cannot read the leases yet");
     }
+    let prober = tokio::spawn(registry::probe_store(
+        state.clone(),
+        Duration::from_millis(config.lease_poll_ms.max(50)),
+        shutdown.clone(),
+    ));
     let maintainer = tokio::spawn(registry::maintain_leases(
         state.clone(),
         own,
@@ -232,6 +237,7 @@ pub async fn run(
         .await;
     let _ = admin_server.await;
     let _ = maintainer.await;
+    let _ = prober.await;
     store.close().await;
     tracing::info!("keeper stopped");
     served.map_err(Into::into)

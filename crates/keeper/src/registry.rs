@@ -8,6 +8,13 @@
 //! deletes expired leases (any keeper may), and publishes a snapshot when the
 //! node list or the configuration changed. Keepers list themselves too (role
 //! KEEPER), so nodes learn every keeper's address from the view.
+//!
+//! When the database stalls or fails (a locked table, a failover), no keeper
+//! can renew any lease, and leases run out for nodes that are alive. After
+//! such trouble a keeper recovers for two of the longest lease TTLs: it
+//! deletes no lease, and it keeps listing the nodes it listed before, while
+//! the nodes renew (a lease past its expiry that was not deleted is renewed).
+//! Only a node that stays silent through the recovery leaves the view.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +62,16 @@ pub(crate) struct KeeperState {
     snapshots: watch::Sender<Arc<ClusterState>>,
     pub(crate) leases: LeaseStore,
     max_ttl_secs: u32,
+    recovery: std::sync::Mutex<Recovery>,
+}
+
+/// Whether this keeper is recovering from lease store trouble.
+#[derive(Default)]
+struct Recovery {
+    /// Until when expired leases are neither deleted nor dropped from the view.
+    until: Option<tokio::time::Instant>,
+    /// The longest lease TTL seen: the recovery lasts two of them.
+    longest_ttl: Duration,
 }
 
 impl KeeperState {
@@ -73,6 +90,46 @@ impl KeeperState {
             snapshots,
             leases,
             max_ttl_secs: max_ttl_secs.max(2),
+            recovery: std::sync::Mutex::new(Recovery {
+                until: None,
+                // Until the first read says otherwise: the default node TTL.
+                longest_ttl: Duration::from_secs(10),
+            }),
+        }
+    }
+
+    fn recovery(&self) -> std::sync::MutexGuard<'_, Recovery> {
+        self.recovery
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The lease store failed or stalled: nodes could not renew meanwhile,
+    /// so for two lease TTLs from now no lease ends.
+    pub fn store_trouble(&self) {
+        let mut recovery = self.recovery();
+        let until = tokio::time::Instant::now() + recovery.longest_ttl * 2;
+        if recovery.until.is_none() {
+            metrics::counter!("pushgrid_keeper_store_recoveries_total").increment(1);
+            tracing::warn!(
+                grace_ms = (recovery.longest_ttl * 2).as_millis() as u64,
+                "lease store trouble: no lease ends until the nodes could renew again"
+            );
+        }
+        recovery.until = Some(until);
+    }
+
+    /// True while recovering from lease store trouble.
+    pub fn recovering(&self) -> bool {
+        let mut recovery = self.recovery();
+        match recovery.until {
+            Some(until) if tokio::time::Instant::now() < until => true,
+            Some(_) => {
+                recovery.until = None;
+                tracing::info!("recovered from lease store trouble: expired leases end again");
+                false
+            }
+            None => false,
         }
     }
 
@@ -99,13 +156,31 @@ impl KeeperState {
         }
     }
 
-    /// Reads the live leases and publishes them when they changed.
+    /// Reads the live leases and publishes them when they changed. While
+    /// recovering, the nodes listed before stay listed.
     pub async fn refresh_nodes(&self) -> Result<(), Status> {
-        let nodes = self.leases.live_nodes().await.map_err(|error| {
-            metrics::counter!("pushgrid_keeper_store_errors_total", "op" => "read").increment(1);
-            Status::from(error)
-        })?;
+        let (mut nodes, longest_ttl_ms) = match self.leases.live_nodes().await {
+            Ok(live) => live,
+            Err(error) => {
+                metrics::counter!("pushgrid_keeper_store_errors_total", "op" => "read")
+                    .increment(1);
+                self.store_trouble();
+                return Err(Status::from(error));
+            }
+        };
+        if longest_ttl_ms > 0 {
+            self.recovery().longest_ttl = Duration::from_millis(longest_ttl_ms.max(2000));
+        }
+        let recovering = self.recovering();
         let mut published = self.published.lock().await;
+        if recovering {
+            for node in &published.nodes {
+                if !nodes.iter().any(|live| live.id == node.id) {
+                    nodes.push(node.clone());
+                }
+            }
+            nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        }
         if published.nodes != nodes {
             published.nodes = nodes;
             self.publish(&published);
@@ -129,9 +204,12 @@ impl KeeperService {
     }
 }
 
-fn store_failed(op: &'static str, error: crate::leases::LeaseError) -> Status {
+fn store_failed(state: &KeeperState, op: &'static str, error: crate::leases::LeaseError) -> Status {
     metrics::counter!("pushgrid_keeper_store_errors_total", "op" => op).increment(1);
     tracing::warn!(op, %error, "lease store failed");
+    if !matches!(error, crate::leases::LeaseError::NoWorkerId) {
+        state.store_trouble();
+    }
     error.into()
 }
 
@@ -163,7 +241,7 @@ impl Keeper for KeeperService {
             .leases
             .register(&node, u64::from(ttl_secs) * 1000, worker)
             .await
-            .map_err(|error| store_failed("register", error))?;
+            .map_err(|error| store_failed(&self.state, "register", error))?;
         let grant = registered.worker;
         tracing::info!(
             node = %node.id,
@@ -199,7 +277,7 @@ impl Keeper for KeeperService {
             .leases
             .heartbeat(request.lease_id, request.load)
             .await
-            .map_err(|error| store_failed("heartbeat", error))?;
+            .map_err(|error| store_failed(&self.state, "heartbeat", error))?;
         let Some(renewed) = renewed else {
             return Err(Status::not_found(format!(
                 "lease {} is unknown or expired",
@@ -227,7 +305,7 @@ impl Keeper for KeeperService {
             .leases
             .deregister(lease_id)
             .await
-            .map_err(|error| store_failed("deregister", error))?;
+            .map_err(|error| store_failed(&self.state, "deregister", error))?;
         if let Some(node) = left {
             tracing::info!(%node, "node left");
             let _ = self.state.refresh_nodes().await;
@@ -245,6 +323,32 @@ impl Keeper for KeeperService {
         let stream = tokio_stream::wrappers::WatchStream::new(self.state.snapshots.subscribe())
             .map(|snapshot| Ok(ClusterState::clone(&snapshot)));
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A store read slower than this means the lease store stalled.
+const STALL: Duration = Duration::from_secs(1);
+
+/// Watches the lease store: a cheap read every `every` that fails or takes
+/// longer than [`STALL`] starts (or extends) a recovery, while the store is
+/// still stalled, so no keeper publishes a list that lost live nodes when
+/// the store answers again.
+pub(crate) async fn probe_store(
+    state: Arc<KeeperState>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match tokio::time::timeout(STALL, state.leases.probe()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => state.store_trouble(),
+        }
     }
 }
 
@@ -271,8 +375,14 @@ pub(crate) async fn maintain_leases(
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
+        let started = tokio::time::Instant::now();
         let mut healthy = true;
-        match state.leases.reap().await {
+        let reaped = if state.recovering() {
+            Ok(Vec::new())
+        } else {
+            state.leases.reap().await
+        };
+        match reaped {
             Ok(ended) => {
                 for node in &ended {
                     tracing::warn!(%node, "lease expired");
@@ -327,6 +437,11 @@ pub(crate) async fn maintain_leases(
         }
         if state.refresh_nodes().await.is_err() {
             healthy = false;
+        }
+        // A tick that took far longer than it should waited on the store:
+        // nodes' renewals waited too.
+        if !healthy || started.elapsed() > every + STALL {
+            state.store_trouble();
         }
         if healthy && failing {
             tracing::info!("lease store answers again");

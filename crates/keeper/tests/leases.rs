@@ -132,8 +132,8 @@ async fn two_keepers_never_grant_one_worker_id_twice(backend: Backend) {
     let holders: HashSet<&str> = rows.iter().map(|row| row.1.as_str()).collect();
     assert_eq!(holders.len(), 40, "one holder per id");
     // Both keepers list the same 40 nodes.
-    let first = keepers.stores[0].live_nodes().await.unwrap();
-    let second = keepers.stores[1].live_nodes().await.unwrap();
+    let (first, _) = keepers.stores[0].live_nodes().await.unwrap();
+    let (second, _) = keepers.stores[1].live_nodes().await.unwrap();
     assert_eq!(first.len(), 40);
     assert_eq!(first, second);
     keepers.finish().await;
@@ -174,9 +174,14 @@ async fn a_worker_id_comes_back_only_after_its_lease_and_the_margin(backend: Bac
     let regranted = later.worker.unwrap();
     assert_eq!(regranted.id, held.id);
     assert_eq!(regranted.generation, held.generation + 1);
-    // The old holder's lease is gone, and its generation no longer fits:
-    // it gets another id.
-    assert!(a.heartbeat(first.lease_id, 0).await.unwrap().is_none());
+    // The old holder's lease is renewed (no keeper deleted it yet), but not
+    // the worker id it lost; and its generation no longer fits: registering
+    // again, it gets another id.
+    let stale = a.heartbeat(first.lease_id, 0).await.unwrap().unwrap();
+    assert!(
+        !stale.worker_renewed,
+        "the old holder renewed an id it lost"
+    );
     let back = a
         .register(
             &saver("a"),
@@ -212,7 +217,7 @@ async fn a_holder_keeps_its_id_across_a_lost_lease(backend: Backend) {
     let now = store.db_now_ms().await.unwrap();
     until_db_time(store, now + 400).await;
     assert_eq!(store.reap().await.unwrap(), ["s"]);
-    assert!(store.live_nodes().await.unwrap().is_empty());
+    assert!(store.live_nodes().await.unwrap().0.is_empty());
     assert!(store.heartbeat(first.lease_id, 0).await.unwrap().is_none());
     let again = store
         .register(
@@ -229,8 +234,9 @@ async fn a_holder_keeps_its_id_across_a_lost_lease(backend: Backend) {
     assert_eq!(again.worker, Some(held), "same id, same generation");
     let renewed = store.heartbeat(again.lease_id, 7).await.unwrap().unwrap();
     assert!(renewed.worker_renewed);
-    let nodes = store.live_nodes().await.unwrap();
+    let (nodes, longest_ttl_ms) = store.live_nodes().await.unwrap();
     assert_eq!(nodes.len(), 1);
+    assert_eq!(longest_ttl_ms, 10_000);
     assert_eq!((nodes[0].worker_id, nodes[0].load), (held.id, 7));
     // A lease without a worker id renews without one.
     let room = NodeInfo {
@@ -258,7 +264,7 @@ async fn a_holder_keeps_its_id_across_a_lost_lease(backend: Backend) {
     let rows = store.worker_ids().await.unwrap();
     let row = rows.iter().find(|row| row.0 == held.id).unwrap();
     assert!(row.3 <= store.db_now_ms().await.unwrap());
-    assert_eq!(store.live_nodes().await.unwrap().len(), 1);
+    assert_eq!(store.live_nodes().await.unwrap().0.len(), 1);
     keepers.finish().await;
 }
 

@@ -308,6 +308,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             grace,
             lines.clone(),
             stop_keepers.clone(),
+            shutdown.clone(),
         ));
         remember(&keeper);
         keepers.push(keeper);
@@ -355,7 +356,14 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         } else {
             (&mut role_tasks, stop_roles.clone())
         };
-        tasks.spawn(supervise(role.clone(), backoff, grace, lines.clone(), stop));
+        tasks.spawn(supervise(
+            role.clone(),
+            backoff,
+            grace,
+            lines.clone(),
+            stop,
+            shutdown.clone(),
+        ));
         remember(&role);
         others.push(role);
     }

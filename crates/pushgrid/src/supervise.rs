@@ -145,12 +145,16 @@ pub type Line = (String, bool, String);
 
 /// Runs `instance` until `stop`: starts it, restarts it after every exit with
 /// a back-off, and on `stop` sends SIGTERM, waits up to `grace`, then kills.
+/// Once `stopping` (the whole cluster is being stopped, so a process that
+/// exits may have been told to by the terminal's Ctrl-C) nothing is started
+/// again.
 pub async fn supervise(
     instance: Arc<Instance>,
     backoff: Backoff,
     grace: Duration,
     lines: mpsc::Sender<Line>,
     stop: CancellationToken,
+    stopping: CancellationToken,
 ) {
     let name = instance.name.clone();
     let mut delay = backoff.min;
@@ -162,7 +166,7 @@ pub async fn supervise(
             Ok(child) => child,
             Err(error) => {
                 tracing::error!(instance = %name, %error, delay_ms = delay.as_millis() as u64, "cannot start role; trying again");
-                if !pause(delay, &stop).await {
+                if !pause(delay, &stop).await || stopping.is_cancelled() {
                     return;
                 }
                 delay = (delay * 2).min(backoff.max);
@@ -196,8 +200,10 @@ pub async fn supervise(
         if started.elapsed() >= STABLE_AFTER {
             delay = backoff.min;
         }
-        metrics::counter!("pushgrid_launcher_restarts_total", "instance" => name.clone())
-            .increment(1);
+        if stopping.is_cancelled() {
+            tracing::info!(instance = %name, exit = %how, "role exited while the cluster stops");
+            return;
+        }
         tracing::warn!(
             instance = %name,
             pid,
@@ -206,9 +212,11 @@ pub async fn supervise(
             restart_in_ms = delay.as_millis() as u64,
             "role exited; restarting it"
         );
-        if !pause(delay, &stop).await {
+        if !pause(delay, &stop).await || stopping.is_cancelled() {
             return;
         }
+        metrics::counter!("pushgrid_launcher_restarts_total", "instance" => name.clone())
+            .increment(1);
         delay = (delay * 2).min(backoff.max);
     }
 }

@@ -177,18 +177,59 @@ impl SaverService {
         Ok(Response::new(status))
     }
 
-    /// Records which device acknowledged what; a failure costs only status
-    /// detail (the ACK itself is done), so it is logged, not returned.
-    pub(crate) async fn record_acks(&self, items: &[AckItem]) {
-        if let Err(error) = self.store.record_acks(items).await {
-            tracing::warn!(%error, "cannot record acks for message status");
+    /// Records which device acknowledged what: a failure costs only status
+    /// detail (the ACK itself is done), so it is logged; a slow database
+    /// holds the ACK's answer for at most [`STATUS_WAIT`].
+    pub(crate) async fn record_acks(&self, items: Vec<AckItem>) {
+        if items.is_empty() {
+            return;
         }
+        let store = self.store.clone();
+        self.status_write("acks", async move {
+            if let Err(error) = store.record_acks(&items).await {
+                tracing::warn!(%error, "cannot record acks for message status");
+            }
+        })
+        .await;
     }
 
-    /// Opens a broadcast's status record; logged on failure like acks.
-    pub(crate) async fn record_broadcast(&self, message: &BroadcastMessage) {
-        if let Err(error) = self.store.record_broadcast(message).await {
-            tracing::warn!(%error, "cannot record a broadcast for message status");
+    /// Opens a broadcast's status record; logged on failure like acks. The
+    /// broadcast is stored already: it is answered after at most
+    /// [`STATUS_WAIT`] even when the record is not written yet, since an
+    /// error answer would say it was not stored.
+    pub(crate) async fn record_broadcast(&self, message: BroadcastMessage) {
+        let store = self.store.clone();
+        self.status_write("broadcast", async move {
+            if let Err(error) = store.record_broadcast(&message).await {
+                tracing::warn!(%error, "cannot record a broadcast for message status");
+            }
+        })
+        .await;
+    }
+
+    /// Runs a status write as a task (at most [`crate::MAX_STATUS_WRITES`] at
+    /// once; beyond that it is skipped and counted) and waits for it up to
+    /// [`STATUS_WAIT`]; a write still running then finishes in the background.
+    async fn status_write(
+        &self,
+        kind: &'static str,
+        write: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let Ok(permit) = self.status_writes.clone().try_acquire_owned() else {
+            ::metrics::counter!("pushgrid_saver_status_writes_skipped_total", "kind" => kind)
+                .increment(1);
+            return;
+        };
+        let task = tokio::spawn(async move {
+            write.await;
+            drop(permit);
+        });
+        if tokio::time::timeout(STATUS_WAIT, task).await.is_err() {
+            ::metrics::counter!("pushgrid_saver_status_writes_late_total", "kind" => kind)
+                .increment(1);
         }
     }
 }
+
+/// How long an answer waits for its status record before it goes out anyway.
+pub(crate) const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);

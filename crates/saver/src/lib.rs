@@ -157,11 +157,20 @@ impl Listeners {
 /// The tonic service over any store.
 pub struct SaverService {
     store: Arc<dyn MessageStore>,
+    /// Status records written in the background (delivery reports of ACKs,
+    /// broadcast records), bounded.
+    status_writes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Status writes in flight at most; beyond, they are skipped and counted.
+pub const MAX_STATUS_WRITES: usize = 256;
 
 impl SaverService {
     pub fn new(store: Arc<dyn MessageStore>) -> SaverService {
-        SaverService { store }
+        SaverService {
+            store,
+            status_writes: Arc::new(tokio::sync::Semaphore::new(MAX_STATUS_WRITES)),
+        }
     }
 }
 
@@ -317,7 +326,7 @@ impl Saver for SaverService {
             .publish(&request.app, &request.topic, request.payload)
             .await
             .map_err(|error| to_status("publish", error))?;
-        self.record_broadcast(&message).await;
+        self.record_broadcast(message.clone()).await;
         metrics::published();
         Ok(Response::new(PublishResponse {
             message: Some(message),
@@ -403,7 +412,7 @@ impl Saver for SaverService {
             .ack(items)
             .await
             .map_err(|error| to_status("ack", error))?;
-        self.record_acks(&by_device).await;
+        self.record_acks(by_device).await;
         metrics::acked(acked);
         Ok(Response::new(AckResponse { acked }))
     }

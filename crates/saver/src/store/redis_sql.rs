@@ -949,10 +949,12 @@ impl MessageStore for RedisSqlStore {
                 if let Some(first) = self.sql.idempotent_answer(app, idempotency_key).await? {
                     return self.replay(app, idempotency_key, first).await;
                 }
-                match self
-                    .sql
-                    .insert_with_key(app, idempotency_key, &stored.messages)
-                    .await
+                // A deadlock victim applied nothing: it may simply try again.
+                match super::sql::retry_lock_conflicts(|| {
+                    self.sql
+                        .insert_with_key(app, idempotency_key, &stored.messages)
+                })
+                .await
                 {
                     Ok(Some(first)) => return self.replay(app, idempotency_key, first).await,
                     Ok(None) => {}

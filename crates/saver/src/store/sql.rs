@@ -993,7 +993,7 @@ impl MessageStore for SqlStore {
             return self.replay(app, idempotency_key, first).await;
         }
         let messages = self.new_messages(app, users, &payload, ttl_secs)?;
-        match self.insert_with_key(app, idempotency_key, &messages).await {
+        match retry_lock_conflicts(|| self.insert_with_key(app, idempotency_key, &messages)).await {
             Ok(Some(first)) => self.replay(app, idempotency_key, first).await,
             Ok(None) => Ok(Stored {
                 messages,
