@@ -43,7 +43,7 @@ bound "$work/dev.out" dev ready >/dev/null
 start_room() { # name, extra settings...
     local name=$1; shift
     "$room_bin" --set "keeper=$keeper" --set listen=127.0.0.1:0 --set admin_listen=127.0.0.1:0 \
-        --set tcp_listen=127.0.0.1:0 --set heartbeat_secs=600 --set "node_id=bench-$name" "$@" \
+        --set "credentials_dir=$work/data/credentials" --set tcp_listen=127.0.0.1:0 --set heartbeat_secs=600 --set "node_id=bench-$name" "$@" \
         >"$work/$name.out" 2>"$work/$name.log" &
     pids+=($!)
     room_pid=$!
@@ -60,6 +60,6 @@ kill "$room_pid"
 
 echo "== fan-out: 5,000 subscribers x 200 messages of 64 B"
 start_room fanout --set outbound_queue=1024 --set outbound_queue_bytes=4194304
-"$bin/examples/room_fanout" --addr "$room_tcp" --grpc "$room_grpc" --subscribers 5000 \
+"$bin/examples/room_fanout" --addr "$room_tcp" --grpc "$room_grpc" --credentials "$work/data/credentials" --subscribers 5000 \
     --messages 200 --payload 64 --app demo --secret demo-secret
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg); logs in $work"

@@ -368,12 +368,17 @@ async fn run_inner(
     );
     let database_url = format!("{}/{}", args.mysql_server, tenant.database);
     let lease = format!("lease_ttl_secs={}", args.lease_secs.max(3));
+    // The cluster credentials every role needs, as `pushgrid cluster` makes them.
+    let credentials = log_dir.join("credentials");
+    pushgrid_common::auth::init_dir(&credentials)?;
+    let credentials = format!("credentials_dir={}", credentials.display());
     let node = |keeper: &str| {
         vec![
             format!("keeper={keeper}"),
             "listen=127.0.0.1:0".to_owned(),
             "admin_listen=127.0.0.1:0".to_owned(),
             lease.clone(),
+            credentials.clone(),
         ]
     };
 
@@ -677,7 +682,7 @@ async fn wait_for_rooms(center: &str, api_key: &str, count: usize) -> anyhow::Re
     let mut seen = 0;
     for _ in 0..600 {
         let answer = http
-            .post(format!("http://{center}/api/stats"))
+            .post(format!("http://{center}/api/info"))
             .header("Authorization", format!("apikey {api_key}"))
             .json(&json!({}))
             .send()
@@ -685,7 +690,10 @@ async fn wait_for_rooms(center: &str, api_key: &str, count: usize) -> anyhow::Re
         if let Ok(answer) = answer
             && let Ok(body) = answer.json::<Value>().await
         {
-            seen = body["result"]["rooms"].as_array().map_or(0, Vec::len);
+            // An API key sees the nodes' roles (not their addresses).
+            seen = body["result"]["nodes"].as_array().map_or(0, |nodes| {
+                nodes.iter().filter(|node| node["role"] == "room").count()
+            });
             if seen >= count {
                 return Ok(());
             }

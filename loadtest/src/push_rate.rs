@@ -233,7 +233,10 @@ mod tests {
         );
         assert_eq!(schedule(&users, 4, 1).len(), 4);
         // More users per call than devices: each call names every device once.
-        assert_eq!(schedule(&users, 6, 5), vec![vec![10, 11, 12], vec![10, 11, 12]]);
+        assert_eq!(
+            schedule(&users, 6, 5),
+            vec![vec![10, 11, 12], vec![10, 11, 12]]
+        );
         assert!(schedule(&[], 5, 1).is_empty());
     }
 }

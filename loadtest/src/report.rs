@@ -368,7 +368,11 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<34} {}/s asked for {} s, {} user(s) per call, {} calls in flight",
-                "push rate", rate.asked_per_sec, rate.secs, rate.users_per_call, rate.calls_in_flight
+                "push rate",
+                rate.asked_per_sec,
+                rate.secs,
+                rate.users_per_call,
+                rate.calls_in_flight
             );
             let _ = writeln!(
                 out,

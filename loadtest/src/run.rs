@@ -1092,7 +1092,9 @@ pub async fn run(
                     slow_ledger.deliver(*id);
                 } else {
                     match worker.delivered_devices.get(index) {
-                        Some(device) => ledger.deliver_to(*id, spec.first_user + u64::from(*device)),
+                        Some(device) => {
+                            ledger.deliver_to(*id, spec.first_user + u64::from(*device))
+                        }
                         None => ledger.deliver(*id),
                     }
                     if *us > 0 {

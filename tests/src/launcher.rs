@@ -43,6 +43,8 @@ pub struct Launcher {
     child: Child,
     seen: Arc<Mutex<Seen>>,
     pub log: PathBuf,
+    /// The cluster credentials the launcher created (`<dir>/data/credentials`).
+    pub credentials: PathBuf,
 }
 
 /// `pushgrid cluster` arguments for a test: ephemeral ports, the test's own
@@ -80,13 +82,18 @@ pub fn launcher_args(app: &TestApp, database_url: &str, redis_url: &str) -> Vec<
 }
 
 impl Launcher {
-    /// Starts `pushgrid <args>` (stderr to `dir/launcher.log`) and waits for
-    /// its `ready` line.
+    /// Starts `pushgrid <args>` (stderr to `dir/launcher.log`, its data
+    /// directory, with the cluster credentials it creates, in `dir/data`) and
+    /// waits for its `ready` line.
     pub async fn start(dir: &Path, args: &[String]) -> anyhow::Result<Launcher> {
         let log = dir.join("launcher.log");
         let stderr = std::fs::File::create(&log)?;
+        let data = dir.join("data");
         let mut child = Command::new(binary("pushgrid"))
             .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .current_dir(dir)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -106,7 +113,12 @@ impl Launcher {
                 note(&record, &line);
             }
         });
-        let launcher = Launcher { child, seen, log };
+        let launcher = Launcher {
+            child,
+            seen,
+            log,
+            credentials: data.join("credentials"),
+        };
         let ready = eventually(Duration::from_secs(120), || async {
             launcher.seen.lock().unwrap().launcher.contains_key("ready")
         })

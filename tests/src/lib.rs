@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use pushgrid_client::{Connection, msg};
+use pushgrid_proto::cluster::Role;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -275,6 +276,8 @@ impl Default for ClusterOptions {
 pub struct TestCluster {
     pub app: TestApp,
     pub dir: PathBuf,
+    /// The cluster credentials directory (`<role>.key`, `verifiers`, `admin-token`).
+    pub credentials: PathBuf,
     pub database: String,
     pub keeper: Proc,
     /// Keepers beyond the first (`ClusterOptions::keepers`).
@@ -296,12 +299,13 @@ pub struct TestCluster {
     role_args: HashMap<String, Vec<String>>,
 }
 
-fn node_args(keeper: &str) -> Vec<String> {
+fn node_args(keeper: &str, credentials: &Path) -> Vec<String> {
     [
         format!("keeper={keeper}"),
         "listen=127.0.0.1:0".into(),
         "admin_listen=127.0.0.1:0".into(),
         "lease_ttl_secs=3".into(),
+        format!("credentials_dir={}", credentials.display()),
     ]
     .into_iter()
     .flat_map(|setting| ["--set".to_string(), setting])
@@ -331,10 +335,18 @@ impl TestCluster {
     ) -> anyhow::Result<TestCluster> {
         app.webhook_url = options.webhook_url.clone();
         let dir = temp_dir("pushgrid-e2e");
+        // The credentials every role gets, as `pushgrid cluster` creates them.
+        let credentials = dir.join("credentials");
+        pushgrid_common::auth::init_dir(&credentials)?;
+        // Every role's admin token (the file's) is the tests' one.
+        std::fs::write(
+            credentials.join(pushgrid_common::auth::ADMIN_TOKEN_FILE),
+            ADMIN_TOKEN,
+        )?;
         let database = format!("pg_e2e_{}", &app.id[3..]);
         let database_url = format!("{MYSQL_SERVER}/{database}");
 
-        let mut keeper_args = node_args("127.0.0.1:1");
+        let mut keeper_args = node_args("127.0.0.1:1", &credentials);
         set(&mut keeper_args, format!("database_url={database_url}"));
         set(&mut keeper_args, "http_listen=127.0.0.1:0".into());
         set(&mut keeper_args, format!("admin_token={ADMIN_TOKEN}"));
@@ -366,8 +378,17 @@ impl TestCluster {
             .join(",");
 
         let mut role_args = HashMap::new();
-        role_args.insert("register".to_string(), node_args(&keeper_addr));
-        let register = spawn(&dir, "register", "register", &node_args(&keeper_addr)).await?;
+        role_args.insert(
+            "register".to_string(),
+            node_args(&keeper_addr, &credentials),
+        );
+        let register = spawn(
+            &dir,
+            "register",
+            "register",
+            &node_args(&keeper_addr, &credentials),
+        )
+        .await?;
         let mut extra_registers = Vec::new();
         for index in 1..options.registers.max(1) {
             extra_registers.push(
@@ -375,12 +396,12 @@ impl TestCluster {
                     &dir,
                     &format!("register{index}"),
                     "register",
-                    &node_args(&keeper_addr),
+                    &node_args(&keeper_addr, &credentials),
                 )
                 .await?,
             );
         }
-        let mut saver_args = node_args(&keeper_addr);
+        let mut saver_args = node_args(&keeper_addr, &credentials);
         // A fixed node id: a saver started again in its place (a restart,
         // another store) replaces its lease at once instead of leaving a
         // dead saver in the view until the lease ends.
@@ -389,10 +410,18 @@ impl TestCluster {
         set(&mut saver_args, format!("redis_url={REDIS_URL}"));
         let saver = spawn(&dir, "saver", "saver", &saver_args).await?;
         role_args.insert("saver".to_string(), saver_args);
-        role_args.insert("coordinator".to_string(), node_args(&keeper_addr));
-        let coordinator =
-            spawn(&dir, "coordinator", "coordinator", &node_args(&keeper_addr)).await?;
-        let mut center_args = node_args(&keeper_addr);
+        role_args.insert(
+            "coordinator".to_string(),
+            node_args(&keeper_addr, &credentials),
+        );
+        let coordinator = spawn(
+            &dir,
+            "coordinator",
+            "coordinator",
+            &node_args(&keeper_addr, &credentials),
+        )
+        .await?;
+        let mut center_args = node_args(&keeper_addr, &credentials);
         set(&mut center_args, "http_listen=127.0.0.1:0".into());
         for setting in &options.center_sets {
             set(&mut center_args, setting.clone());
@@ -404,13 +433,13 @@ impl TestCluster {
             extra_centers.push(spawn(&dir, &name, "center", &center_args).await?);
         }
         role_args.insert("center".to_string(), center_args);
-        let mut dispatcher_args = node_args(&keeper_addr);
+        let mut dispatcher_args = node_args(&keeper_addr, &credentials);
         set(&mut dispatcher_args, "http_listen=127.0.0.1:0".into());
         let dispatcher = spawn(&dir, "dispatcher", "dispatcher", &dispatcher_args).await?;
         role_args.insert("dispatcher".to_string(), dispatcher_args);
         let mut rooms = Vec::new();
         for index in 0..options.rooms.max(1) {
-            let mut room_args = node_args(&keeper_addr);
+            let mut room_args = node_args(&keeper_addr, &credentials);
             set(&mut room_args, "tcp_listen=127.0.0.1:0".into());
             set(
                 &mut room_args,
@@ -423,6 +452,7 @@ impl TestCluster {
         let cluster = TestCluster {
             app,
             dir,
+            credentials,
             database,
             keeper,
             extra_keepers,
@@ -484,7 +514,7 @@ impl TestCluster {
 
     /// `--set` arguments for another role process of this cluster.
     pub fn node_args(&self) -> Vec<String> {
-        node_args(&self.keeper_list)
+        node_args(&self.keeper_list, &self.credentials)
     }
 
     /// Keeper `index` (0 is `keeper`).
@@ -572,6 +602,23 @@ impl TestCluster {
         Ok(())
     }
 
+    /// A gRPC channel to `addr` (connected now) whose calls carry role
+    /// `role`'s key, as that role's own calls do.
+    pub async fn grpc_as(&self, addr: SocketAddr, role: Role) -> pushgrid_common::rpc::Channel {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        self.role_credentials(role)
+            .attach(pushgrid_common::rpc::PeerChannel::Remote(channel))
+    }
+
+    /// The credentials of role `role` of this cluster (its key, every verifier).
+    pub fn role_credentials(&self, role: Role) -> pushgrid_common::auth::Credentials {
+        pushgrid_common::auth::Credentials::load(role, &self.credentials).unwrap()
+    }
+
     /// The arguments of this cluster's saver with another Redis and SQL URL.
     pub fn saver_args(&self, redis_url: &str, database_url: &str) -> Vec<String> {
         let mut args = self.node_args();
@@ -600,7 +647,10 @@ impl TestCluster {
             self.push(&["replace-saver-probe"], "probe").await.is_ok()
         })
         .await;
-        anyhow::ensure!(reached, "center did not reach the new saver {name} within 30 s");
+        anyhow::ensure!(
+            reached,
+            "center did not reach the new saver {name} within 30 s"
+        );
         Ok(())
     }
 
@@ -642,6 +692,28 @@ impl TestCluster {
             .http
             .post(format!("{}/api/{method}", self.center_url()))
             .header("Authorization", format!("apikey {key}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// `POST /api/<method>` with the admin token (`stats` and `info` of the
+    /// whole cluster).
+    pub async fn call_admin(
+        &self,
+        method: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}/api/{method}", self.center_url()))
+            .bearer_auth(ADMIN_TOKEN)
             .json(&body)
             .send()
             .await

@@ -30,12 +30,13 @@ fn sets(settings: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn node_settings(keeper: &str) -> Vec<String> {
+fn node_settings(keeper: &str, credentials: &std::path::Path) -> Vec<String> {
     vec![
         format!("keeper={keeper}"),
         "listen=127.0.0.1:0".into(),
         "admin_listen=127.0.0.1:0".into(),
         "lease_ttl_secs=3".into(),
+        format!("credentials_dir={}", credentials.display()),
     ]
 }
 
@@ -44,7 +45,9 @@ impl Cell {
     async fn start(rooms: &[(&str, &str)], dispatcher_settings: &[&str]) -> Cell {
         let dir = temp_dir("pushgrid-dispatch");
         let keeper_db = format!("sqlite://{}/keeper.db", dir.display());
-        let mut keeper_settings = node_settings("127.0.0.1:1");
+        let credentials = dir.join("credentials");
+        pushgrid_common::auth::init_dir(&credentials).unwrap();
+        let mut keeper_settings = node_settings("127.0.0.1:1", &credentials);
         keeper_settings.push(format!("database_url={keeper_db}"));
         keeper_settings.push("config_poll_secs=1".into());
         keeper_settings.push("http_listen=127.0.0.1:0".into());
@@ -56,14 +59,14 @@ impl Cell {
 
         let mut started = HashMap::new();
         for (id, labels) in rooms {
-            let mut settings = node_settings(&keeper_addr);
+            let mut settings = node_settings(&keeper_addr, &credentials);
             settings.push("tcp_listen=127.0.0.1:0".into());
             settings.push(format!("node_id={id}"));
             settings.push(format!("labels={{{labels}}}"));
             let room = spawn(&dir, id, "room", &sets(&settings)).await.unwrap();
             started.insert(id.to_string(), room);
         }
-        let mut settings = node_settings(&keeper_addr);
+        let mut settings = node_settings(&keeper_addr, &credentials);
         settings.push("http_listen=127.0.0.1:0".into());
         settings.extend(
             dispatcher_settings

@@ -299,6 +299,19 @@ struct Expected {
     frame_errors_after_auth: u64,
 }
 
+/// The room refuses a device id (the token's, or "default", when the device
+/// sends none) or a platform that is not printable text (crates/wire).
+fn printable_identity(auth: &msg::Auth) -> bool {
+    let device = if auth.device_id.is_empty() {
+        "default"
+    } else {
+        &auth.device_id
+    };
+    pushgrid_wire::check_id("", device).is_ok()
+        && auth.platform.len() <= pushgrid_wire::MAX_ID_BYTES
+        && pushgrid_wire::check_text("", &auth.platform).is_ok()
+}
+
 fn model(stream: &[u8], valid_token: &str) -> Expected {
     let mut expected = Expected::default();
     let mut buf = BytesMut::from(stream);
@@ -317,7 +330,7 @@ fn model(stream: &[u8], valid_token: &str) -> Expected {
             } else {
                 match frame.decode::<msg::Auth>() {
                     Err(_) => Some(msg::ErrorCode::BadBody),
-                    Ok(auth) if auth.token == valid_token => None,
+                    Ok(auth) if auth.token == valid_token && printable_identity(&auth) => None,
                     Ok(_) => Some(msg::ErrorCode::AuthFailed),
                 }
             };
@@ -913,8 +926,12 @@ async fn post(
 /// AUTH_OK: the room answers them at once (the fuzz sessions do this too).
 async fn check_pipelined_auth(room: &str, token: &str) {
     let mut stream = TcpStream::connect(room).await.unwrap();
-    let mut rng = Rng(7);
-    let mut bytes = valid_frame(&mut rng, Op::Auth, token);
+    let auth = msg::Auth {
+        token: token.to_string(),
+        device_id: "pipelined-phone".into(),
+        platform: "fuzz".into(),
+    };
+    let mut bytes = encode(Op::Auth, 7, &auth).to_vec();
     bytes.extend_from_slice(&encode_empty(Op::Ping, 42));
     stream.write_all(&bytes).await.unwrap();
     let mut buf = BytesMut::new();

@@ -14,8 +14,8 @@ use pushgrid_client::{Client, ClientConfig, Event};
 use pushgrid_e2e::{
     ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, spawn,
 };
-use pushgrid_proto::cluster::StoreRequest;
 use pushgrid_proto::cluster::saver_client::SaverClient;
+use pushgrid_proto::cluster::{Role, StoreRequest};
 use serde_json::json;
 use sqlx::Row;
 
@@ -174,9 +174,7 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
     // Pause A past its worker lease; a Store call waits in its socket.
     let a_pid = cluster.saver.pid();
     let a_grpc = cluster.saver.addr("grpc");
-    let mut a_client = SaverClient::connect(format!("http://{a_grpc}"))
-        .await
-        .unwrap();
+    let mut a_client = SaverClient::new(cluster.grpc_as(a_grpc, Role::Center).await);
     signal(a_pid, nix::sys::signal::Signal::SIGSTOP);
     // The stop takes effect when each of A's threads is next scheduled: a
     // call A took before that is minted under its valid lease.
@@ -248,9 +246,7 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
     })
     .await;
     assert!(regranted, "A was given another worker id");
-    let mut a_client = SaverClient::connect(format!("http://{a_grpc}"))
-        .await
-        .unwrap();
+    let mut a_client = SaverClient::new(cluster.grpc_as(a_grpc, Role::Center).await);
     let mut direct = Vec::new();
     for index in 0..20 {
         let stored = a_client

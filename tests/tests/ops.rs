@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use pushgrid_e2e::{ClusterOptions, Proc, TestCluster, binary, eventually, next_push, spawn};
+use pushgrid_e2e::{
+    ADMIN_TOKEN, ClusterOptions, Proc, TestCluster, binary, eventually, next_push, spawn,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -533,9 +535,14 @@ fn config_errors_name_every_bad_key_and_where_it_came_from() {
 async fn json_logs_are_one_object_per_line() {
     let dir = pushgrid_e2e::temp_dir("pushgrid-ops-json");
     let log = dir.join("room.log");
+    let credentials = dir.join("credentials");
+    pushgrid_common::auth::init_dir(&credentials).unwrap();
+    let credentials_dir = format!("credentials_dir={}", credentials.display());
     // keeper is unreachable: room logs warnings while it retries.
     let mut child = tokio::process::Command::new(binary("room"))
         .args([
+            "--set",
+            &credentials_dir,
             "--set",
             "keeper=127.0.0.1:1",
             "--set",
@@ -667,9 +674,27 @@ async fn a_cpu_profile_and_the_log_level_on_demand() {
     let admin = format!("http://{}", cluster.rooms[0].addr("admin"));
     let http = &cluster.http;
 
+    // Every /debug/ route needs the admin token, from loopback too.
+    for (method, path) in [
+        (reqwest::Method::GET, "/debug/pprof/profile?seconds=1"),
+        (reqwest::Method::GET, "/debug/log-level"),
+        (reqwest::Method::PUT, "/debug/log-level"),
+    ] {
+        for token in [None, Some("wrong"), Some(&ADMIN_TOKEN[1..])] {
+            let mut request = http.request(method.clone(), format!("{admin}{path}"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.body("debug").send().await.unwrap();
+            assert_eq!(response.status(), 401, "{method} {path} with {token:?}");
+            assert!(response.text().await.unwrap().contains("admin token"));
+        }
+    }
+
     for bad in ["0", "61", "ten"] {
         let response = http
             .get(format!("{admin}/debug/pprof/profile?seconds={bad}"))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap();
@@ -682,11 +707,12 @@ async fn a_cpu_profile_and_the_log_level_on_demand() {
     let profile = tokio::spawn({
         let http = http.clone();
         let url = format!("{center_admin}/debug/pprof/profile?seconds=2");
-        async move { http.get(url).send().await.unwrap() }
+        async move { http.get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap() }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = http
         .get(format!("{center_admin}/debug/pprof/profile?seconds=1"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -719,6 +745,7 @@ async fn a_cpu_profile_and_the_log_level_on_demand() {
     // The log filter, changed at run time.
     let level = |http: reqwest::Client, admin: String| async move {
         http.get(format!("{admin}/debug/log-level"))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()
@@ -729,6 +756,7 @@ async fn a_cpu_profile_and_the_log_level_on_demand() {
     assert_eq!(level(http.clone(), admin.clone()).await.trim(), "info");
     let changed = http
         .put(format!("{admin}/debug/log-level"))
+        .bearer_auth(ADMIN_TOKEN)
         .body("info,pushgrid_room=debug")
         .send()
         .await
@@ -738,6 +766,7 @@ async fn a_cpu_profile_and_the_log_level_on_demand() {
     assert!(now.contains("pushgrid_room=debug"), "{now}");
     let refused = http
         .put(format!("{admin}/debug/log-level"))
+        .bearer_auth(ADMIN_TOKEN)
         .body("info,[[[")
         .send()
         .await
@@ -809,6 +838,7 @@ async fn the_dashboard_shows_live_connections_in_chromium() {
         "admin_listen=127.0.0.1:0".into(),
         "http_listen=127.0.0.1:0".into(),
         "lease_ttl_secs=3".into(),
+        format!("credentials_dir={}", cluster.credentials.display()),
         format!("admin_token={token}"),
     ]
     .into_iter()
@@ -820,14 +850,15 @@ async fn the_dashboard_shows_live_connections_in_chromium() {
     let base = format!("http://{}", center.addr("http"));
     let http = &cluster.http;
 
-    // The token guards the page and its data; the cluster's own center has none.
+    // The token guards the page and its data; the cluster's own center has
+    // another one (the credentials directory's).
     let status = |url: String| async move { http.get(url).send().await.unwrap().status() };
     assert_eq!(status(format!("{base}/dashboard")).await, 401);
     assert_eq!(status(format!("{base}/dashboard?token=wrong")).await, 401);
     assert_eq!(status(format!("{base}/dashboard/data")).await, 401);
     assert_eq!(
         status(format!("{}/dashboard?token={token}", cluster.center_url())).await,
-        404
+        401
     );
     let page = http
         .get(format!("{base}/dashboard?token={token}"))

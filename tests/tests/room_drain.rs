@@ -123,11 +123,11 @@ async fn drain_moves_every_device_to_the_other_room_and_loses_no_message() {
     let answer = cluster
         .http
         .post(format!("http://{admin}/admin/drain"))
-        .bearer_auth("any")
+        .bearer_auth(pushgrid_e2e::ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
-    // No token configured: loopback peers may drain, whatever they send.
+    // The admin token (the credentials'): loopback peers need it too.
     assert_eq!(answer.status().as_u16(), 202);
     pusher.await.unwrap();
 

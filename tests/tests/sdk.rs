@@ -284,7 +284,7 @@ async fn a_kick_with_a_delay_and_a_target_is_obeyed() {
             "http://{}/admin/drain",
             cluster.rooms[0].addr("admin")
         ))
-        .bearer_auth("any")
+        .bearer_auth(pushgrid_e2e::ADMIN_TOKEN)
         .send()
         .await
         .unwrap();

@@ -252,7 +252,7 @@ async fn the_preferred_transport_is_used_and_a_kick_moves_websocket_clients_to_a
     let answer = cluster
         .http
         .post(format!("http://{}/admin/drain", room.addr("admin")))
-        .bearer_auth("any")
+        .bearer_auth(pushgrid_e2e::ADMIN_TOKEN)
         .send()
         .await
         .unwrap();

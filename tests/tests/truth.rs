@@ -11,19 +11,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pushgrid_client::{Op, msg};
+use pushgrid_common::rpc::Channel;
 use pushgrid_e2e::faults::{MysqlProxy, OwnRedis};
 use pushgrid_e2e::{
     ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, next_frame, next_push,
 };
 use pushgrid_proto::cluster::saver_client::SaverClient;
-use pushgrid_proto::cluster::{PendingRequest, StoreRequest};
+use pushgrid_proto::cluster::{PendingRequest, Role, StoreRequest};
 use serde_json::json;
 use sqlx::Row;
 
-async fn saver_client(cluster: &TestCluster) -> SaverClient<tonic::transport::Channel> {
-    SaverClient::connect(format!("http://{}", cluster.saver.addr("grpc")))
-        .await
-        .unwrap()
+/// A client of the cluster's saver calling as `role` (center stores, rooms
+/// read inboxes).
+async fn saver_client(cluster: &TestCluster, role: Role) -> SaverClient<Channel> {
+    SaverClient::new(cluster.grpc_as(cluster.saver.addr("grpc"), role).await)
 }
 
 /// Rows of `user` in the cluster's `messages` table (any state).
@@ -58,7 +59,7 @@ async fn unacked_in_sql(cluster: &TestCluster, user: &str) -> Vec<u64> {
 
 /// The user's inbox as saver serves it to a connecting device.
 async fn inbox(cluster: &TestCluster, user: &str) -> Vec<u64> {
-    saver_client(cluster)
+    saver_client(cluster, Role::Room)
         .await
         .pending(PendingRequest {
             app: cluster.app.id.clone(),
@@ -106,12 +107,12 @@ async fn a_store_call_whose_caller_gave_up_is_withdrawn() {
         .await
         .unwrap();
     // The impatient caller: gone after 1 s, while the commit waits.
-    let mut client = saver_client(&cluster).await;
+    let mut client = saver_client(&cluster, Role::Center).await;
     let gave_up =
         tokio::time::timeout(Duration::from_secs(1), client.store(store("impatient"))).await;
     assert!(gave_up.is_err(), "the call was still waiting for MySQL");
     // The patient caller, on a connection of its own.
-    let mut patient_client = saver_client(&cluster).await;
+    let mut patient_client = saver_client(&cluster, Role::Center).await;
     let request = store("patient");
     let patient = tokio::spawn(async move { patient_client.store(request).await });
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -33,6 +33,8 @@ pub(crate) struct ApiState {
     pub stores: StoreBatcher,
     /// Group push fan-outs waiting for a worker (issue 12, groups.rs).
     pub groups: crate::groups::GroupFanout,
+    /// The node's admin token: `stats` and `info` with it see the cluster.
+    pub admin_token: Option<String>,
 }
 
 /// An API failure: the HTTP status, a stable machine-readable code and a
@@ -66,6 +68,19 @@ impl ApiError {
     pub(crate) fn from_status(status: tonic::Status) -> ApiError {
         match status.code() {
             tonic::Code::InvalidArgument => ApiError::bad_request(status.message()),
+            // An idempotency key reused with another body.
+            tonic::Code::AlreadyExists => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", status.message())
+            }
+            // The cluster's own credentials are wrong: an operator's problem.
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "a cluster role refused center's credential: {}",
+                    status.message()
+                ),
+            ),
             _ => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -115,17 +130,25 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         router = router.route(
             &format!("/api/{name}"),
             post(
-                move |State(state): State<Arc<ApiState>>,
-                      Authenticated(app): Authenticated,
-                      body: Body| async move {
+                move |State(state): State<Arc<ApiState>>, caller: Authenticated, body: Body| async move {
                     let answered = async {
                         let body = read_body(&state, body).await?;
-                        crate::methods::call(&state, &app, method, Params::Body(body)).await
+                        match &caller.caller {
+                            Caller::App(app) => {
+                                crate::methods::call(&state, app, method, Params::Body(body)).await
+                            }
+                            Caller::Admin => {
+                                crate::methods::call_as_admin(&state, method, Params::Body(body))
+                            }
+                        }
                     }
                     .await;
                     match answered {
                         Ok(result) => ok(result),
-                        Err(error) => error.into_response(),
+                        Err(error) => {
+                            log_refusal(caller.peer, caller.name(), name, &error);
+                            error.into_response()
+                        }
                     }
                 },
             ),
@@ -226,9 +249,33 @@ pub(crate) fn overloaded(state: &ApiState, message: &str) -> ApiError {
     error
 }
 
-/// The app of a request's `Authorization: apikey <key>` header, within its
-/// rate limit: every API method takes it first, before reading the body.
-pub(crate) struct Authenticated(pub App);
+/// Who calls the API.
+pub(crate) enum Caller {
+    /// An app, by its `Authorization: apikey <key>`: it reaches only its own
+    /// users and counts.
+    App(App),
+    /// The operator, by `Authorization: Bearer <admin token>`: only `stats`
+    /// and `info`, for the whole cluster.
+    Admin,
+}
+
+/// The caller of a request and its address, within the app's rate limit:
+/// every API method takes it first, before reading the body. A refusal is
+/// answered, counted and logged with the caller's address.
+pub(crate) struct Authenticated {
+    pub caller: Caller,
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+impl Authenticated {
+    /// The app id, or `admin`, for logs.
+    fn name(&self) -> &str {
+        match &self.caller {
+            Caller::App(app) => &app.id,
+            Caller::Admin => "admin",
+        }
+    }
+}
 
 impl axum::extract::FromRequestParts<Arc<ApiState>> for Authenticated {
     type Rejection = ApiError;
@@ -237,9 +284,47 @@ impl axum::extract::FromRequestParts<Arc<ApiState>> for Authenticated {
         parts: &mut axum::http::request::Parts,
         state: &Arc<ApiState>,
     ) -> Result<Self, ApiError> {
-        let app = authenticate(state, &parts.headers)?;
-        rate_limit(state, &app)?;
-        Ok(Authenticated(app))
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0);
+        let method = parts.uri.path().trim_start_matches("/api/");
+        let authenticated = authenticate(state, &parts.headers).and_then(|caller| {
+            if let Caller::App(app) = &caller {
+                rate_limit(state, app)?;
+            }
+            Ok(caller)
+        });
+        match authenticated {
+            Ok(caller) => Ok(Authenticated { caller, peer }),
+            Err(error) => {
+                log_refusal(peer, "", method, &error);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Logs a refused call (a 4xx answer) with the caller's address, within a
+/// budget of lines per second; 5xx answers are the cluster's failures, not
+/// refusals, and are logged where they happen.
+fn log_refusal(peer: Option<std::net::SocketAddr>, caller: &str, method: &str, error: &ApiError) {
+    static REFUSALS: pushgrid_common::auth::RefusalLog = pushgrid_common::auth::RefusalLog::new(20);
+    if !error.status.is_client_error() {
+        return;
+    }
+    if let Some(unlogged_before) = REFUSALS.admit() {
+        let peer = peer.map_or_else(|| "unknown".to_string(), |peer| peer.to_string());
+        tracing::info!(
+            %peer,
+            caller,
+            method = %pushgrid_common::auth::printable(method),
+            status = error.status.as_u16(),
+            code = error.code,
+            message = %error.message,
+            unlogged_before,
+            "api call refused"
+        );
     }
 }
 
@@ -291,8 +376,9 @@ fn over_rate(app: &App, wait: std::time::Duration) -> ApiError {
     error
 }
 
-/// The app an `Authorization: apikey <key>` header belongs to.
-fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> {
+/// The caller an `Authorization: apikey <key>` (an app) or `Bearer <admin
+/// token>` (the operator) header names.
+fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let unauthorized =
         |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let value = headers
@@ -301,6 +387,16 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> 
     let value = value
         .to_str()
         .map_err(|_| unauthorized("Authorization header is not text"))?;
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return match &state.admin_token {
+            Some(expected) if pushgrid_common::telemetry::token_matches(token.trim(), expected) => {
+                Ok(Caller::Admin)
+            }
+            _ => Err(unauthorized(
+                "wrong admin token (Authorization: Bearer <admin token>; apps use: apikey <key>)",
+            )),
+        };
+    }
     let key = value
         .strip_prefix("apikey ")
         .map(str::trim)
@@ -311,5 +407,6 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<App, ApiError> 
         .view()
         .app_by_api_key(key)
         .cloned()
+        .map(Caller::App)
         .ok_or_else(|| unauthorized("unknown API key"))
 }

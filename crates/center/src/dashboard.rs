@@ -43,12 +43,9 @@ pub(crate) struct DashboardState {
 }
 
 impl DashboardState {
-    /// `token`: the configured admin token; empty falls back to the
-    /// process's `PUSHGRID_ADMIN_TOKEN`, and with neither the dashboard is off.
-    pub fn new(token: &str, cluster: Cluster) -> DashboardState {
-        let token = Some(token.trim().to_string())
-            .filter(|token| !token.is_empty())
-            .or_else(|| telemetry::admin_token().map(str::to_string));
+    /// `token`: the node's admin token (`NodeConfig::admin_token`); with
+    /// none the dashboard is off.
+    pub fn new(token: Option<String>, cluster: Cluster) -> DashboardState {
         DashboardState {
             token,
             cluster,
@@ -73,32 +70,37 @@ struct TokenQuery {
 
 fn authorize(
     state: &DashboardState,
+    extensions: &axum::http::Extensions,
     headers: &HeaderMap,
     query: &TokenQuery,
 ) -> Result<(), (StatusCode, String)> {
     let Some(expected) = state.token.as_deref() else {
         return Err((
             StatusCode::NOT_FOUND,
-            "the dashboard is off: set center's admin_token (or PUSHGRID_ADMIN_TOKEN)\n".into(),
+            "the dashboard is off: no admin token is configured (admin_token, PUSHGRID_ADMIN_TOKEN or the admin-token file of credentials_dir)\n".into(),
         ));
     };
     let given = telemetry::bearer_token(headers).or(query.token.as_deref());
-    match given {
-        Some(given) if telemetry::token_matches(given, expected) => Ok(()),
-        Some(_) => Err((StatusCode::UNAUTHORIZED, "wrong admin token\n".into())),
-        None => Err((
-            StatusCode::UNAUTHORIZED,
-            "admin token required: Authorization: Bearer <token> or ?token=<token>\n".into(),
-        )),
-    }
+    let refusal = match given {
+        Some(given) if telemetry::token_matches(given, expected) => return Ok(()),
+        Some(_) => "wrong admin token\n",
+        None => "admin token required: Authorization: Bearer <token> or ?token=<token>\n",
+    };
+    metrics::counter!("pushgrid_admin_refused_total", "endpoint" => "dashboard").increment(1);
+    let peer = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |info| info.0.to_string());
+    tracing::warn!(%peer, "dashboard request refused: {}", refusal.trim_end());
+    Err((StatusCode::UNAUTHORIZED, refusal.into()))
 }
 
 async fn page(
     State(state): State<Arc<DashboardState>>,
+    extensions: axum::http::Extensions,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers, &query) {
+    if let Err(refused) = authorize(&state, &extensions, &headers, &query) {
         return refused.into_response();
     }
     (
@@ -123,10 +125,11 @@ async fn script() -> Response {
 
 async fn data(
     State(state): State<Arc<DashboardState>>,
+    extensions: axum::http::Extensions,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers, &query) {
+    if let Err(refused) = authorize(&state, &extensions, &headers, &query) {
         return refused.into_response();
     }
     let snapshot = {

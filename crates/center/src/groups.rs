@@ -20,6 +20,7 @@ use axum::body::Bytes;
 use axum::http::StatusCode;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use pushgrid_common::rpc::Channel;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
     App, GroupMembersRequest, GroupMembersResponse, GroupPushProgressRequest, GroupUsersRequest,
@@ -29,7 +30,6 @@ use pushgrid_proto::cluster::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use pushgrid_common::rpc::PeerChannel;
 
 use crate::api::{ApiError, ApiState, decode_payload, overloaded, unavailable};
 
@@ -110,7 +110,7 @@ fn check_group(group: &str) -> Result<(), ApiError> {
             group.len()
         )));
     }
-    Ok(())
+    pushgrid_wire::check_text("group", group).map_err(ApiError::bad_request)
 }
 
 fn check_users(users: &[String]) -> Result<(), ApiError> {
@@ -125,19 +125,11 @@ fn check_users(users: &[String]) -> Result<(), ApiError> {
             users.len()
         )));
     }
-    if let Some(index) = users
-        .iter()
-        .position(|user| user.is_empty() || user.len() > 255)
-    {
-        return Err(ApiError::bad_request(format!(
-            "users[{index}]: a user id must be 1 to 255 bytes"
-        )));
-    }
-    Ok(())
+    crate::push::check_users(users)
 }
 
 /// A live saver's channel; any saver serves any group (they share storage).
-fn saver(state: &ApiState) -> Result<PeerChannel, ApiError> {
+fn saver(state: &ApiState) -> Result<Channel, ApiError> {
     let view = state.cluster.view();
     let node = view
         .pick(Role::Saver, rand::random::<u64>())
@@ -198,7 +190,7 @@ async fn change_members<F, Fut>(
     rpc: F,
 ) -> Result<Value, ApiError>
 where
-    F: FnOnce(SaverClient<PeerChannel>, GroupUsersRequest) -> Fut,
+    F: FnOnce(SaverClient<Channel>, GroupUsersRequest) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<GroupUsersResponse>, tonic::Status>>,
 {
     check_group(&params.group)?;
@@ -255,7 +247,7 @@ pub(crate) async fn group_members(
 }
 
 async fn members_page(
-    channel: PeerChannel,
+    channel: Channel,
     app: &str,
     group: &str,
     after: String,
@@ -308,7 +300,7 @@ pub(crate) struct PushGroupParams {
     #[serde(default)]
     payload_b64: Option<String>,
     #[serde(default)]
-    ttl_secs: Option<u32>,
+    ttl_secs: Option<u64>,
 }
 
 /// Opens the push's record (its id), queues the fan-out and answers.
@@ -319,7 +311,7 @@ pub(crate) async fn push_group(
 ) -> Result<Value, ApiError> {
     check_group(&params.group)?;
     let payload = decode_payload(state, params.payload, params.payload_b64)?;
-    let ttl_secs = params.ttl_secs.unwrap_or(0);
+    let ttl_secs = crate::push::check_ttl(state, params.ttl_secs)?;
     // A place in the fan-out queue first: when it is full nothing is stored.
     let Ok(slot) = state.groups.queue.clone().try_reserve_owned() else {
         return Err(overloaded(
@@ -354,7 +346,7 @@ pub(crate) async fn push_group(
 /// (on another saver, if there is one) while it is unavailable.
 async fn with_retries<T, F, Fut>(state: &ApiState, what: &str, mut call: F) -> Option<T>
 where
-    F: FnMut(PeerChannel) -> Fut,
+    F: FnMut(Channel) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let mut backoff = Duration::from_millis(100);

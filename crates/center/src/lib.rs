@@ -46,6 +46,9 @@ pub struct CenterConfig {
     pub max_payload_bytes: usize,
     /// Most users in one push call.
     pub max_users_per_push: usize,
+    /// Longest `ttl_secs` a push may ask for (saver's `max_ttl_secs`, 30
+    /// days, by default); 0 or more is refused with 400, never shortened.
+    pub max_ttl_secs: u32,
     /// Pushes being stored or routed at once; beyond it the API answers 503
     /// before storing anything.
     pub route_queue: usize,
@@ -61,10 +64,6 @@ pub struct CenterConfig {
     /// StoreMany calls in flight per saver. A push goes out at once when one
     /// of them is free; while all are busy, pushes gather for the next call.
     pub store_batch_in_flight: usize,
-    /// Token for `/dashboard` (Bearer header or `?token=`); empty falls back
-    /// to the `PUSHGRID_ADMIN_TOKEN` environment variable, and with neither
-    /// the dashboard is off.
-    pub admin_token: String,
     /// Group pushes fanned out at once (issue 12).
     pub group_fanout_workers: usize,
     /// Group pushes waiting for a fan-out worker before the API answers 503.
@@ -81,13 +80,13 @@ impl Default for CenterConfig {
             max_request_bytes: 1024 * 1024,
             max_payload_bytes: 60 * 1024,
             max_users_per_push: 10_000,
+            max_ttl_secs: 30 * 24 * 3600,
             route_queue: 10_000,
             retry_after_secs: 1,
             max_batch_commands: 1000,
             store_batch_max: 512,
             store_batch_in_flight: 4,
             broadcast_in_flight: 256,
-            admin_token: String::new(),
             group_fanout_workers: 4,
             group_fanout_queue: 1024,
             group_page_size: 1000,
@@ -148,34 +147,44 @@ pub async fn run(
         config: config.clone(),
         cluster: cluster.clone(),
         workers: workers.clone(),
-        channels: pushgrid_common::rpc::ChannelPool::new(2),
+        channels: pushgrid_common::rpc::ChannelPool::new(2, cluster.credentials()),
         limits: limits::AppLimits::default(),
         broadcasts: Arc::new(tokio::sync::Semaphore::new(
             config.broadcast_in_flight.max(1),
         )),
-        stores: push::StoreBatcher::new(&config),
+        stores: push::StoreBatcher::new(&config, cluster.credentials()),
         groups: groups::GroupFanout::new(config.group_fanout_queue),
+        admin_token: config.node.admin_token(),
     });
     let grpc_router = tonic::service::Routes::new(CenterServer::new(broadcast::CenterService {
         state: state.clone(),
     }));
     let grpc_shutdown = shutdown.clone();
-    let grpc =
-        tokio::spawn(
-            async move { node::serve_grpc(grpc_router, listeners.grpc, &grpc_shutdown).await },
-        );
+    let grpc_credentials = cluster.credentials().clone();
+    let grpc = tokio::spawn(async move {
+        node::serve_grpc(
+            grpc_router,
+            &grpc_credentials,
+            listeners.grpc,
+            &grpc_shutdown,
+        )
+        .await
+    });
 
     tracing::info!(node = %node_id, %http_addr, "center serving");
     net::announce(ROLE, "ready", http_addr);
     let dashboard = Arc::new(dashboard::DashboardState::new(
-        &config.admin_token,
+        config.node.admin_token(),
         cluster.clone(),
     ));
     groups::start_fanout_workers(&state, config.group_fanout_workers);
     let app = api::router(state).merge(dashboard::router(dashboard));
-    let served = axum::serve(net::http_listener(listeners.http), app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let served = axum::serve(
+        net::http_listener(listeners.http),
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await;
     cluster.leave().await;
     workers.drain().await;
     match grpc.await {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use pushgrid_proto::client::KickCode;
 use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
-use pushgrid_proto::cluster::{App, KickRequest, LookupRequest, Role, UserKey};
+use pushgrid_proto::cluster::{App, AppStatsRequest, KickRequest, LookupRequest, Role, UserKey};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -74,6 +74,25 @@ pub(crate) async fn call(
     }
 }
 
+/// Runs a method for the operator (the admin token): `stats` and `info` of
+/// the whole cluster; every other method needs an app's API key.
+pub(crate) fn call_as_admin(
+    state: &Arc<ApiState>,
+    method: Method,
+    params: Params,
+) -> Result<Value, ApiError> {
+    match method {
+        Method::Stats => stats(state, params.parse()?),
+        Method::Info => info(state, params.parse()?),
+        _ => Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this method needs an app's API key (Authorization: apikey <key>); the admin token \
+             reads only stats and info",
+        )),
+    }
+}
+
 /// Runs a method that may stand in a batch (every one but `batch`).
 pub(crate) async fn call_command(
     state: &Arc<ApiState>,
@@ -89,8 +108,8 @@ pub(crate) async fn call_command(
         )),
         Method::Kick => kick(state, app, params.parse()?).await,
         Method::Presence => presence(state, app, params.parse()?).await,
-        Method::Stats => stats(state, params.parse()?),
-        Method::Info => info(state, params.parse()?),
+        Method::Stats => app_stats(state, app, params.parse()?).await,
+        Method::Info => app_info(state, params.parse()?),
         Method::Bind => crate::groups::bind(state, app, params.parse()?).await,
         Method::Unbind => crate::groups::unbind(state, app, params.parse()?).await,
         Method::GroupMembers => crate::groups::group_members(state, app, params.parse()?).await,
@@ -101,12 +120,8 @@ pub(crate) async fn call_command(
 }
 
 pub(crate) fn check_user(field: &str, user: &str) -> Result<(), ApiError> {
-    if user.is_empty() || user.len() > 255 {
-        return Err(ApiError::bad_request(format!(
-            "{field}: a user id must be 1 to 255 bytes"
-        )));
-    }
-    Ok(())
+    pushgrid_wire::check_id("a user id", user)
+        .map_err(|problem| ApiError::bad_request(format!("{field}: {problem}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +137,10 @@ pub(crate) struct KickParams {
 /// Closes a user's connections (or one device's) with a KICK frame.
 async fn kick(state: &ApiState, app: &App, params: KickParams) -> Result<Value, ApiError> {
     check_user("user", &params.user)?;
+    if !params.device.is_empty() {
+        pushgrid_wire::check_id("a device id", &params.device)
+            .map_err(|problem| ApiError::bad_request(format!("device: {problem}")))?;
+    }
     let view = state.cluster.view();
     let coordinator = view
         .pick(
@@ -203,7 +222,61 @@ async fn presence(state: &ApiState, app: &App, params: PresenceParams) -> Result
 #[serde(deny_unknown_fields)]
 pub(crate) struct NoParams {}
 
-/// Connections overall and per room, and the routing queue's depth.
+/// One app's connections and online users, summed over every register
+/// (each holds the users the shared hash gives it): nothing of other apps
+/// and nothing of the cluster's shape.
+async fn app_stats(state: &ApiState, app: &App, _: NoParams) -> Result<Value, ApiError> {
+    let registers: Vec<String> = state
+        .cluster
+        .view()
+        .nodes_of(Role::Register)
+        .map(|node| node.grpc_addr.clone())
+        .collect();
+    if registers.is_empty() {
+        return Err(unavailable("no register is live"));
+    }
+    let asks = registers.iter().map(|addr| {
+        let channel = state.channels.get(addr);
+        let request = AppStatsRequest {
+            app: app.id.clone(),
+        };
+        async move {
+            RegisterClient::new(channel?)
+                .app_stats(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    });
+    let mut connections = 0;
+    let mut users = 0;
+    for answer in futures::future::join_all(asks).await {
+        let counts = answer.map_err(ApiError::from_status)?;
+        connections += counts.sessions;
+        users += counts.users;
+    }
+    Ok(json!({ "app": app.id, "connections": connections, "users": users }))
+}
+
+/// The live nodes as an app may see them: ids and roles, no addresses,
+/// loads or labels (those are the operator's, with the admin token).
+fn app_info(state: &ApiState, _: NoParams) -> Result<Value, ApiError> {
+    let view = state.cluster.view();
+    let nodes: Vec<_> = view
+        .nodes
+        .iter()
+        .map(|node| {
+            json!({
+                "id": node.id,
+                "role": node.role().as_str_name().trim_start_matches("ROLE_").to_lowercase(),
+                "started_ms": node.started_ms,
+            })
+        })
+        .collect();
+    Ok(json!({ "nodes": nodes }))
+}
+
+/// The whole cluster (admin token): connections overall and per room, and
+/// the routing queue's depth.
 fn stats(state: &ApiState, _: NoParams) -> Result<Value, ApiError> {
     let view = state.cluster.view();
     let rooms: Vec<_> = view
@@ -218,7 +291,7 @@ fn stats(state: &ApiState, _: NoParams) -> Result<Value, ApiError> {
     }))
 }
 
-/// The live nodes of the cluster.
+/// The live nodes of the cluster with their addresses (admin token).
 fn info(state: &ApiState, _: NoParams) -> Result<Value, ApiError> {
     let view = state.cluster.view();
     let nodes: Vec<_> = view

@@ -30,7 +30,7 @@ pub(crate) struct PushParams {
     #[serde(default)]
     payload_b64: Option<String>,
     #[serde(default)]
-    ttl_secs: Option<u32>,
+    ttl_secs: Option<u64>,
     /// The same key within 24 h answers the first push's ids, storing nothing new.
     #[serde(default)]
     idempotency_key: Option<String>,
@@ -73,15 +73,7 @@ pub(crate) fn validate(state: &ApiState, params: PushParams) -> Result<ValidPush
             state.config.max_users_per_push
         )));
     }
-    if let Some(index) = params
-        .users
-        .iter()
-        .position(|user| user.is_empty() || user.len() > 255)
-    {
-        return Err(ApiError::bad_request(format!(
-            "users[{index}]: a user id must be 1 to 255 bytes"
-        )));
-    }
+    check_users(&params.users)?;
     let idempotency_key = params.idempotency_key.unwrap_or_default();
     if idempotency_key.len() > 255 {
         return Err(ApiError::bad_request(format!(
@@ -89,13 +81,39 @@ pub(crate) fn validate(state: &ApiState, params: PushParams) -> Result<ValidPush
             idempotency_key.len()
         )));
     }
+    pushgrid_wire::check_text("idempotency_key", &idempotency_key)
+        .map_err(ApiError::bad_request)?;
+    let ttl_secs = check_ttl(state, params.ttl_secs)?;
     let payload = decode_payload(state, params.payload, params.payload_b64)?;
     Ok(ValidPush {
         users: params.users,
         payload,
-        ttl_secs: params.ttl_secs.unwrap_or(0),
+        ttl_secs,
         idempotency_key,
     })
+}
+
+/// Every user id of a call is a valid id; the message names the first bad one.
+pub(crate) fn check_users(users: &[String]) -> Result<(), ApiError> {
+    for (index, user) in users.iter().enumerate() {
+        pushgrid_wire::check_id("a user id", user)
+            .map_err(|problem| ApiError::bad_request(format!("users[{index}]: {problem}")))?;
+    }
+    Ok(())
+}
+
+/// A push's `ttl_secs`: absent is 0 (saver's default, 7 days); present, it
+/// must be 1 to `max_ttl_secs`, and is refused, never changed, otherwise.
+pub(crate) fn check_ttl(state: &ApiState, ttl_secs: Option<u64>) -> Result<u32, ApiError> {
+    let max = state.config.max_ttl_secs;
+    match ttl_secs {
+        None => Ok(0),
+        Some(ttl) if ttl >= 1 && ttl <= u64::from(max) => Ok(ttl as u32),
+        Some(ttl) => Err(ApiError::bad_request(format!(
+            "ttl_secs: must be 1 to {max} seconds ({} days), not {ttl}; leave it out for the default",
+            max / 86_400
+        ))),
+    }
 }
 
 /// `{"messages": [{"user", "id"}], "replayed"}`; ids are strings so
@@ -212,7 +230,7 @@ fn saver_address(state: &ApiState) -> Result<String, ApiError> {
         .ok_or_else(|| unavailable("no saver is live"))
 }
 
-fn saver_channel(state: &ApiState) -> Result<pushgrid_common::rpc::PeerChannel, ApiError> {
+fn saver_channel(state: &ApiState) -> Result<pushgrid_common::rpc::Channel, ApiError> {
     let saver = saver_address(state)?;
     state.channels.get(&saver).map_err(ApiError::from_status)
 }
@@ -224,7 +242,10 @@ pub(crate) struct StoreBatcher {
 
 impl StoreBatcher {
     /// Off when `store_batch_max` is 0 or 1: every push is its own Store call.
-    pub(crate) fn new(config: &CenterConfig) -> StoreBatcher {
+    pub(crate) fn new(
+        config: &CenterConfig,
+        credentials: &pushgrid_common::auth::Credentials,
+    ) -> StoreBatcher {
         if config.store_batch_max <= 1 {
             return StoreBatcher { batchers: None };
         }
@@ -235,7 +256,7 @@ impl StoreBatcher {
             in_flight: config.store_batch_in_flight.max(1),
             linger: std::time::Duration::ZERO,
         };
-        let pool = Arc::new(ChannelPool::new(2));
+        let pool = Arc::new(ChannelPool::new(2, credentials));
         let batchers =
             BatcherMap::per_peer(pool, batch, |channel, items: Vec<StoreItem>| async move {
                 let count = items.len();

@@ -70,7 +70,7 @@ pub(crate) struct Router {
 
 impl Router {
     pub fn new(cluster: Cluster) -> Router {
-        let pool = Arc::new(ChannelPool::new(2));
+        let pool = Arc::new(ChannelPool::new(2, cluster.credentials()));
         let lookups = BatcherMap::per_peer(
             pool.clone(),
             batch_config(),

@@ -16,9 +16,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tonic::Status;
-use crate::rpc::PeerChannel;
 
-use crate::rpc::ChannelPool;
+use crate::rpc::{Channel, ChannelPool};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -288,7 +287,7 @@ impl<T: Send + 'static, R: Send + 'static> PeerMap<Batcher<T, R>> {
         call: F,
     ) -> BatcherMap<T, R>
     where
-        F: Fn(PeerChannel, Vec<T>) -> Fut + Send + Sync + 'static,
+        F: Fn(Channel, Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<R>, Status>> + Send + 'static,
     {
         let call = Arc::new(call);
@@ -313,7 +312,7 @@ impl<T: Send + 'static> PeerMap<BatchSink<T>> {
     /// `pool` to that peer (or the error of getting one) and a batch.
     pub fn per_peer_sink<F, Fut>(pool: Arc<ChannelPool>, config: BatchConfig, call: F) -> SinkMap<T>
     where
-        F: Fn(Result<PeerChannel, Status>, Vec<T>) -> Fut + Send + Sync + 'static,
+        F: Fn(Result<Channel, Status>, Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let call = Arc::new(call);
@@ -404,7 +403,10 @@ mod tests {
             // Let the collector move what it can into the stuck call.
             tokio::task::yield_now().await;
         }
-        assert!(refused > 900, "a stuck peer holds at most the queue and one batch: {refused} refused");
+        assert!(
+            refused > 900,
+            "a stuck peer holds at most the queue and one batch: {refused} refused"
+        );
         assert_eq!(sink.pending(), taken.len());
         release.add_permits(1000);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

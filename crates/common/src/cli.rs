@@ -43,6 +43,10 @@ where
         return Ok(());
     }
     crate::telemetry::init_tracing(config.node().log_json);
+    // A role without cluster credentials does not start (nothing is bound yet).
+    if let Some(role) = crate::auth::role_by_name(role) {
+        crate::auth::Credentials::for_node(role, &config.node().credentials_dir)?;
+    }
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     body(config, shutdown).await

@@ -22,9 +22,10 @@ use pushgrid_proto::cluster::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
+use crate::auth::Credentials;
 use crate::ring::Ring;
+use crate::rpc::Channel;
 
 /// An immutable snapshot of the cluster as keeper last described it.
 #[derive(Debug, Default)]
@@ -140,6 +141,8 @@ struct Keepers {
     known: std::sync::RwLock<Vec<String>>,
     current: AtomicUsize,
     clients: dashmap::DashMap<String, KeeperClient<Channel>>,
+    /// This node's cluster credentials: every keeper call carries its key.
+    credentials: Credentials,
 }
 
 /// Whether a failed call says the keeper itself is away (so another keeper
@@ -158,7 +161,7 @@ fn keeper_failed(status: &tonic::Status) -> bool {
 
 impl Keepers {
     /// `list`: one address, or several separated by commas.
-    fn parse(list: &str) -> anyhow::Result<Keepers> {
+    fn parse(list: &str, credentials: Credentials) -> anyhow::Result<Keepers> {
         let configured: Vec<String> = list
             .split(',')
             .map(str::trim)
@@ -175,6 +178,7 @@ impl Keepers {
             configured,
             current: AtomicUsize::new(0),
             clients: dashmap::DashMap::new(),
+            credentials,
         })
     }
 
@@ -189,7 +193,7 @@ impl Keepers {
         if let Some(client) = self.clients.get(addr) {
             return Ok(client.clone());
         }
-        let client = KeeperClient::new(crate::rpc::lazy_channel(addr)?);
+        let client = KeeperClient::new(crate::rpc::lazy_channel(addr, &self.credentials)?);
         self.clients.insert(addr.to_string(), client.clone());
         Ok(client)
     }
@@ -437,14 +441,16 @@ impl Cluster {
     /// comma-separated list; retrying until one answers or `shutdown`),
     /// starts the heartbeat and watch tasks and waits for the first cluster
     /// view. Nodes of roles that mint ids (savers) are granted a fenced
-    /// worker id ([`Cluster::worker_lease`]).
+    /// worker id ([`Cluster::worker_lease`]). Every call carries
+    /// `credentials`' key.
     pub async fn join(
         keeper_addrs: &str,
         node: NodeInfo,
         ttl_secs: u32,
+        credentials: Credentials,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Cluster> {
-        let keepers = Keepers::parse(keeper_addrs)?;
+        let keepers = Keepers::parse(keeper_addrs, credentials)?;
         let ttl_secs = ttl_secs.max(2);
         let (view_sender, view) = watch::channel(Arc::new(ClusterView::default()));
         let inner = Arc::new(Inner {
@@ -514,6 +520,11 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.inner.node.id
+    }
+
+    /// This node's cluster credentials: channels to peers send its key.
+    pub fn credentials(&self) -> &Credentials {
+        &self.inner.keepers.credentials
     }
 
     /// The fenced worker id this node mints ids with (savers): None while

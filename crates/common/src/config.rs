@@ -32,6 +32,15 @@ pub struct NodeConfig {
     /// Free-form labels published with the node, e.g. `region`, `net`, `isp`
     /// (the dispatcher matches devices to rooms by them).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Directory with this role's cluster key (`<role>.key`) and the
+    /// `verifiers` of every role's keys (`pushgrid credentials init DIR`).
+    /// Required: a role without it refuses to start.
+    pub credentials_dir: String,
+    /// Bearer token of the admin endpoints (`/debug/` on the admin port,
+    /// keeper's admin API, center's dashboard, a room's drain). Empty: the
+    /// `PUSHGRID_ADMIN_TOKEN` variable, else the `admin-token` file of
+    /// `credentials_dir`; with none of them those endpoints answer 403.
+    pub admin_token: String,
 }
 
 impl NodeConfig {
@@ -46,7 +55,25 @@ impl NodeConfig {
             lease_ttl_secs: 10,
             log_json: false,
             labels: Default::default(),
+            credentials_dir: String::new(),
+            admin_token: String::new(),
         }
+    }
+
+    /// The admin token in force: `admin_token`, else `PUSHGRID_ADMIN_TOKEN`,
+    /// else the `admin-token` file of `credentials_dir`.
+    pub fn admin_token(&self) -> Option<String> {
+        let configured = self.admin_token.trim();
+        if !configured.is_empty() {
+            return Some(configured.to_string());
+        }
+        if let Some(token) = crate::telemetry::admin_token_from_env() {
+            return Some(token.to_string());
+        }
+        if self.credentials_dir.trim().is_empty() {
+            return None;
+        }
+        crate::auth::read_admin_token(Path::new(self.credentials_dir.trim()))
     }
 
     /// The node id, generating one for `role` if none was configured.

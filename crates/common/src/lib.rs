@@ -1,7 +1,8 @@
-//! Plumbing shared by every pushgrid role: configuration, the keeper client and
-//! cluster view, RPC channel pools and batching, consistent hashing, tokens,
+//! Plumbing shared by every pushgrid role: configuration, cluster credentials,
+//! the keeper client and cluster view, RPC channel pools and batching, consistent hashing, tokens,
 //! telemetry and shutdown.
 
+pub mod auth;
 pub mod batch;
 pub mod cli;
 pub mod cluster;

@@ -1,6 +1,6 @@
-//! The start every role shares: announce the bound addresses, serve the admin
-//! port, register with keeper and report healthy once the roles this one
-//! depends on are live.
+//! The start every role shares: load the cluster credentials, announce the
+//! bound addresses, serve the admin port, register with keeper and report
+//! healthy once the roles this one depends on are live.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -9,6 +9,7 @@ use pushgrid_proto::cluster::{NodeInfo, Role};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Credentials;
 use crate::cluster::{Cluster, requires_roles};
 use crate::config::NodeConfig;
 use crate::{net, now_ms, telemetry};
@@ -64,6 +65,9 @@ pub async fn start_with_admin_routes(
     shutdown: &CancellationToken,
     admin_routes: axum::Router,
 ) -> anyhow::Result<Cluster> {
+    // Before anything is served: a role without credentials does not start.
+    let credentials = Credentials::for_node(role, &config.credentials_dir)?;
+    credentials.spawn_reload(shutdown.clone());
     let admin_addr = admin.local_addr()?;
     let named = [
         ("grpc", endpoints.grpc),
@@ -84,6 +88,7 @@ pub async fn start_with_admin_routes(
         role_name,
         health,
         admin_routes,
+        config.admin_token(),
         shutdown.clone(),
     ));
 
@@ -111,6 +116,7 @@ pub async fn start_with_admin_routes(
         &config.keeper,
         node,
         config.lease_ttl_secs,
+        credentials,
         shutdown.clone(),
     )
     .await?;
@@ -120,14 +126,24 @@ pub async fn start_with_admin_routes(
 
 /// Serves a role's gRPC `routes` on `listener` until `shutdown`, and to
 /// callers in this same process directly (see [`crate::rpc::PeerChannel`]).
+/// Both ways every call passes the role's credential check first
+/// ([`crate::auth::ClusterAuthLayer`], with the role of `credentials`): a
+/// call without a valid role key, or from a role the permission table does
+/// not list for its method, is refused before any handler runs.
 pub async fn serve_grpc(
     routes: tonic::service::Routes,
+    credentials: &Credentials,
     listener: TcpListener,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
-    let _local = crate::rpc::serve_locally(net::advertised(bound, ""), routes.clone());
+    let check = credentials.server_layer(credentials.role());
+    let _local = crate::rpc::serve_locally(
+        net::advertised(bound, ""),
+        tower::Layer::layer(&check, routes.clone()),
+    );
     tonic::transport::Server::builder()
+        .layer(check)
         .add_routes(routes)
         .serve_with_incoming_shutdown(grpc_incoming(listener), shutdown.clone().cancelled_owned())
         .await

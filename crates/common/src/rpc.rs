@@ -6,6 +6,11 @@
 //! hands each request to them in the caller's task, with no socket, no
 //! HTTP/2 framing and no task hand-offs, the same protobuf messages in and
 //! out.
+//!
+//! Either way every call carries this process's role key ([`Channel`] adds
+//! it) and passes the serving role's credential check (`crate::auth`): an
+//! in-process peer is registered with its check layered in front of its
+//! routes, so `pushgrid dev` keeps the permissions of the cluster.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,8 +24,18 @@ use dashmap::DashMap;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tower::Service;
+
+use crate::auth::{ClusterAuth, Credentials, WithCredential};
+
+/// A channel to a peer that adds this process's role key to every request:
+/// what every internal client (`SaverClient<Channel>`, ...) is built on.
+pub type Channel = WithCredential<PeerChannel>;
+
+/// A role's routes as callers in this process reach them: behind the same
+/// credential check as its gRPC server.
+pub type LocalRoutes = ClusterAuth<Routes>;
 
 /// Per call, as the HTTP/2 channels have it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,10 +44,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The gRPC routes served in this process, by the address the serving role
 /// advertises (what peers find in keeper's view).
-static LOCAL_ROUTES: LazyLock<DashMap<String, Routes>> = LazyLock::new(DashMap::new);
+static LOCAL_ROUTES: LazyLock<DashMap<String, LocalRoutes>> = LazyLock::new(DashMap::new);
 
 /// Makes `routes` reachable in-process at `addr` until the guard is dropped.
-pub fn serve_locally(addr: String, routes: Routes) -> LocalRoutesGuard {
+pub fn serve_locally(addr: String, routes: LocalRoutes) -> LocalRoutesGuard {
     LOCAL_ROUTES.insert(addr.clone(), routes);
     LocalRoutesGuard { addr }
 }
@@ -53,8 +68,8 @@ impl Drop for LocalRoutesGuard {
 /// (`SaverClient::new(channel)`).
 #[derive(Clone)]
 pub enum PeerChannel {
-    Remote(Channel),
-    Local(Routes),
+    Remote(tonic::transport::Channel),
+    Local(LocalRoutes),
 }
 
 impl std::fmt::Debug for PeerChannel {
@@ -74,8 +89,10 @@ impl Service<http::Request<Body>> for PeerChannel {
     fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
             PeerChannel::Remote(channel) => channel.poll_ready(context).map_err(Into::into),
-            PeerChannel::Local(routes) => Service::<http::Request<Body>>::poll_ready(routes, context)
-                .map_err(|never: Infallible| match never {}),
+            PeerChannel::Local(routes) => {
+                Service::<http::Request<Body>>::poll_ready(routes, context)
+                    .map_err(|never: Infallible| match never {})
+            }
         }
     }
 
@@ -104,34 +121,38 @@ impl Service<http::Request<Body>> for PeerChannel {
 pub struct ChannelPool {
     per_peer: usize,
     peers: DashMap<String, Arc<PeerChannels>>,
+    credentials: Credentials,
 }
 
 struct PeerChannels {
-    channels: Vec<Channel>,
+    channels: Vec<tonic::transport::Channel>,
     next: AtomicUsize,
 }
 
 impl ChannelPool {
-    pub fn new(per_peer: usize) -> ChannelPool {
+    /// A pool whose channels send `credentials`' key on every call.
+    pub fn new(per_peer: usize, credentials: &Credentials) -> ChannelPool {
         ChannelPool {
             per_peer: per_peer.max(1),
             peers: DashMap::new(),
+            credentials: credentials.clone(),
         }
     }
 
     /// A channel to `addr` (`host:port`): the peer's own routes when it
     /// serves in this process, else one of the pool's HTTP/2 channels, which
     /// connect lazily and reconnect by themselves after the peer restarts.
-    pub fn get(&self, addr: &str) -> Result<PeerChannel, Status> {
+    pub fn get(&self, addr: &str) -> Result<Channel, Status> {
+        let attach = |channel| self.credentials.attach(channel);
         if let Some(routes) = LOCAL_ROUTES.get(addr) {
-            return Ok(PeerChannel::Local(routes.clone()));
+            return Ok(attach(PeerChannel::Local(routes.clone())));
         }
         if let Some(peer) = self.peers.get(addr) {
-            return Ok(PeerChannel::Remote(peer.pick()));
+            return Ok(attach(PeerChannel::Remote(peer.pick())));
         }
         let mut channels = Vec::with_capacity(self.per_peer);
         for _ in 0..self.per_peer {
-            channels.push(lazy_channel(addr)?);
+            channels.push(remote_channel(addr)?);
         }
         let peer = self
             .peers
@@ -143,7 +164,7 @@ impl ChannelPool {
                 })
             })
             .clone();
-        Ok(PeerChannel::Remote(peer.pick()))
+        Ok(attach(PeerChannel::Remote(peer.pick())))
     }
 
     /// Forgets peers that are no longer in the cluster.
@@ -153,14 +174,20 @@ impl ChannelPool {
 }
 
 impl PeerChannels {
-    fn pick(&self) -> Channel {
+    fn pick(&self) -> tonic::transport::Channel {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         self.channels[index].clone()
     }
 }
 
-/// One lazily connecting channel with pushgrid's transport settings.
-pub fn lazy_channel(addr: &str) -> Result<Channel, Status> {
+/// One lazily connecting channel to `addr` with pushgrid's transport
+/// settings, sending `credentials`' key on every call.
+pub fn lazy_channel(addr: &str, credentials: &Credentials) -> Result<Channel, Status> {
+    Ok(credentials.attach(PeerChannel::Remote(remote_channel(addr)?)))
+}
+
+/// One lazily connecting HTTP/2 channel with pushgrid's transport settings.
+fn remote_channel(addr: &str) -> Result<tonic::transport::Channel, Status> {
     let endpoint = Endpoint::from_shared(crate::net::grpc_uri(addr))
         .map_err(|error| Status::invalid_argument(format!("bad peer address {addr:?}: {error}")))?
         .connect_timeout(Duration::from_secs(2))
@@ -211,11 +238,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_in_this_process_is_called_directly_with_its_answers_and_errors() {
+        use crate::auth::{RoleKey, Verifiers};
+        use pushgrid_proto::cluster::Role;
+        let center = RoleKey::generate(Role::Center);
+        let room = RoleKey::generate(Role::Room);
+        let verifiers = Verifiers::new(vec![center.verifier(), room.verifier()]);
+        let center = Credentials::new(center, verifiers.clone());
+        let room = Credentials::new(room, verifiers);
         let addr = "127.0.0.1:1"; // nothing listens there: only the local path answers
-        let pool = ChannelPool::new(1);
-        let guard = serve_locally(addr.into(), Routes::new(CenterServer::new(CountRooms)));
+        let pool = ChannelPool::new(1, &center);
+        let routes = Routes::new(CenterServer::new(CountRooms));
+        let guard = serve_locally(
+            addr.into(),
+            tower::Layer::layer(&center.server_layer(Role::Center), routes),
+        );
         let channel = pool.get(addr).unwrap();
-        assert!(matches!(channel, PeerChannel::Local(_)));
+        assert!(matches!(channel.get_ref(), PeerChannel::Local(_)));
         let mut client = CenterClient::new(channel);
         let answer = client.broadcast_subtasks(request(3)).await.unwrap();
         assert_eq!(answer.into_inner().delivered, 3);
@@ -223,10 +261,19 @@ mod tests {
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert_eq!(refused.message(), "no rooms");
 
+        // In-process calls pass the same credential check: a room may not
+        // hand out broadcast subtasks.
+        let as_room = ChannelPool::new(1, &room).get(addr).unwrap();
+        let refused = CenterClient::new(as_room)
+            .broadcast_subtasks(request(3))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
         // Once the role stops serving, the address is a remote peer again.
         drop(guard);
         let channel = pool.get(addr).unwrap();
-        assert!(matches!(channel, PeerChannel::Remote(_)));
+        assert!(matches!(channel.get_ref(), PeerChannel::Remote(_)));
         let unreachable = CenterClient::new(channel)
             .broadcast_subtasks(request(1))
             .await

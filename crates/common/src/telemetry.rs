@@ -9,9 +9,10 @@
 //! | `GET /debug/log-level` | the log filter in force |
 //! | `PUT /debug/log-level` | replace the log filter; the body is an `EnvFilter` directive, e.g. `info,pushgrid_room=debug` |
 //!
-//! The `/debug/` routes answer loopback peers, and other peers only with
-//! `Authorization: Bearer <token>` where the token is the process's
-//! `PUSHGRID_ADMIN_TOKEN` environment variable (without it they get 403).
+//! The `/debug/` routes need `Authorization: Bearer <admin token>` from every
+//! peer, loopback included (the node's `admin_token`, see
+//! [`crate::config::NodeConfig::admin_token`]); with no token configured they
+//! answer 403. `/metrics` and `/healthz` stay open: they hold no secrets.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -32,8 +33,9 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
-/// The environment variable holding the token for `/debug/` routes from
-/// non-loopback peers (and the default admin token of center's dashboard).
+/// The environment variable holding the admin token when a node's config
+/// has none (`/debug/` routes, keeper's admin API, center's dashboard, a
+/// room's drain).
 pub const ADMIN_TOKEN_ENV: &str = "PUSHGRID_ADMIN_TOKEN";
 
 /// Longest CPU profile one request may ask for.
@@ -91,8 +93,8 @@ pub fn current_log_filter() -> Result<String, String> {
         .map_err(|error| format!("cannot read the log filter: {error}"))
 }
 
-/// The process's admin token (`PUSHGRID_ADMIN_TOKEN`), when set and not empty.
-pub fn admin_token() -> Option<&'static str> {
+/// The process's `PUSHGRID_ADMIN_TOKEN`, when set and not empty.
+pub fn admin_token_from_env() -> Option<&'static str> {
     static TOKEN: OnceLock<Option<String>> = OnceLock::new();
     TOKEN
         .get_or_init(|| {
@@ -161,30 +163,50 @@ pub fn metrics() -> &'static PrometheusHandle {
 /// Says whether a role can do its work: `Err` names what is missing.
 pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Serves the admin routes with an always-healthy `/healthz` until `shutdown`.
-pub async fn serve_admin(listener: TcpListener, role: &'static str, shutdown: CancellationToken) {
-    serve_admin_with(listener, role, Arc::new(|| Ok(())), shutdown).await
+/// Serves the admin routes with an always-healthy `/healthz` until `shutdown`;
+/// `/debug/` needs `admin_token`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    role: &'static str,
+    admin_token: Option<String>,
+    shutdown: CancellationToken,
+) {
+    serve_admin_with_routes(
+        listener,
+        role,
+        Arc::new(|| Ok(())),
+        Router::new(),
+        admin_token,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves the admin routes (see the module doc) until `shutdown`; `/healthz`
-/// answers 503 with the reason while `health` fails.
+/// answers 503 with the reason while `health` fails; `/debug/` needs
+/// `admin_token`.
 pub async fn serve_admin_with(
     listener: TcpListener,
     role: &'static str,
     health: HealthCheck,
+    admin_token: Option<String>,
     shutdown: CancellationToken,
 ) {
-    serve_admin_with_routes(listener, role, health, Router::new(), shutdown).await
+    serve_admin_with_routes(listener, role, health, Router::new(), admin_token, shutdown).await
 }
 
-/// [`serve_admin_with`], plus a role's own admin routes.
+/// Serves the admin routes (see the module doc) and a role's own until
+/// `shutdown`; `/healthz` answers 503 with the reason while `health` fails;
+/// `/debug/` needs `admin_token`.
 pub async fn serve_admin_with_routes(
     listener: TcpListener,
     role: &'static str,
     health: HealthCheck,
     extra_routes: Router,
+    admin_token: Option<String>,
     shutdown: CancellationToken,
 ) {
+    let debug_token = DebugToken(admin_token.map(Arc::from));
     let handle = metrics();
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
@@ -205,6 +227,7 @@ pub async fn serve_admin_with_routes(
         )
         .route("/debug/pprof/profile", get(cpu_profile))
         .route("/debug/log-level", get(get_log_level).put(put_log_level))
+        .layer(axum::Extension(debug_token))
         .merge(extra_routes);
     if let Err(error) = axum::serve(
         crate::net::http_listener(listener),
@@ -217,23 +240,36 @@ pub async fn serve_admin_with_routes(
     }
 }
 
-/// Loopback peers may use `/debug/`; others need the admin token.
-fn authorize_debug(peer: SocketAddr, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
-    if peer.ip().is_loopback() {
-        return Ok(());
-    }
-    let Some(expected) = admin_token() else {
-        return Err((
+/// The admin token `/debug/` routes check (none: they are off).
+#[derive(Clone)]
+struct DebugToken(Option<Arc<str>>);
+
+/// Every peer, loopback or not, needs the admin token for `/debug/`.
+fn authorize_debug(
+    token: &DebugToken,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), (StatusCode, String)> {
+    let refused = |status: StatusCode, message: String| {
+        metrics::counter!("pushgrid_admin_refused_total", "endpoint" => "debug").increment(1);
+        tracing::warn!(%peer, status = status.as_u16(), "admin request refused");
+        Err((status, message))
+    };
+    let Some(expected) = token.0.as_deref() else {
+        return refused(
             StatusCode::FORBIDDEN,
-            format!("/debug/ answers only loopback peers unless {ADMIN_TOKEN_ENV} is set\n"),
-        ));
+            format!(
+                "/debug/ is off: no admin token is configured (admin_token, {ADMIN_TOKEN_ENV} or \
+                 the admin-token file of credentials_dir)\n"
+            ),
+        );
     };
     match bearer_token(headers) {
         Some(given) if token_matches(given, expected) => Ok(()),
-        _ => Err((
+        _ => refused(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong Authorization: Bearer <admin token>\n".to_string(),
-        )),
+            "missing or wrong admin token (Authorization: Bearer <admin token>)\n".to_string(),
+        ),
     }
 }
 
@@ -246,10 +282,11 @@ struct ProfileQuery {
 /// 99 Hz for N seconds and answers a flamegraph SVG. One profile at a time.
 async fn cpu_profile(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::Extension(token): axum::Extension<DebugToken>,
     headers: HeaderMap,
     Query(query): Query<ProfileQuery>,
 ) -> Response {
-    if let Err(refused) = authorize_debug(peer, &headers) {
+    if let Err(refused) = authorize_debug(&token, peer, &headers) {
         return refused.into_response();
     }
     let seconds = match query.seconds.as_deref().map(str::parse::<u64>) {
@@ -329,8 +366,12 @@ fn idle_svg(seconds: u64) -> String {
     )
 }
 
-async fn get_log_level(ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize_debug(peer, &headers) {
+async fn get_log_level(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::Extension(token): axum::Extension<DebugToken>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize_debug(&token, peer, &headers) {
         return refused.into_response();
     }
     match current_log_filter() {
@@ -341,10 +382,11 @@ async fn get_log_level(ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: Head
 
 async fn put_log_level(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::Extension(token): axum::Extension<DebugToken>,
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    if let Err(refused) = authorize_debug(peer, &headers) {
+    if let Err(refused) = authorize_debug(&token, peer, &headers) {
         return refused.into_response();
     }
     if body.trim().is_empty() {
@@ -365,6 +407,7 @@ async fn put_log_level(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -376,15 +419,26 @@ mod tests {
     }
 
     #[test]
-    fn non_loopback_peers_need_the_token() {
+    fn every_peer_needs_the_token_and_without_one_debug_is_off() {
         let loopback: SocketAddr = ([127, 0, 0, 1], 4000).into();
         let remote: SocketAddr = ([10, 1, 2, 3], 4000).into();
-        let headers = HeaderMap::new();
-        assert!(authorize_debug(loopback, &headers).is_ok());
-        // No PUSHGRID_ADMIN_TOKEN in the unit test environment: refused.
-        if admin_token().is_none() {
-            let refused = authorize_debug(remote, &headers);
-            assert!(matches!(refused, Err((StatusCode::FORBIDDEN, _))));
+        let token = DebugToken(Some(Arc::from("s3cret")));
+        let mut headers = HeaderMap::new();
+        for peer in [loopback, remote] {
+            assert!(matches!(
+                authorize_debug(&token, peer, &headers),
+                Err((StatusCode::UNAUTHORIZED, _))
+            ));
         }
+        headers.insert(header::AUTHORIZATION, "Bearer s3cres".parse().unwrap());
+        assert!(authorize_debug(&token, loopback, &headers).is_err());
+        headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert!(authorize_debug(&token, loopback, &headers).is_ok());
+        assert!(authorize_debug(&token, remote, &headers).is_ok());
+        let off = DebugToken(None);
+        assert!(matches!(
+            authorize_debug(&off, loopback, &headers),
+            Err((StatusCode::FORBIDDEN, _))
+        ));
     }
 }

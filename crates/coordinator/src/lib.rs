@@ -287,10 +287,10 @@ pub async fn run(
         cluster: cluster.clone(),
         upstreams: upstream::Upstreams::new(http.clone()),
         states,
-        channels: ChannelPool::new(2),
+        channels: ChannelPool::new(2, cluster.credentials()),
     };
     let router = tonic::service::Routes::new(CoordinatorServer::new(service));
-    let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
+    let served = node::serve_grpc(router, cluster.credentials(), listeners.grpc, &shutdown).await;
     cluster.leave().await;
     tracing::info!(node = %node_id, "coordinator stopped");
     served

@@ -310,4 +310,27 @@ pub(crate) fn router(admin: AdminState) -> Router {
         .route("/admin/routes", put(put_route).delete(delete_route))
         .fallback(|| async { AdminError::not_found("no such admin route") })
         .with_state(admin)
+        .layer(axum::middleware::from_fn(log_refusals))
+}
+
+/// Logs every refused admin request (401, 403) with the caller's address.
+async fn log_refusals(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |info| info.0.to_string());
+    let method = request.method().clone();
+    let path = pushgrid_common::auth::printable(request.uri().path());
+    let response = next.run(request).await;
+    if matches!(
+        response.status(),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    ) {
+        static REFUSALS: pushgrid_common::auth::RefusalLog =
+            pushgrid_common::auth::RefusalLog::new(20);
+        if let Some(unlogged_before) = REFUSALS.admit() {
+            tracing::warn!(%peer, %method, %path, status = response.status().as_u16(), unlogged_before, "admin request refused");
+        }
+    }
+    response
 }

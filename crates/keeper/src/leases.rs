@@ -414,6 +414,34 @@ impl LeaseStore {
         Ok(ended)
     }
 
+    /// The role of the node holding `lease_id` (expired or not), if any.
+    pub async fn role_of_lease(
+        &self,
+        lease_id: u64,
+    ) -> Result<Option<pushgrid_proto::cluster::Role>, LeaseError> {
+        let row = sqlx::query("SELECT role FROM leases WHERE lease_id = ?")
+            .bind(ms(lease_id))
+            .fetch_optional(&self.pool)
+            .await?;
+        role_of_row(row)
+    }
+
+    /// The role of the node registered under `node_id` (a live lease), if any.
+    pub async fn role_of_node(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<pushgrid_proto::cluster::Role>, LeaseError> {
+        let mut connection = self.pool.acquire().await?;
+        let now = self.now_ms(&mut connection).await?;
+        let row =
+            sqlx::query("SELECT role FROM leases WHERE node_id = ? AND expires_ms > ? LIMIT 1")
+                .bind(node_id.to_string())
+                .bind(now)
+                .fetch_optional(&mut *connection)
+                .await?;
+        role_of_row(row)
+    }
+
     /// Every node with a live lease, by node id (one per id: the lease that
     /// lives longest), and the longest lease TTL among them (ms).
     pub async fn live_nodes(&self) -> Result<(Vec<NodeInfo>, u64), LeaseError> {
@@ -462,6 +490,20 @@ impl LeaseStore {
             })
             .collect()
     }
+}
+
+fn role_of_row(
+    row: Option<sqlx::any::AnyRow>,
+) -> Result<Option<pushgrid_proto::cluster::Role>, LeaseError> {
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let role: i64 = row.try_get("role")?;
+    let role = i32::try_from(role)
+        .ok()
+        .and_then(|role| pushgrid_proto::cluster::Role::try_from(role).ok())
+        .ok_or_else(|| LeaseError::Corrupt(format!("role {role}")))?;
+    Ok(Some(role))
 }
 
 /// Milliseconds and ids as the BIGINT columns hold them.

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pushgrid_common::auth::Credentials;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::config::NodeConfig;
 use pushgrid_common::{CancellationToken, db, net, telemetry};
@@ -45,8 +46,6 @@ pub struct KeeperConfig {
     pub node: NodeConfig,
     /// The admin HTTP API's listener.
     pub http_listen: String,
-    /// Bearer token of the admin HTTP API; empty disables the API.
-    pub admin_token: String,
     /// Where the configuration is kept: `mysql://...` or `sqlite://path`.
     pub database_url: String,
     /// Apps written to the database at start (insert or replace by id).
@@ -75,7 +74,6 @@ impl Default for KeeperConfig {
         KeeperConfig {
             node: NodeConfig::with_ports(7000, 9000),
             http_listen: "127.0.0.1:7080".into(),
-            admin_token: String::new(),
             database_url: "sqlite://pushgrid-data/keeper.db".into(),
             apps: Vec::new(),
             settings: BTreeMap::new(),
@@ -137,6 +135,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     validate(&config)?;
+    // Before anything is served: keeper checks every node's key.
+    let credentials = Credentials::for_node(Role::Keeper, &config.node.credentials_dir)?;
+    credentials.spawn_reload(shutdown.clone());
+    let admin_token = config.node.admin_token();
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
@@ -146,6 +148,7 @@ pub async fn run(
     tokio::spawn(telemetry::serve_admin(
         listeners.admin,
         ROLE,
+        admin_token.clone(),
         shutdown.clone(),
     ));
 
@@ -216,19 +219,23 @@ pub async fn run(
         shutdown.clone(),
     ));
     let admin_api = admin::router(admin::AdminState {
-        token: config.admin_token.clone(),
+        token: admin_token.unwrap_or_default(),
         store: store.clone(),
         state: state.clone(),
     });
     let admin_server = tokio::spawn(
-        axum::serve(net::http_listener(listeners.http), admin_api)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
+        axum::serve(
+            net::http_listener(listeners.http),
+            admin_api.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future(),
     );
 
     tracing::info!(%grpc_addr, %http_addr, "keeper serving");
     net::announce(ROLE, "ready", grpc_addr);
     let served = tonic::transport::Server::builder()
+        .layer(credentials.server_layer(Role::Keeper))
         .add_service(KeeperServer::new(registry::KeeperService::new(state)))
         .serve_with_incoming_shutdown(
             pushgrid_common::node::grpc_incoming(listeners.grpc),

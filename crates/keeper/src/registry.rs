@@ -15,16 +15,22 @@
 //! deletes no lease, and it keeps listing the nodes it listed before, while
 //! the nodes renew (a lease past its expiry that was not deleted is renewed).
 //! Only a node that stays silent through the recovery leaves the view.
+//!
+//! Every call has passed the cluster credential check (`pushgrid_common::auth`)
+//! and carries its caller's role: a node registers, renews and gives back
+//! leases only of its own role, and only rooms and centers (which verify
+//! device tokens and API keys) see the apps' secrets in the watch stream.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use pushgrid_common::auth::{caller_role, role_name, sees_app_secrets};
 use pushgrid_common::{CancellationToken, now_ms};
 use pushgrid_proto::cluster::keeper_server::Keeper;
 use pushgrid_proto::cluster::{
     ClusterState, DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
-    NodeInfo, RegisterNodeRequest, RegisterNodeResponse, WatchRequest,
+    NodeInfo, RegisterNodeRequest, RegisterNodeResponse, Role, WatchRequest,
 };
 use tokio::sync::{Mutex, watch};
 use tokio_stream::StreamExt;
@@ -204,6 +210,43 @@ impl KeeperService {
     }
 }
 
+impl KeeperService {
+    /// A lease is renewed or ended only by a caller of its node's role.
+    async fn check_lease_role(&self, lease_id: u64, caller: Role) -> Result<(), Status> {
+        let holder = self
+            .state
+            .leases
+            .role_of_lease(lease_id)
+            .await
+            .map_err(|error| store_failed(&self.state, "lease_role", error))?;
+        match holder {
+            Some(holder) if holder != caller => {
+                metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
+                Err(Status::permission_denied(format!(
+                    "lease {lease_id} belongs to a {} node; a {} key cannot renew or end it",
+                    role_name(holder),
+                    role_name(caller)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The snapshot `caller` may see: without the apps' JWT secrets and API keys
+/// unless it verifies device tokens or API keys.
+fn snapshot_for(caller: Role, snapshot: &ClusterState) -> ClusterState {
+    let mut state = snapshot.clone();
+    if !sees_app_secrets(caller) {
+        for app in &mut state.apps {
+            app.jwt_secret.clear();
+            app.previous_jwt_secret.clear();
+            app.api_key.clear();
+        }
+    }
+    state
+}
+
 fn store_failed(state: &KeeperState, op: &'static str, error: crate::leases::LeaseError) -> Status {
     metrics::counter!("pushgrid_keeper_store_errors_total", "op" => op).increment(1);
     tracing::warn!(op, %error, "lease store failed");
@@ -219,10 +262,36 @@ impl Keeper for KeeperService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let caller = caller_role(&request)?;
         let request = request.into_inner();
         let Some(node) = request.node else {
             return Err(Status::invalid_argument("node is required"));
         };
+        if node.role() != caller {
+            tracing::warn!(node = %node.id.escape_debug(), caller = role_name(caller), claimed = role_name(node.role()), "registration refused: the node's role is not its key's");
+            metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
+            return Err(Status::permission_denied(format!(
+                "a {} key cannot register a {} node",
+                role_name(caller),
+                role_name(node.role())
+            )));
+        }
+        // Registering replaces the leases of the same node id: only its own role's.
+        let holder = self
+            .state
+            .leases
+            .role_of_node(&node.id)
+            .await
+            .map_err(|error| store_failed(&self.state, "register", error))?;
+        if let Some(holder) = holder.filter(|holder| *holder != caller) {
+            metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
+            return Err(Status::permission_denied(format!(
+                "node id {:?} is held by a {} node; a {} key cannot replace it",
+                node.id,
+                role_name(holder),
+                role_name(caller)
+            )));
+        }
         if node.id.is_empty() || (node.grpc_addr.is_empty() && node.http_addr.is_empty()) {
             return Err(Status::invalid_argument(
                 "node id and an address (grpc or http) are required",
@@ -271,7 +340,9 @@ impl Keeper for KeeperService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = caller_role(&request)?;
         let request = request.into_inner();
+        self.check_lease_role(request.lease_id, caller).await?;
         let renewed = self
             .state
             .leases
@@ -299,7 +370,9 @@ impl Keeper for KeeperService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
+        let caller = caller_role(&request)?;
         let lease_id = request.into_inner().lease_id;
+        self.check_lease_role(lease_id, caller).await?;
         let left = self
             .state
             .leases
@@ -318,10 +391,11 @@ impl Keeper for KeeperService {
 
     async fn watch(
         &self,
-        _request: Request<WatchRequest>,
+        request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = caller_role(&request)?;
         let stream = tokio_stream::wrappers::WatchStream::new(self.state.snapshots.subscribe())
-            .map(|snapshot| Ok(ClusterState::clone(&snapshot)));
+            .map(move |snapshot| Ok(snapshot_for(caller, &snapshot)));
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -450,5 +524,50 @@ pub(crate) async fn maintain_leases(
     }
     if let Some(lease_id) = own_lease {
         let _ = state.leases.deregister(lease_id).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pushgrid_proto::cluster::App;
+
+    #[test]
+    fn only_rooms_and_centers_see_app_secrets() {
+        let snapshot = ClusterState {
+            apps: vec![App {
+                id: "demo".into(),
+                jwt_secret: "s3cret".into(),
+                previous_jwt_secret: "old".into(),
+                api_key: "key".into(),
+                webhook_url: "http://hook".into(),
+                single_login: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for role in pushgrid_common::auth::ROLES {
+            let app = &snapshot_for(role, &snapshot).apps[0];
+            // What every role needs stays.
+            assert_eq!(app.id, "demo");
+            assert_eq!(app.webhook_url, "http://hook");
+            assert!(app.single_login);
+            let secrets = [&app.jwt_secret, &app.previous_jwt_secret, &app.api_key];
+            if matches!(role, Role::Room | Role::Center) {
+                assert_eq!(
+                    secrets,
+                    [
+                        &"s3cret".to_string(),
+                        &"old".to_string(),
+                        &"key".to_string()
+                    ]
+                );
+            } else {
+                assert!(
+                    secrets.iter().all(|secret| secret.is_empty()),
+                    "{role:?} sees a secret"
+                );
+            }
+        }
     }
 }

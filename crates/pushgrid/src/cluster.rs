@@ -8,6 +8,10 @@
 //! counted in `pushgrid_launcher_restarts_total{instance}` on the launcher's
 //! admin port. Only SIGINT/SIGTERM stops the cluster: rooms, then the other
 //! roles, then keepers get SIGTERM and drain.
+//!
+//! The cluster credentials (a key per role, the verifiers, the admin token)
+//! are created in `<data dir>/credentials` on the first start (mode 0600)
+//! and every child is pointed at them with `credentials_dir`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,6 +79,9 @@ pub struct ClusterArgs {
     /// Directory holding the role binaries; defaults to this binary's own.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Where the cluster credentials are kept (`<data dir>/credentials`).
+    #[arg(long, default_value = "pushgrid-data")]
+    data_dir: PathBuf,
 }
 
 /// The listen settings of one instance.
@@ -227,6 +234,8 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             "--rooms must be 1 to {MAX_ROOMS} (any number above 0 with --ephemeral-ports)"
         );
     }
+    std::fs::create_dir_all(&args.data_dir)?;
+    let credentials_dir = crate::dev::ensure_credentials(&args.data_dir.canonicalize()?)?;
     let host = args.host.clone();
     let ports = |kind: Kind, index: u16| {
         if args.ephemeral_ports {
@@ -245,6 +254,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             format!("node_id={name}"),
             format!("listen={}", ports.grpc),
             format!("admin_listen={}", ports.admin),
+            format!("credentials_dir={}", credentials_dir.display()),
         ];
         if let Some(keepers) = keepers {
             settings.push(format!("keeper={keepers}"));
@@ -317,6 +327,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         admin,
         "launcher",
         health(all.clone()),
+        pushgrid_common::auth::read_admin_token(&credentials_dir),
         shutdown.clone(),
     ));
     let mut keeper_addrs = Vec::new();
@@ -383,6 +394,10 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 let room = others.iter().find(|role| role.name == "room-0").and_then(|role| role.bound("tcp")).unwrap_or_default();
                 println!(
                     "pushgrid cluster: push API http://{center}/api/push (API key {DEMO_API_KEY}), dispatcher http://{dispatcher}, rooms from {room}, keepers {keeper_list}, launcher metrics http://{admin_addr}/metrics"
+                );
+                println!(
+                    "pushgrid cluster: admin token in {dir}/admin-token (keeper admin API, dashboard, /debug/ on admin ports, stats/info of the whole cluster); cluster credentials in {dir} (docs/security.md)",
+                    dir = credentials_dir.display()
                 );
             }
             Err(error) => tracing::warn!(%error, "not every role was ready in time; the launcher keeps supervising"),

@@ -1,7 +1,9 @@
 //! `pushgrid dev`: every role in one process, embedded SQLite, a demo app.
+//! The cluster credentials (a key per role, the verifiers, an admin token)
+//! are created in `<data dir>/credentials` on the first start and kept.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pushgrid_common::config::NodeConfig;
@@ -14,7 +16,7 @@ pub const DEMO_API_KEY: &str = "demo-key";
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// Where the embedded SQLite databases live.
+    /// Where the embedded SQLite databases and the cluster credentials live.
     #[arg(long, default_value = "pushgrid-data")]
     data_dir: PathBuf,
     /// Dispatcher HTTP listener.
@@ -37,10 +39,29 @@ pub struct DevArgs {
     log_json: bool,
 }
 
-fn internal_node() -> NodeConfig {
+fn internal_node(credentials_dir: &Path) -> NodeConfig {
     // Internal gRPC and admin listeners take any free port; roles find each
     // other through keeper.
-    NodeConfig::with_ports(0, 0)
+    NodeConfig {
+        credentials_dir: credentials_dir.display().to_string(),
+        ..NodeConfig::with_ports(0, 0)
+    }
+}
+
+/// Creates what is missing of `<data_dir>/credentials` (mode 0700, files
+/// 0600) and returns the directory; logs what was created.
+pub fn ensure_credentials(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let dir = data_dir.join("credentials");
+    let created = pushgrid_common::auth::init_dir(&dir)?;
+    if !created.created_keys.is_empty() || created.created_admin_token {
+        tracing::info!(
+            dir = %dir.display(),
+            keys = created.created_keys.len(),
+            admin_token = created.created_admin_token,
+            "created cluster credentials"
+        );
+    }
+    Ok(dir)
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -50,9 +71,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let data_dir = args.data_dir.canonicalize()?;
     let sqlite = |name: &str| format!("sqlite://{}", data_dir.join(name).display());
+    let credentials_dir = ensure_credentials(&data_dir)?;
 
     let mut keeper = pushgrid_keeper::KeeperConfig {
-        node: internal_node(),
+        node: internal_node(&credentials_dir),
         ..Default::default()
     };
     keeper.database_url = sqlite("keeper.db");
@@ -68,7 +90,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let keeper_addr = keeper_listeners.grpc.local_addr()?.to_string();
     let node = || NodeConfig {
         keeper: keeper_addr.clone(),
-        ..internal_node()
+        ..internal_node(&credentials_dir)
     };
 
     let register = pushgrid_register::RegisterConfig {
@@ -207,6 +229,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             &dispatcher_addr.to_string(),
             &room_addr.to_string(),
             &data_dir,
+            &credentials_dir,
         );
     }
 
@@ -307,7 +330,7 @@ async fn wait_until_healthy(admin_addrs: &[std::net::SocketAddr], shutdown: &Can
     }
 }
 
-fn print_banner(center: &str, dispatcher: &str, room: &str, data_dir: &std::path::Path) {
+fn print_banner(center: &str, dispatcher: &str, room: &str, data_dir: &Path, credentials: &Path) {
     println!(
         r#"
 pushgrid dev is running (all roles in one process, data in {data})
@@ -315,6 +338,8 @@ pushgrid dev is running (all roles in one process, data in {data})
   push API     http://{center}/api/push     (API key: {key})
   dispatcher   http://{dispatcher}/v1/dispatch?user=alice
   device TCP   {room}
+  admin token  {credentials}/admin-token  (dashboard, /debug/ on admin ports)
+  credentials  {credentials}  (one key per role, mode 0600; docs/security.md)
 
 Try it, in two more terminals:
 
@@ -323,6 +348,7 @@ Try it, in two more terminals:
   curl -s -H 'Authorization: apikey {key}' -d '{{"users":["alice"],"payload":"hello"}}' http://{center}/api/push
 "#,
         data = data_dir.display(),
+        credentials = credentials.display(),
         key = DEMO_API_KEY,
         app = DEMO_APP,
     );

@@ -19,7 +19,8 @@ use pushgrid_common::node;
 use pushgrid_common::{CancellationToken, net};
 use pushgrid_proto::cluster::register_server::{Register, RegisterServer};
 use pushgrid_proto::cluster::{
-    LookupRequest, LookupResponse, Role, Session, SessionBatch, SessionBatchResponse,
+    AppStatsRequest, AppStatsResponse, LookupRequest, LookupResponse, Role, Session, SessionBatch,
+    SessionBatchResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -75,6 +76,16 @@ pub struct SessionTable {
     users: DashMap<String, Vec<Session>>,
     /// Sessions held, kept beside the map so the gauge never walks it.
     count: AtomicUsize,
+    /// Sessions and users per app, kept beside the map so a tenant's
+    /// `stats` never walks it. Locked after `users`, never before.
+    apps: DashMap<String, AppCounts>,
+}
+
+/// One app's share of a [`SessionTable`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AppCounts {
+    pub sessions: usize,
+    pub users: usize,
 }
 
 fn user_key(app: &str, user: &str) -> String {
@@ -91,14 +102,41 @@ impl SessionTable {
             .users
             .entry(user_key(&session.app, &session.user))
             .or_default();
+        let new_user = sessions.is_empty();
         let before = sessions.len();
         sessions.retain(|existing| {
             !(existing.room == session.room && existing.conn_id == session.conn_id)
         });
         if sessions.len() == before {
             self.count.fetch_add(1, Ordering::Relaxed);
+            let mut app = self.apps.entry(session.app.clone()).or_default();
+            app.sessions += 1;
+            app.users += usize::from(new_user);
         }
         sessions.push(session);
+    }
+
+    /// Subtracts what left an app: `sessions` sessions and `users` users.
+    fn app_left(&self, app: &str, sessions: usize, users: usize) {
+        if sessions == 0 && users == 0 {
+            return;
+        }
+        let emptied = match self.apps.get_mut(app) {
+            Some(mut counts) => {
+                counts.sessions = counts.sessions.saturating_sub(sessions);
+                counts.users = counts.users.saturating_sub(users);
+                counts.sessions == 0
+            }
+            None => false,
+        };
+        if emptied {
+            self.apps.remove_if(app, |_, counts| counts.sessions == 0);
+        }
+    }
+
+    /// One app's sessions and online users in this table.
+    pub fn app_counts(&self, app: &str) -> AppCounts {
+        self.apps.get(app).map(|counts| *counts).unwrap_or_default()
     }
 
     pub fn offline(&self, session: &Session) {
@@ -109,8 +147,10 @@ impl SessionTable {
                 sessions.retain(|existing| {
                     !(existing.room == session.room && existing.conn_id == session.conn_id)
                 });
-                self.count
-                    .fetch_sub(before - sessions.len(), Ordering::Relaxed);
+                let removed = before - sessions.len();
+                self.count.fetch_sub(removed, Ordering::Relaxed);
+                let emptied = removed > 0 && sessions.is_empty();
+                self.app_left(&session.app, removed, usize::from(emptied));
                 sessions.is_empty()
             }
             None => false,
@@ -145,8 +185,17 @@ impl SessionTable {
         let mut dropped = 0;
         self.users.retain(|_, sessions| {
             let before = sessions.len();
+            let app = sessions.first().map(|session| session.app.clone());
             sessions.retain(|session| keep(session));
-            dropped += before - sessions.len();
+            let removed = before - sessions.len();
+            dropped += removed;
+            if let Some(app) = app {
+                self.app_left(
+                    &app,
+                    removed,
+                    usize::from(removed > 0 && sessions.is_empty()),
+                );
+            }
             !sessions.is_empty()
         });
         self.count.fetch_sub(dropped, Ordering::Relaxed);
@@ -212,6 +261,17 @@ impl Register for RegisterService {
             warming: std::time::Instant::now() < self.warm_at,
         }))
     }
+
+    async fn app_stats(
+        &self,
+        request: Request<AppStatsRequest>,
+    ) -> Result<Response<AppStatsResponse>, Status> {
+        let counts = self.table.app_counts(&request.into_inner().app);
+        Ok(Response::new(AppStatsResponse {
+            sessions: counts.sessions as u64,
+            users: counts.users as u64,
+        }))
+    }
 }
 
 /// Runs register until `shutdown`.
@@ -253,6 +313,7 @@ pub async fn run(
     };
     let served = node::serve_grpc(
         tonic::service::Routes::new(RegisterServer::new(service)),
+        cluster.credentials(),
         listeners.grpc,
         &shutdown,
     )
@@ -360,6 +421,36 @@ mod tests {
         assert!(table.lookup("a", "u").is_empty());
         assert!(table.is_empty());
         assert_eq!(table.len(), 0);
+        assert_eq!(table.app_counts("a"), AppCounts::default());
+    }
+
+    #[test]
+    fn each_app_counts_only_its_own_sessions_and_users() {
+        let table = SessionTable::default();
+        table.online(session("u", "r1", 1));
+        table.online(session("u", "r2", 2));
+        table.online(session("v", "r1", 3));
+        table.online(session("u", "r1", 1)); // a repeat counts once
+        table.online(Session {
+            app: "b".into(),
+            ..session("u", "r1", 4)
+        });
+        let counts = |sessions, users| AppCounts { sessions, users };
+        assert_eq!(table.app_counts("a"), counts(3, 2));
+        assert_eq!(table.app_counts("b"), counts(1, 1));
+        assert_eq!(table.app_counts("nobody"), counts(0, 0));
+        table.offline(&session("u", "r1", 1));
+        assert_eq!(table.app_counts("a"), counts(2, 2));
+        table.offline(&session("u", "r2", 2));
+        assert_eq!(table.app_counts("a"), counts(1, 1));
+        table.offline(&session("u", "r2", 2)); // not held: nothing changes
+        assert_eq!(table.app_counts("a"), counts(1, 1));
+        // A room gone: its sessions leave both apps.
+        let live: HashMap<String, u64> = [("r2".to_string(), 0)].into();
+        assert_eq!(table.retain_rooms(&live), 2);
+        assert_eq!(table.app_counts("a"), counts(0, 0));
+        assert_eq!(table.app_counts("b"), counts(0, 0));
+        assert!(table.apps.is_empty());
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! device counts the PUSH frames it reads; the run ends when every device
 //! has every message (or after `--timeout-secs`). Prints one JSON line:
 //! deliveries expected and counted, seconds from the first call to the last
-//! delivery, and deliveries per second.
+//! delivery, and deliveries per second. The calls carry the center key of
+//! the cluster's credentials directory (`--credentials`), as center's do.
 //!
 //! ```text
 //! target/release/examples/room_fanout --addr 127.0.0.1:18190 --grpc <room grpc> \
+//!     --credentials pushgrid-data/credentials \
 //!     --subscribers 5000 --messages 200 --payload 64 --app demo --secret demo-secret
 //! ```
 
@@ -33,6 +35,7 @@ use tokio::time::Instant;
 struct Options {
     addr: SocketAddr,
     grpc: String,
+    credentials: String,
     subscribers: usize,
     messages: u64,
     payload: usize,
@@ -47,6 +50,7 @@ fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         addr: "127.0.0.1:8090".parse()?,
         grpc: String::new(),
+        credentials: String::new(),
         subscribers: 5000,
         messages: 200,
         payload: 64,
@@ -64,6 +68,7 @@ fn parse_options() -> anyhow::Result<Options> {
         match flag.as_str() {
             "--addr" => options.addr = value.parse().context("--addr")?,
             "--grpc" => options.grpc = value,
+            "--credentials" => options.credentials = value,
             "--subscribers" => options.subscribers = value.parse().context("--subscribers")?,
             "--messages" => options.messages = value.parse().context("--messages")?,
             "--payload" => options.payload = value.parse().context("--payload")?,
@@ -195,10 +200,17 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", options.grpc))?
-        .connect()
-        .await
-        .context("connect to the room's gRPC port")?;
+    let credentials = pushgrid_common::auth::Credentials::for_node(
+        pushgrid_proto::cluster::Role::Center,
+        &options.credentials,
+    )
+    .context("--credentials <the cluster's credentials directory>")?;
+    let channel = credentials.attach(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", options.grpc))?
+            .connect()
+            .await
+            .context("connect to the room's gRPC port")?,
+    );
     let client = RoomClient::new(channel);
     let payload = vec![b'x'; options.payload];
     let calls = Arc::new(Semaphore::new(options.in_flight.max(1)));

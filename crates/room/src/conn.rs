@@ -131,19 +131,29 @@ fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
     let app = view
         .app(&app_id)
         .ok_or_else(|| format!("unknown app {app_id:?}"))?;
+    let policy = jwt::TokenPolicy {
+        clock_skew_secs: room.config.token_clock_skew_secs,
+        max_lifetime_secs: room.config.token_max_lifetime_secs,
+    };
     // During a secret rotation, tokens signed with the previous secret stay
     // valid until the overlap ends.
-    let claims = match jwt::verify(&auth.token, &app.jwt_secret) {
+    let claims = match jwt::verify(&auth.token, &app.jwt_secret, &policy) {
         Ok(claims) => claims,
         Err(error)
             if !app.previous_jwt_secret.is_empty() && now_ms() < app.previous_secret_until_ms =>
         {
-            jwt::verify(&auth.token, &app.previous_jwt_secret).map_err(|_| error.to_string())?
+            jwt::verify(&auth.token, &app.previous_jwt_secret, &policy)
+                .map_err(|_| error.to_string())?
         }
         Err(error) => return Err(error.to_string()),
     };
-    if claims.sub.is_empty() || claims.sub.len() > 255 {
-        return Err("token subject (user) must be 1 to 255 bytes".into());
+    pushgrid_wire::check_id("the token subject (user)", &claims.sub)?;
+    // A token that names a device binds the connection to it.
+    if !claims.dev.is_empty() && !auth.device_id.is_empty() && auth.device_id != claims.dev {
+        return Err(format!(
+            "the token is for device {:?}, not {:?}",
+            claims.dev, auth.device_id
+        ));
     }
     let device = if !auth.device_id.is_empty() {
         auth.device_id.clone()
@@ -152,6 +162,15 @@ fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
     } else {
         "default".to_string()
     };
+    pushgrid_wire::check_id("the device id", &device)?;
+    if auth.platform.len() > pushgrid_wire::MAX_ID_BYTES {
+        return Err(format!(
+            "the platform must be at most {} bytes, not {}",
+            pushgrid_wire::MAX_ID_BYTES,
+            auth.platform.len()
+        ));
+    }
+    pushgrid_wire::check_text("the platform", &auth.platform)?;
     Ok(Identity {
         app: claims.app,
         user: claims.sub,
@@ -368,7 +387,11 @@ async fn open(
         Ok(identity) => identity,
         Err(reason) => {
             refuse("failed", "auth_failed");
-            tracing::debug!(%peer, %reason, "auth failed");
+            static AUTH_REFUSALS: pushgrid_common::auth::RefusalLog =
+                pushgrid_common::auth::RefusalLog::new(20);
+            if let Some(unlogged_before) = AUTH_REFUSALS.admit() {
+                tracing::info!(%peer, %reason, unlogged_before, "device auth refused");
+            }
             let answer = error_frame(ErrorCode::AuthFailed, reason, frame.seq);
             Box::pin(stream.close_politely(vec![answer], LINGER)).await;
             return None;

@@ -97,9 +97,11 @@ pub struct RoomConfig {
     pub drain_window_secs: u32,
     /// How long a drain waits for connections to close.
     pub shutdown_grace_secs: u64,
-    /// Bearer token of `POST /admin/drain`; empty: `PUSHGRID_ADMIN_TOKEN`;
-    /// with neither, only loopback peers may drain.
-    pub admin_token: String,
+    /// Clock difference allowed for a device token's `exp`, `nbf` and `iat`.
+    pub token_clock_skew_secs: u64,
+    /// Longest device token lifetime (`exp - iat`, or `exp - now` without
+    /// `iat`); longer-lived tokens are refused.
+    pub token_max_lifetime_secs: u64,
     /// Shard threads serving authenticated plain TCP connections (reads,
     /// writes, heartbeats); 0: one per CPU.
     pub io_threads: usize,
@@ -134,7 +136,8 @@ impl Default for RoomConfig {
             deny_cidrs: Vec::new(),
             drain_window_secs: 10,
             shutdown_grace_secs: 15,
-            admin_token: String::new(),
+            token_clock_skew_secs: 60,
+            token_max_lifetime_secs: 30 * 24 * 3600,
             io_threads: 0,
             tcp_send_buffer: 64 * 1024,
         }
@@ -304,7 +307,7 @@ pub async fn run(
     // just until the shutdown signal: a draining room stays routable.
     let node_stop = CancellationToken::new();
     let drain_asked = CancellationToken::new();
-    let admin_routes = drain_routes(drain_asked.clone(), config.admin_token.clone());
+    let admin_routes = drain_routes(drain_asked.clone(), config.node.admin_token());
     let cluster = node::start_with_admin_routes(
         ROLE,
         Role::Room,
@@ -398,7 +401,10 @@ pub async fn run(
     let grpc_stop = CancellationToken::new();
     let mut served = {
         let grpc_stop = grpc_stop.clone();
-        tokio::spawn(async move { node::serve_grpc(router, listeners.grpc, &grpc_stop).await })
+        let credentials = room.cluster.credentials().clone();
+        tokio::spawn(async move {
+            node::serve_grpc(router, &credentials, listeners.grpc, &grpc_stop).await
+        })
     };
     let early_end = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -473,35 +479,39 @@ async fn drain(
     }
 }
 
-/// `POST /admin/drain` on the admin port.
-fn drain_routes(drain_asked: CancellationToken, configured_token: String) -> axum::Router {
+/// `POST /admin/drain` on the admin port: needs the admin token (none
+/// configured: 403, the drain is off; SIGTERM still drains).
+fn drain_routes(drain_asked: CancellationToken, admin_token: Option<String>) -> axum::Router {
     let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap| {
         let drain_asked = drain_asked.clone();
-        let configured_token = configured_token.clone();
+        let admin_token = admin_token.clone();
         async move {
-            let expected: Option<&str> = if configured_token.is_empty() {
-                telemetry::admin_token()
-            } else {
-                Some(&configured_token)
-            };
-            let allowed = match expected {
-                Some(expected) => telemetry::bearer_token(&headers)
-                    .is_some_and(|given| telemetry::token_matches(given, expected)),
-                None => peer.ip().is_loopback(),
-            };
-            if !allowed {
-                let message = if expected.is_some() {
-                    "missing or wrong Authorization: Bearer <admin token>"
-                } else {
-                    "no admin token is configured: only loopback peers may drain"
-                };
-                return (
-                    StatusCode::UNAUTHORIZED,
+            let refused = |status: StatusCode, message: &str| {
+                ::metrics::counter!("pushgrid_admin_refused_total", "endpoint" => "drain")
+                    .increment(1);
+                tracing::warn!(%peer, status = status.as_u16(), "drain request refused");
+                (
+                    status,
                     axum::Json(
                         serde_json::json!({"error": {"code": "unauthorized", "message": message}}),
                     ),
                 )
-                    .into_response();
+                    .into_response()
+            };
+            let Some(expected) = admin_token.as_deref() else {
+                return refused(
+                    StatusCode::FORBIDDEN,
+                    "the drain endpoint is off: no admin token is configured (admin_token, \
+                     PUSHGRID_ADMIN_TOKEN or the admin-token file of credentials_dir)",
+                );
+            };
+            let allowed = telemetry::bearer_token(&headers)
+                .is_some_and(|given| telemetry::token_matches(given, expected));
+            if !allowed {
+                return refused(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong admin token (Authorization: Bearer <admin token>)",
+                );
             }
             tracing::info!(%peer, "drain asked on the admin port");
             drain_asked.cancel();

@@ -67,7 +67,7 @@ fn refused(kind: &'static str) {
 
 impl Peers {
     pub fn new(cluster: Cluster) -> Peers {
-        let pool = Arc::new(ChannelPool::new(2));
+        let pool = Arc::new(ChannelPool::new(2, cluster.credentials()));
         let online = BatcherMap::per_peer(
             pool.clone(),
             batch_config(),

@@ -160,17 +160,31 @@ pub struct SaverService {
     /// Status records written in the background (delivery reports of ACKs,
     /// broadcast records), bounded.
     status_writes: Arc<tokio::sync::Semaphore>,
+    /// The store's limits: a replayed idempotent call is held to its TTL.
+    limits: StoreLimits,
 }
 
 /// Status writes in flight at most; beyond, they are skipped and counted.
 pub const MAX_STATUS_WRITES: usize = 256;
 
 impl SaverService {
-    pub fn new(store: Arc<dyn MessageStore>) -> SaverService {
+    pub fn new(store: Arc<dyn MessageStore>, limits: StoreLimits) -> SaverService {
         SaverService {
             store,
             status_writes: Arc::new(tokio::sync::Semaphore::new(MAX_STATUS_WRITES)),
+            limits,
         }
+    }
+
+    /// A TTL above the maximum is refused, never shortened (0: the default).
+    fn check_ttl(&self, ttl_secs: u32) -> Result<(), Status> {
+        if ttl_secs > self.limits.max_ttl_secs {
+            return Err(Status::invalid_argument(format!(
+                "ttl_secs: must be 1 to {} seconds, not {ttl_secs}",
+                self.limits.max_ttl_secs
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -262,6 +276,16 @@ impl Saver for SaverService {
         request: Request<StoreRequest>,
     ) -> Result<Response<StoreResponse>, Status> {
         let request = request.into_inner();
+        self.check_ttl(request.ttl_secs)?;
+        // A replay (only with a key) is held to this call's body.
+        let body = (!request.idempotency_key.is_empty()).then(|| {
+            (
+                request.users.clone(),
+                request.payload.clone(),
+                request.ttl_secs,
+                request.idempotency_key.clone(),
+            )
+        });
         let store = self.store.clone();
         let key = request.idempotency_key.clone();
         let app = request.app.clone();
@@ -289,6 +313,22 @@ impl Saver for SaverService {
         .await
         .map_err(|error| to_status("store", error))?;
         if stored.replayed {
+            if let Some((users, payload, ttl_secs, key)) = &body
+                && let Some(field) = store::replay_mismatch(
+                    &stored.messages,
+                    users,
+                    payload,
+                    *ttl_secs,
+                    &self.limits,
+                )
+            {
+                ::metrics::counter!("pushgrid_saver_idempotency_conflicts_total").increment(1);
+                return Err(Status::already_exists(format!(
+                    "idempotency key {key:?} was used within 24 h for a push with other {field}; \
+                     nothing was stored and the first push's messages are unchanged: \
+                     use a new key for a new push"
+                )));
+            }
             metrics::idempotent_replay();
         } else {
             metrics::stored(stored.messages.len());
@@ -304,6 +344,9 @@ impl Saver for SaverService {
         request: Request<StoreManyRequest>,
     ) -> Result<Response<StoreManyResponse>, Status> {
         let request = request.into_inner();
+        for item in &request.items {
+            self.check_ttl(item.ttl_secs)?;
+        }
         let store = self.store.clone();
         let messages = answer_or_withdraw(
             &self.store,
@@ -548,8 +591,9 @@ pub async fn run(
 
     tracing::info!(node = %node_id, %grpc_addr, "saver serving");
     net::announce(ROLE, "ready", grpc_addr);
-    let router = tonic::service::Routes::new(SaverServer::new(SaverService::new(store)));
-    let served = node::serve_grpc(router, listeners.grpc, &shutdown).await;
+    let router =
+        tonic::service::Routes::new(SaverServer::new(SaverService::new(store, config.limits())));
+    let served = node::serve_grpc(router, cluster.credentials(), listeners.grpc, &shutdown).await;
     cluster.leave().await;
     let _ = purge.await;
     let _ = settle.await;

@@ -221,17 +221,52 @@ pub const ALL_TOPIC: &str = "all";
 pub const MAX_TOPIC_BYTES: usize = 128;
 
 /// A topic name as devices and the push API may write it: empty means
-/// [`ALL_TOPIC`]; otherwise 1 to [`MAX_TOPIC_BYTES`] bytes without NUL.
+/// [`ALL_TOPIC`]; otherwise 1 to [`MAX_TOPIC_BYTES`] bytes of printable text
+/// (see [`check_text`]).
 pub fn normalize_topic(topic: &str) -> Result<&str, String> {
     if topic.is_empty() {
         return Ok(ALL_TOPIC);
     }
-    if topic.len() > MAX_TOPIC_BYTES || topic.contains('\0') {
+    if topic.len() > MAX_TOPIC_BYTES {
         return Err(format!(
-            "a topic must be 1 to {MAX_TOPIC_BYTES} bytes without NUL"
+            "a topic must be 1 to {MAX_TOPIC_BYTES} bytes, not {}",
+            topic.len()
         ));
     }
+    check_text("a topic", topic)?;
     Ok(topic)
+}
+
+/// Longest user id and device id, in bytes.
+pub const MAX_ID_BYTES: usize = 255;
+
+/// A user id or device id (named `what` in the message): 1 to
+/// [`MAX_ID_BYTES`] bytes of printable text (see [`check_text`]). Ids compare
+/// byte for byte.
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "{what} must be 1 to {MAX_ID_BYTES} bytes, not {}",
+            id.len()
+        ));
+    }
+    check_text(what, id)
+}
+
+/// Text that ids and topics may hold: any UTF-8 but control characters
+/// (U+0000 to U+001F, U+007F to U+009F: NUL, CR, LF, TAB, ESC, ...) and the
+/// line and paragraph separators U+2028 and U+2029, which would split or
+/// forge lines in logs, webhooks and the keys they are stored under.
+pub fn check_text(what: &str, text: &str) -> Result<(), String> {
+    match text.char_indices().find(|(_, character)| {
+        character.is_control() || matches!(character, '\u{2028}' | '\u{2029}')
+    }) {
+        None => Ok(()),
+        Some((at, character)) => Err(format!(
+            "{what} must be printable text: U+{:04X} at byte {at} is a control character",
+            u32::from(character)
+        )),
+    }
 }
 
 /// The ERROR frame for a codec failure.
@@ -379,6 +414,35 @@ mod tests {
         assert!(normalize_topic(&"x".repeat(MAX_TOPIC_BYTES)).is_ok());
         assert!(normalize_topic(&"x".repeat(MAX_TOPIC_BYTES + 1)).is_err());
         assert!(normalize_topic("a\0b").is_err());
+        assert!(normalize_topic("news\r\nx").is_err());
+        assert_eq!(normalize_topic("nouvelles/été ☀"), Ok("nouvelles/été ☀"));
+    }
+
+    #[test]
+    fn ids_are_printable_and_bounded() {
+        assert!(check_id("user", "alice").is_ok());
+        assert!(check_id("user", "Zoë 🚀 #1").is_ok());
+        assert!(check_id("user", &"x".repeat(MAX_ID_BYTES)).is_ok());
+        assert_eq!(
+            check_id("user", ""),
+            Err("user must be 1 to 255 bytes, not 0".to_string())
+        );
+        assert!(check_id("user", &"x".repeat(MAX_ID_BYTES + 1)).is_err());
+        assert_eq!(
+            check_id("user", "al\nice"),
+            Err("user must be printable text: U+000A at byte 2 is a control character".to_string())
+        );
+        for bad in [
+            "a\0",
+            "a\r",
+            "\t",
+            "a\u{1b}[31m",
+            "a\u{7f}",
+            "a\u{85}",
+            "a\u{2028}b",
+        ] {
+            assert!(check_id("device", bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -398,6 +398,38 @@ impl Default for StoreLimits {
     }
 }
 
+/// Why a replayed idempotent answer does not belong to this call: the first
+/// call with the key stored other users, another payload or another TTL.
+/// `None`: the same body (same users in the same order, same payload, same
+/// effective TTL), so the first answer is this call's answer too.
+pub fn replay_mismatch(
+    first: &[Message],
+    users: &[String],
+    payload: &[u8],
+    ttl_secs: u32,
+    limits: &StoreLimits,
+) -> Option<&'static str> {
+    if first.len() != users.len()
+        || first
+            .iter()
+            .zip(users)
+            .any(|(message, user)| message.user != *user)
+    {
+        return Some("users");
+    }
+    if first.iter().any(|message| message.payload != payload) {
+        return Some("payload");
+    }
+    let ttl_ms = u64::from(limits.effective_ttl_secs(ttl_secs)) * 1000;
+    if first
+        .iter()
+        .any(|message| message.expires_ms.saturating_sub(message.created_ms) != ttl_ms)
+    {
+        return Some("ttl_secs");
+    }
+    None
+}
+
 impl StoreLimits {
     /// The TTL a message stored with `requested` seconds gets.
     pub fn effective_ttl_secs(&self, requested: u32) -> u32 {
@@ -814,5 +846,45 @@ mod tests {
         assert_eq!(ids.next_ids(2).map(|ids| ids.len()).ok(), Some(2));
         held.store(0, Ordering::Relaxed);
         assert!(matches!(ids.next_ids(1), Err(StoreError::NoWorkerId)));
+    }
+
+    #[test]
+    fn a_replay_is_held_to_the_first_calls_users_payload_and_ttl() {
+        let limits = StoreLimits {
+            default_ttl_secs: 60,
+            max_ttl_secs: 120,
+            ..StoreLimits::default()
+        };
+        let message = |user: &str, payload: &'static [u8], ttl_secs: u64| Message {
+            user: user.into(),
+            payload: Bytes::from_static(payload),
+            created_ms: 1_000,
+            expires_ms: 1_000 + ttl_secs * 1000,
+            ..Default::default()
+        };
+        let first = [message("ann", b"hi", 60), message("bob", b"hi", 60)];
+        let users = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>()
+        };
+        // The same body: the default TTL asked for by 0 or by its value.
+        assert_eq!(
+            replay_mismatch(&first, &users(&["ann", "bob"]), b"hi", 0, &limits),
+            None
+        );
+        assert_eq!(
+            replay_mismatch(&first, &users(&["ann", "bob"]), b"hi", 60, &limits),
+            None
+        );
+        let differs = |names: &[&str], payload: &[u8], ttl| {
+            replay_mismatch(&first, &users(names), payload, ttl, &limits)
+        };
+        assert_eq!(differs(&["bob", "ann"], b"hi", 0), Some("users"));
+        assert_eq!(differs(&["ann"], b"hi", 0), Some("users"));
+        assert_eq!(differs(&["ann", "bob", "cy"], b"hi", 0), Some("users"));
+        assert_eq!(differs(&["ann", "bob"], b"ho", 0), Some("payload"));
+        assert_eq!(differs(&["ann", "bob"], b"hi", 90), Some("ttl_secs"));
     }
 }

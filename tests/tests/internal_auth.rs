@@ -1,0 +1,857 @@
+//! Internal gRPC against a real `pushgrid cluster` (the launcher and its seven
+//! role processes, on Redis and MariaDB): every method of every
+//! role's service is called without credentials, with a key the cluster does
+//! not know, with something that is not a key, and with the key of each role
+//! that may not call it. Each call is refused with grpc-status 16 or 7 before
+//! any handler runs, counted, and logged with the caller's address; and
+//! nothing changed: the inbox is still there, no device got anything or was
+//! kicked, no node or session was registered, no lease ended.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::HeaderValue;
+use pushgrid_client::Op;
+use pushgrid_common::auth::{Credentials, RoleKey, Verifiers};
+use pushgrid_e2e::launcher::{Launcher, launcher_args};
+use pushgrid_e2e::{
+    MYSQL_SERVER, REDIS_URL, TestApp, metric_in, metrics_text, next_frame, next_push, temp_dir,
+};
+use pushgrid_proto::cluster::center_client::CenterClient;
+use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
+use pushgrid_proto::cluster::keeper_client::KeeperClient;
+use pushgrid_proto::cluster::register_client::RegisterClient;
+use pushgrid_proto::cluster::room_client::RoomClient;
+use pushgrid_proto::cluster::saver_client::SaverClient;
+use pushgrid_proto::cluster::*;
+use serde_json::json;
+use tower::ServiceExt;
+use tower::util::BoxCloneService;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `pushgrid cluster` of the test's own app and database.
+struct Cluster {
+    launcher: Launcher,
+    app: TestApp,
+    database: String,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = temp_dir("pushgrid-internal-auth");
+        let app = TestApp::random();
+        let database = format!("pg_e2e_{}", &app.id[3..]);
+        let args = launcher_args(&app, &format!("{MYSQL_SERVER}/{database}"), REDIS_URL);
+        let launcher = Launcher::start(&dir, &args).await.unwrap();
+        Cluster {
+            launcher,
+            app,
+            database,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The key and verifiers `pushgrid cluster` made for `role`.
+    fn role_credentials(&self, role: Role) -> Credentials {
+        Credentials::load(role, &self.launcher.credentials).unwrap()
+    }
+
+    async fn call(&self, method: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let center = self.launcher.addr("center-0", "http");
+        let response = self
+            .http
+            .post(format!("http://{center}/api/{method}"))
+            .header("Authorization", format!("apikey {}", self.app.api_key))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+
+    async fn push(&self, user: &str, payload: &str) -> u64 {
+        let (status, body) = self
+            .call("push", json!({"users": [user], "payload": payload}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["result"]["messages"][0]["id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    async fn device(
+        &self,
+        user: &str,
+    ) -> (pushgrid_client::Connection, pushgrid_client::msg::AuthOk) {
+        let room = self.launcher.addr("room-0", "tcp").to_string();
+        let auth = pushgrid_client::msg::Auth {
+            token: self.app.token(user),
+            device_id: format!("{user}-phone"),
+            platform: "test".into(),
+        };
+        pushgrid_client::Connection::connect(&room, auth)
+            .await
+            .unwrap()
+    }
+
+    /// The lines instance `name` logged (the launcher forwards them).
+    fn log_of(&self, name: &str) -> Vec<String> {
+        let prefix = format!("[{name}] ");
+        self.launcher
+            .log_text()
+            .lines()
+            .filter(|line| line.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn cleanup(mut self) {
+        let _ = self.launcher.stop(Duration::from_secs(60)).await;
+        if let Ok(pool) =
+            pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{}", self.database), 1).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS `{}`",
+                self.database
+            )))
+            .execute(&pool)
+            .await;
+        }
+    }
+}
+
+/// A gRPC channel whose requests carry `authorization` (or none).
+type Rpc = BoxCloneService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    tonic::transport::Error,
+>;
+
+fn rpc(addr: std::net::SocketAddr, authorization: Option<HeaderValue>) -> Rpc {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    BoxCloneService::new(channel.map_request(move |mut request: http::Request<_>| {
+        if let Some(value) = &authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, value.clone());
+        }
+        request
+    }))
+}
+
+/// Who calls: no header, garbage, a well-formed key the cluster does not
+/// know, or a role's real key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Nobody,
+    Garbage,
+    Stranger,
+    Role(Role),
+}
+
+const EVERY_ROLE: [Role; 7] = [
+    Role::Keeper,
+    Role::Register,
+    Role::Saver,
+    Role::Coordinator,
+    Role::Center,
+    Role::Dispatcher,
+    Role::Room,
+];
+
+/// The rule, written out here apart from the code's table: which
+/// roles may call each method (every other role gets 7).
+fn may_call(path: &str) -> &'static [Role] {
+    match path {
+        "Register/Online" | "Register/Offline" => &[Role::Room],
+        "Register/Lookup" => &[Role::Center, Role::Coordinator],
+        "Register/AppStats" => &[Role::Center],
+        "Saver/Pending" | "Saver/PendingMany" | "Saver/Ack" | "Saver/Delivered"
+        | "Saver/History" => &[Role::Room],
+        "Room/Kick" => &[Role::Coordinator],
+        "Coordinator/StateChanges" | "Coordinator/Upstream" => &[Role::Room],
+        "Coordinator/Kick" => &[Role::Center, Role::Room],
+        // Everything else of Saver, Room/Deliver, Room/Broadcast, Center/*.
+        _ => &[Role::Center],
+    }
+}
+
+/// The state a forged call would change, so that it can be checked after.
+struct Target {
+    app: String,
+    room_id: String,
+    /// Device A: connected, must receive nothing and stay connected.
+    user_online: String,
+    conn_online: u64,
+    /// User B: offline, one message waiting in the inbox.
+    user_offline: String,
+    waiting_id: u64,
+}
+
+/// Calls `method` (`Service/Method`) on `rpc` with a body that would do harm
+/// if it were accepted. Returns the status of the refusal (`Ok` if it was not
+/// refused).
+async fn call(method: &str, rpc: Rpc, target: &Target) -> Result<(), tonic::Status> {
+    let app = target.app.clone();
+    let forged = || Message {
+        id: 4_242_424_242,
+        app: target.app.clone(),
+        user: target.user_online.clone(),
+        payload: "forged".into(),
+        created_ms: pushgrid_common::now_ms(),
+        expires_ms: pushgrid_common::now_ms() + 60_000,
+        ..Default::default()
+    };
+    let forged_broadcast = || BroadcastMessage {
+        id: 4_242_424_243,
+        app: target.app.clone(),
+        topic: "all".into(),
+        offset: 1,
+        epoch: 1,
+        payload: "forged".into(),
+        created_ms: pushgrid_common::now_ms(),
+    };
+    let online_session = || Session {
+        app: target.app.clone(),
+        user: target.user_online.clone(),
+        device: format!("{}-phone", target.user_online),
+        room: target.room_id.clone(),
+        conn_id: target.conn_online,
+        ..Default::default()
+    };
+    let offline = PendingRequest {
+        app: app.clone(),
+        user: target.user_offline.clone(),
+        limit: 10,
+    };
+    let done = |result: Result<(), tonic::Status>| result;
+    match method {
+        "Keeper/Register" => done(
+            KeeperClient::new(rpc)
+                .register(RegisterNodeRequest {
+                    node: Some(NodeInfo {
+                        id: "rogue-room".into(),
+                        role: Role::Room as i32,
+                        grpc_addr: "127.0.0.1:9".into(),
+                        tcp_addr: "127.0.0.1:9".into(),
+                        ..Default::default()
+                    }),
+                    ttl_secs: 60,
+                    preferred_worker_id: None,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Keeper/Watch" => done(
+            KeeperClient::new(rpc)
+                .watch(WatchRequest {})
+                .await
+                .map(|_| ()),
+        ),
+        "Register/Online" => done(
+            RegisterClient::new(rpc)
+                .online(SessionBatch {
+                    sessions: vec![Session {
+                        user: "rogue".into(),
+                        conn_id: 999,
+                        ..online_session()
+                    }],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Register/Offline" => done(
+            RegisterClient::new(rpc)
+                .offline(SessionBatch {
+                    sessions: vec![online_session()],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Register/Lookup" => done(
+            RegisterClient::new(rpc)
+                .lookup(LookupRequest {
+                    users: vec![UserKey {
+                        app,
+                        user: target.user_online.clone(),
+                    }],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Register/AppStats" => done(
+            RegisterClient::new(rpc)
+                .app_stats(AppStatsRequest { app })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/Store" => done(
+            SaverClient::new(rpc)
+                .store(StoreRequest {
+                    app,
+                    users: vec![target.user_offline.clone()],
+                    payload: "forged".into(),
+                    ttl_secs: 60,
+                    idempotency_key: String::new(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/StoreMany" => done(
+            SaverClient::new(rpc)
+                .store_many(StoreManyRequest {
+                    items: vec![StoreItem {
+                        app,
+                        user: target.user_offline.clone(),
+                        payload: "forged".into(),
+                        ttl_secs: 60,
+                    }],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/Pending" => done(SaverClient::new(rpc).pending(offline).await.map(|_| ())),
+        "Saver/PendingMany" => done(
+            SaverClient::new(rpc)
+                .pending_many(PendingManyRequest {
+                    requests: vec![offline],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/Ack" => done(
+            SaverClient::new(rpc)
+                .ack(AckRequest {
+                    items: vec![AckItem {
+                        app,
+                        user: target.user_offline.clone(),
+                        msg_ids: vec![target.waiting_id],
+                        device: String::new(),
+                    }],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/Publish" => done(
+            SaverClient::new(rpc)
+                .publish(PublishRequest {
+                    app,
+                    topic: "all".into(),
+                    payload: "forged".into(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/History" => done(
+            SaverClient::new(rpc)
+                .history(HistoryRequest {
+                    app,
+                    topic: "all".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/Bind" | "Saver/Unbind" => {
+            let request = GroupUsersRequest {
+                app,
+                group: "g".into(),
+                users: vec![target.user_offline.clone()],
+            };
+            let mut saver = SaverClient::new(rpc);
+            done(if method == "Saver/Bind" {
+                saver.bind(request).await.map(|_| ())
+            } else {
+                saver.unbind(request).await.map(|_| ())
+            })
+        }
+        "Saver/GroupMembers" => done(
+            SaverClient::new(rpc)
+                .group_members(GroupMembersRequest {
+                    app,
+                    group: "g".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/UserGroups" => done(
+            SaverClient::new(rpc)
+                .user_groups(UserGroupsRequest {
+                    app,
+                    user: target.user_offline.clone(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/StartGroupPush" => done(
+            SaverClient::new(rpc)
+                .start_group_push(StartGroupPushRequest {
+                    app,
+                    group: "g".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/StoreChildren" => done(
+            SaverClient::new(rpc)
+                .store_children(StoreChildrenRequest {
+                    app,
+                    users: vec![target.user_offline.clone()],
+                    payload: "forged".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/GroupPushProgress" => done(
+            SaverClient::new(rpc)
+                .group_push_progress(GroupPushProgressRequest {
+                    app,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/Delivered" => done(
+            SaverClient::new(rpc)
+                .delivered(DeliveredRequest::default())
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/MessageStatus" => done(
+            SaverClient::new(rpc)
+                .message_status(MessageStatusRequest {
+                    app,
+                    id: target.waiting_id,
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Room/Deliver" => done(
+            RoomClient::new(rpc)
+                .deliver(DeliverRequest {
+                    deliveries: vec![Delivery {
+                        conn_id: target.conn_online,
+                        message: Some(forged()),
+                    }],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Room/Kick" => done(
+            RoomClient::new(rpc)
+                .kick(RoomKickRequest {
+                    conn_ids: vec![target.conn_online],
+                    code: 1,
+                    reason: "forged".into(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Room/Broadcast" => done(
+            RoomClient::new(rpc)
+                .broadcast(RoomBroadcastRequest {
+                    message: Some(forged_broadcast()),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Coordinator/StateChanges" => done(
+            CoordinatorClient::new(rpc)
+                .state_changes(StateBatch {
+                    events: vec![StateEvent {
+                        session: Some(online_session()),
+                        online: false,
+                        at_ms: 1,
+                    }],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Coordinator/Upstream" => done(
+            CoordinatorClient::new(rpc)
+                .upstream(UpstreamRequest {
+                    app,
+                    user: target.user_online.clone(),
+                    product: "p".into(),
+                    payload: "forged".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Coordinator/Kick" => done(
+            CoordinatorClient::new(rpc)
+                .kick(KickRequest {
+                    app,
+                    user: target.user_online.clone(),
+                    code: 1,
+                    reason: "forged".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Center/BroadcastSubtasks" => done(
+            CenterClient::new(rpc)
+                .broadcast_subtasks(BroadcastSubtasksRequest {
+                    message: Some(forged_broadcast()),
+                    rooms: Vec::new(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        other => panic!("no call written for {other}"),
+    }
+}
+
+/// Every method of cluster.proto but keeper's (checked on their own below),
+/// with the process serving it.
+const METHODS: &[&str] = &[
+    "Register/Online",
+    "Register/Offline",
+    "Register/Lookup",
+    "Register/AppStats",
+    "Saver/Store",
+    "Saver/StoreMany",
+    "Saver/Pending",
+    "Saver/PendingMany",
+    "Saver/Ack",
+    "Saver/Publish",
+    "Saver/History",
+    "Saver/Bind",
+    "Saver/Unbind",
+    "Saver/GroupMembers",
+    "Saver/UserGroups",
+    "Saver/StartGroupPush",
+    "Saver/StoreChildren",
+    "Saver/GroupPushProgress",
+    "Saver/Delivered",
+    "Saver/MessageStatus",
+    "Room/Deliver",
+    "Room/Kick",
+    "Room/Broadcast",
+    "Coordinator/StateChanges",
+    "Coordinator/Upstream",
+    "Coordinator/Kick",
+    "Center/BroadcastSubtasks",
+];
+
+#[test]
+fn the_list_covers_every_method_of_cluster_proto() {
+    let proto = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../proto/cluster.proto"
+    ))
+    .unwrap();
+    let mut service = "";
+    let mut declared = Vec::new();
+    for line in proto.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("service ") {
+            service = name.trim_end_matches('{').trim();
+        } else if let Some(rest) = line.strip_prefix("rpc ") {
+            let method = rest.split('(').next().unwrap().trim();
+            declared.push(format!("{service}/{method}"));
+        }
+    }
+    for method in &declared {
+        assert!(
+            method.starts_with("Keeper/") || METHODS.contains(&method.as_str()),
+            "{method} is not exercised by this suite"
+        );
+    }
+    assert!(declared.len() > METHODS.len(), "keeper's methods too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_internal_method_refuses_callers_without_the_right_role_key() {
+    let cluster = Cluster::start().await;
+    let app = cluster.app.id.clone();
+
+    // User B is offline with one message waiting; device A is online.
+    let waiting_id = cluster.push("bea", "waiting").await;
+    let (mut device_a, auth_ok) = cluster.device("ann").await;
+    let (status, presence) = cluster.call("presence", json!({"user": "ann"})).await;
+    assert_eq!(status, 200, "{presence}");
+    let target = Target {
+        app: app.clone(),
+        room_id: presence["result"]["sessions"][0]["room"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        user_online: "ann".into(),
+        conn_online: auth_ok.conn_id,
+        user_offline: "bea".into(),
+        waiting_id,
+    };
+
+    let launched = &cluster.launcher;
+    let server = |name: &str| (launched.addr(name, "grpc"), launched.addr(name, "admin"));
+    let servers: HashMap<&str, (std::net::SocketAddr, std::net::SocketAddr, &str)> = [
+        ("Register", "register-0", "register"),
+        ("Saver", "saver-0", "saver"),
+        ("Room", "room-0", "room"),
+        ("Coordinator", "coordinator", "coordinator"),
+        ("Center", "center-0", "center"),
+        ("Keeper", "keeper-0", "keeper"),
+    ]
+    .into_iter()
+    .map(|(service, name, role)| {
+        let (grpc, admin) = server(name);
+        (service, (grpc, admin, role))
+    })
+    .collect();
+    let mut before = HashMap::new();
+    for (service, (_, admin, role)) in &servers {
+        let text = metrics_text(*admin).await;
+        let name = format!("pushgrid_{role}_grpc_refused_total");
+        before.insert(*service, metric_in(&text, &name, ""));
+    }
+
+    let header = |caller: Caller| -> Option<HeaderValue> {
+        match caller {
+            Caller::Nobody => None,
+            Caller::Garbage => Some(HeaderValue::from_static("Bearer let-me-in")),
+            Caller::Stranger => Some(
+                Credentials::new(RoleKey::generate(Role::Center), Verifiers::default()).header(),
+            ),
+            Caller::Role(role) => Some(cluster.role_credentials(role).header()),
+        }
+    };
+    let mut refused: HashMap<&str, u32> = HashMap::new();
+    let mut checked = 0;
+    for method in METHODS {
+        let service = method.split('/').next().unwrap();
+        let (addr, _, _) = servers[service];
+        let allowed = may_call(method);
+        let mut callers = vec![Caller::Nobody, Caller::Garbage, Caller::Stranger];
+        callers.extend(
+            EVERY_ROLE
+                .iter()
+                .filter(|role| !allowed.contains(role))
+                .map(|role| Caller::Role(*role)),
+        );
+        for caller in callers {
+            let status = call(method, rpc(addr, header(caller)), &target)
+                .await
+                .expect_err(&format!("{method} by {caller:?} was not refused"));
+            let path = format!("/pushgrid.cluster.{method}");
+            match caller {
+                Caller::Role(role) => {
+                    assert_eq!(
+                        status.code(),
+                        tonic::Code::PermissionDenied,
+                        "{method} by {caller:?}: {status:?}"
+                    );
+                    let role = role
+                        .as_str_name()
+                        .trim_start_matches("ROLE_")
+                        .to_lowercase();
+                    assert!(
+                        status
+                            .message()
+                            .ends_with(&format!("a {role} may not call {path}")),
+                        "{method} by {caller:?}: {status:?}"
+                    );
+                }
+                Caller::Nobody => {
+                    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{method}");
+                    assert!(
+                        status.message().contains("no cluster credential"),
+                        "{status:?}"
+                    );
+                }
+                Caller::Garbage => {
+                    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{method}");
+                    assert!(
+                        status.message().contains("not a pushgrid role key"),
+                        "{status:?}"
+                    );
+                }
+                Caller::Stranger => {
+                    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{method}");
+                    assert!(
+                        status.message().contains("not one the cluster accepts"),
+                        "{status:?}"
+                    );
+                }
+            }
+            *refused.entry(service).or_default() += 1;
+            checked += 1;
+        }
+    }
+
+    // keeper: anyone without a key is refused; a key binds the node's role,
+    // and a lease can be renewed or ended only by its own role.
+    let keeper = servers["Keeper"].0;
+    for caller in [Caller::Nobody, Caller::Garbage, Caller::Stranger] {
+        for method in ["Keeper/Register", "Keeper/Watch"] {
+            let status = call(method, rpc(keeper, header(caller)), &target)
+                .await
+                .expect_err("refused");
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unauthenticated,
+                "{method} {caller:?}"
+            );
+            *refused.entry("Keeper").or_default() += 1;
+        }
+    }
+    let as_role = |role: Role| KeeperClient::new(rpc(keeper, header(Caller::Role(role))));
+    // A saver key registering a room ("rogue-room").
+    let status = call(
+        "Keeper/Register",
+        rpc(keeper, header(Caller::Role(Role::Saver))),
+        &target,
+    )
+    .await
+    .expect_err("a saver key registered a room");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "a saver key cannot register a room node");
+    // A real saver lease, then a room key trying to renew and end it.
+    let probe = as_role(Role::Saver)
+        .register(RegisterNodeRequest {
+            node: Some(NodeInfo {
+                id: "probe-saver".into(),
+                role: Role::Saver as i32,
+                grpc_addr: "127.0.0.1:9".into(),
+                ..Default::default()
+            }),
+            ttl_secs: 60,
+            preferred_worker_id: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = as_role(Role::Room)
+        .heartbeat(HeartbeatRequest {
+            lease_id: probe.lease_id,
+            load: 0,
+        })
+        .await
+        .expect_err("a room key renewed a saver's lease");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let status = as_role(Role::Room)
+        .deregister(DeregisterRequest {
+            lease_id: probe.lease_id,
+        })
+        .await
+        .expect_err("a room key ended a saver's lease");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        status.message(),
+        format!(
+            "lease {} belongs to a saver node; a room key cannot renew or end it",
+            probe.lease_id
+        )
+    );
+
+    // Watch: the apps' secrets go only to the roles that verify them.
+    for role in EVERY_ROLE {
+        let mut stream = as_role(role)
+            .watch(WatchRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let state = stream.message().await.unwrap().unwrap();
+        let ours = state
+            .apps
+            .iter()
+            .find(|candidate| candidate.id == app)
+            .unwrap();
+        let sees = matches!(role, Role::Room | Role::Center);
+        assert_eq!(
+            !ours.jwt_secret.is_empty(),
+            sees,
+            "{role:?} and the JWT secret"
+        );
+        assert_eq!(!ours.api_key.is_empty(), sees, "{role:?} and the API key");
+        if sees {
+            assert_eq!(ours.jwt_secret, cluster.app.secret);
+        }
+        // Nothing registered by the refused calls; the probe is still listed.
+        assert!(
+            state.nodes.iter().all(|node| node.id != "rogue-room"),
+            "{role:?}"
+        );
+        assert!(
+            state.nodes.iter().any(|node| node.id == "probe-saver"),
+            "{role:?}"
+        );
+    }
+    as_role(Role::Saver)
+        .deregister(DeregisterRequest {
+            lease_id: probe.lease_id,
+        })
+        .await
+        .unwrap();
+
+    // Every refusal counted by the server that refused it, and logged with
+    // the caller's address.
+    for (service, (_, admin, role)) in &servers {
+        let name = format!("pushgrid_{role}_grpc_refused_total");
+        let after = metric_in(&metrics_text(*admin).await, &name, "");
+        let expected = f64::from(refused.get(service).copied().unwrap_or(0));
+        let counted = after - before[service];
+        // keeper's role checks happen in its handlers, not in the layer.
+        assert_eq!(counted, expected, "{name}");
+    }
+    for name in ["saver-0", "room-0", "register-0", "coordinator", "center-0"] {
+        assert!(
+            cluster
+                .log_of(name)
+                .iter()
+                .any(|line| line.contains("internal call refused")
+                    && line.contains("peer=127.0.0.1:")
+                    && line.contains("method=/pushgrid.cluster.")),
+            "{name}: no refusal line with the caller's address"
+        );
+    }
+
+    // Nothing changed. Device A got no forged push and was not kicked: it
+    // still answers PING, and the only thing it reads is the PONG.
+    device_a.send_empty(Op::Ping, 7).await.unwrap();
+    let frame = next_frame(&mut device_a, WAIT).await.unwrap().unwrap();
+    assert_eq!(frame.op, Op::Pong, "device A read {frame:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), device_a.next_frame())
+            .await
+            .is_err(),
+        "device A got something after the forged calls"
+    );
+    // Its session is still registered; no rogue session was.
+    let (_, presence) = cluster.call("presence", json!({"user": "ann"})).await;
+    assert_eq!(presence["result"]["online"], true, "{presence}");
+    let (_, rogue) = cluster.call("presence", json!({"user": "rogue"})).await;
+    assert_eq!(rogue["result"]["online"], false, "{rogue}");
+    // User B's inbox holds exactly the one waiting message (not acked away,
+    // nothing forged added).
+    let (mut device_b, _) = cluster.device("bea").await;
+    let push = next_push(&mut device_b, WAIT).await.unwrap();
+    assert_eq!(push.msg_id, waiting_id);
+    assert_eq!(&push.payload[..], b"waiting");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), device_b.next_frame())
+            .await
+            .is_err(),
+        "user B got a second message"
+    );
+    // And the cluster still works for its own roles.
+    let id = cluster.push("ann", "real").await;
+    assert_eq!(next_push(&mut device_a, WAIT).await.unwrap().msg_id, id);
+    eprintln!("{checked} forged internal calls refused, plus keeper's checks; 0 accepted");
+    drop(device_b);
+    cluster.cleanup().await;
+}
