@@ -394,6 +394,17 @@ pub fn router(state: Arc<Dispatch>, node_id: &str) -> Router {
             middleware::rate_limit,
         ));
     }
+    // Web pages on any origin may ask (a plain GET without credentials: no
+    // preflight); the answer names rooms, nothing private.
+    routes = routes.layer(axum::middleware::map_response(
+        |mut response: axum::response::Response| async move {
+            response.headers_mut().insert(
+                axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                axum::http::HeaderValue::from_static("*"),
+            );
+            response
+        },
+    ));
     routes.layer(
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::x_request_id(
@@ -557,6 +568,11 @@ mod tests {
         let app = harness.app([10, 0, 0, 1]);
         let (status, answer) = get_json(&app, "/v1/dispatch?user=alice&region=EU").await;
         assert_eq!(status, StatusCode::OK, "{answer}");
+        let (_, headers, _) = get(&app, "/v1/dispatch?user=alice&region=EU").await;
+        assert_eq!(
+            headers["access-control-allow-origin"], "*",
+            "web pages of any origin may read the answer"
+        );
         let rooms = answer["result"]["rooms"].as_array().unwrap();
         let mut nodes: Vec<&str> = rooms
             .iter()
