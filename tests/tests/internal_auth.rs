@@ -835,12 +835,16 @@ async fn every_internal_method_refuses_callers_without_the_right_role_key() {
         .collect();
     for (caller, reason) in [
         ("saver", "a saver key cannot register a room node"),
-        ("room", "belongs to a saver node; a room key cannot renew or end it"),
+        (
+            "room",
+            "belongs to a saver node; a room key cannot renew or end it",
+        ),
     ] {
         assert!(
             keeper_refusals
                 .iter()
-                .any(|line| line.contains(&format!("caller=\"{caller}\"")) || line.contains(&format!("caller={caller}")))
+                .any(|line| line.contains(&format!("caller=\"{caller}\""))
+                    || line.contains(&format!("caller={caller}")))
                 && keeper_refusals.iter().any(|line| line.contains(reason)),
             "keeper-0: no `registration refused` line for {caller} ({reason}): {keeper_refusals:?}"
         );
@@ -895,15 +899,16 @@ async fn probe(addr: std::net::SocketAddr, service: &str, key: &str) -> tonic::C
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
-    let rpc: Rpc = BoxCloneService::new(channel.map_request(move |mut request: http::Request<_>| {
-        request
-            .headers_mut()
-            .insert(http::header::AUTHORIZATION, header.clone());
-        let mut parts = request.uri().clone().into_parts();
-        parts.path_and_query = Some(path.clone());
-        *request.uri_mut() = http::Uri::from_parts(parts).unwrap();
-        request
-    }));
+    let rpc: Rpc =
+        BoxCloneService::new(channel.map_request(move |mut request: http::Request<_>| {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, header.clone());
+            let mut parts = request.uri().clone().into_parts();
+            parts.path_and_query = Some(path.clone());
+            *request.uri_mut() = http::Uri::from_parts(parts).unwrap();
+            request
+        }));
     match KeeperClient::new(rpc)
         .deregister(DeregisterRequest { lease_id: 0 })
         .await
@@ -951,7 +956,11 @@ async fn rotating_every_role_key_of_a_running_cluster_refuses_no_call() {
         let text = metrics_text(*admin).await;
         unknown_before.insert(
             *name,
-            metric_in(&text, &refused_metric(role), "reason=\"unknown_credential\""),
+            metric_in(
+                &text,
+                &refused_metric(role),
+                "reason=\"unknown_credential\"",
+            ),
         );
     }
     // Every probe the servers refused as unknown, per server.
@@ -1099,8 +1108,8 @@ async fn rotating_every_role_key_of_a_running_cluster_refuses_no_call() {
         .filter(|name| name.ends_with(".next") || name.ends_with(".old"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    let verifiers = Verifiers::parse(&std::fs::read_to_string(dir.join("verifiers")).unwrap())
-        .unwrap();
+    let verifiers =
+        Verifiers::parse(&std::fs::read_to_string(dir.join("verifiers")).unwrap()).unwrap();
     assert_eq!(verifiers.list().len(), ROLES.len());
 
     // The cluster works on the new keys alone: the connected device gets a
@@ -1128,21 +1137,30 @@ async fn rotating_every_role_key_of_a_running_cluster_refuses_no_call() {
         status == 200 && body["result"]["state"] == "acked"
     })
     .await;
-    assert!(acked, "the ACK (room -> saver on the new room key) was applied");
+    assert!(
+        acked,
+        "the ACK (room -> saver on the new room key) was applied"
+    );
 
     // No real call was refused at any moment: every unknown-key refusal on
     // every server is one of the probes above.
     for (name, _, role, _, admin) in &servers {
         let text = metrics_text(*admin).await;
-        let counted = metric_in(&text, &refused_metric(role), "reason=\"unknown_credential\"")
-            - unknown_before[name];
+        let counted = metric_in(
+            &text,
+            &refused_metric(role),
+            "reason=\"unknown_credential\"",
+        ) - unknown_before[name];
         let probed = probes_refused.get(name).copied().unwrap_or(0.0);
         assert_eq!(
             counted, probed,
             "{name}: {counted} calls refused with an unknown key, {probed} of them the test's probes"
         );
     }
-    eprintln!("rotated {} role keys; probes refused per server: {probes_refused:?}", ROLES.len());
+    eprintln!(
+        "rotated {} role keys; probes refused per server: {probes_refused:?}",
+        ROLES.len()
+    );
     drop(otto);
     drop(device);
     cluster.cleanup().await;

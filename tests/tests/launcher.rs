@@ -230,7 +230,10 @@ async fn the_launcher_refuses_roles_without_credentials_and_says_what_to_set() {
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(!output.status.success(), "{role_set}: started anyway");
         for part in expected {
-            assert!(stderr.contains(&part), "{role_set}: {part:?} not in {stderr}");
+            assert!(
+                stderr.contains(&part),
+                "{role_set}: {part:?} not in {stderr}"
+            );
         }
         assert!(
             !stdout.contains("PUSHGRID_CHILD"),

@@ -250,7 +250,9 @@ fn compose_file_matches_the_code() {
     // The image creates the directory for its user (a new named volume takes
     // the owner and mode of what the image has at the mount point).
     assert!(
-        dockerfile.contains(&format!("install -d -o pushgrid -g pushgrid -m 0700 {credentials_path}")),
+        dockerfile.contains(&format!(
+            "install -d -o pushgrid -g pushgrid -m 0700 {credentials_path}"
+        )),
         "the Dockerfile does not create {credentials_path} for the pushgrid user"
     );
     let made = pushgrid_e2e::temp_dir("pushgrid-compose-credentials");
@@ -441,8 +443,9 @@ fn compose_file_matches_the_code() {
             "{name} must start after the credentials exist"
         );
         let role_id = pushgrid_common::auth::role_by_name(role).unwrap();
-        let loaded = pushgrid_common::auth::Credentials::for_node(role_id, &made.display().to_string())
-            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        let loaded =
+            pushgrid_common::auth::Credentials::for_node(role_id, &made.display().to_string())
+                .unwrap_or_else(|error| panic!("{name}: {error}"));
         assert_eq!(loaded.role(), role_id);
         // The admin token (keeper admin API, dashboard, /debug/): its own
         // setting, else PUSHGRID_ADMIN_TOKEN, else the credentials' file.

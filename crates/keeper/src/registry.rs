@@ -242,7 +242,11 @@ impl KeeperService {
 /// A registration, renewal or end refused because the caller's key is of
 /// another role than the node or lease: counted, logged with the caller's
 /// address (within a budget of lines per second) and answered 7.
-fn refuse_registration(peer: Option<std::net::SocketAddr>, caller: Role, message: String) -> Status {
+fn refuse_registration(
+    peer: Option<std::net::SocketAddr>,
+    caller: Role,
+    message: String,
+) -> Status {
     static REFUSALS: RefusalLog = RefusalLog::new(20);
     metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
     if let Some(unlogged_before) = REFUSALS.admit() {
@@ -368,7 +372,8 @@ impl Keeper for KeeperService {
         let caller = caller_role(&request)?;
         let peer = request.remote_addr();
         let request = request.into_inner();
-        self.check_lease_role(request.lease_id, caller, peer).await?;
+        self.check_lease_role(request.lease_id, caller, peer)
+            .await?;
         let renewed = self
             .state
             .leases

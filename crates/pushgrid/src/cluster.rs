@@ -233,10 +233,7 @@ fn check_credentials(role_sets: &[String], credentials_dir: &Path) -> anyhow::Re
         let role = pushgrid_common::auth::role_by_name(kind.binary())
             .ok_or_else(|| anyhow::anyhow!("{} has no cluster role", kind.binary()))?;
         pushgrid_common::auth::Credentials::for_node(role, &dir).map_err(|error| {
-            anyhow::anyhow!(
-                "pushgrid cluster: {} cannot start: {error}",
-                kind.binary()
-            )
+            anyhow::anyhow!("pushgrid cluster: {} cannot start: {error}", kind.binary())
         })?;
     }
     Ok(())

@@ -217,8 +217,7 @@ async fn refuse_at_accept(
 /// within a budget of lines per second: a scan or a flood is counted in
 /// `pushgrid_room_refused_total`, not written line by line.
 fn log_refused_before_auth(peer: SocketAddr, reason: &str, message: &str) {
-    static REFUSALS: pushgrid_common::auth::RefusalLog =
-        pushgrid_common::auth::RefusalLog::new(20);
+    static REFUSALS: pushgrid_common::auth::RefusalLog = pushgrid_common::auth::RefusalLog::new(20);
     if let Some(unlogged_before) = REFUSALS.admit() {
         tracing::info!(%peer, reason, message = %pushgrid_common::auth::printable(message), unlogged_before, "device refused before auth");
     }
