@@ -34,6 +34,8 @@ struct Seen {
     instances: HashMap<String, InstanceState>,
     /// The launcher's own `PUSHGRID_BOUND cluster ...` lines.
     launcher: HashMap<String, SocketAddr>,
+    /// The launcher's own stdout lines (not its children's `[name] ...`).
+    own_lines: Vec<String>,
 }
 
 /// A running `pushgrid cluster`, in a process group of its own that its role
@@ -140,6 +142,11 @@ impl Launcher {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What the launcher itself wrote on stdout so far, line by line.
+    pub fn own_lines(&self) -> Vec<String> {
+        self.seen.lock().unwrap().own_lines.clone()
+    }
+
     /// The launcher's admin address (`/metrics`, `/healthz`).
     pub fn admin(&self) -> SocketAddr {
         self.seen.lock().unwrap().launcher["admin"]
@@ -226,6 +233,9 @@ impl Drop for Launcher {
 
 fn note(seen: &Mutex<Seen>, line: &str) {
     let mut seen = seen.lock().unwrap();
+    if !line.starts_with('[') {
+        seen.own_lines.push(line.to_string());
+    }
     let parts: Vec<&str> = line.split_whitespace().collect();
     match parts.as_slice() {
         ["PUSHGRID_BOUND", "cluster", listener, addr] => {

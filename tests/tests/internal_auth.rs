@@ -808,7 +808,14 @@ async fn every_internal_method_refuses_callers_without_the_right_role_key() {
         // keeper's role checks happen in its handlers, not in the layer.
         assert_eq!(counted, expected, "{name}");
     }
-    for name in ["saver-0", "room-0", "register-0", "coordinator", "center-0"] {
+    for name in [
+        "saver-0",
+        "room-0",
+        "register-0",
+        "coordinator",
+        "center-0",
+        "keeper-0",
+    ] {
         assert!(
             cluster
                 .log_of(name)
@@ -817,6 +824,29 @@ async fn every_internal_method_refuses_callers_without_the_right_role_key() {
                     && line.contains("peer=127.0.0.1:")
                     && line.contains("method=/pushgrid.cluster.")),
             "{name}: no refusal line with the caller's address"
+        );
+    }
+    // keeper's own role checks (a saver key registering a room, a room key
+    // renewing and ending a saver's lease): logged with the address too.
+    let keeper_refusals: Vec<String> = cluster
+        .log_of("keeper-0")
+        .into_iter()
+        .filter(|line| line.contains("registration refused") && line.contains("peer=127.0.0.1:"))
+        .collect();
+    for (caller, reason) in [
+        ("saver", "a saver key cannot register a room node"),
+        (
+            "room",
+            "belongs to a saver node; a room key cannot renew or end it",
+        ),
+    ] {
+        assert!(
+            keeper_refusals
+                .iter()
+                .any(|line| line.contains(&format!("caller=\"{caller}\""))
+                    || line.contains(&format!("caller={caller}")))
+                && keeper_refusals.iter().any(|line| line.contains(reason)),
+            "keeper-0: no `registration refused` line for {caller} ({reason}): {keeper_refusals:?}"
         );
     }
 
@@ -853,5 +883,285 @@ async fn every_internal_method_refuses_callers_without_the_right_role_key() {
     assert_eq!(next_push(&mut device_a, WAIT).await.unwrap().msg_id, id);
     eprintln!("{checked} forged internal calls refused, plus keeper's checks; 0 accepted");
     drop(device_b);
+    cluster.cleanup().await;
+}
+
+/// Calls `/pushgrid.cluster.<service>/NoSuchMethod` on `addr` with `key`:
+/// the credential layer answers before any handler, and nothing can run.
+/// 16 (UNAUTHENTICATED) means the key was not accepted; anything else (7 for
+/// a method no role may call, 12 from keeper, which serves every role) means
+/// it was.
+async fn probe(addr: std::net::SocketAddr, service: &str, key: &str) -> tonic::Code {
+    let path: http::uri::PathAndQuery = format!("/pushgrid.cluster.{service}/NoSuchMethod")
+        .parse()
+        .unwrap();
+    let header = HeaderValue::from_str(&format!("Bearer {key}")).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let rpc: Rpc =
+        BoxCloneService::new(channel.map_request(move |mut request: http::Request<_>| {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, header.clone());
+            let mut parts = request.uri().clone().into_parts();
+            parts.path_and_query = Some(path.clone());
+            *request.uri_mut() = http::Uri::from_parts(parts).unwrap();
+            request
+        }));
+    match KeeperClient::new(rpc)
+        .deregister(DeregisterRequest { lease_id: 0 })
+        .await
+    {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// docs/security.md's rotation, on every role at once, against a running
+/// `pushgrid cluster`, with the `pushgrid credentials rotate` command:
+/// `begin` (every server accepts old and new keys), `switch` (every process
+/// sends its new key), `end` (old keys refused). A device stays connected
+/// and receives a push after each step, new devices connect, and no real
+/// call between roles is refused at any moment: each server's
+/// `unknown_credential` refusals are exactly the test's own probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_every_role_key_of_a_running_cluster_refuses_no_call() {
+    use pushgrid_common::auth::{ROLES, role_name};
+    let cluster = Cluster::start().await;
+    let dir = cluster.launcher.credentials.clone();
+    let launched = &cluster.launcher;
+    let servers: Vec<(&str, &str, &str, std::net::SocketAddr, std::net::SocketAddr)> = [
+        ("keeper-0", "Keeper", "keeper"),
+        ("register-0", "Register", "register"),
+        ("saver-0", "Saver", "saver"),
+        ("coordinator", "Coordinator", "coordinator"),
+        ("center-0", "Center", "center"),
+        ("room-0", "Room", "room"),
+    ]
+    .into_iter()
+    .map(|(name, service, role)| {
+        (
+            name,
+            service,
+            role,
+            launched.addr(name, "grpc"),
+            launched.addr(name, "admin"),
+        )
+    })
+    .collect();
+    let refused_metric = |role: &str| format!("pushgrid_{role}_grpc_refused_total");
+    let mut unknown_before = HashMap::new();
+    for (name, _, role, _, admin) in &servers {
+        let text = metrics_text(*admin).await;
+        unknown_before.insert(
+            *name,
+            metric_in(
+                &text,
+                &refused_metric(role),
+                "reason=\"unknown_credential\"",
+            ),
+        );
+    }
+    // Every probe the servers refused as unknown, per server.
+    let mut probes_refused: HashMap<&str, f64> = HashMap::new();
+    let old_keys: Vec<RoleKey> = ROLES
+        .iter()
+        .map(|role| (*Credentials::load(*role, &dir).unwrap().key()).clone())
+        .collect();
+
+    let (mut device, _) = cluster.device("rita").await;
+    let id = cluster.push("rita", "before").await;
+    assert_eq!(next_push(&mut device, WAIT).await.unwrap().msg_id, id);
+
+    let rotate = |role: Role, step: &str| {
+        let output = std::process::Command::new(pushgrid_e2e::binary("pushgrid"))
+            .args(["credentials", "rotate"])
+            .arg(&dir)
+            .args([role_name(role), step])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "rotate {} {step}: {}",
+            role_name(role),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let reloads = |name: &str| {
+        cluster
+            .log_of(name)
+            .iter()
+            .filter(|line| line.contains("cluster credentials reloaded"))
+            .count()
+    };
+    // Polls until every server's verdict on each key is `accepted`; counts
+    // the refusals the probes caused.
+    async fn until_every_server(
+        servers: &[(&str, &str, &str, std::net::SocketAddr, std::net::SocketAddr)],
+        keys: &[RoleKey],
+        accepted: bool,
+        probes_refused: &mut HashMap<&'static str, f64>,
+        names: &HashMap<&str, &'static str>,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut all = true;
+            for (name, service, _, grpc, _) in servers {
+                for key in keys {
+                    let code = probe(*grpc, service, key.expose()).await;
+                    if code == tonic::Code::Unauthenticated {
+                        *probes_refused.entry(names[name]).or_default() += 1.0;
+                    }
+                    all &= (code != tonic::Code::Unauthenticated) == accepted;
+                }
+            }
+            if all {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let names: HashMap<&str, &'static str> = [
+        "keeper-0",
+        "register-0",
+        "saver-0",
+        "coordinator",
+        "center-0",
+        "room-0",
+    ]
+    .into_iter()
+    .map(|name| (name, name))
+    .collect();
+
+    // 1. begin: new keys next to the old ones; every server accepts both.
+    for role in ROLES {
+        rotate(role, "begin");
+    }
+    let new_keys: Vec<RoleKey> = ROLES
+        .iter()
+        .map(|role| {
+            let file = dir.join(format!("{}.key.next", role_name(*role)));
+            RoleKey::parse(&std::fs::read_to_string(file).unwrap()).unwrap()
+        })
+        .collect();
+    assert!(
+        until_every_server(&servers, &new_keys, true, &mut probes_refused, &names).await,
+        "not every server accepted the new keys after `begin`"
+    );
+    assert!(
+        until_every_server(&servers, &old_keys, true, &mut probes_refused, &names).await,
+        "a server refused an old key during the rotation"
+    );
+    let id = cluster.push("rita", "after begin").await;
+    assert_eq!(next_push(&mut device, WAIT).await.unwrap().msg_id, id);
+
+    // 2. switch: every process (the dispatcher too) reads its new key.
+    let instances = launched.instances();
+    let before: HashMap<String, usize> = instances
+        .iter()
+        .map(|name| (name.clone(), reloads(name)))
+        .collect();
+    for role in ROLES {
+        rotate(role, "switch");
+    }
+    let switched = pushgrid_e2e::eventually(Duration::from_secs(30), || async {
+        instances.iter().all(|name| reloads(name) > before[name])
+    })
+    .await;
+    assert!(
+        switched,
+        "not every process reloaded its key: {:?}",
+        instances
+            .iter()
+            .map(|name| (name.clone(), reloads(name), before[name]))
+            .collect::<Vec<_>>()
+    );
+    for role in ROLES {
+        let sent = Credentials::load(role, &dir).unwrap().key();
+        assert_eq!(
+            sent.expose(),
+            new_keys[ROLES.iter().position(|r| *r == role).unwrap()].expose()
+        );
+    }
+    let id = cluster.push("rita", "after switch").await;
+    assert_eq!(next_push(&mut device, WAIT).await.unwrap().msg_id, id);
+
+    // 3. end: the old keys are refused everywhere; the new ones still work.
+    for role in ROLES {
+        rotate(role, "end");
+    }
+    assert!(
+        until_every_server(&servers, &old_keys, false, &mut probes_refused, &names).await,
+        "an old key was still accepted after `end`"
+    );
+    assert!(
+        until_every_server(&servers, &new_keys, true, &mut probes_refused, &names).await,
+        "a new key was refused after `end`"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".next") || name.ends_with(".old"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let verifiers =
+        Verifiers::parse(&std::fs::read_to_string(dir.join("verifiers")).unwrap()).unwrap();
+    assert_eq!(verifiers.list().len(), ROLES.len());
+
+    // The cluster works on the new keys alone: the connected device gets a
+    // push; a user offline during a push gets it from the inbox when it
+    // connects (room -> register, saver), and its ACK empties the inbox.
+    let id = cluster.push("rita", "after end").await;
+    assert_eq!(next_push(&mut device, WAIT).await.unwrap().msg_id, id);
+    let waiting = cluster.push("otto", "waiting").await;
+    let (mut otto, _) = cluster.device("otto").await;
+    let push = next_push(&mut otto, WAIT).await.unwrap();
+    assert_eq!(push.msg_id, waiting);
+    otto.send_frame(
+        Op::Ack,
+        0,
+        &pushgrid_client::msg::Ack {
+            msg_ids: vec![waiting],
+        },
+    )
+    .await
+    .unwrap();
+    let acked = pushgrid_e2e::eventually(WAIT, || async {
+        let (status, body) = cluster
+            .call("message_status", json!({ "id": waiting.to_string() }))
+            .await;
+        status == 200 && body["result"]["state"] == "acked"
+    })
+    .await;
+    assert!(
+        acked,
+        "the ACK (room -> saver on the new room key) was applied"
+    );
+
+    // No real call was refused at any moment: every unknown-key refusal on
+    // every server is one of the probes above.
+    for (name, _, role, _, admin) in &servers {
+        let text = metrics_text(*admin).await;
+        let counted = metric_in(
+            &text,
+            &refused_metric(role),
+            "reason=\"unknown_credential\"",
+        ) - unknown_before[name];
+        let probed = probes_refused.get(name).copied().unwrap_or(0.0);
+        assert_eq!(
+            counted, probed,
+            "{name}: {counted} calls refused with an unknown key, {probed} of them the test's probes"
+        );
+    }
+    eprintln!(
+        "rotated {} role keys; probes refused per server: {probes_refused:?}",
+        ROLES.len()
+    );
+    drop(otto);
+    drop(device);
     cluster.cleanup().await;
 }

@@ -31,9 +31,61 @@ async fn the_launcher_restarts_a_killed_role_on_its_address_and_stops_only_when_
             "saver-0"
         ]
     );
+    let http = reqwest::Client::new();
+
+    // The credentials it created: the directory 0700, every file 0600; it
+    // says where the admin token is, and that token opens /debug/ on its
+    // own admin port (and nothing else does).
+    let credentials = &launcher.credentials;
+    let mode = |path: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(credentials), 0o700, "{}", credentials.display());
+    let mut files: Vec<String> = std::fs::read_dir(credentials)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "admin-token",
+            "center.key",
+            "coordinator.key",
+            "dispatcher.key",
+            "keeper.key",
+            "register.key",
+            "room.key",
+            "saver.key",
+            "verifiers"
+        ]
+    );
+    for file in &files {
+        assert_eq!(mode(&credentials.join(file)), 0o600, "{file}");
+    }
+    let token_file = credentials.join("admin-token");
+    let said = format!("admin token in {}", token_file.display());
+    assert!(
+        launcher.own_lines().iter().any(|line| line.contains(&said)),
+        "the launcher did not say {said:?}: {:?}",
+        launcher.own_lines()
+    );
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let debug = format!("http://{}/debug/log-level", launcher.admin());
+    let without = http.get(&debug).send().await.unwrap().status();
+    assert_eq!(without, 401, "/debug/ without the admin token");
+    let with = http
+        .get(&debug)
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(with, 200, "/debug/ with the printed admin token");
+
     let center = launcher.addr("center-0", "http");
     let room = launcher.addr("room-0", "tcp").to_string();
-    let http = reqwest::Client::new();
     let push = |payload: &'static str| {
         let http = http.clone();
         let key = app.api_key.clone();
@@ -126,4 +178,67 @@ async fn the_launcher_restarts_a_killed_role_on_its_address_and_stops_only_when_
         .await;
     }
     println!("log kept in {}", dir.display());
+}
+
+/// A role that would start without cluster credentials (here a `--role-set`
+/// that empties or misplaces its `credentials_dir`): the launcher refuses to
+/// start anything, at once, and says what to set, rather than restarting a
+/// role that cannot run.
+#[tokio::test]
+async fn the_launcher_refuses_roles_without_credentials_and_says_what_to_set() {
+    let dir = temp_dir("pushgrid-launcher-nocred");
+    let missing = dir.join("nowhere");
+    let cases = [
+        (
+            "saver:credentials_dir=".to_string(),
+            vec![
+                "saver cannot start".to_string(),
+                "set credentials_dir".to_string(),
+                "PUSHGRID_SAVER__CREDENTIALS_DIR".to_string(),
+                "pushgrid credentials init DIR".to_string(),
+            ],
+        ),
+        (
+            format!("room:credentials_dir=\"{}\"", missing.display()),
+            vec![
+                "room cannot start".to_string(),
+                format!("{}", missing.join("room.key").display()),
+                "pushgrid credentials init".to_string(),
+            ],
+        ),
+    ];
+    for (role_set, expected) in cases {
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(pushgrid_e2e::binary("pushgrid"))
+                .args([
+                    "cluster",
+                    "--ephemeral-ports",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                ])
+                .arg(dir.join("data"))
+                .args(["--role-set", &role_set])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the launcher refused at once")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(!output.status.success(), "{role_set}: started anyway");
+        for part in expected {
+            assert!(
+                stderr.contains(&part),
+                "{role_set}: {part:?} not in {stderr}"
+            );
+        }
+        assert!(
+            !stdout.contains("PUSHGRID_CHILD"),
+            "{role_set}: a role was started: {stdout}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -151,9 +151,11 @@ fn compose_file_matches_the_code() {
     let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
     let expected: BTreeSet<&str> = PUSHGRID_SERVICES
         .into_iter()
-        .chain(["redis", "mysql", "prometheus"])
+        .chain(["credentials", "redis", "mysql", "prometheus"])
         .collect();
     assert_eq!(names, expected, "compose services");
+    // One-shot services (run to completion before what depends on them).
+    let one_shot = |name: &str| services[name]["restart"] == "no";
 
     let binaries = workspace_binaries();
     let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
@@ -166,10 +168,11 @@ fn compose_file_matches_the_code() {
         .as_str()
         .unwrap();
 
-    // Every service with a health check; start order only through health.
+    // Every long-running service with a health check; start order only
+    // through health, or the successful end of a one-shot service.
     for (name, service) in services {
         assert!(
-            !string_list(&service["healthcheck"]["test"]).is_empty(),
+            one_shot(name) || !string_list(&service["healthcheck"]["test"]).is_empty(),
             "{name} has no health check"
         );
         if let Some(dependencies) = service.get("depends_on") {
@@ -181,9 +184,14 @@ fn compose_file_matches_the_code() {
                     services.contains_key(dependency),
                     "{name} depends on unknown {dependency}"
                 );
+                let wanted = if one_shot(dependency) {
+                    "service_completed_successfully"
+                } else {
+                    "service_healthy"
+                };
                 assert_eq!(
-                    condition["condition"], "service_healthy",
-                    "{name} must wait for {dependency} to be healthy"
+                    condition["condition"], wanted,
+                    "{name} must wait for {dependency} ({wanted})"
                 );
             }
         }
@@ -209,6 +217,56 @@ fn compose_file_matches_the_code() {
         );
         started.extend(ready);
     }
+
+    // Cluster credentials: the one-shot `credentials` service runs
+    // `pushgrid credentials init DIR` into a named volume mounted at DIR.
+    // Made here the same way (DIR a temporary directory), they must be what
+    // every role loads at start (`Credentials::for_node`), with an admin token.
+    let credentials = &services["credentials"];
+    assert!(one_shot("credentials"), "credentials runs once");
+    assert_eq!(credentials["image"], "pushgrid:latest");
+    let init = string_list(&credentials["command"]);
+    assert_eq!(
+        init[..init.len() - 1],
+        ["pushgrid", "credentials", "init"],
+        "credentials command"
+    );
+    let credentials_path = init.last().unwrap().clone();
+    let credentials_volume = string_list(&credentials["volumes"])
+        .iter()
+        .find_map(|volume| {
+            let mut parts = volume.split(':');
+            let (outside, inside) = (parts.next()?, parts.next()?);
+            let writable = parts.next().is_none_or(|mode| mode != "ro");
+            (inside == credentials_path && writable).then(|| outside.to_string())
+        })
+        .unwrap_or_else(|| panic!("credentials: nothing writable mounted at {credentials_path}"));
+    assert!(
+        compose["volumes"]
+            .as_object()
+            .is_some_and(|volumes| volumes.contains_key(&credentials_volume)),
+        "{credentials_volume} is not a named volume"
+    );
+    // The image creates the directory for its user (a new named volume takes
+    // the owner and mode of what the image has at the mount point).
+    assert!(
+        dockerfile.contains(&format!(
+            "install -d -o pushgrid -g pushgrid -m 0700 {credentials_path}"
+        )),
+        "the Dockerfile does not create {credentials_path} for the pushgrid user"
+    );
+    let made = pushgrid_e2e::temp_dir("pushgrid-compose-credentials");
+    let output = std::process::Command::new(binary("pushgrid"))
+        .args(&init[1..init.len() - 1])
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "pushgrid credentials init: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let source = all_rust_source(&root.join("crates"));
 
     let mut admin_targets = BTreeSet::new();
     let mut keeper_port = None;
@@ -367,13 +425,57 @@ fn compose_file_matches_the_code() {
                 "{name}: room node ids must differ"
             );
         }
-        if role == "center" {
+        // Credentials: the role reads the volume the credentials service
+        // wrote, after it ran, and the files there are the ones it loads.
+        assert_eq!(
+            text("credentials_dir"),
+            credentials_path,
+            "{name}: credentials_dir (a role without credentials refuses to start)"
+        );
+        assert!(
+            volumes
+                .iter()
+                .any(|volume| *volume == format!("{credentials_volume}:{credentials_path}:ro")),
+            "{name}: {credentials_volume} is not mounted (read-only) at {credentials_path}: {volumes:?}"
+        );
+        assert_eq!(
+            service["depends_on"]["credentials"]["condition"], "service_completed_successfully",
+            "{name} must start after the credentials exist"
+        );
+        let role_id = pushgrid_common::auth::role_by_name(role).unwrap();
+        let loaded =
+            pushgrid_common::auth::Credentials::for_node(role_id, &made.display().to_string())
+                .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert_eq!(loaded.role(), role_id);
+        // The admin token (keeper admin API, dashboard, /debug/): its own
+        // setting, else PUSHGRID_ADMIN_TOKEN, else the credentials' file.
+        let admin_token = [
+            text("admin_token"),
+            environment
+                .get("PUSHGRID_ADMIN_TOKEN")
+                .cloned()
+                .unwrap_or_default(),
+        ]
+        .into_iter()
+        .find(|token| !token.trim().is_empty())
+        .or_else(|| pushgrid_common::auth::read_admin_token(&made));
+        assert!(
+            admin_token.is_some_and(|token| token.len() >= 16),
+            "{name}: no admin token of at least 16 characters"
+        );
+        // Variables other than PUSHGRID_<ROLE>__KEY (checked by
+        // --print-config above) must be ones the code reads.
+        for variable in environment.keys() {
+            if variable.starts_with(&format!("PUSHGRID_{}__", role.to_uppercase())) {
+                continue;
+            }
             assert!(
-                !text("admin_token").is_empty(),
-                "center: the dashboard needs an admin_token"
+                variable == "RUST_LOG" || source.contains(&format!("\"{variable}\"")),
+                "{name}: {variable} is read by no crate"
             );
         }
     }
+    std::fs::remove_dir_all(&made).unwrap();
 
     // Prometheus scrapes exactly every role's admin port.
     let prometheus = &services["prometheus"];
@@ -397,7 +499,6 @@ fn compose_file_matches_the_code() {
         &std::fs::read_to_string(root.join("deploy/grafana/pushgrid.json")).unwrap(),
     )
     .unwrap();
-    let source = all_rust_source(&root.join("crates"));
     let mut used = BTreeSet::new();
     for panel in grafana["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {

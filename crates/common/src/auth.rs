@@ -878,7 +878,8 @@ fn record_refusal(server: Role, path: &str, peer: Option<std::net::SocketAddr>, 
     let Some(unlogged) = GRPC_REFUSALS.admit() else {
         return;
     };
-    let peer = peer.map_or_else(|| "unknown".to_string(), |peer| peer.to_string());
+    // No TCP address: a call between roles of one process (`pushgrid dev`).
+    let peer = peer.map_or_else(|| "in-process".to_string(), |peer| peer.to_string());
     tracing::warn!(
         server = role_name(server),
         method = %printable(path),

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use pushgrid_common::auth::{caller_role, role_name, sees_app_secrets};
+use pushgrid_common::auth::{RefusalLog, caller_role, role_name, sees_app_secrets};
 use pushgrid_common::{CancellationToken, now_ms};
 use pushgrid_proto::cluster::keeper_server::Keeper;
 use pushgrid_proto::cluster::{
@@ -212,7 +212,12 @@ impl KeeperService {
 
 impl KeeperService {
     /// A lease is renewed or ended only by a caller of its node's role.
-    async fn check_lease_role(&self, lease_id: u64, caller: Role) -> Result<(), Status> {
+    async fn check_lease_role(
+        &self,
+        lease_id: u64,
+        caller: Role,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), Status> {
         let holder = self
             .state
             .leases
@@ -220,17 +225,35 @@ impl KeeperService {
             .await
             .map_err(|error| store_failed(&self.state, "lease_role", error))?;
         match holder {
-            Some(holder) if holder != caller => {
-                metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
-                Err(Status::permission_denied(format!(
+            Some(holder) if holder != caller => Err(refuse_registration(
+                peer,
+                caller,
+                format!(
                     "lease {lease_id} belongs to a {} node; a {} key cannot renew or end it",
                     role_name(holder),
                     role_name(caller)
-                )))
-            }
+                ),
+            )),
             _ => Ok(()),
         }
     }
+}
+
+/// A registration, renewal or end refused because the caller's key is of
+/// another role than the node or lease: counted, logged with the caller's
+/// address (within a budget of lines per second) and answered 7.
+fn refuse_registration(
+    peer: Option<std::net::SocketAddr>,
+    caller: Role,
+    message: String,
+) -> Status {
+    static REFUSALS: RefusalLog = RefusalLog::new(20);
+    metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
+    if let Some(unlogged_before) = REFUSALS.admit() {
+        let peer = peer.map_or_else(|| "in-process".to_string(), |peer| peer.to_string());
+        tracing::warn!(%peer, caller = role_name(caller), reason = %message, unlogged_before, "registration refused");
+    }
+    Status::permission_denied(message)
 }
 
 /// The snapshot `caller` may see: without the apps' JWT secrets and API keys
@@ -263,18 +286,21 @@ impl Keeper for KeeperService {
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let caller = caller_role(&request)?;
+        let peer = request.remote_addr();
         let request = request.into_inner();
         let Some(node) = request.node else {
             return Err(Status::invalid_argument("node is required"));
         };
         if node.role() != caller {
-            tracing::warn!(node = %node.id.escape_debug(), caller = role_name(caller), claimed = role_name(node.role()), "registration refused: the node's role is not its key's");
-            metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
-            return Err(Status::permission_denied(format!(
-                "a {} key cannot register a {} node",
-                role_name(caller),
-                role_name(node.role())
-            )));
+            return Err(refuse_registration(
+                peer,
+                caller,
+                format!(
+                    "a {} key cannot register a {} node",
+                    role_name(caller),
+                    role_name(node.role())
+                ),
+            ));
         }
         // Registering replaces the leases of the same node id: only its own role's.
         let holder = self
@@ -284,13 +310,16 @@ impl Keeper for KeeperService {
             .await
             .map_err(|error| store_failed(&self.state, "register", error))?;
         if let Some(holder) = holder.filter(|holder| *holder != caller) {
-            metrics::counter!("pushgrid_keeper_registrations_refused_total").increment(1);
-            return Err(Status::permission_denied(format!(
-                "node id {:?} is held by a {} node; a {} key cannot replace it",
-                node.id,
-                role_name(holder),
-                role_name(caller)
-            )));
+            return Err(refuse_registration(
+                peer,
+                caller,
+                format!(
+                    "node id {:?} is held by a {} node; a {} key cannot replace it",
+                    node.id,
+                    role_name(holder),
+                    role_name(caller)
+                ),
+            ));
         }
         if node.id.is_empty() || (node.grpc_addr.is_empty() && node.http_addr.is_empty()) {
             return Err(Status::invalid_argument(
@@ -341,8 +370,10 @@ impl Keeper for KeeperService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = caller_role(&request)?;
+        let peer = request.remote_addr();
         let request = request.into_inner();
-        self.check_lease_role(request.lease_id, caller).await?;
+        self.check_lease_role(request.lease_id, caller, peer)
+            .await?;
         let renewed = self
             .state
             .leases
@@ -371,8 +402,9 @@ impl Keeper for KeeperService {
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         let caller = caller_role(&request)?;
+        let peer = request.remote_addr();
         let lease_id = request.into_inner().lease_id;
-        self.check_lease_role(lease_id, caller).await?;
+        self.check_lease_role(lease_id, caller, peer).await?;
         let left = self
             .state
             .leases

@@ -108,6 +108,16 @@ enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 7] = [
+        Kind::Keeper,
+        Kind::Register,
+        Kind::Saver,
+        Kind::Coordinator,
+        Kind::Center,
+        Kind::Dispatcher,
+        Kind::Room,
+    ];
+
     fn binary(self) -> &'static str {
         match self {
             Kind::Keeper => "keeper",
@@ -207,6 +217,38 @@ fn extra_settings(role_sets: &[String], kind: Kind) -> anyhow::Result<Vec<String
     Ok(settings)
 }
 
+/// Every role finds its cluster credentials (the launcher's directory, or
+/// the `credentials_dir` a `--role-set` gives it), or the launcher refuses to
+/// start anything and says what to set: a role without them would exit at
+/// once, and be started again forever.
+fn check_credentials(role_sets: &[String], credentials_dir: &Path) -> anyhow::Result<()> {
+    for kind in Kind::ALL {
+        let dir = extra_settings(role_sets, kind)?
+            .iter()
+            .filter_map(|setting| setting.split_once('='))
+            .filter(|(key, _)| key.trim() == "credentials_dir")
+            .map(|(_, value)| setting_text(value))
+            .next_back()
+            .unwrap_or_else(|| credentials_dir.display().to_string());
+        let role = pushgrid_common::auth::role_by_name(kind.binary())
+            .ok_or_else(|| anyhow::anyhow!("{} has no cluster role", kind.binary()))?;
+        pushgrid_common::auth::Credentials::for_node(role, &dir).map_err(|error| {
+            anyhow::anyhow!("pushgrid cluster: {} cannot start: {error}", kind.binary())
+        })?;
+    }
+    Ok(())
+}
+
+/// A `--role-set` value as the role reads it: TOML when it parses as TOML
+/// (a quoted string), else the text itself.
+fn setting_text(raw: &str) -> String {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .and_then(|value| value.as_str().map(str::to_string))
+        .unwrap_or_else(|| raw.to_string())
+}
+
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     telemetry::init_tracing(false);
     let bin_dir = match args.bin_dir.clone() {
@@ -236,6 +278,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir)?;
     let credentials_dir = crate::dev::ensure_credentials(&args.data_dir.canonicalize()?)?;
+    check_credentials(&args.role_sets, &credentials_dir)?;
     let host = args.host.clone();
     let ports = |kind: Kind, index: u16| {
         if args.ephemeral_ports {

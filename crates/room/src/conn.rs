@@ -183,8 +183,15 @@ fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
 /// waiting); the per-address cap and rate answer with an ERROR frame and a
 /// polite close on plain TCP. TLS and WebSocket devices are closed without a
 /// frame: no handshake is spent on a refused address.
-async fn refuse_at_accept(tcp: TcpStream, transport: Transport, refusal: Refusal, message: String) {
+async fn refuse_at_accept(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    refusal: Refusal,
+    message: String,
+) {
     metrics::refused(refusal.reason());
+    log_refused_before_auth(peer, refusal.reason(), &message);
     if !transport.is_plain() {
         return;
     }
@@ -205,6 +212,17 @@ async fn refuse_at_accept(tcp: TcpStream, transport: Transport, refusal: Refusal
         .await;
 }
 
+/// Logs a device connection turned away before it authenticated (address
+/// lists, caps, no AUTH in time, a bad first frame), with its address,
+/// within a budget of lines per second: a scan or a flood is counted in
+/// `pushgrid_room_refused_total`, not written line by line.
+fn log_refused_before_auth(peer: SocketAddr, reason: &str, message: &str) {
+    static REFUSALS: pushgrid_common::auth::RefusalLog = pushgrid_common::auth::RefusalLog::new(20);
+    if let Some(unlogged_before) = REFUSALS.admit() {
+        tracing::info!(%peer, reason, message = %pushgrid_common::auth::printable(message), unlogged_before, "device refused before auth");
+    }
+}
+
 /// Serves one accepted socket: opens it, then hands a plain TCP connection
 /// to its shard, or runs a TLS/WebSocket connection's loop until it closes.
 pub(crate) async fn serve(
@@ -219,7 +237,7 @@ pub(crate) async fn serve(
         Err(refusal) => {
             drop(permit);
             let message = refusal.message(&room.admission.limits());
-            return Box::pin(refuse_at_accept(tcp, transport, refusal, message)).await;
+            return Box::pin(refuse_at_accept(tcp, peer, transport, refusal, message)).await;
         }
     };
     let lease = Lease {
@@ -328,12 +346,17 @@ async fn open(
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             metrics::auth("handshake_failed");
-            tracing::debug!(%peer, transport = transport.as_str(), %error, "handshake failed");
+            log_refused_before_auth(
+                peer,
+                "handshake_failed",
+                &format!("{} handshake: {error}", transport.as_str()),
+            );
             return None;
         }
         Err(_) => {
             metrics::auth("timeout");
             metrics::refused("auth_timeout");
+            log_refused_before_auth(peer, "auth_timeout", "no handshake within the deadline");
             return None;
         }
     };
@@ -343,21 +366,21 @@ async fn open(
         read_frame(&mut stream, &mut buf, limits.pre_auth_max_body),
     )
     .await;
-    let refuse = |result: &'static str, reason: &'static str| {
+    let refuse = |result: &'static str, reason: &'static str, message: &str| {
         metrics::auth(result);
         metrics::refused(reason);
+        log_refused_before_auth(peer, reason, message);
     };
     let frame = match first {
         Err(_) => {
-            refuse("timeout", "auth_timeout");
+            refuse("timeout", "auth_timeout", "no AUTH within the deadline");
             let error = error_frame(ErrorCode::AuthTimeout, "no AUTH within the deadline", 0);
             Box::pin(stream.close_politely(vec![error], LINGER)).await;
             return None;
         }
         Ok(Err(ReadError::Closed)) => return None,
         Ok(Err(ReadError::Frame(error))) => {
-            refuse("bad_frame", "bad_frame");
-            tracing::debug!(%peer, %error, "bad frame before auth");
+            refuse("bad_frame", "bad_frame", &error.to_string());
             let answer = error_frame(error.code(), error.to_string(), 0);
             Box::pin(stream.close_politely(vec![answer], LINGER)).await;
             return None;
@@ -365,7 +388,7 @@ async fn open(
         Ok(Ok(frame)) => frame,
     };
     if frame.op != Op::Auth {
-        refuse("bad_frame", "auth_required");
+        refuse("bad_frame", "auth_required", "the first frame must be AUTH");
         let error = error_frame(
             ErrorCode::AuthRequired,
             "the first frame must be AUTH",
@@ -377,7 +400,7 @@ async fn open(
     let auth: Auth = match frame.decode() {
         Ok(auth) => auth,
         Err(error) => {
-            refuse("bad_frame", "bad_body");
+            refuse("bad_frame", "bad_body", &error.to_string());
             let answer = error_frame(error.code(), error.to_string(), frame.seq);
             Box::pin(stream.close_politely(vec![answer], LINGER)).await;
             return None;
@@ -386,7 +409,8 @@ async fn open(
     let identity = match authenticate(room, &auth) {
         Ok(identity) => identity,
         Err(reason) => {
-            refuse("failed", "auth_failed");
+            metrics::auth("failed");
+            metrics::refused("auth_failed");
             static AUTH_REFUSALS: pushgrid_common::auth::RefusalLog =
                 pushgrid_common::auth::RefusalLog::new(20);
             if let Some(unlogged_before) = AUTH_REFUSALS.admit() {
