@@ -410,8 +410,8 @@ fn print_banner(banner: &Banner<'_>) {
         r#"
 pushgrid dev is ready: every role in this process, data in {data}
 
-  demo page    http://{demo}/demo          (a browser device with the web SDK)
-  push API     http://{center}/api/push    app "{app}", API key "{key}"
+  demo page    http://{demo}/demo   (a browser device with the web SDK)
+  push API     http://{center}/api/push   app "{app}", API key "{key}"
   dispatcher   http://{dispatcher}/v1/dispatch?user=alice
   devices      tcp {room}   websocket ws://{room_ws}/
   admin token  {credentials}/admin-token
