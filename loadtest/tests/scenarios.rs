@@ -77,6 +77,11 @@ impl Dev {
                 "127.0.0.1:0",
                 "--room-listen",
                 "127.0.0.1:0",
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--demo-listen",
+                "127.0.0.1:0",
+                "--machine-lines",
             ])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("dev.log")).unwrap())

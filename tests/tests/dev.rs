@@ -20,6 +20,11 @@ async fn dev_mode_delivers_on_the_embedded_store() {
         "127.0.0.1:0",
         "--room-listen",
         "127.0.0.1:0",
+        "--ws-listen",
+        "127.0.0.1:0",
+        "--demo-listen",
+        "127.0.0.1:0",
+        "--machine-lines",
     ]
     .iter()
     .map(|arg| arg.to_string())

@@ -870,7 +870,7 @@ impl Worker {
             .config
             .heartbeat
             .unwrap_or_else(|| Duration::from_secs(u64::from(auth_ok.heartbeat_secs.max(1))));
-        info!(conn_id = auth_ok.conn_id, room = %addr, ?heartbeat, "connected");
+        debug!(conn_id = auth_ok.conn_id, room = %addr, ?heartbeat, "connected");
         if !self
             .emit(Event::Connected {
                 conn_id: auth_ok.conn_id,

@@ -30,10 +30,26 @@ pub fn http_listener(
     listener.tap_io(no_delay as fn(&mut tokio::net::TcpStream))
 }
 
-/// Prints `PUSHGRID_BOUND <role> <name> <addr>` on stdout and flushes it.
+static ANNOUNCE_ON_STDERR: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Sends the bound-address lines of this process to stderr instead of stdout
+/// (`pushgrid dev` keeps its stdout for the human banner unless asked for
+/// the machine lines with `--machine-lines`).
+pub fn announce_on_stderr() {
+    ANNOUNCE_ON_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Prints `PUSHGRID_BOUND <role> <name> <addr>` on stdout (or stderr, see
+/// [`announce_on_stderr`]) and flushes it.
 pub fn announce(role: &str, name: &str, addr: SocketAddr) {
+    let line = format!("{BOUND_LINE_PREFIX} {role} {name} {addr}");
+    if ANNOUNCE_ON_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{BOUND_LINE_PREFIX} {role} {name} {addr}");
+    let _ = writeln!(stdout, "{line}");
     let _ = stdout.flush();
 }
 

@@ -2,6 +2,7 @@
 //! The cluster credentials (a key per role, the verifiers, an admin token)
 //! are created in `<data dir>/credentials` on the first start and kept.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +29,17 @@ pub struct DevArgs {
     /// Device TCP listener.
     #[arg(long, default_value = "127.0.0.1:8090")]
     room_listen: String,
+    /// Device WebSocket listener (browsers; frames in binary messages).
+    #[arg(long, default_value = "127.0.0.1:8091")]
+    ws_listen: String,
+    /// The demo page (`/demo`) and the web SDK bundle.
+    #[arg(long, default_value = "127.0.0.1:8060")]
+    demo_listen: String,
+    /// Print the machine-readable `PUSHGRID_BOUND <role> <listener> <addr>`
+    /// lines on stdout, for scripts and tests (by default they go to stderr,
+    /// and stdout holds only the banner).
+    #[arg(long)]
+    machine_lines: bool,
     /// Heartbeat interval told to devices.
     #[arg(long, default_value_t = 60)]
     heartbeat_secs: u32,
@@ -66,6 +78,9 @@ pub fn ensure_credentials(data_dir: &Path) -> anyhow::Result<PathBuf> {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     pushgrid_common::telemetry::init_tracing(args.log_json);
+    if !args.machine_lines {
+        net::announce_on_stderr();
+    }
     let shutdown = CancellationToken::new();
     pushgrid_common::cli::spawn_signal_handler(shutdown.clone());
     std::fs::create_dir_all(&args.data_dir)?;
@@ -119,6 +134,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let room = pushgrid_room::RoomConfig {
         node: node(),
         tcp_listen: args.room_listen.clone(),
+        ws_listen: args.ws_listen.clone(),
         heartbeat_secs: args.heartbeat_secs,
         ..Default::default()
     };
@@ -132,6 +148,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let center_addr = center_listeners.http.local_addr()?;
     let dispatcher_addr = dispatcher_listeners.http.local_addr()?;
     let room_addr = room_listeners.tcp.local_addr()?;
+    let room_ws = room_listeners
+        .ws
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("--ws-listen must not be empty"))?;
+    let demo_listener = net::bind(&args.demo_listen).await?;
+    let demo_addr = demo_listener.local_addr()?;
+    net::announce("dev", "demo", demo_addr);
     let center_admin = center_listeners.admin.local_addr()?;
     let dispatcher_admin = dispatcher_listeners.admin.local_addr()?;
     let room_admin = room_listeners.admin.local_addr()?;
@@ -175,6 +200,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         room_admin,
     );
     room.tcp_listen = room_addr.to_string();
+    room.ws_listen = room_ws.to_string();
 
     // Each role runs under a supervisor that starts it again when it fails
     // (an error or a panic), after a back-off; only a stop request ends them.
@@ -211,6 +237,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         dispatcher_listeners
     );
     supervised!("room", pushgrid_room, room, room_listeners);
+    let demo = std::sync::Arc::new(crate::demo::Demo {
+        center: center_addr,
+        dispatcher: dispatcher_addr,
+        room_ws,
+        app: DEMO_APP.into(),
+        secret: DEMO_SECRET.into(),
+        api_key: DEMO_API_KEY.into(),
+    });
+    {
+        let shutdown = shutdown.clone();
+        roles.spawn(async move {
+            if let Err(error) = crate::demo::serve(demo_listener, demo, shutdown).await {
+                tracing::error!(%error, "the demo page stopped");
+            }
+        });
+    }
 
     let checks = [center_admin, dispatcher_admin, room_admin];
     if tokio::time::timeout(
@@ -224,13 +266,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     if !shutdown.is_cancelled() {
         net::announce("dev", "ready", center_addr);
-        print_banner(
-            &center_addr.to_string(),
-            &dispatcher_addr.to_string(),
-            &room_addr.to_string(),
-            &data_dir,
-            &credentials_dir,
-        );
+        print_banner(&Banner {
+            center: center_addr,
+            dispatcher: dispatcher_addr,
+            room: room_addr,
+            room_ws,
+            demo: demo_addr,
+            data_dir: &data_dir,
+            credentials: &credentials_dir,
+        });
     }
 
     // The supervisors return only once `shutdown` is cancelled.
@@ -330,20 +374,57 @@ async fn wait_until_healthy(admin_addrs: &[std::net::SocketAddr], shutdown: &Can
     }
 }
 
-fn print_banner(center: &str, dispatcher: &str, room: &str, data_dir: &Path, credentials: &Path) {
-    println!(
+struct Banner<'a> {
+    center: SocketAddr,
+    dispatcher: SocketAddr,
+    room: SocketAddr,
+    room_ws: SocketAddr,
+    demo: SocketAddr,
+    data_dir: &'a Path,
+    credentials: &'a Path,
+}
+
+/// What a person reads first: what listens where, the demo app, a ready
+/// token, the demo page, and the two commands that show a push arriving.
+fn print_banner(banner: &Banner<'_>) {
+    let token = crate::demo::token(DEMO_SECRET, DEMO_APP, "alice", 24 * 3600);
+    // The binaries next to this one (target/release when started from there
+    // or through `cargo run --release`): following the banner builds nothing.
+    let client = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("pushgrid-client")))
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|| "pushgrid-client".into());
+    let Banner {
+        center,
+        dispatcher,
+        room,
+        room_ws,
+        demo,
+        data_dir,
+        credentials,
+    } = banner;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
         r#"
-pushgrid dev is running (all roles in one process, data in {data})
+pushgrid dev is ready: every role in this process, data in {data}
 
-  push API     http://{center}/api/push     (API key: {key})
+  demo page    http://{demo}/demo   (a browser device with the web SDK)
+  push API     http://{center}/api/push   app "{app}", API key "{key}"
   dispatcher   http://{dispatcher}/v1/dispatch?user=alice
-  device TCP   {room}
-  admin token  {credentials}/admin-token  (dashboard, /debug/ on admin ports)
-  credentials  {credentials}  (one key per role, mode 0600; docs/security.md)
+  devices      tcp {room}   websocket ws://{room_ws}/
+  admin token  {credentials}/admin-token
 
-Try it, in two more terminals:
+A device token for user alice (24 h; `pushgrid token --user bob` makes others):
 
-  cargo run -q -p pushgrid-client -- --dispatcher http://{dispatcher} --token "$(cargo run -q -p pushgrid -- token --app {app} --user alice)"
+  {token}
+
+Connect a device, in a second terminal:
+
+  {client} --dispatcher http://{dispatcher} --token {token}
+
+Push to it (and to the demo page connected as alice), in a third:
 
   curl -s -H 'Authorization: apikey {key}' -d '{{"users":["alice"],"payload":"hello"}}' http://{center}/api/push
 "#,
@@ -352,6 +433,7 @@ Try it, in two more terminals:
         key = DEMO_API_KEY,
         app = DEMO_APP,
     );
+    let _ = stdout.flush();
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //!   per role, the verifiers, the admin token) of a deployment.
 
 mod cluster;
+mod demo;
 mod dev;
 mod supervise;
 

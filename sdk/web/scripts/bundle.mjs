@@ -17,6 +17,7 @@ const result = await build({
   platform: "browser",
   legalComments: "none",
   minify: true,
+  keepNames: true,
   write: false,
   banner: { js: "// @pushgrid/web browser bundle, built by `npm run build` in sdk/web (do not edit)." },
 });
