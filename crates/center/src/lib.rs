@@ -85,7 +85,7 @@ impl Default for CenterConfig {
             retry_after_secs: 1,
             max_batch_commands: 1000,
             store_batch_max: 512,
-            store_batch_in_flight: 2,
+            store_batch_in_flight: 4,
             broadcast_in_flight: 256,
             group_fanout_workers: 4,
             group_fanout_queue: 1024,
