@@ -255,32 +255,7 @@ pub trait GroupStore: Send + Sync {
         if acks.is_empty() {
             return Ok(());
         }
-        let sql = self.durable();
-        // Sorts the rows: the UPDATEs below then lock in key order too.
-        sql.insert_deliveries(&mut acks).await?;
-        for chunk in acks.chunks(ROW_CHUNK) {
-            let text = format!(
-                "UPDATE message_deliveries SET acked_ms = ? WHERE acked_ms IS NULL AND ({})",
-                repeated(
-                    "(id = ? AND user_id = ? AND device = ?)",
-                    " OR ",
-                    chunk.len()
-                )
-            );
-            execute_retrying(sql.pool(), || {
-                // Built from a fixed fragment repeated; every value is bound.
-                let mut query = sqlx::query(AssertSqlSafe(text.clone())).bind(now);
-                for (id, user, device, _) in chunk {
-                    query = query
-                        .bind(*id)
-                        .bind(user.to_string())
-                        .bind(device.to_string());
-                }
-                query
-            })
-            .await?;
-        }
-        Ok(())
+        self.durable().upsert_acks(&mut acks).await
     }
 
     /// What became of a message, a group push or a broadcast of `app`.
@@ -489,6 +464,42 @@ impl SqlStore {
                         .bind(*id)
                         .bind(user.to_string())
                         .bind(device.to_string())
+                        .bind(*at_ms);
+                }
+                query
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Records (id, user, device, at) ACKs in one statement per chunk: a
+    /// row is created when the hand-off was not recorded (yet), and an
+    /// existing row keeps its first `acked_ms`.
+    async fn upsert_acks(&self, rows: &mut [(i64, &str, &str, i64)]) -> Result<(), StoreError> {
+        // In key order, as insert_deliveries: row locks taken in one order.
+        rows.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        let conflict = if is_sqlite(self.pool()) {
+            "ON CONFLICT (id, user_id, device) DO UPDATE SET \
+             acked_ms = COALESCE(message_deliveries.acked_ms, excluded.acked_ms)"
+        } else {
+            "ON DUPLICATE KEY UPDATE acked_ms = COALESCE(acked_ms, VALUES(acked_ms))"
+        };
+        for chunk in rows.chunks(ROW_CHUNK) {
+            let text = format!(
+                "INSERT INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) \
+                 VALUES {} {conflict}",
+                repeated("(?, ?, ?, ?, ?)", ", ", chunk.len())
+            );
+            execute_retrying(self.pool(), || {
+                // Built from fixed fragments; every value is bound.
+                let mut query = sqlx::query(AssertSqlSafe(text.clone()));
+                for (id, user, device, at_ms) in chunk {
+                    query = query
+                        .bind(*id)
+                        .bind(user.to_string())
+                        .bind(device.to_string())
+                        .bind(*at_ms)
                         .bind(*at_ms);
                 }
                 query
