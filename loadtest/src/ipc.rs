@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::receipts::{DeviceReceipts, OffsetReceipts};
+
 /// Everything a worker needs, passed as one JSON argument.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
@@ -102,11 +104,18 @@ pub struct WorkerReport {
     pub delivered_devices: Vec<u32>,
     /// Deliveries to slow devices (ids), kept apart from the loss ledger.
     pub slow_delivered_ids: Vec<u64>,
-    /// Broadcast deliveries: (offset, count), and latencies. A list, not a map:
-    /// serde cannot read integer map keys inside an internally tagged enum, and
-    /// a report that fails to parse is a report lost.
-    pub broadcast_by_offset: Vec<(u64, u64)>,
-    pub broadcast_latency_us: Vec<u64>,
+    /// Broadcast receipts per device and topic (lists, not maps: serde cannot
+    /// read integer map keys inside an internally tagged enum, and a report
+    /// that fails to parse is a report lost).
+    pub broadcast_devices: Vec<DeviceReceipts>,
+    /// Per topic and offset: devices of this worker that got it, and the
+    /// latency to the last of them.
+    pub broadcast_offsets: Vec<OffsetReceipts>,
+    /// First receipts of broadcasts, API call to receipt: base64 of an
+    /// hdrhistogram V2 serialisation (us).
+    pub broadcast_latency_histogram: String,
+    /// When the last first receipt of a broadcast arrived (unix us).
+    pub last_broadcast_receipt_unix_us: u64,
     /// Connect (TCP + AUTH) durations, base64 of an hdrhistogram V2 serialisation (us).
     pub connect_histogram: String,
     /// Storms: per storm, ms from the storm start until every connection settled.

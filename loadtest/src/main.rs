@@ -19,6 +19,7 @@ mod ledger;
 mod million;
 mod procstat;
 mod push_rate;
+mod receipts;
 mod report;
 mod run;
 mod worker;

@@ -91,18 +91,51 @@ impl Messages {
     }
 }
 
+/// Broadcast accounting: every accepted offset matched against every
+/// subscribed device (see `receipts.rs`).
 #[derive(Debug, Default, Serialize)]
 pub struct Broadcast {
     pub status: String,
+    pub topic: String,
+    /// Broadcast API calls in flight at once.
+    pub in_flight: usize,
+    /// Devices subscribed when the broadcasts started.
     pub subscribed: u64,
+    /// Devices expected to receive every broadcast (connected at the ramp).
+    pub devices: u64,
     pub accepted: u64,
     pub offsets: Vec<u64>,
+    /// devices x accepted offsets.
     pub expected_deliveries: u64,
+    /// (device, accepted offset) pairs received at least once.
     pub delivered: u64,
-    /// offset -> subscribers that did not get it.
+    /// (device, accepted offset) pairs never received.
+    pub lost: u64,
+    pub devices_with_loss: u64,
+    /// Up to 20 devices that missed offsets: (user index, up to 20 offsets).
+    pub lost_sample: Vec<(u64, Vec<u64>)>,
+    /// offset -> devices that did not get it.
     pub lost_by_offset: BTreeMap<u64, u64>,
+    /// Deliveries of an offset the device already had.
     pub duplicated: u64,
+    /// First deliveries of an offset lower than one the device already had.
+    pub out_of_order: u64,
+    pub devices_out_of_order: u64,
+    /// First deliveries more than one above the device's highest offset.
+    pub skipped_ahead: u64,
+    /// Distinct offsets received that the API did not accept in this run.
+    pub unexpected: u64,
+    /// API call to each device's first receipt.
     pub latency_ms: Percentiles,
+    /// Per broadcast: API call to the receipt of the last device.
+    pub last_device_ms: Percentiles,
+    /// First broadcast call to the last receipt.
+    pub delivery_secs: f64,
+    /// `delivered` / `delivery_secs`.
+    pub deliveries_per_sec: f64,
+    /// Every broadcast call answered, from the first call.
+    pub api_secs: f64,
+    pub api_calls: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -414,14 +447,28 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "{:<34} {} of {} (lost {}, duplicated {})",
+                "{:<34} {} of {} (lost {} on {} devices, duplicated {}, out of order {} on {} devices, skipped ahead {}, unexpected {})",
                 "broadcast delivered",
                 b.delivered,
                 b.expected_deliveries,
-                b.lost_by_offset.values().sum::<u64>(),
-                b.duplicated
+                b.lost,
+                b.devices_with_loss,
+                b.duplicated,
+                b.out_of_order,
+                b.devices_out_of_order,
+                b.skipped_ahead,
+                b.unexpected
+            );
+            let _ = writeln!(
+                out,
+                "{:<34} {:.0}/s ({:.3} s, {} in flight)",
+                "broadcast deliveries",
+                b.deliveries_per_sec,
+                b.delivery_secs,
+                b.in_flight
             );
             let _ = writeln!(out, "{:<34} {}", "broadcast latency", pct(&b.latency_ms));
+            let _ = writeln!(out, "{:<34} {}", "  last device per broadcast", pct(&b.last_device_ms));
         }
         if self.scenario == Scenario::Slow {
             let s = &self.slow;

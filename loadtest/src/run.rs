@@ -22,6 +22,7 @@ use crate::ipc::{Command, Event, Progress, WorkerReport, WorkerSpec};
 use crate::ledger::{Ledger, Outcome};
 use crate::procstat::{self, Sample};
 use crate::push_rate;
+use crate::receipts::TopicReceipts;
 use crate::report::{self, Report};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -105,6 +106,12 @@ pub struct RunArgs {
     pub topic: String,
     #[arg(long, default_value_t = 5)]
     pub broadcasts: u32,
+    /// Broadcast: API calls in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub broadcast_concurrency: usize,
+    /// Broadcast: least time between the starts of two calls, in ms.
+    #[arg(long, default_value_t = 200)]
+    pub broadcast_interval_ms: u64,
     /// Churn: reconnect storms, reconnect attempts per device, spread of a storm.
     #[arg(long, default_value_t = 3)]
     pub storms: u32,
@@ -826,6 +833,7 @@ pub async fn run(
 
     let ledger = Mutex::new(Ledger::default());
     let slow_ledger = Mutex::new(Ledger::default());
+    let mut broadcast_started_us = 0u64;
     match scenario {
         Scenario::Connect => {}
         Scenario::PushRate => {
@@ -935,52 +943,58 @@ pub async fn run(
             set_phase("broadcast");
             let subscribed = workers.total().subscribed;
             report.broadcast.subscribed = subscribed;
+            report.broadcast.topic = args.topic.clone();
+            report.broadcast.in_flight = args.broadcast_concurrency.max(1);
+            let devices = online.len() as u64;
+            let expected = devices * u64::from(args.broadcasts);
+            let drain_bar = bar(&args, expected, "broadcast");
+            let started_us = unix_us();
+            let started = Instant::now();
+            broadcast_started_us = started_us;
+            let results: Vec<Result<u64, String>> = futures::stream::iter(0..args.broadcasts)
+                .map(|index| {
+                    let (args, http) = (&args, &http);
+                    async move {
+                        let due = started
+                            + Duration::from_millis(args.broadcast_interval_ms * u64::from(index));
+                        tokio::time::sleep_until(due.into()).await;
+                        broadcast_call(args, http).await
+                    }
+                })
+                .buffer_unordered(args.broadcast_concurrency.max(1))
+                .collect()
+                .await;
+            report.broadcast.api_secs = started.elapsed().as_secs_f64();
+            report.broadcast.api_calls = results.len() as u64;
             let mut offsets = Vec::new();
-            for _ in 0..args.broadcasts {
-                let response = http
-                    .post(format!("{}/api/broadcast", args.api))
-                    .header("Authorization", format!("apikey {}", args.api_key))
-                    .json(&json!({ "topic": args.topic, "payload": payload(unix_us(), args.payload_bytes) }))
-                    .send()
-                    .await;
-                match response {
-                    Ok(response) if response.status().as_u16() == 404 => {
-                        report.broadcast.status =
-                            "broadcast API not available (POST /api/broadcast answered 404)".into();
-                        break;
-                    }
-                    Ok(response) => {
-                        let status = response.status();
-                        let value: Value = response.json().await.unwrap_or(Value::Null);
-                        if status.is_success() {
-                            let offset = value["result"]["offset"].as_u64().unwrap_or(u64::MAX);
-                            offsets.push(offset);
-                        } else {
-                            *report
-                                .messages
-                                .api_errors
-                                .entry(format!("broadcast: HTTP {}", status.as_u16()))
-                                .or_default() += 1;
-                        }
-                    }
-                    Err(error) => {
-                        *report
-                            .messages
-                            .api_errors
-                            .entry(format!("broadcast: {error}"))
-                            .or_default() += 1;
+            for result in results {
+                match result {
+                    Ok(offset) => offsets.push(offset),
+                    Err(reason) => {
+                        *report.messages.api_errors.entry(reason).or_default() += 1;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            offsets.sort_unstable();
             report.broadcast.accepted = offsets.len() as u64;
             report.broadcast.offsets = offsets.clone();
+            if report
+                .messages
+                .api_errors
+                .keys()
+                .any(|reason| reason.contains("HTTP 404"))
+            {
+                report.broadcast.status =
+                    "broadcast API not available (POST /api/broadcast answered 404)".into();
+            }
             if !offsets.is_empty() {
-                report.broadcast.status = "ok".into();
-                let expected = subscribed * offsets.len() as u64;
+                if report.broadcast.status.is_empty() {
+                    report.broadcast.status = "ok".into();
+                }
+                let expected = devices * offsets.len() as u64;
                 report.broadcast.expected_deliveries = expected;
                 set_phase("deliver");
-                let drain_bar = bar(&args, expected, "deliver");
+                drain_bar.set_length(expected);
                 report.messages.drain_secs = drain(
                     &workers,
                     &args,
@@ -989,8 +1003,8 @@ pub async fn run(
                     &drain_bar,
                 )
                 .await;
-                drain_bar.finish();
             }
+            drain_bar.finish();
         }
         Scenario::Churn => {
             for storm in 0..args.storms {
@@ -1061,7 +1075,9 @@ pub async fn run(
     let mut connect = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut broadcast_latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut by_offset: BTreeMap<u64, u64> = BTreeMap::new();
+    // offset -> slowest device's latency (µs), over every worker.
+    let mut last_device_us: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut last_receipt_us = 0u64;
     {
         let mut ledger = lock(&ledger);
         let mut slow_ledger = lock(&slow_ledger);
@@ -1105,17 +1121,17 @@ pub async fn run(
             for id in &worker.slow_delivered_ids {
                 slow_ledger.deliver(*id);
             }
-            for us in &worker.broadcast_latency_us {
-                let _ = broadcast_latency.record((*us).max(1));
+            for receipt in &worker.broadcast_offsets {
+                if receipt.topic == args.topic {
+                    let slowest = last_device_us.entry(receipt.offset).or_default();
+                    *slowest = (*slowest).max(receipt.max_latency_us);
+                }
             }
-            for (offset, count) in &worker.broadcast_by_offset {
-                *by_offset.entry(*offset).or_default() += count;
+            last_receipt_us = last_receipt_us.max(worker.last_broadcast_receipt_unix_us);
+            if let Some(histogram) = decode_histogram(&worker.broadcast_latency_histogram) {
+                let _ = broadcast_latency.add(histogram);
             }
-            if let Ok(bytes) =
-                base64::engine::general_purpose::STANDARD.decode(&worker.connect_histogram)
-                && let Ok(histogram) = hdrhistogram::serialization::Deserializer::new()
-                    .deserialize::<u64, _>(&mut &bytes[..])
-            {
+            if let Some(histogram) = decode_histogram(&worker.connect_histogram) {
                 let _ = connect.add(histogram);
             }
         }
@@ -1156,24 +1172,20 @@ pub async fn run(
     }
     report.connections.established = report.connections.established.max(established);
     report.connections.connect_ms = report::percentiles_ms(&connect);
-    if scenario == Scenario::Broadcast && !report.broadcast.offsets.is_empty() {
-        let subscribed = report.broadcast.subscribed;
-        let mut delivered = 0;
-        for offset in &report.broadcast.offsets {
-            let got = by_offset.get(offset).copied().unwrap_or(0);
-            delivered += got.min(subscribed);
-            if got < subscribed {
-                report
-                    .broadcast
-                    .lost_by_offset
-                    .insert(*offset, subscribed - got);
-            }
-            if got > subscribed {
-                report.broadcast.duplicated += got - subscribed;
-            }
-        }
-        report.broadcast.delivered = delivered;
+    if scenario == Scenario::Broadcast {
+        account_broadcasts(
+            &mut report.broadcast,
+            &specs,
+            &worker_reports,
+            &online,
+            &last_device_us,
+        );
         report.broadcast.latency_ms = report::percentiles_ms(&broadcast_latency);
+        if report.broadcast.delivered > 0 && last_receipt_us > broadcast_started_us {
+            let secs = (last_receipt_us - broadcast_started_us) as f64 / 1e6;
+            report.broadcast.delivery_secs = secs;
+            report.broadcast.deliveries_per_sec = report.broadcast.delivered as f64 / secs;
+        }
     }
 
     // Processes.
@@ -1240,6 +1252,121 @@ pub async fn run(
         .sum();
     report.wall_secs = wall;
     Ok(report)
+}
+
+fn decode_histogram(base64_text: &str) -> Option<Histogram<u64>> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(base64_text)
+        .ok()?;
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize::<u64, _>(&mut &bytes[..])
+        .ok()
+}
+
+/// Matches every accepted offset against every device expected to get it
+/// (`devices`: global user indices connected at the ramp), by device.
+fn account_broadcasts(
+    broadcast: &mut report::Broadcast,
+    specs: &[WorkerSpec],
+    reports: &[WorkerReport],
+    devices: &[u64],
+    last_device_us: &BTreeMap<u64, u64>,
+) {
+    let accepted = broadcast.offsets.clone();
+    let accepted_set: std::collections::HashSet<u64> = accepted.iter().copied().collect();
+    let empty = TopicReceipts::default();
+    let mut by_device: HashMap<u64, &TopicReceipts> = HashMap::new();
+    for (spec, worker) in specs.iter().zip(reports) {
+        for device in &worker.broadcast_devices {
+            if device.topic == broadcast.topic {
+                by_device.insert(
+                    spec.first_user + u64::from(device.device),
+                    &device.receipts,
+                );
+            }
+        }
+    }
+    broadcast.devices = devices.len() as u64;
+    broadcast.expected_deliveries = broadcast.devices * accepted.len() as u64;
+    let mut unexpected = std::collections::HashSet::new();
+    for receipts in by_device.values() {
+        broadcast.duplicated += receipts.duplicated;
+        broadcast.out_of_order += receipts.out_of_order;
+        broadcast.skipped_ahead += receipts.skipped_ahead;
+        if receipts.out_of_order > 0 {
+            broadcast.devices_out_of_order += 1;
+        }
+        for (start, end) in &receipts.ranges {
+            // Bounded: a run accepts at most --broadcasts offsets, and a
+            // range longer than that holds unexpected ones anyway.
+            for offset in *start..=(*end).min(start.saturating_add(100_000)) {
+                if !accepted_set.contains(&offset) {
+                    unexpected.insert(offset);
+                }
+            }
+        }
+    }
+    broadcast.unexpected = unexpected.len() as u64;
+    for user in devices {
+        let receipts = by_device.get(user).copied().unwrap_or(&empty);
+        let missing = receipts.missing(&accepted);
+        broadcast.delivered += (accepted.len() - missing.len()) as u64;
+        if missing.is_empty() {
+            continue;
+        }
+        broadcast.lost += missing.len() as u64;
+        broadcast.devices_with_loss += 1;
+        for offset in &missing {
+            *broadcast.lost_by_offset.entry(*offset).or_default() += 1;
+        }
+        if broadcast.lost_sample.len() < 20 {
+            broadcast
+                .lost_sample
+                .push((*user, missing.into_iter().take(20).collect()));
+        }
+    }
+    let mut last = latency_histogram();
+    for offset in &accepted {
+        if let Some(us) = last_device_us.get(offset) {
+            let _ = last.record((*us).max(1));
+        }
+    }
+    broadcast.last_device_ms = report::percentiles_ms(&last);
+}
+
+/// One broadcast call to `--topic`, retried on 429/503 as told by
+/// Retry-After. Returns the accepted offset.
+async fn broadcast_call(args: &RunArgs, http: &reqwest::Client) -> Result<u64, String> {
+    // The payload carries the time of the first attempt: latency is from the
+    // API call, retries included.
+    let body = json!({ "topic": args.topic, "payload": payload(unix_us(), args.payload_bytes) });
+    for _attempt in 0..20 {
+        let response = http
+            .post(format!("{}/api/broadcast", args.api))
+            .header("Authorization", format!("apikey {}", args.api_key))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|error| format!("broadcast: {error}"))?;
+        let status = response.status();
+        if status.as_u16() == 429 || status.as_u16() == 503 {
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok()?.parse::<f64>().ok())
+                .unwrap_or(1.0);
+            tokio::time::sleep(Duration::from_secs_f64(wait.clamp(0.05, 10.0))).await;
+            continue;
+        }
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            return Err(format!("broadcast: HTTP {}", status.as_u16()));
+        }
+        return value["result"]["offset"]
+            .as_u64()
+            .ok_or_else(|| "broadcast: answer without an offset".to_owned());
+    }
+    Err("broadcast: still refused (429/503) after 20 attempts".to_owned())
 }
 
 /// Injects fault `step`, then waits (at most --ramp-timeout-secs) until every
@@ -1324,7 +1451,71 @@ fn mb(bytes: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn spec(first_user: u64) -> WorkerSpec {
+        serde_json::from_value(json!({
+            "id": 0, "source_ip": "127.0.0.2", "room": "127.0.0.1:1", "app": "a",
+            "jwt_secret": "s", "user_prefix": "u", "first_user": first_user, "count": 2,
+            "connect_rate": 0, "connect_concurrency": 1, "connect_timeout_ms": 1,
+            "auth_timeout_ms": 1, "slow_every": 0, "topic": "t", "default_ping_secs": 1,
+            "reconnect_attempts": 1, "storm_jitter_ms": 0
+        }))
+        .unwrap()
+    }
+
+    fn receipts(device: u32, offsets: &[u64]) -> crate::receipts::DeviceReceipts {
+        let mut receipts = TopicReceipts::default();
+        for offset in offsets {
+            receipts.record(*offset);
+        }
+        crate::receipts::DeviceReceipts {
+            device,
+            topic: "t".into(),
+            receipts,
+        }
+    }
+
+    #[test]
+    fn broadcast_loss_is_counted_per_device_even_when_others_got_the_offset() {
+        let specs = [spec(0), spec(2)];
+        let reports = [
+            WorkerReport {
+                broadcast_devices: vec![receipts(0, &[1, 2, 3]), receipts(1, &[1, 3, 2, 2])],
+                ..Default::default()
+            },
+            WorkerReport {
+                // Device 2 missed offset 2; device 3 never got anything.
+                broadcast_devices: vec![receipts(0, &[1, 3, 9])],
+                ..Default::default()
+            },
+        ];
+        let mut broadcast = report::Broadcast {
+            topic: "t".into(),
+            offsets: vec![1, 2, 3],
+            ..Default::default()
+        };
+        account_broadcasts(
+            &mut broadcast,
+            &specs,
+            &reports,
+            &[0, 1, 2, 3],
+            &BTreeMap::from([(1, 5_000), (2, 9_000), (3, 7_000)]),
+        );
+        assert_eq!(broadcast.expected_deliveries, 12);
+        assert_eq!(broadcast.delivered, 8);
+        assert_eq!(broadcast.lost, 4);
+        assert_eq!(broadcast.devices_with_loss, 2);
+        assert_eq!(broadcast.lost_sample, vec![(2, vec![2]), (3, vec![1, 2, 3])]);
+        assert_eq!(broadcast.lost_by_offset, BTreeMap::from([(1, 1), (2, 2), (3, 1)]));
+        assert_eq!(broadcast.duplicated, 1);
+        assert_eq!(broadcast.out_of_order, 1);
+        assert_eq!(broadcast.devices_out_of_order, 1);
+        assert_eq!(broadcast.unexpected, 1, "offset 9 was never accepted");
+        assert_eq!(broadcast.last_device_ms.count, 3);
+        assert!((broadcast.last_device_ms.max - 9.0).abs() < 0.01, "{:?}", broadcast.last_device_ms);
+    }
 
     #[test]
     fn source_addresses_count_up_across_octets() {

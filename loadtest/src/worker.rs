@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::frames::{sent_us, take_frames, unix_us};
 use crate::ipc::{Command, Event, Progress, WorkerReport, WorkerSpec};
+use crate::receipts::{DeviceReceipts, OffsetReceipts, Receipt, TopicReceipts};
 
 const MAX_BODY: u32 = pushgrid_wire::DEFAULT_MAX_BODY;
 /// Source port of device 0 on its first connect (device i: this + i).
@@ -62,8 +63,12 @@ struct Records {
     /// Unicast ids received at least once: the `delivered` counter (which
     /// ends the drain) counts each message once, however often it arrives.
     seen: std::collections::HashSet<u64>,
-    broadcast_by_offset: BTreeMap<u64, u64>,
-    broadcast_latency_us: Vec<u64>,
+    /// Broadcast receipts: per device index, per topic.
+    broadcast: Vec<Vec<(String, TopicReceipts)>>,
+    /// (topic, offset) -> (devices, slowest latency µs).
+    broadcast_offsets: std::collections::HashMap<(String, u64), (u64, u64)>,
+    broadcast_latency_us: Option<Histogram<u64>>,
+    last_broadcast_receipt_unix_us: u64,
     connect_us: Option<Histogram<u64>>,
     first_connect_unix_ms: u64,
     last_established_unix_ms: u64,
@@ -134,6 +139,8 @@ async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         counters: Counters::default(),
         records: Mutex::new(Records {
             connect_us: Histogram::new_with_bounds(1, 120_000_000, 3).ok(),
+            broadcast: vec![Vec::new(); spec.count as usize],
+            broadcast_latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).ok(),
             ..Default::default()
         }),
         spec,
@@ -267,14 +274,17 @@ fn progress_of(shared: &Shared) -> Progress {
 fn report_of(shared: &Shared, storm_settle_ms: Vec<u64>) -> WorkerReport {
     let progress = progress_of(shared);
     let records = shared.records();
-    let mut connect_histogram = Vec::new();
-    if let Some(histogram) = &records.connect_us {
-        let _ = hdrhistogram::serialization::Serializer::serialize(
-            &mut hdrhistogram::serialization::V2Serializer::new(),
-            histogram,
-            &mut connect_histogram,
-        );
-    }
+    let serialized = |histogram: &Option<Histogram<u64>>| {
+        let mut bytes = Vec::new();
+        if let Some(histogram) = histogram {
+            let _ = hdrhistogram::serialization::Serializer::serialize(
+                &mut hdrhistogram::serialization::V2Serializer::new(),
+                histogram,
+                &mut bytes,
+            );
+        }
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
     WorkerReport {
         progress,
         failures: records.failures.clone(),
@@ -287,13 +297,31 @@ fn report_of(shared: &Shared, storm_settle_ms: Vec<u64>) -> WorkerReport {
             .map(|(_, _, device)| *device)
             .collect(),
         slow_delivered_ids: records.slow_delivered.clone(),
-        broadcast_by_offset: records
-            .broadcast_by_offset
+        broadcast_devices: records
+            .broadcast
             .iter()
-            .map(|(offset, count)| (*offset, *count))
+            .enumerate()
+            .flat_map(|(device, topics)| {
+                topics.iter().map(move |(topic, receipts)| DeviceReceipts {
+                    device: device as u32,
+                    topic: topic.clone(),
+                    receipts: receipts.clone(),
+                })
+            })
             .collect(),
-        broadcast_latency_us: records.broadcast_latency_us.clone(),
-        connect_histogram: base64::engine::general_purpose::STANDARD.encode(connect_histogram),
+        broadcast_offsets: records
+            .broadcast_offsets
+            .iter()
+            .map(|((topic, offset), (devices, max_latency_us))| OffsetReceipts {
+                topic: topic.clone(),
+                offset: *offset,
+                devices: *devices,
+                max_latency_us: *max_latency_us,
+            })
+            .collect(),
+        broadcast_latency_histogram: serialized(&records.broadcast_latency_us),
+        last_broadcast_receipt_unix_us: records.last_broadcast_receipt_unix_us,
+        connect_histogram: serialized(&records.connect_us),
         storm_settle_ms,
         reconnected: shared.counters.reconnected.load(Ordering::Relaxed),
         offline_users: shared
@@ -652,17 +680,40 @@ async fn read_frame(
 /// `index` is the receiving device's (relative to `first_user`): a message
 /// handed to another user's device is misrouted.
 fn on_push(shared: &Shared, index: u32, push: msg::Push, slow: bool) -> Option<bytes::Bytes> {
-    let latency = sent_us(&push.payload).map(|sent| unix_us().saturating_sub(sent));
+    let now = unix_us();
+    let latency = sent_us(&push.payload).map(|sent| now.saturating_sub(sent));
     if push.kind() == msg::PushKind::Broadcast {
+        let mut records = shared.records();
+        let Some(topics) = records.broadcast.get_mut(index as usize) else {
+            return None;
+        };
+        let receipts = match topics.iter().position(|(topic, _)| *topic == push.topic) {
+            Some(at) => &mut topics[at].1,
+            None => {
+                topics.push((push.topic.clone(), TopicReceipts::default()));
+                &mut topics.last_mut()?.1
+            }
+        };
+        if receipts.record(push.offset) == Receipt::Duplicate {
+            return None;
+        }
+        // The progress counts each (device, offset) once, so that the drain
+        // does not end early on duplicates.
         shared
             .counters
             .broadcast_delivered
             .fetch_add(1, Ordering::Relaxed);
-        let mut records = shared.records();
-        *records.broadcast_by_offset.entry(push.offset).or_default() += 1;
-        if let Some(latency) = latency {
-            records.broadcast_latency_us.push(latency);
+        records.last_broadcast_receipt_unix_us = now;
+        let latency = latency.unwrap_or(0);
+        if let Some(histogram) = records.broadcast_latency_us.as_mut() {
+            let _ = histogram.record(latency.max(1));
         }
+        let slot = records
+            .broadcast_offsets
+            .entry((push.topic, push.offset))
+            .or_default();
+        slot.0 += 1;
+        slot.1 = slot.1.max(latency);
         return None;
     }
     {

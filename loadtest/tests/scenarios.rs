@@ -146,7 +146,19 @@ fn loadtest(dev: &Dev, scenario: &str, extra: &[&str]) -> Value {
         "push-rate" => "127.0.15.2",
         _ => "127.0.14.2",
     };
-    let json = dev._dir.join(format!("{scenario}.json"));
+    loadtest_from(dev, scenario, source_base, extra)
+}
+
+/// [`loadtest`] from the given first source address.
+fn loadtest_from(dev: &Dev, scenario: &str, source_base: &str, extra: &[&str]) -> Value {
+    let json = dev._dir.join(format!("{scenario}-{source_base}.json"));
+    // 300 devices on 3 workers unless `extra` says otherwise.
+    let sized = extra.contains(&"--connections");
+    let size: &[&str] = if sized {
+        &[]
+    } else {
+        &["--connections", "300", "--per-worker", "100"]
+    };
     let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .arg(scenario)
         .args(["--rooms", &dev.room()])
@@ -154,14 +166,8 @@ fn loadtest(dev: &Dev, scenario: &str, extra: &[&str]) -> Value {
             "--api",
             &format!("http://{}", dev.get("dev ready").unwrap()),
         ])
-        .args([
-            "--connections",
-            "300",
-            "--per-worker",
-            "100",
-            "--hold-secs",
-            "1",
-        ])
+        .args(size)
+        .args(["--hold-secs", "1"])
         .args(["--source-base", source_base])
         .args([
             "--quiet",
@@ -332,22 +338,87 @@ fn loadtest_broadcast_counts_every_delivery_per_offset() {
         offsets.windows(2).all(|pair| pair[0] < pair[1]),
         "{offsets:?}"
     );
-    // Every subscriber got every broadcast once: nothing lost, nothing twice.
+    // Every subscriber got every broadcast once, in order: nothing lost,
+    // nothing twice, counted per device.
+    assert_eq!(broadcast["devices"], 300, "{report:#}");
     assert_eq!(broadcast["expected_deliveries"], 900, "{report:#}");
     assert_eq!(broadcast["delivered"], 900, "{report:#}");
+    assert_eq!(broadcast["lost"], 0, "{report:#}");
     assert_eq!(
         broadcast["lost_by_offset"],
         serde_json::json!({}),
         "{report:#}"
     );
     assert_eq!(broadcast["duplicated"], 0, "{report:#}");
+    assert_eq!(broadcast["out_of_order"], 0, "{report:#}");
+    assert_eq!(broadcast["unexpected"], 0, "{report:#}");
     assert_eq!(broadcast["latency_ms"]["count"], 900, "{report:#}");
+    assert_eq!(broadcast["last_device_ms"]["count"], 3, "{report:#}");
     // The worker reports arrived (the connect histogram comes only with them).
     assert_eq!(
         report["connections"]["connect_ms"]["count"], 300,
         "{report:#}"
     );
     assert!(report["notes"].as_array().unwrap().is_empty(), "{report:#}");
+}
+
+/// The CI step of the broadcast benchmark: 500 devices x 50 broadcasts with
+/// 8 broadcast calls in flight against `pushgrid dev`. Fails on any offset
+/// lost by any device, delivered twice or out of offset order; prints the
+/// figures and asserts no timing.
+#[test]
+fn loadtest_broadcast_in_flight_reaches_every_device_once_in_order() {
+    let dev = Dev::start();
+    let report = loadtest_from(
+        &dev,
+        "broadcast",
+        "127.0.16.2",
+        &[
+            "--connections",
+            "500",
+            "--per-worker",
+            "250",
+            "--broadcasts",
+            "50",
+            "--broadcast-concurrency",
+            "8",
+            "--broadcast-interval-ms",
+            "0",
+            "--topic",
+            "ci-order",
+        ],
+    );
+    let broadcast = &report["broadcast"];
+    eprintln!(
+        "broadcast 500 x 50, 8 in flight: {} deliveries/s, latency {}, last device {}",
+        broadcast["deliveries_per_sec"], broadcast["latency_ms"], broadcast["last_device_ms"]
+    );
+    assert_eq!(broadcast["status"], "ok", "{report:#}");
+    assert_eq!(broadcast["in_flight"], 8, "{report:#}");
+    assert_eq!(broadcast["devices"], 500, "{report:#}");
+    assert_eq!(broadcast["accepted"], 50, "{report:#}");
+    let offsets: Vec<u64> = broadcast["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|offset| offset.as_u64().unwrap())
+        .collect();
+    assert!(
+        offsets.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "one topic, consecutive offsets: {offsets:?}"
+    );
+    assert_eq!(broadcast["expected_deliveries"], 25_000, "{report:#}");
+    assert_eq!(broadcast["lost"], 0, "{}", broadcast["lost_sample"]);
+    assert_eq!(broadcast["delivered"], 25_000, "{report:#}");
+    assert_eq!(broadcast["duplicated"], 0, "{report:#}");
+    assert_eq!(
+        broadcast["out_of_order"], 0,
+        "on {} devices",
+        broadcast["devices_out_of_order"]
+    );
+    assert_eq!(broadcast["skipped_ahead"], 0, "{report:#}");
+    assert_eq!(broadcast["unexpected"], 0, "{report:#}");
+    assert_eq!(broadcast["latency_ms"]["count"], 25_000, "{report:#}");
 }
 
 /// Runs `loadtest million --quiet` with `args` in a fresh work directory;

@@ -827,11 +827,22 @@ const MAX_HISTORY_PAGES: usize = 10;
 /// caller and is released here.
 async fn subscribe(room: Arc<Room>, handle: Arc<ConnHandle>, sub: Sub, seq: u32) {
     let frames = subscription_replay(&room, &handle, sub, seq).await;
-    handle.release(frames, None);
+    // Live copies of replayed messages (parked during the replay, or
+    // released by the topic's ordering stage shortly after) are dropped.
+    let replayed: std::collections::HashSet<u64> = frames
+        .iter()
+        .map(|outbound| outbound.msg_id)
+        .filter(|id| *id != 0)
+        .collect();
+    let overlap = (!replayed.is_empty()).then(|| crate::outbox::InboxOverlap {
+        ids: replayed,
+        read_at: tokio::time::Instant::now(),
+    });
+    handle.release(frames, overlap);
 }
 
 async fn subscription_replay(
-    room: &Room,
+    room: &Arc<Room>,
     handle: &ConnHandle,
     sub: Sub,
     seq: u32,
@@ -857,6 +868,7 @@ async fn subscription_replay(
     let mut since = sub.since_offset;
     let mut recovered = true;
     let mut position = (0, 0);
+    let mut first_page = true;
     for _ in 0..MAX_HISTORY_PAGES {
         if handle.is_closed() {
             return Vec::new();
@@ -880,6 +892,17 @@ async fn subscription_replay(
                 return frames;
             }
         };
+        if std::mem::take(&mut first_page) {
+            // The topic's ordering stage starts after this position, unless
+            // it already knows where the topic is.
+            crate::service::learn_position(
+                room,
+                &handle.app,
+                &topic,
+                history.offset,
+                history.epoch,
+            );
+        }
         position = (history.offset, history.epoch);
         recovered = history.recovered;
         let page = history.messages.len();

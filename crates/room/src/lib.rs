@@ -15,6 +15,7 @@
 mod admission;
 mod conn;
 mod metrics;
+mod ordering;
 mod outbox;
 mod peers;
 mod service;
@@ -111,6 +112,13 @@ pub struct RoomConfig {
     /// sees its queue fill. Bounded, a stalled device shows up in its
     /// outbound queue and is kicked as a slow consumer.
     pub tcp_send_buffer: usize,
+    /// Broadcast order: a topic's message that arrives ahead of a missing
+    /// offset is held this long for it, then the missing offset is fetched
+    /// from saver's stream (see `ordering.rs` and docs/api.md).
+    pub broadcast_gap_wait_ms: u64,
+    /// Broadcast order: this long after an offset went missing the room
+    /// stops trying to fetch it and sends what it held; devices see the gap.
+    pub broadcast_gap_give_up_ms: u64,
 }
 
 impl Default for RoomConfig {
@@ -140,6 +148,8 @@ impl Default for RoomConfig {
             token_max_lifetime_secs: 30 * 24 * 3600,
             io_threads: 0,
             tcp_send_buffer: 64 * 1024,
+            broadcast_gap_wait_ms: 100,
+            broadcast_gap_give_up_ms: 5000,
         }
     }
 }
@@ -200,6 +210,9 @@ pub(crate) struct Room {
     /// Reasons of kicks asked for by RPC, until the connection sends them.
     pub kick_reasons: DashMap<u64, String>,
     pub topics: topics::Topics,
+    /// Each topic's broadcast order (see `ordering.rs`).
+    pub orders: ordering::Orders,
+    pub order_config: ordering::OrderConfig,
     pub peers: peers::Peers,
     pub admission: Arc<admission::Admission>,
     pub queue_limits: outbox::QueueLimits,
@@ -353,6 +366,15 @@ pub async fn run(
         },
         names: conn::Interner::default(),
         tls,
+        orders: ordering::Orders::default(),
+        order_config: ordering::OrderConfig {
+            gap_wait: Duration::from_millis(config.broadcast_gap_wait_ms.max(1)),
+            give_up: Duration::from_millis(
+                config
+                    .broadcast_gap_give_up_ms
+                    .max(config.broadcast_gap_wait_ms.max(1)),
+            ),
+        },
         config,
         node_id: node_id.clone(),
         cluster,
@@ -372,6 +394,7 @@ pub async fn run(
     tokio::spawn(conn::sweep_silent_connections(room.clone()));
     tokio::spawn(reflush_sessions_on_register_change(room.clone()));
     tokio::spawn(follow_settings(room.clone()));
+    tokio::spawn(service::forget_idle_topics(room.clone()));
 
     let stop_accepting = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(room.config.max_connections));

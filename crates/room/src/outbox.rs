@@ -411,8 +411,9 @@ impl ConnHandle {
     }
 
     /// Ends a replay: `replay` goes out next, then what was parked. With an
-    /// inbox overlap, live copies of the inbox's messages already parked are
-    /// dropped and later ones are recognised for a while.
+    /// overlap (the ids of an inbox or topic replay), live copies of the
+    /// replayed messages already parked are dropped and later ones are
+    /// recognised for a while.
     pub(crate) fn release(&self, replay: Vec<Outbound>, inbox: Option<InboxOverlap>) {
         let mut queue = self.lock();
         if queue.closed {
@@ -431,6 +432,14 @@ impl ConnHandle {
                 } else {
                     index += 1;
                 }
+            }
+            // A topic replay after the inbox's: both are recognised, for
+            // the window of the later one.
+            let mut overlap = overlap;
+            if let Some(earlier) = queue.inbox.take()
+                && earlier.read_at.elapsed() <= INBOX_OVERLAP
+            {
+                overlap.ids.extend(earlier.ids);
             }
             queue.inbox = Some(Box::new(overlap));
         }

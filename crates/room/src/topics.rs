@@ -70,6 +70,11 @@ impl Topics {
         self.subscribers.remove_if(key, |_, set| set.is_empty());
     }
 
+    /// Some connection of this room is subscribed to the app's topic.
+    pub fn has_subscribers(&self, app: &str, topic: &str) -> bool {
+        self.subscribers.contains_key(&key(app, topic))
+    }
+
     pub fn subscribers(&self, app: &str, topic: &str) -> Vec<u64> {
         self.subscribers
             .get(&key(app, topic))
@@ -94,6 +99,7 @@ mod tests {
         news.sort();
         assert_eq!(news, vec![1, 2]);
         assert_eq!(topics.subscribers("b", "news"), vec![2], "apps are apart");
+        assert!(topics.has_subscribers("a", "news") && !topics.has_subscribers("a", "sport"));
         topics.unsubscribe(1, "a", "news");
         assert_eq!(topics.subscribers("a", "news"), vec![2]);
         topics.remove_conn(2);
