@@ -218,7 +218,7 @@ pub trait GroupStore: Send + Sync {
                 )
             })
             .collect();
-        sql.insert_deliveries(&mut unicast).await?;
+        sql.write_deliveries(&mut unicast, false).await?;
         let mut broadcasts: HashMap<(u64, &str), u64> = HashMap::new();
         for report in reports.iter().filter(|report| report.broadcast) {
             *broadcasts
@@ -255,7 +255,7 @@ pub trait GroupStore: Send + Sync {
         if acks.is_empty() {
             return Ok(());
         }
-        self.durable().upsert_acks(&mut acks).await
+        self.durable().write_deliveries(&mut acks, true).await
     }
 
     /// What became of a message, a group push or a broadcast of `app`.
@@ -442,53 +442,34 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Inserts (id, user, device, at) hand-offs; a device's first one stays.
-    async fn insert_deliveries(
+    /// Writes (id, user, device, at) rows of `message_deliveries`. A
+    /// hand-off (`acked` false) keeps a device's first row; an ACK creates
+    /// the row when the hand-off was not recorded (yet), and an existing
+    /// row keeps its first `acked_ms`.
+    async fn write_deliveries(
         &self,
         rows: &mut [(i64, &str, &str, i64)],
+        acked: bool,
     ) -> Result<(), StoreError> {
         // In key order: concurrent batches then take their row locks in
         // the same order, which avoids most deadlocks.
         rows.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
-        for chunk in rows.chunks(ROW_CHUNK) {
-            let text = format!(
-                "{} INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) VALUES {}",
-                insert_ignore(self.pool()),
-                repeated("(?, ?, ?, ?, NULL)", ", ", chunk.len())
-            );
-            execute_retrying(self.pool(), || {
-                // Built from a fixed fragment repeated; every value is bound.
-                let mut query = sqlx::query(AssertSqlSafe(text.clone()));
-                for (id, user, device, at_ms) in chunk {
-                    query = query
-                        .bind(*id)
-                        .bind(user.to_string())
-                        .bind(device.to_string())
-                        .bind(*at_ms);
-                }
-                query
-            })
-            .await?;
-        }
-        Ok(())
-    }
-
-    /// Records (id, user, device, at) ACKs in one statement per chunk: a
-    /// row is created when the hand-off was not recorded (yet), and an
-    /// existing row keeps its first `acked_ms`.
-    async fn upsert_acks(&self, rows: &mut [(i64, &str, &str, i64)]) -> Result<(), StoreError> {
-        // In key order, as insert_deliveries: row locks taken in one order.
-        rows.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
-        let conflict = if is_sqlite(self.pool()) {
-            "ON CONFLICT (id, user_id, device) DO UPDATE SET \
-             acked_ms = COALESCE(message_deliveries.acked_ms, excluded.acked_ms)"
-        } else {
-            "ON DUPLICATE KEY UPDATE acked_ms = COALESCE(acked_ms, VALUES(acked_ms))"
+        let (head, conflict) = match (acked, is_sqlite(self.pool())) {
+            (false, _) => (insert_ignore(self.pool()), ""),
+            (true, true) => (
+                "INSERT",
+                " ON CONFLICT (id, user_id, device) DO UPDATE SET \
+                 acked_ms = COALESCE(message_deliveries.acked_ms, excluded.acked_ms)",
+            ),
+            (true, false) => (
+                "INSERT",
+                " ON DUPLICATE KEY UPDATE acked_ms = COALESCE(acked_ms, VALUES(acked_ms))",
+            ),
         };
         for chunk in rows.chunks(ROW_CHUNK) {
             let text = format!(
-                "INSERT INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) \
-                 VALUES {} {conflict}",
+                "{head} INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) \
+                 VALUES {}{conflict}",
                 repeated("(?, ?, ?, ?, ?)", ", ", chunk.len())
             );
             execute_retrying(self.pool(), || {
@@ -500,7 +481,7 @@ impl SqlStore {
                         .bind(user.to_string())
                         .bind(device.to_string())
                         .bind(*at_ms)
-                        .bind(*at_ms);
+                        .bind(acked.then_some(*at_ms));
                 }
                 query
             })
