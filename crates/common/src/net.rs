@@ -30,27 +30,37 @@ pub fn http_listener(
     listener.tap_io(no_delay as fn(&mut tokio::net::TcpStream))
 }
 
-static ANNOUNCE_ON_STDERR: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// Where [`announce`] writes: 0 stdout, 1 stderr, 2 the log.
+static ANNOUNCE_TO: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Sends the bound-address lines of this process to stderr instead of stdout
 /// (`pushgrid dev` keeps its stdout for the human banner unless asked for
 /// the machine lines with `--machine-lines`).
 pub fn announce_on_stderr() {
-    ANNOUNCE_ON_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
+    ANNOUNCE_TO.store(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Prints `PUSHGRID_BOUND <role> <name> <addr>` on stdout (or stderr, see
-/// [`announce_on_stderr`]) and flushes it.
+/// Sends the bound-address lines to the log (an info line), for `pushgrid
+/// dev` in a terminal, whose screen holds only the banner.
+pub fn announce_in_log() {
+    ANNOUNCE_TO.store(2, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Prints `PUSHGRID_BOUND <role> <name> <addr>` on stdout (or stderr or the
+/// log, see [`announce_on_stderr`] and [`announce_in_log`]) and flushes it.
 pub fn announce(role: &str, name: &str, addr: SocketAddr) {
     let line = format!("{BOUND_LINE_PREFIX} {role} {name} {addr}");
-    if ANNOUNCE_ON_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
-        let _ = writeln!(std::io::stderr().lock(), "{line}");
-        return;
+    match ANNOUNCE_TO.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{line}");
+            let _ = stdout.flush();
+        }
+        1 => {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }
+        _ => tracing::info!("{line}"),
     }
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{line}");
-    let _ = stdout.flush();
 }
 
 /// The address others should dial to reach `bound`: `advertise_host` when set,

@@ -47,20 +47,41 @@ const PROFILE_FREQUENCY_HZ: i32 = 99;
 /// overrides the default `info` filter; the filter can be replaced at run
 /// time through [`set_log_filter`] (`PUT /debug/log-level`).
 pub fn init_tracing(json: bool) {
+    init_tracing_to(json, None);
+}
+
+/// Like [`init_tracing`], with a log file: when `file` is given, every line
+/// the filter lets through goes to the file and only warnings and errors to
+/// stderr (what `pushgrid dev` does in a terminal, so its banner stays
+/// readable).
+pub fn init_tracing_to(json: bool, file: Option<std::fs::File>) {
+    use tracing_subscriber::filter::LevelFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter_layer, filter_handle) = reload::Layer::new(filter);
     use std::io::IsTerminal;
     let text = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let format_layer = if json {
-        text.json().boxed()
-    } else {
-        text.boxed()
+    let stderr_layer = match (json, file.is_some()) {
+        (true, false) => text.json().boxed(),
+        (false, false) => text.boxed(),
+        (true, true) => text.json().with_filter(LevelFilter::WARN).boxed(),
+        (false, true) => text.with_filter(LevelFilter::WARN).boxed(),
     };
+    let file_layer = file.map(|file| {
+        let lines = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file));
+        if json {
+            lines.json().boxed()
+        } else {
+            lines.boxed()
+        }
+    });
     let installed = tracing_subscriber::registry()
         .with(filter_layer)
-        .with(format_layer)
+        .with(stderr_layer)
+        .with(file_layer)
         .try_init();
     if installed.is_ok() {
         let _ = LOG_FILTER.set(filter_handle);

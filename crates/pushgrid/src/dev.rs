@@ -37,7 +37,7 @@ pub struct DevArgs {
     demo_listen: String,
     /// Print the machine-readable `PUSHGRID_BOUND <role> <listener> <addr>`
     /// lines on stdout, for scripts and tests (by default they go to stderr,
-    /// and stdout holds only the banner).
+    /// or to the log file in a terminal, and stdout holds only the banner).
     #[arg(long)]
     machine_lines: bool,
     /// Heartbeat interval told to devices.
@@ -77,14 +77,16 @@ pub fn ensure_credentials(data_dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    pushgrid_common::telemetry::init_tracing(args.log_json);
-    if !args.machine_lines {
-        net::announce_on_stderr();
+    std::fs::create_dir_all(&args.data_dir)?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let log_file = init_logs(&args, &data_dir)?;
+    match (args.machine_lines, &log_file) {
+        (true, _) => {}
+        (false, Some(_)) => net::announce_in_log(),
+        (false, None) => net::announce_on_stderr(),
     }
     let shutdown = CancellationToken::new();
     pushgrid_common::cli::spawn_signal_handler(shutdown.clone());
-    std::fs::create_dir_all(&args.data_dir)?;
-    let data_dir = args.data_dir.canonicalize()?;
     let sqlite = |name: &str| format!("sqlite://{}", data_dir.join(name).display());
     let credentials_dir = ensure_credentials(&data_dir)?;
 
@@ -274,6 +276,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             demo: demo_addr,
             data_dir: &data_dir,
             credentials: &credentials_dir,
+            log_file: log_file.as_deref(),
         });
     }
 
@@ -382,6 +385,29 @@ struct Banner<'a> {
     demo: SocketAddr,
     data_dir: &'a Path,
     credentials: &'a Path,
+    log_file: Option<&'a Path>,
+}
+
+/// In a terminal, with no `RUST_LOG`, the info lines of seven roles would bury
+/// the banner: they go to `<data_dir>/pushgrid.log` (appended) and only
+/// warnings and errors reach the terminal. Anywhere else (a pipe, a service
+/// manager, tests) or with `RUST_LOG` set, everything goes to stderr as in
+/// every other role. Returns the log file's path when one is used.
+fn init_logs(args: &DevArgs, data_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    use std::io::IsTerminal;
+    let to_file = std::io::stderr().is_terminal() && std::env::var_os("RUST_LOG").is_none();
+    if !to_file {
+        pushgrid_common::telemetry::init_tracing(args.log_json);
+        return Ok(None);
+    }
+    let path = data_dir.join("pushgrid.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|error| anyhow::anyhow!("cannot open the log file {}: {error}", path.display()))?;
+    pushgrid_common::telemetry::init_tracing_to(args.log_json, Some(file));
+    Ok(Some(path))
 }
 
 /// What a person reads first: what listens where, the demo app, a ready
@@ -403,7 +429,15 @@ fn print_banner(banner: &Banner<'_>) {
         demo,
         data_dir,
         credentials,
+        log_file,
     } = banner;
+    let logs = match log_file {
+        Some(path) => format!(
+            "{} (warnings also here; RUST_LOG=info prints everything here)",
+            path.display()
+        ),
+        None => "stderr".into(),
+    };
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(
         stdout,
@@ -415,6 +449,7 @@ pushgrid dev is ready: every role in this process, data in {data}
   dispatcher   http://{dispatcher}/v1/dispatch?user=alice
   devices      tcp {room}   websocket ws://{room_ws}/
   admin token  {credentials}/admin-token
+  logs         {logs}
 
 A device token for user alice (24 h; `pushgrid token --user bob` makes others):
 
