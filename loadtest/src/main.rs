@@ -13,7 +13,9 @@
 //! address (127.0.0.2, 127.0.0.3, ...), drives the push API itself and matches
 //! every accepted message id to a delivery.
 
+mod args;
 mod frames;
+mod histogram;
 mod ipc;
 mod ledger;
 mod million;
@@ -24,6 +26,7 @@ mod report;
 mod run;
 mod worker;
 
+use args::{RunArgs, Scenario};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -36,17 +39,17 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Ramp to --connections, hold, report connect rate and memory.
-    Connect(run::RunArgs),
+    Connect(RunArgs),
     /// Connect, then push --messages-per-user to every device and account for each.
-    Unicast(run::RunArgs),
+    Unicast(RunArgs),
     /// Connect with SUB{topic}, then POST /api/broadcast and count deliveries per offset.
-    Broadcast(run::RunArgs),
+    Broadcast(RunArgs),
     /// Connect, then reconnect storms (--storms) while pushing.
-    Churn(run::RunArgs),
+    Churn(RunArgs),
     /// Pushes at --rate messages/s for --secs, each ACKed; latency, loss and CPU per message.
     PushRate(push_rate::PushRateArgs),
     /// Every --slow-every-th device stops reading; push to all; then resume.
-    Slow(run::RunArgs),
+    Slow(RunArgs),
     /// Start a cluster sized for --connections, run --scenarios, clean up.
     Million(Box<million::MillionArgs>),
     /// Internal: one worker process.
@@ -59,12 +62,12 @@ fn main() -> anyhow::Result<()> {
     let (scenario, args) = match cli.command {
         Cmd::Worker { spec } => return worker::main(&spec),
         Cmd::Million(args) => return runtime()?.block_on(million::run(*args)),
-        Cmd::Connect(args) => (run::Scenario::Connect, args),
-        Cmd::Unicast(args) => (run::Scenario::Unicast, args),
-        Cmd::Broadcast(args) => (run::Scenario::Broadcast, args),
-        Cmd::Churn(args) => (run::Scenario::Churn, args),
-        Cmd::Slow(args) => (run::Scenario::Slow, args),
-        Cmd::PushRate(args) => (run::Scenario::PushRate, args.into_run()?),
+        Cmd::Connect(args) => (Scenario::Connect, args),
+        Cmd::Unicast(args) => (Scenario::Unicast, args),
+        Cmd::Broadcast(args) => (Scenario::Broadcast, args),
+        Cmd::Churn(args) => (Scenario::Churn, args),
+        Cmd::Slow(args) => (Scenario::Slow, args),
+        Cmd::PushRate(args) => (Scenario::PushRate, args.into_run()?),
     };
     runtime()?.block_on(async move {
         let json = args.json.clone();

@@ -13,9 +13,9 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::args::RunArgs;
+use crate::histogram::{Percentiles, percentiles_ms};
 use crate::procstat::{self, Sample};
-use crate::report::{Percentiles, percentiles_ms};
-use crate::run::RunArgs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PushRateArgs {

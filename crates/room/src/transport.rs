@@ -4,9 +4,10 @@
 //! into a buffer that exists only while bytes are waiting; writes go straight
 //! into the socket, several frames in one vectored write. TLS and WebSocket
 //! connections go through a boxed `AsyncRead + AsyncWrite` (a WebSocket is
-//! adapted to a byte stream: every binary message carries one or more whole
-//! or partial frames, every frame the room writes is one binary message), so
-//! the session logic in `conn.rs` is written once for all four.
+//! adapted to a byte stream by `pushgrid_wire::ws::WsBytes`: every binary
+//! message carries one or more whole or partial frames, every frame the room
+//! writes is one binary message), so the session logic in `conn.rs` is
+//! written once for all four.
 //!
 //! Handshakes (TLS, WebSocket) run in the connection's own task under the
 //! pre-auth deadline, never in the accept loop.
@@ -15,21 +16,18 @@ use std::io::{self, IoSlice};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::{Buf, Bytes, BytesMut};
-use futures::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use bytes::{Bytes, BytesMut};
+use pushgrid_wire::ws::WsBytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message};
 
 /// How long a write may wait for a full socket before the device counts as gone.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -320,95 +318,6 @@ pub(crate) fn shrink(buf: &mut BytesMut) {
         let mut smaller = BytesMut::with_capacity(READ_CHUNK);
         smaller.extend_from_slice(buf);
         *buf = smaller;
-    }
-}
-
-/// A WebSocket as a byte stream of frames: binary messages in, one binary
-/// message per write out. Pings are answered by tungstenite; a text message
-/// is a protocol error.
-pub(crate) struct WsBytes<S> {
-    ws: WebSocketStream<S>,
-    pending: Bytes,
-}
-
-impl<S> WsBytes<S> {
-    pub fn new(ws: WebSocketStream<S>) -> WsBytes<S> {
-        WsBytes {
-            ws,
-            pending: Bytes::new(),
-        }
-    }
-}
-
-fn ws_error(error: tungstenite::Error) -> io::Error {
-    match error {
-        tungstenite::Error::Io(error) => error,
-        other => io::Error::other(other),
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if !this.pending.is_empty() {
-                let count = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending[..count]);
-                this.pending.advance(count);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                None
-                | Some(Ok(Message::Close(_)))
-                | Some(Err(
-                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
-                )) => return Poll::Ready(Ok(())),
-                Some(Ok(Message::Binary(data))) => this.pending = data,
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "text message: frames travel in binary messages",
-                    )));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(error)) => return Poll::Ready(Err(ws_error(error))),
-            }
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(ws_error)?;
-        Pin::new(&mut this.ws)
-            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
-            .map_err(ws_error)?;
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().ws)
-            .poll_flush(cx)
-            .map_err(ws_error)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match ready!(Pin::new(&mut self.get_mut().ws).poll_close(cx)) {
-            Ok(())
-            | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                Poll::Ready(Ok(()))
-            }
-            Err(error) => Poll::Ready(Err(ws_error(error))),
-        }
     }
 }
 

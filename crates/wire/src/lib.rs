@@ -12,6 +12,13 @@
 //! alone, before a single body byte is read or any memory is reserved for it, so a
 //! peer that claims a 4 GiB body costs nothing. "Not enough bytes yet" is not an
 //! error: it is [`Decoded::Incomplete`], which says how many more bytes are needed.
+//!
+//! With the `websocket` feature, [`ws::WsBytes`] (the codec's one I/O
+//! neighbour) reads and writes a WebSocket as a byte stream of frames, for
+//! the room and the client SDK alike; the codec above stays pure.
+
+#[cfg(feature = "websocket")]
+pub mod ws;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub use pushgrid_proto::client as msg;
