@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +18,8 @@ use crate::connection::{ConnectOptions, Connection, TlsOptions, TlsSettings};
 use crate::dedup::{DedupFilter, Seen};
 use crate::dispatch::{DispatchedRoom, dispatch, user_from_token};
 use crate::error::ClientError;
+use crate::event::{ClientStats, Counters, Event, bump};
+use crate::topics::{Delivery, Outcome, TopicStreams};
 
 /// How a [`Client`] finds rooms, authenticates and behaves. Build it with
 /// [`ClientConfig::new`] and adjust the public fields.
@@ -106,85 +108,6 @@ impl Default for ClientConfig {
     fn default() -> ClientConfig {
         ClientConfig::new("", "")
     }
-}
-
-/// What happened, in order, on the [`Client`]'s event channel. The channel closes
-/// when the client stopped for good (closed, auth failure, single-login kick).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// AUTH succeeded on `room_addr` (the room's address as [`RoomAddress`]
-    /// prints it: a bare `host:port` for plain TCP, else with its scheme).
-    Connected {
-        conn_id: u64,
-        room_addr: String,
-        heartbeat: Duration,
-    },
-    /// A message not seen before (duplicates by `msg_id` are filtered out).
-    Push(msg::Push),
-    /// The connection ended; the client reconnects unless it was closed.
-    Disconnected { reason: String },
-    /// No room could be reached this round (every address failed: refused,
-    /// TLS certificate not trusted, no WebSocket there...); the client tries
-    /// again after `retry_in`. Dropped rather than waited for when the event
-    /// channel is full.
-    ConnectFailed { reason: String, retry_in: Duration },
-    /// The server sent KICK; a `Disconnected` follows.
-    Kicked(msg::Kick),
-    /// The server refused AUTH permanently; the client stopped.
-    AuthFailed {
-        code: msg::ErrorCode,
-        message: String,
-    },
-    /// The server answered a SUB: `recovered` says whether the messages missed
-    /// since the last known offset were replayed (they arrive as `Push` events
-    /// before this one).
-    Subscribed {
-        topic: String,
-        recovered: bool,
-        /// The gap, said plainly: this was a resubscription from a known position
-        /// (after a reconnect) and the topic's history no longer covers it, so
-        /// broadcasts between that position and `offset` never reach this device
-        /// (the app should refetch its state). Always false on a first SUB.
-        missed: bool,
-        offset: u64,
-        epoch: u64,
-    },
-    /// The server answered (or the connection lost) an UPSTREAM frame.
-    UpstreamAck {
-        seq: u32,
-        client_msg_id: String,
-        ok: bool,
-        error: Option<String>,
-    },
-}
-
-/// Counters since [`Client::start`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ClientStats {
-    /// Pushes handed to the application (duplicates excluded).
-    pub pushes_received: u64,
-    /// Pushes dropped because their `msg_id` was seen before.
-    pub duplicates_dropped: u64,
-    /// Successful connections after the first one.
-    pub reconnects: u64,
-    /// Successful connections (AUTH_OK received), the first included.
-    pub connects: u64,
-    /// Message ids sent in ACK frames (re-acks included).
-    pub acks_sent: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    pushes_received: AtomicU64,
-    duplicates_dropped: AtomicU64,
-    reconnects: AtomicU64,
-    connects: AtomicU64,
-    acks_sent: AtomicU64,
-    connected: AtomicBool,
-}
-
-fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
 }
 
 enum Command {
@@ -371,14 +294,7 @@ impl Client {
     }
 
     pub fn stats(&self) -> ClientStats {
-        let counters = &self.counters;
-        ClientStats {
-            pushes_received: counters.pushes_received.load(Ordering::Relaxed),
-            duplicates_dropped: counters.duplicates_dropped.load(Ordering::Relaxed),
-            reconnects: counters.reconnects.load(Ordering::Relaxed),
-            connects: counters.connects.load(Ordering::Relaxed),
-            acks_sent: counters.acks_sent.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
 }
 
@@ -421,15 +337,6 @@ fn normalize_topic(topic: String) -> Result<String, ClientError> {
         .map_err(ClientError::Protocol)
 }
 
-/// Where a subscription stands: the last offset received in an epoch.
-#[derive(Debug, Clone, Copy, Default)]
-struct TopicPosition {
-    offset: u64,
-    epoch: u64,
-    /// A SUB_OK arrived for this topic: later SUBs resume from here.
-    subscribed: bool,
-}
-
 struct InFlight {
     client_msg_id: String,
     reply: oneshot::Sender<Result<(), ClientError>>,
@@ -458,8 +365,9 @@ struct Worker {
     known_rooms: Vec<DispatchedRoom>,
     /// Where a KICK told us to go next, in the order to try.
     redirect: Vec<RoomAddress>,
-    /// Subscribed topics and their positions, resent after every connect.
-    topics: HashMap<String, TopicPosition>,
+    /// Topics as ordered streams: positions (resent in SUB after every
+    /// connect), held messages, duplicates by offset.
+    topics: TopicStreams,
 }
 
 impl Worker {
@@ -499,7 +407,7 @@ impl Worker {
             dispatched: None,
             known_rooms: Vec::new(),
             redirect: Vec::new(),
-            topics: HashMap::new(),
+            topics: TopicStreams::default(),
         }
     }
 
@@ -672,10 +580,10 @@ impl Worker {
                     Some(Command::Upstream(request)) => self.queue_upstream(request),
                     // Sent when the next connection is up.
                     Some(Command::Subscribe(topic)) => {
-                        self.topics.entry(topic).or_default();
+                        self.topics.subscribe(&topic);
                     }
                     Some(Command::Unsubscribe(topic)) => {
-                        self.topics.remove(&topic);
+                        self.topics.unsubscribe(&topic);
                     }
                 },
             }
@@ -883,6 +791,7 @@ impl Worker {
         }
         let mut in_flight: HashMap<u32, InFlight> = HashMap::new();
         let end = self.serve(&mut connection, heartbeat, &mut in_flight).await;
+        self.topics.session_ended();
         let _ = tokio::time::timeout(Duration::from_millis(200), connection.shutdown()).await;
         let mut answered: Vec<(u32, InFlight)> = in_flight.drain().collect();
         answered.sort_by_key(|(seq, _)| *seq);
@@ -918,13 +827,8 @@ impl Worker {
                 return SessionEnd::Lost(reason);
             }
         }
-        let topics: Vec<(String, TopicPosition)> = self
-            .topics
-            .iter()
-            .map(|(topic, position)| (topic.clone(), *position))
-            .collect();
-        for (topic, position) in topics {
-            if let Err(reason) = send_sub(connection, topic, position).await {
+        for sub in self.topics.resubscriptions() {
+            if let Err(reason) = send_sub(connection, sub).await {
                 return SessionEnd::Lost(reason);
             }
         }
@@ -955,15 +859,14 @@ impl Worker {
                         }
                     }
                     Some(Command::Subscribe(topic)) => {
-                        if !self.topics.contains_key(&topic) {
-                            self.topics.insert(topic.clone(), TopicPosition::default());
-                            if let Err(reason) = send_sub(connection, topic, TopicPosition::default()).await {
-                                return SessionEnd::Lost(reason);
-                            }
+                        if self.topics.subscribe(&topic)
+                            && let Err(reason) = send_sub(connection, self.topics.sub(&topic)).await
+                        {
+                            return SessionEnd::Lost(reason);
                         }
                     }
                     Some(Command::Unsubscribe(topic)) => {
-                        if self.topics.remove(&topic).is_some() {
+                        if self.topics.unsubscribe(&topic) {
                             let unsub = pushgrid_wire::encode(Op::Unsub, 0, &msg::Unsub { topic });
                             if let Err(reason) = write(connection, &unsub).await {
                                 return SessionEnd::Lost(reason);
@@ -1028,21 +931,13 @@ impl Worker {
                         return Some(SessionEnd::Lost(format!("undecodable SUB_OK: {error}")));
                     }
                 };
-                let mut missed = false;
-                if let Some(position) = self.topics.get_mut(&ok.topic) {
-                    if !ok.recovered || position.epoch != ok.epoch {
-                        // A resubscription that could not replay: messages came
-                        // after our position (or the stream was reset) and are gone.
-                        missed = position.subscribed
-                            && (position.epoch != ok.epoch || ok.offset > position.offset);
-                        if missed {
-                            warn!(topic = %ok.topic, from = position.offset, to = ok.offset, "topic history lost for this device");
-                        }
-                        // Not recoverable (or a first subscription): start from now.
-                        position.offset = ok.offset;
-                        position.epoch = ok.epoch;
-                    }
-                    position.subscribed = true;
+                let outcome = self.topics.on_sub_ok(&ok);
+                let missed = outcome.missed;
+                if missed {
+                    warn!(topic = %ok.topic, to = ok.offset, "topic history lost for this device");
+                }
+                if let Some(end) = self.hand_over(connection, outcome).await {
+                    return Some(end);
                 }
                 let event = Event::Subscribed {
                     topic: ok.topic,
@@ -1114,20 +1009,19 @@ impl Worker {
         }
     }
 
+    /// A unicast or multicast PUSH: dropped when its id was seen (an acked
+    /// one is acked again), else handed over (and acked with `auto_ack`).
+    /// Broadcasts go through the topic streams ([`Self::hand_over`]).
     async fn handle_push(
         &mut self,
         connection: &mut Connection,
         push: msg::Push,
     ) -> Option<SessionEnd> {
-        let msg_id = push.msg_id;
-        let ackable = push.kind() != msg::PushKind::Broadcast;
-        if !ackable
-            && let Some(position) = self.topics.get_mut(&push.topic)
-            && (push.epoch != position.epoch || push.offset > position.offset)
-        {
-            position.offset = push.offset;
-            position.epoch = push.epoch;
+        if push.kind() == msg::PushKind::Broadcast {
+            let outcome = self.topics.on_push(push);
+            return self.hand_over(connection, outcome).await;
         }
+        let msg_id = push.msg_id;
         let seen = if msg_id == 0 {
             Seen::New
         } else {
@@ -1142,9 +1036,6 @@ impl Worker {
             Seen::DuplicateAcked => {
                 bump(&self.counters.duplicates_dropped, 1);
                 debug!(msg_id, "duplicate push of an acked message; acking again");
-                if !ackable {
-                    return None;
-                }
                 self.send_acks(connection, &[msg_id])
                     .await
                     .err()
@@ -1159,7 +1050,7 @@ impl Worker {
                     return None;
                 }
                 self.dedup.insert(msg_id);
-                if !(self.config.auto_ack && ackable) {
+                if !self.config.auto_ack {
                     return None;
                 }
                 self.dedup.mark_acked(msg_id);
@@ -1170,6 +1061,59 @@ impl Worker {
                 None
             }
         }
+    }
+
+    /// What the topic streams released: the SUB asking for missing offsets,
+    /// then the broadcasts (each message id once) and gaps, in order.
+    async fn hand_over(
+        &mut self,
+        connection: &mut Connection,
+        outcome: Outcome,
+    ) -> Option<SessionEnd> {
+        let counters = &self.counters;
+        bump(&counters.duplicates_dropped, outcome.duplicates);
+        bump(&counters.broadcasts_held, outcome.held);
+        bump(&counters.broadcast_offsets_skipped, outcome.skipped());
+        if let Some(sub) = outcome.resubscribe
+            && let Err(reason) = send_sub(connection, sub).await
+        {
+            return Some(SessionEnd::Lost(reason));
+        }
+        for delivery in outcome.deliveries {
+            let event = match delivery {
+                Delivery::Gap {
+                    topic,
+                    epoch,
+                    first,
+                    last,
+                } => {
+                    warn!(%topic, epoch, first, last, "broadcast offsets will not arrive");
+                    Event::BroadcastGap {
+                        topic,
+                        epoch,
+                        first,
+                        last,
+                    }
+                }
+                Delivery::Push(push)
+                    if push.msg_id != 0 && self.dedup.check(push.msg_id) != Seen::New =>
+                {
+                    bump(&self.counters.duplicates_dropped, 1);
+                    continue;
+                }
+                Delivery::Push(push) => {
+                    if push.msg_id != 0 {
+                        self.dedup.insert(push.msg_id);
+                    }
+                    bump(&self.counters.pushes_received, 1);
+                    Event::Push(push)
+                }
+            };
+            if !self.emit(event).await {
+                return Some(SessionEnd::EventsGone);
+            }
+        }
+        None
     }
 
     async fn send_acks(&self, connection: &mut Connection, msg_ids: &[u64]) -> Result<(), String> {
@@ -1232,17 +1176,8 @@ async fn write(connection: &mut Connection, bytes: &[u8]) -> Result<(), String> 
     }
 }
 
-/// Sends SUB for `topic` from `position` (offset 0, epoch 0: a first subscription).
-async fn send_sub(
-    connection: &mut Connection,
-    topic: String,
-    position: TopicPosition,
-) -> Result<(), String> {
-    let sub = msg::Sub {
-        topic,
-        since_offset: position.offset,
-        epoch: position.epoch,
-    };
+/// Sends SUB (offset 0, epoch 0: a first subscription).
+async fn send_sub(connection: &mut Connection, sub: msg::Sub) -> Result<(), String> {
     write(connection, &pushgrid_wire::encode(Op::Sub, 0, &sub)).await
 }
 

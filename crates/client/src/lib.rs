@@ -3,6 +3,10 @@
 //! * [`Client`]: the long-lived, reconnecting client an application uses: room
 //!   discovery through the dispatcher, AUTH, heartbeats, reconnect with jittered
 //!   backoff, KICK handling, duplicate filtering, acks and upstream messages.
+//!   Broadcasts reach the application in offset order per topic, each offset
+//!   once: the client holds a message that comes ahead of a missing offset,
+//!   asks the room for the missing ones (SUB from its position) and says
+//!   which offsets it gave up on ([`Event::BroadcastGap`]).
 //! * [`Connection`]: one raw connection speaking the frame protocol, for tests
 //!   and tools that need to control every frame.
 //!
@@ -64,12 +68,15 @@ mod connection;
 mod dedup;
 mod dispatch;
 mod error;
+mod event;
+mod topics;
 
 pub use address::{AddressError, RoomAddress, Transport};
 pub use backoff::Backoff;
-pub use client::{Client, ClientConfig, ClientStats, Event};
+pub use client::{Client, ClientConfig};
 pub use connection::{ConnectOptions, Connection, TlsOptions};
 pub use dedup::{DedupFilter, Seen};
 pub use dispatch::{Dispatch, DispatchedRoom, dispatch, parse_dispatch, user_from_token};
 pub use error::ClientError;
+pub use event::{ClientStats, Event};
 pub use pushgrid_wire::{Frame, Op, msg};

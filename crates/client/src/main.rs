@@ -164,6 +164,12 @@ async fn main() -> ExitCode {
                     info!(%topic, recovered, offset, epoch, "subscribed");
                 }
             }
+            Event::BroadcastGap {
+                topic,
+                epoch,
+                first,
+                last,
+            } => warn!(%topic, epoch, first, last, "broadcasts missed and not recoverable"),
             Event::UpstreamAck { .. } => {}
         }
     }
