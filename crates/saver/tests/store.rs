@@ -11,7 +11,7 @@ use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{AckItem, DeliveryReport, Message, StoreItem};
 use pushgrid_saver::error::StoreError;
 use pushgrid_saver::store::{
-    Durability, GroupCommitConfig, GroupStore, HistoryQuery, MessageIds, MessageStore, PendingRead,
+    Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, PendingRead,
     RedisSqlStore, SqlStore, StoreLimits,
 };
 use sqlx::{AnyPool, Row};
