@@ -336,6 +336,7 @@ async fn call(method: &str, rpc: Rpc, target: &Target) -> Result<(), tonic::Stat
                         user: target.user_offline.clone(),
                         msg_ids: vec![target.waiting_id],
                         device: String::new(),
+                        delivered_ms: Vec::new(),
                     }],
                 })
                 .await

@@ -1,13 +1,14 @@
 //! The room's clients of register, saver and coordinator. Small, frequent
 //! calls (sessions, acks, state events) go through per-peer batchers.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use pushgrid_common::batch::{BatchConfig, BatcherMap, SinkMap};
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::ring;
-use pushgrid_common::rpc::ChannelPool;
+use pushgrid_common::rpc::{Channel, ChannelPool};
 use pushgrid_proto::client::KickCode;
 use pushgrid_proto::cluster::coordinator_client::CoordinatorClient;
 use pushgrid_proto::cluster::register_client::RegisterClient;
@@ -32,11 +33,137 @@ pub(crate) struct Peers {
     /// Reports nobody waits for go through sinks: one queue slot per item,
     /// no task.
     offline: SinkMap<Session>,
-    acks: SinkMap<AckItem>,
-    /// Hand-offs to devices, for message status (issue 12).
-    deliveries: SinkMap<DeliveryReport>,
+    /// ACKs and hand-offs to devices (message status, issue 12), one sink
+    /// per saver.
+    reports: SinkMap<SaverReport>,
     states: SinkMap<StateEvent>,
     background: TaskTracker,
+}
+
+/// What a room tells saver in the background. ACKs and hand-off records
+/// share one sink per saver, so an ACK that arrives within the linger of its
+/// hand-off's report carries the hand-off time, and saver writes the device's
+/// status row once instead of twice.
+enum SaverReport {
+    Delivered(DeliveryReport),
+    Ack(AckItem),
+}
+
+/// (message, app, user, device) of a unicast hand-off or ACK.
+type HandOffKey<'a> = (u64, &'a str, &'a str, &'a str);
+
+/// Splits a batch of reports into hand-off records and ACKs, folding each
+/// hand-off whose ACK is in the same batch into that ACK (`delivered_ms`,
+/// the first hand-off's time); returns the hand-offs left to report.
+fn fold_reports(batch: Vec<SaverReport>) -> (Vec<DeliveryReport>, Vec<AckItem>) {
+    let (mut handoffs, mut acks) = (Vec::new(), Vec::new());
+    for report in batch {
+        match report {
+            SaverReport::Delivered(report) => handoffs.push(report),
+            SaverReport::Ack(item) => acks.push(item),
+        }
+    }
+    if handoffs.is_empty() || acks.is_empty() {
+        return (handoffs, acks);
+    }
+    let folded: Vec<bool> = {
+        let mut first: HashMap<HandOffKey, u64> = HashMap::new();
+        for report in handoffs.iter().filter(|report| !report.broadcast) {
+            first
+                .entry((report.msg_id, &report.app, &report.user, &report.device))
+                .or_insert(report.at_ms);
+        }
+        let mut used: HashSet<HandOffKey> = HashSet::new();
+        for item in acks.iter_mut().filter(|item| !item.device.is_empty()) {
+            let times: Vec<u64> = item
+                .msg_ids
+                .iter()
+                .map(|id| {
+                    let at = (
+                        *id,
+                        item.app.as_str(),
+                        item.user.as_str(),
+                        item.device.as_str(),
+                    );
+                    match first.get_key_value(&at) {
+                        Some((handed, at_ms)) => {
+                            used.insert(*handed);
+                            *at_ms
+                        }
+                        None => 0,
+                    }
+                })
+                .collect();
+            if times.iter().any(|at_ms| *at_ms != 0) {
+                item.delivered_ms = times;
+            }
+        }
+        handoffs
+            .iter()
+            .map(|report| {
+                !report.broadcast
+                    && used.contains(&(
+                        report.msg_id,
+                        report.app.as_str(),
+                        report.user.as_str(),
+                        report.device.as_str(),
+                    ))
+            })
+            .collect()
+    };
+    let before = handoffs.len();
+    let left: Vec<DeliveryReport> = handoffs
+        .into_iter()
+        .zip(folded)
+        .filter_map(|(report, folded)| (!folded).then_some(report))
+        .collect();
+    metrics::counter!("pushgrid_room_handoffs_folded_total")
+        .increment((before - left.len()) as u64);
+    (left, acks)
+}
+
+/// Sends one batch of reports to a saver: its ACKs and the hand-offs left
+/// after folding, the two calls at once.
+async fn send_reports(channel: Result<Channel, Status>, batch: Vec<SaverReport>) {
+    let (handoffs, acks) = fold_reports(batch);
+    let channel = match channel {
+        Ok(channel) => channel,
+        Err(status) => {
+            if !acks.is_empty() {
+                // The messages stay in the inbox and are delivered again.
+                tracing::warn!(error = %status.message(), count = acks.len(), "ack forward failed");
+            }
+            return;
+        }
+    };
+    let ack_call = async {
+        if acks.is_empty() {
+            return;
+        }
+        let count = acks.len() as u64;
+        match SaverClient::new(channel.clone())
+            .ack(AckRequest { items: acks })
+            .await
+        {
+            Ok(_) => metrics::counter!("pushgrid_room_acks_forwarded_total").increment(count),
+            // The messages stay in the inbox and are delivered again.
+            Err(status) => {
+                tracing::warn!(error = %status.message(), count, "ack forward failed")
+            }
+        }
+    };
+    let handoff_call = async {
+        if handoffs.is_empty() {
+            return;
+        }
+        if let Err(status) = SaverClient::new(channel.clone())
+            .delivered(DeliveredRequest { reports: handoffs })
+            .await
+        {
+            tracing::debug!(error = %status.message(), "delivery reports not recorded");
+        }
+    };
+    tokio::join!(ack_call, handoff_call);
 }
 
 fn batch_config() -> BatchConfig {
@@ -112,45 +239,7 @@ impl Peers {
                 }
             },
         );
-        let acks = SinkMap::per_peer_sink(
-            pool.clone(),
-            sink_config(),
-            |channel, items: Vec<AckItem>| async move {
-                let count = items.len() as u64;
-                let sent = match channel {
-                    Ok(channel) => SaverClient::new(channel)
-                        .ack(AckRequest { items })
-                        .await
-                        .map(drop),
-                    Err(status) => Err(status),
-                };
-                match sent {
-                    Ok(()) => {
-                        metrics::counter!("pushgrid_room_acks_forwarded_total").increment(count)
-                    }
-                    // The messages stay in the inbox and are delivered again.
-                    Err(status) => {
-                        tracing::warn!(error = %status.message(), count, "ack forward failed")
-                    }
-                }
-            },
-        );
-        let deliveries = SinkMap::per_peer_sink(
-            pool.clone(),
-            sink_config(),
-            |channel, reports: Vec<DeliveryReport>| async move {
-                let sent = match channel {
-                    Ok(channel) => SaverClient::new(channel)
-                        .delivered(DeliveredRequest { reports })
-                        .await
-                        .map(drop),
-                    Err(status) => Err(status),
-                };
-                if let Err(status) = sent {
-                    tracing::debug!(error = %status.message(), "delivery reports not recorded");
-                }
-            },
-        );
+        let reports = SinkMap::per_peer_sink(pool.clone(), sink_config(), send_reports);
         let states = SinkMap::per_peer_sink(
             pool.clone(),
             sink_config(),
@@ -173,8 +262,7 @@ impl Peers {
             online,
             inboxes,
             offline,
-            acks,
-            deliveries,
+            reports,
             states,
             background: TaskTracker::new(),
         }
@@ -287,7 +375,7 @@ impl Peers {
         let Ok(addr) = self.addr_of(Role::Saver, &report.app, &key) else {
             return;
         };
-        if !self.deliveries.get(&addr).send(report) {
+        if !self.reports.get(&addr).send(SaverReport::Delivered(report)) {
             refused("delivery");
         }
     }
@@ -307,8 +395,9 @@ impl Peers {
             user: user.to_string(),
             msg_ids,
             device: device.to_string(),
+            delivered_ms: Vec::new(),
         };
-        if !self.acks.get(&addr).send(item) {
+        if !self.reports.get(&addr).send(SaverReport::Ack(item)) {
             // The messages stay in the inbox: delivered again at the next
             // connect, and dropped by id in the SDK.
             refused("ack");
@@ -369,15 +458,84 @@ impl Peers {
         self.background.close();
         let sent = async {
             self.background.wait().await;
-            while self.acks.pending()
-                + self.offline.pending()
-                + self.states.pending()
-                + self.deliveries.pending()
-                > 0
-            {
+            while self.reports.pending() + self.offline.pending() + self.states.pending() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(3), sent).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handoff(msg_id: u64, device: &str, at_ms: u64) -> SaverReport {
+        SaverReport::Delivered(DeliveryReport {
+            app: "a".into(),
+            msg_id,
+            device: device.into(),
+            user: "u".into(),
+            at_ms,
+            ..Default::default()
+        })
+    }
+
+    fn ack(msg_ids: Vec<u64>, device: &str) -> SaverReport {
+        SaverReport::Ack(AckItem {
+            app: "a".into(),
+            user: "u".into(),
+            msg_ids,
+            device: device.into(),
+            delivered_ms: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_hand_off_acked_in_the_same_batch_rides_on_its_ack() {
+        let broadcast = SaverReport::Delivered(DeliveryReport {
+            app: "a".into(),
+            msg_id: 1,
+            broadcast: true,
+            count: 3,
+            at_ms: 90,
+            ..Default::default()
+        });
+        let batch = vec![
+            broadcast,
+            handoff(1, "d1", 100),
+            handoff(2, "d1", 110),
+            handoff(1, "d2", 120),
+            // A second hand-off of message 1 to d1 (a redelivery): the first time counts.
+            handoff(1, "d1", 130),
+            ack(vec![1, 3], "d1"),
+        ];
+        let (left, acks) = fold_reports(batch);
+        let left: Vec<(u64, &str, bool)> = left
+            .iter()
+            .map(|report| (report.msg_id, report.device.as_str(), report.broadcast))
+            .collect();
+        // Message 2 is not acked and d2 did not ack: their hand-offs stay.
+        assert_eq!(
+            left,
+            vec![(1, "", true), (2, "d1", false), (1, "d2", false)]
+        );
+        assert_eq!(acks.len(), 1);
+        assert_eq!(acks[0].msg_ids, vec![1, 3]);
+        // Message 3 was handed off in an earlier batch: its time is unknown here.
+        assert_eq!(acks[0].delivered_ms, vec![100, 0]);
+    }
+
+    #[test]
+    fn acks_without_their_hand_offs_and_device_less_acks_are_left_alone() {
+        let batch = vec![handoff(5, "d1", 100), ack(vec![6], "d1"), ack(vec![5], "")];
+        let (left, acks) = fold_reports(batch);
+        assert_eq!(
+            left.len(),
+            1,
+            "the hand-off of 5 stays: no ACK of d1 names it"
+        );
+        assert_eq!(acks.len(), 2);
+        assert!(acks.iter().all(|item| item.delivered_ms.is_empty()));
     }
 }

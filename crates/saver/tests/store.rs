@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pushgrid_common::now_ms;
-use pushgrid_proto::cluster::{AckItem, Message, StoreItem};
+use pushgrid_proto::cluster::{AckItem, DeliveryReport, Message, StoreItem};
 use pushgrid_saver::error::StoreError;
 use pushgrid_saver::store::{
     Durability, GroupCommitConfig, HistoryQuery, MessageIds, MessageStore, PendingRead,
@@ -413,6 +413,78 @@ async fn ack_removes_from_pending_and_marks_sql(backend: Backend) -> anyhow::Res
     assert_eq!(harness.acked_ms_in_sql(stored[0].id).await?, Some(acked_ms));
     assert_eq!(harness.ack("dave", &[stored[2].id]).await?, 1);
     assert!(harness.pending("dave").await?.is_empty());
+    Ok(harness)
+}
+
+/// An ACK that carries its hand-off time (the room folded the hand-off
+/// record into it) writes the device's status row once, with both times; an
+/// ACK without one takes its own time for both; a later ACK changes nothing.
+async fn an_ack_records_its_hand_off_time(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(backend, limits()).await?;
+    let stored = harness.store(&["fay"], "f").await?;
+    let id = stored[0].id;
+    let handed_ms = now_ms() - 5_000;
+    let report = DeliveryReport {
+        app: harness.app.clone(),
+        msg_id: id,
+        device: "fay-tablet".into(),
+        user: "fay".into(),
+        at_ms: handed_ms - 1,
+        ..DeliveryReport::default()
+    };
+    harness.store.record_deliveries(&[report]).await?;
+    let acks = vec![
+        AckItem {
+            app: harness.app.clone(),
+            user: "fay".into(),
+            msg_ids: vec![id],
+            device: "fay-phone".into(),
+            delivered_ms: vec![handed_ms],
+        },
+        AckItem {
+            app: harness.app.clone(),
+            user: "fay".into(),
+            msg_ids: vec![id],
+            device: "fay-watch".into(),
+            delivered_ms: Vec::new(),
+        },
+    ];
+    let before_ack = now_ms();
+    assert_eq!(harness.store.ack(acks.clone()).await?, 1);
+    harness.store.record_acks(&acks).await?;
+    let again = AckItem {
+        delivered_ms: vec![handed_ms + 1],
+        ..acks[0].clone()
+    };
+    harness.store.record_acks(&[again]).await?;
+
+    let status = harness.store.message_status(&harness.app, id).await?;
+    assert_eq!(status.state, "acked");
+    let device = |name: &str| {
+        status
+            .devices
+            .iter()
+            .find(|device| device.device == name)
+            .unwrap_or_else(|| panic!("no row of {name}: {status:?}"))
+            .clone()
+    };
+    let phone = device("fay-phone");
+    assert_eq!(phone.state, "acked");
+    assert_eq!(
+        phone.delivered_ms, handed_ms,
+        "the hand-off time the ACK carried"
+    );
+    assert!(phone.acked_ms >= before_ack && phone.acked_ms <= now_ms());
+    let watch = device("fay-watch");
+    assert_eq!(watch.state, "acked");
+    assert_eq!(
+        watch.delivered_ms, watch.acked_ms,
+        "no hand-off time: the ACK's"
+    );
+    let tablet = device("fay-tablet");
+    assert_eq!(tablet.state, "delivered");
+    assert_eq!(tablet.delivered_ms, handed_ms - 1);
+    assert_eq!(tablet.acked_ms, 0);
     Ok(harness)
 }
 
@@ -931,6 +1003,7 @@ mod backends {
     on_every_backend!(
         store_then_pending_in_order,
         ack_removes_from_pending_and_marks_sql,
+        an_ack_records_its_hand_off_time,
         expired_messages_are_not_pending,
         a_full_inbox_drops_the_oldest,
         invalid_input_is_rejected,

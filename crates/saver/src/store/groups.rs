@@ -202,20 +202,19 @@ pub trait GroupStore: Send + Sync {
     /// of a message, and broadcast counts.
     async fn record_deliveries(&self, reports: &[DeliveryReport]) -> Result<(), StoreError> {
         let sql = self.durable();
-        let mut unicast: Vec<(i64, &str, &str, i64)> = reports
+        let mut unicast: Vec<DeliveryRow> = reports
             .iter()
             .filter(|report| !report.broadcast && report.msg_id <= i64::MAX as u64)
-            .map(|report| {
-                (
-                    to_sql(report.msg_id),
-                    report.user.as_str(),
-                    report.device.as_str(),
-                    to_sql(if report.at_ms == 0 {
-                        now_ms()
-                    } else {
-                        report.at_ms
-                    }),
-                )
+            .map(|report| DeliveryRow {
+                id: to_sql(report.msg_id),
+                user: report.user.as_str(),
+                device: report.device.as_str(),
+                delivered_ms: to_sql(if report.at_ms == 0 {
+                    now_ms()
+                } else {
+                    report.at_ms
+                }),
+                acked_ms: None,
             })
             .collect();
         sql.write_deliveries(&mut unicast, false).await?;
@@ -238,18 +237,29 @@ pub trait GroupStore: Send + Sync {
         Ok(())
     }
 
-    /// Records which device acknowledged which message (an ACK implies the
-    /// hand-off, so a missing delivery row is created with the ACK's time).
+    /// Records which device acknowledged which message. An ACK implies the
+    /// hand-off: a missing delivery row is created with the hand-off time
+    /// the room sent along (`delivered_ms`), else with the ACK's time.
     async fn record_acks(&self, items: &[AckItem]) -> Result<(), StoreError> {
         let now = to_sql(now_ms());
-        let mut acks: Vec<(i64, &str, &str, i64)> = items
+        let mut acks: Vec<DeliveryRow> = items
             .iter()
             .filter(|item| !item.device.is_empty())
             .flat_map(|item| {
                 item.msg_ids
                     .iter()
-                    .filter(|id| **id <= i64::MAX as u64)
-                    .map(move |id| (to_sql(*id), item.user.as_str(), item.device.as_str(), now))
+                    .enumerate()
+                    .filter(|(_, id)| **id <= i64::MAX as u64)
+                    .map(move |(at, id)| {
+                        let handed = item.delivered_ms.get(at).copied().unwrap_or(0);
+                        DeliveryRow {
+                            id: to_sql(*id),
+                            user: item.user.as_str(),
+                            device: item.device.as_str(),
+                            delivered_ms: if handed == 0 { now } else { to_sql(handed) },
+                            acked_ms: Some(now),
+                        }
+                    })
             })
             .collect();
         if acks.is_empty() {
@@ -292,6 +302,16 @@ impl GroupStore for SqlStore {
     fn durable(&self) -> &SqlStore {
         self
     }
+}
+
+/// One device's row of `message_deliveries`.
+struct DeliveryRow<'a> {
+    id: i64,
+    user: &'a str,
+    device: &'a str,
+    delivered_ms: i64,
+    /// None for a hand-off record.
+    acked_ms: Option<i64>,
 }
 
 fn to_sql(value: u64) -> i64 {
@@ -442,18 +462,18 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Writes (id, user, device, at) rows of `message_deliveries`. A
-    /// hand-off (`acked` false) keeps a device's first row; an ACK creates
-    /// the row when the hand-off was not recorded (yet), and an existing
-    /// row keeps its first `acked_ms`.
+    /// Writes rows of `message_deliveries`. A hand-off (`acked` false)
+    /// keeps a device's first row; an ACK creates the row (with its hand-off
+    /// time) when the hand-off was not recorded, and an existing row keeps
+    /// its first `acked_ms`: one row write per acknowledged device either way.
     async fn write_deliveries(
         &self,
-        rows: &mut [(i64, &str, &str, i64)],
+        rows: &mut [DeliveryRow<'_>],
         acked: bool,
     ) -> Result<(), StoreError> {
         // In key order: concurrent batches then take their row locks in
         // the same order, which avoids most deadlocks.
-        rows.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        rows.sort_unstable_by(|a, b| (a.id, a.user, a.device).cmp(&(b.id, b.user, b.device)));
         let (head, conflict) = match (acked, is_sqlite(self.pool())) {
             (false, _) => (insert_ignore(self.pool()), ""),
             (true, true) => (
@@ -475,13 +495,13 @@ impl SqlStore {
             execute_retrying(self.pool(), || {
                 // Built from fixed fragments; every value is bound.
                 let mut query = sqlx::query(AssertSqlSafe(text.clone()));
-                for (id, user, device, at_ms) in chunk {
+                for row in chunk {
                     query = query
-                        .bind(*id)
-                        .bind(user.to_string())
-                        .bind(device.to_string())
-                        .bind(*at_ms)
-                        .bind(acked.then_some(*at_ms));
+                        .bind(row.id)
+                        .bind(row.user.to_string())
+                        .bind(row.device.to_string())
+                        .bind(row.delivered_ms)
+                        .bind(row.acked_ms);
                 }
                 query
             })

@@ -329,6 +329,7 @@ mod tests {
             user: "u".into(),
             msg_ids: ids.to_vec(),
             device: String::new(),
+            delivered_ms: Vec::new(),
         }
     }
 
