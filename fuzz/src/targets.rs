@@ -82,6 +82,8 @@ pub fn decode_body(op: Op, body: &[u8]) -> bool {
         Op::Unsub => round_trip::<msg::Unsub>(body),
         Op::Kick => round_trip::<msg::Kick>(body),
         Op::Error => round_trip::<msg::Error>(body),
+        Op::PushToken => round_trip::<msg::PushToken>(body),
+        Op::PushTokenOk => round_trip::<msg::PushTokenOk>(body),
     }
 }
 
@@ -213,7 +215,7 @@ pub fn frame_decoder(data: &[u8]) -> Outcome {
     outcome
 }
 
-/// Target `message_decoders`. The first byte picks one of the thirteen ops;
+/// Target `message_decoders`. The first byte picks one of the fifteen ops;
 /// the rest is decoded as that op's body (and, to reach every decoder from
 /// every input, as each of the message types). Returns how many decoded.
 pub fn message_decoders(data: &[u8]) -> u32 {
@@ -221,7 +223,7 @@ pub fn message_decoders(data: &[u8]) -> u32 {
         return 0;
     };
     let mut decoded = 0;
-    if let Some(op) = Op::from_u8(1 + selector % 13) {
+    if let Some(op) = Op::from_u8(1 + selector % 15) {
         // Through the codec's own entry point, as the room calls it.
         let frame = pushgrid_wire::Frame {
             op,
@@ -235,6 +237,7 @@ pub fn message_decoders(data: &[u8]) -> u32 {
             Op::Upstream => frame.decode::<msg::Upstream>().is_ok(),
             Op::Sub => frame.decode::<msg::Sub>().is_ok(),
             Op::Unsub => frame.decode::<msg::Unsub>().is_ok(),
+            Op::PushToken => frame.decode::<msg::PushToken>().is_ok(),
             _ => decode_body(op, body),
         };
         assert_eq!(
@@ -243,7 +246,7 @@ pub fn message_decoders(data: &[u8]) -> u32 {
             "Frame::decode and prost disagree"
         );
     }
-    for op_byte in 1..=13u8 {
+    for op_byte in 1..=15u8 {
         if let Some(op) = Op::from_u8(op_byte)
             && decode_body(op, body)
         {

@@ -160,6 +160,17 @@ fn valid_frame(rng: &mut Rng, op: Op, token: &str) -> Vec<u8> {
         ),
         Op::Kick => encode(op, seq, &msg::Kick::default()),
         Op::Error => encode(op, seq, &msg::Error::default()),
+        // Valid half the time: an FCM-looking token, or text that may break a rule.
+        Op::PushToken => encode(
+            op,
+            seq,
+            &msg::PushToken {
+                provider: ["fcm", "hms", "apns", "gcm"][rng.below(4)].into(),
+                token: rng.text(16),
+                bundle: "com.example.fuzz".into(),
+            },
+        ),
+        Op::PushTokenOk => encode(op, seq, &msg::PushTokenOk::default()),
     };
     frame.to_vec()
 }
@@ -295,6 +306,7 @@ struct Expected {
     processed: u64,
     subs: usize,
     upstreams: usize,
+    push_tokens: usize,
     refused_before_auth: u64,
     frame_errors_after_auth: u64,
 }
@@ -363,6 +375,22 @@ fn model(stream: &[u8], valid_token: &str) -> Expected {
                 return expected;
             }
             Op::Ack | Op::Unsub => {}
+            Op::PushToken => match frame.decode::<msg::PushToken>() {
+                Ok(token)
+                    if pushgrid_wire::check_push_token(
+                        &token.provider,
+                        &token.token,
+                        &token.bundle,
+                    )
+                    .is_ok() =>
+                {
+                    expected.push_tokens += 1;
+                }
+                _ => {
+                    expected.close = Some(msg::ErrorCode::BadBody);
+                    return expected;
+                }
+            },
             Op::Upstream => expected.upstreams += 1,
             Op::Sub => expected.subs += 1,
             _ => {
@@ -491,8 +519,10 @@ fn check(expected: &Expected, observed: &Observed) -> Result<(), String> {
             Op::Pong => true,
             Op::SubOk => expected.subs > 0,
             Op::UpstreamOk => expected.upstreams > 0,
+            Op::PushTokenOk => expected.push_tokens > 0,
             Op::Error => match code {
-                Some(msg::ErrorCode::BadBody | msg::ErrorCode::Unavailable) => expected.subs > 0,
+                Some(msg::ErrorCode::BadBody) => expected.subs > 0,
+                Some(msg::ErrorCode::Unavailable) => expected.subs + expected.push_tokens > 0,
                 Some(msg::ErrorCode::UpstreamFailed) => expected.upstreams > 0,
                 _ => false,
             },

@@ -178,7 +178,7 @@ fn may_call(path: &str) -> &'static [Role] {
         | "Saver/History" => &[Role::Room],
         "Room/Kick" => &[Role::Coordinator],
         "Coordinator/StateChanges" | "Coordinator/Upstream" => &[Role::Room],
-        "Coordinator/Kick" => &[Role::Center, Role::Room],
+        "Coordinator/Kick" | "Saver/RegisterTokens" => &[Role::Center, Role::Room],
         // Everything else of Saver, Room/Deliver, Room/Broadcast, Center/*.
         _ => &[Role::Center],
     }
@@ -439,6 +439,40 @@ async fn call(method: &str, rpc: Rpc, target: &Target) -> Result<(), tonic::Stat
                 .await
                 .map(|_| ()),
         ),
+        "Saver/RegisterTokens" => done(
+            SaverClient::new(rpc)
+                .register_tokens(RegisterTokensRequest {
+                    app,
+                    tokens: vec![DevicePushToken {
+                        user: "auth-probe".into(),
+                        provider: "fcm".into(),
+                        token: "probe-token".into(),
+                        bundle: "com.example".into(),
+                        ..DevicePushToken::default()
+                    }],
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/ListTokens" => done(
+            SaverClient::new(rpc)
+                .list_tokens(ListTokensRequest {
+                    app,
+                    user: "auth-probe".into(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        "Saver/RemoveTokens" => done(
+            SaverClient::new(rpc)
+                .remove_tokens(RemoveTokensRequest {
+                    app,
+                    tokens: Vec::new(),
+                    user: "auth-probe".into(),
+                })
+                .await
+                .map(|_| ()),
+        ),
         "Room/Deliver" => done(
             RoomClient::new(rpc)
                 .deliver(DeliverRequest {
@@ -540,6 +574,9 @@ const METHODS: &[&str] = &[
     "Saver/GroupPushProgress",
     "Saver/Delivered",
     "Saver/MessageStatus",
+    "Saver/RegisterTokens",
+    "Saver/ListTokens",
+    "Saver/RemoveTokens",
     "Room/Deliver",
     "Room/Kick",
     "Room/Broadcast",

@@ -18,6 +18,7 @@ mod methods;
 mod openapi;
 mod push;
 mod route;
+mod tokens;
 
 use std::sync::Arc;
 

@@ -32,6 +32,10 @@ pub(crate) enum Method {
     UserGroups,
     PushGroup,
     MessageStatus,
+    // Device push tokens (issue 25), in tokens.rs.
+    RegisterToken,
+    ListTokens,
+    RemoveToken,
 }
 
 impl Method {
@@ -51,6 +55,9 @@ impl Method {
         (Method::UserGroups, "user_groups"),
         (Method::PushGroup, "push_group"),
         (Method::MessageStatus, "message_status"),
+        (Method::RegisterToken, "register_token"),
+        (Method::ListTokens, "list_tokens"),
+        (Method::RemoveToken, "remove_token"),
     ];
 
     pub(crate) fn from_name(name: &str) -> Option<Method> {
@@ -116,6 +123,9 @@ pub(crate) async fn call_command(
         Method::UserGroups => crate::groups::user_groups(state, app, params.parse()?).await,
         Method::PushGroup => crate::groups::push_group(state, app, params.parse()?).await,
         Method::MessageStatus => crate::groups::message_status(state, app, params.parse()?).await,
+        Method::RegisterToken => crate::tokens::register_token(state, app, params.parse()?).await,
+        Method::ListTokens => crate::tokens::list_tokens(state, app, params.parse()?).await,
+        Method::RemoveToken => crate::tokens::remove_token(state, app, params.parse()?).await,
     }
 }
 

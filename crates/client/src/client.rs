@@ -115,6 +115,7 @@ enum Command {
     Subscribe(String),
     Unsubscribe(String),
     Upstream(UpstreamRequest),
+    PushToken(msg::PushToken),
     Reconnect,
     Close(oneshot::Sender<()>),
 }
@@ -255,6 +256,34 @@ impl Client {
             .map_err(|_| ClientError::ClientClosed)
     }
 
+    /// Registers this device's platform notification token (issue 25):
+    /// `provider` is `apns`, `fcm` or `hms`, `bundle` the app's bundle id or
+    /// package name. Sent now if connected and again after every connect
+    /// (the server answers PUSH_TOKEN_OK once it is stored); a later call
+    /// replaces the token. A bad token is refused here, naming the field.
+    pub async fn register_push_token(
+        &self,
+        provider: impl Into<String>,
+        token: impl Into<String>,
+        bundle: impl Into<String>,
+    ) -> Result<(), ClientError> {
+        let push_token = msg::PushToken {
+            provider: provider.into(),
+            token: token.into(),
+            bundle: bundle.into(),
+        };
+        pushgrid_wire::check_push_token(
+            &push_token.provider,
+            &push_token.token,
+            &push_token.bundle,
+        )
+        .map_err(ClientError::Protocol)?;
+        self.commands
+            .send(Command::PushToken(push_token))
+            .await
+            .map_err(|_| ClientError::ClientClosed)
+    }
+
     /// Stops a subscription.
     pub async fn unsubscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
         let topic = normalize_topic(topic.into())?;
@@ -368,6 +397,9 @@ struct Worker {
     /// Topics as ordered streams: positions (resent in SUB after every
     /// connect), held messages, duplicates by offset.
     topics: TopicStreams,
+    /// The device's push token and the seq it was last sent with, resent
+    /// after every connect.
+    push_token: Option<(msg::PushToken, u32)>,
 }
 
 impl Worker {
@@ -408,6 +440,7 @@ impl Worker {
             known_rooms: Vec::new(),
             redirect: Vec::new(),
             topics: TopicStreams::default(),
+            push_token: None,
         }
     }
 
@@ -578,6 +611,7 @@ impl Worker {
                     }
                     Some(Command::Ack(msg_ids)) => self.queue_acks(msg_ids),
                     Some(Command::Upstream(request)) => self.queue_upstream(request),
+                    Some(Command::PushToken(push_token)) => self.push_token = Some((push_token, 0)),
                     // Sent when the next connection is up.
                     Some(Command::Subscribe(topic)) => {
                         self.topics.subscribe(&topic);
@@ -832,6 +866,9 @@ impl Worker {
                 return SessionEnd::Lost(reason);
             }
         }
+        if let Err(reason) = self.send_push_token(connection).await {
+            return SessionEnd::Lost(reason);
+        }
 
         // The server closes after 2.5 heartbeats of silence; so do we, with slack.
         let silence_limit = heartbeat * 3;
@@ -855,6 +892,12 @@ impl Worker {
                     }
                     Some(Command::Upstream(request)) => {
                         if let Err(reason) = self.send_upstream(connection, request, in_flight).await {
+                            return SessionEnd::Lost(reason);
+                        }
+                    }
+                    Some(Command::PushToken(push_token)) => {
+                        self.push_token = Some((push_token, 0));
+                        if let Err(reason) = self.send_push_token(connection).await {
                             return SessionEnd::Lost(reason);
                         }
                     }
@@ -992,6 +1035,15 @@ impl Worker {
                     } else {
                         Some(SessionEnd::EventsGone)
                     };
+                }
+                if frame.seq != 0
+                    && self
+                        .push_token
+                        .as_ref()
+                        .is_some_and(|(_, seq)| *seq == frame.seq)
+                {
+                    warn!(code = code.as_str_name(), %message, "push token not stored; resent after the next connect");
+                    return None;
                 }
                 Some(SessionEnd::Lost(format!(
                     "server error ({}): {message}",
@@ -1168,6 +1220,18 @@ impl Worker {
 }
 
 /// Writes a frame under [`WRITE_TIMEOUT`]; the error is a disconnect reason.
+impl Worker {
+    /// Sends the device's push token, if one is set, with a fresh seq.
+    async fn send_push_token(&mut self, connection: &mut Connection) -> Result<(), String> {
+        let seq = self.next_seq();
+        let Some((push_token, sent_seq)) = self.push_token.as_mut() else {
+            return Ok(());
+        };
+        *sent_seq = seq;
+        write(connection, &encode(Op::PushToken, seq, push_token)).await
+    }
+}
+
 async fn write(connection: &mut Connection, bytes: &[u8]) -> Result<(), String> {
     match tokio::time::timeout(WRITE_TIMEOUT, connection.send_raw(bytes)).await {
         Ok(Ok(())) => Ok(()),

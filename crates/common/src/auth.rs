@@ -442,7 +442,11 @@ pub fn allowed_callers(path: &str) -> RoleSet {
         | "/pushgrid.cluster.Saver/StartGroupPush"
         | "/pushgrid.cluster.Saver/StoreChildren"
         | "/pushgrid.cluster.Saver/GroupPushProgress"
-        | "/pushgrid.cluster.Saver/MessageStatus" => CENTER,
+        | "/pushgrid.cluster.Saver/MessageStatus"
+        | "/pushgrid.cluster.Saver/ListTokens"
+        | "/pushgrid.cluster.Saver/RemoveTokens" => CENTER,
+        // Device push tokens: from the API (center) and PUSH_TOKEN frames (room).
+        "/pushgrid.cluster.Saver/RegisterTokens" => RoleSet::of(&[Role::Center, Role::Room]),
         "/pushgrid.cluster.Room/Deliver" | "/pushgrid.cluster.Room/Broadcast" => CENTER,
         "/pushgrid.cluster.Room/Kick" => RoleSet::of(&[Role::Coordinator]),
         "/pushgrid.cluster.Coordinator/StateChanges" | "/pushgrid.cluster.Coordinator/Upstream" => {

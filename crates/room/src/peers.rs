@@ -452,6 +452,23 @@ impl Peers {
         Ok(())
     }
 
+    /// Stores a device's push token (issue 25) in saver.
+    pub async fn register_push_token(
+        &self,
+        app: &str,
+        token: pushgrid_proto::cluster::DevicePushToken,
+    ) -> Result<(), Status> {
+        let addr = self.addr_of(Role::Saver, app, &token.user)?;
+        let request = pushgrid_proto::cluster::RegisterTokensRequest {
+            app: app.to_string(),
+            tokens: vec![token],
+        };
+        SaverClient::new(self.pool.get(&addr)?)
+            .register_tokens(request)
+            .await?;
+        Ok(())
+    }
+
     /// Waits (bounded) for background reports and acknowledgements to be
     /// sent, at shutdown.
     pub async fn flush(&self) {

@@ -10,6 +10,7 @@ pub mod error;
 mod groups;
 mod metrics;
 pub mod store;
+mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -522,6 +523,28 @@ impl Saver for SaverService {
         request: Request<MessageStatusRequest>,
     ) -> Result<Response<MessageStatusResponse>, Status> {
         self.message_status_rpc(request).await
+    }
+
+    // Device push tokens (issue 25): see tokens.rs.
+    async fn register_tokens(
+        &self,
+        request: Request<pushgrid_proto::cluster::RegisterTokensRequest>,
+    ) -> Result<Response<pushgrid_proto::cluster::RegisterTokensResponse>, Status> {
+        self.register_tokens_rpc(request).await
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pushgrid_proto::cluster::ListTokensRequest>,
+    ) -> Result<Response<pushgrid_proto::cluster::ListTokensResponse>, Status> {
+        self.list_tokens_rpc(request).await
+    }
+
+    async fn remove_tokens(
+        &self,
+        request: Request<pushgrid_proto::cluster::RemoveTokensRequest>,
+    ) -> Result<Response<pushgrid_proto::cluster::RemoveTokensResponse>, Status> {
+        self.remove_tokens_rpc(request).await
     }
 }
 

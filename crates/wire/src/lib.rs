@@ -23,6 +23,12 @@ pub mod ws;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub use pushgrid_proto::client as msg;
 
+mod push_token;
+pub use push_token::{
+    APNS_TOKEN_HEX, MAX_BUNDLE_BYTES, MAX_TOKEN_BYTES, PROVIDERS, check_bundle, check_provider,
+    check_push_token,
+};
+
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 12;
 /// The only protocol version this codec speaks.
@@ -49,6 +55,8 @@ pub enum Op {
     Unsub = 11,
     Kick = 12,
     Error = 13,
+    PushToken = 14,
+    PushTokenOk = 15,
 }
 
 impl Op {
@@ -67,6 +75,8 @@ impl Op {
             11 => Op::Unsub,
             12 => Op::Kick,
             13 => Op::Error,
+            14 => Op::PushToken,
+            15 => Op::PushTokenOk,
             _ => return None,
         })
     }
@@ -457,7 +467,7 @@ mod tests {
         for byte in 0..=255u8 {
             match Op::from_u8(byte) {
                 Some(op) => assert_eq!(op as u8, byte),
-                None => assert!(byte == 0 || byte > 13),
+                None => assert!(byte == 0 || byte > 15),
             }
         }
     }

@@ -218,6 +218,29 @@ fn vectors() -> Vec<Vector> {
             },
             json!({"code": "ERROR_CODE_AUTH_FAILED", "message": "token expired"}),
         ),
+        vector(
+            "push_token",
+            Op::PushToken,
+            3,
+            msg::PushToken {
+                provider: "apns".into(),
+                token: "00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0".into(),
+                bundle: "com.example.chat".into(),
+            },
+            json!({"provider": "apns",
+                   "token": "00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0",
+                   "bundle": "com.example.chat"}),
+        ),
+        vector(
+            "push_token_ok",
+            Op::PushTokenOk,
+            3,
+            msg::PushTokenOk {
+                provider: "fcm".into(),
+                token: "dGVzdA:APA91bH-x_y".into(),
+            },
+            json!({"provider": "fcm", "token": "dGVzdA:APA91bH-x_y"}),
+        ),
     ]
 }
 
@@ -286,7 +309,7 @@ fn the_rust_codec_writes_and_reads_the_shared_vectors() {
     }
     assert_eq!(
         ops_seen.into_iter().collect::<Vec<_>>(),
-        (1..=13).collect::<Vec<u8>>(),
+        (1..=15).collect::<Vec<u8>>(),
         "a vector for every op"
     );
 }

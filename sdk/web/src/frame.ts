@@ -28,6 +28,8 @@ export enum Op {
   Unsub = 11,
   Kick = 12,
   Error = 13,
+  PushToken = 14,
+  PushTokenOk = 15,
 }
 
 /** A whole frame with its undecoded body. */
@@ -137,7 +139,7 @@ export function parseHeader(
   if (version !== VERSION) {
     throw new ProtocolError(ErrorCode.BAD_VERSION, `unsupported protocol version ${version} (this SDK speaks ${VERSION})`);
   }
-  if (op < Op.Auth || op > Op.Error) {
+  if (op < Op.Auth || op > Op.PushTokenOk) {
     throw new ProtocolError(ErrorCode.UNKNOWN_OP, `unknown op ${op}`);
   }
   if (bodyLen > maxBody) {

@@ -36,6 +36,8 @@ const schemas: Record<number, DescMessage | undefined> = {
   [Op.Unsub]: pb.UnsubSchema,
   [Op.Kick]: pb.KickSchema,
   [Op.Error]: pb.ErrorSchema,
+  [Op.PushToken]: pb.PushTokenSchema,
+  [Op.PushTokenOk]: pb.PushTokenOkSchema,
 };
 
 const hex = (bytes: Uint8Array) => Buffer.from(bytes).toString("hex");
@@ -43,7 +45,7 @@ const unhex = (text: string) => new Uint8Array(Buffer.from(text, "hex"));
 
 test("the table has a frame of every op", () => {
   const ops = [...new Set(table.frames.map((frame) => frame.op))].sort((a, b) => a - b);
-  assert.deepEqual(ops, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+  assert.deepEqual(ops, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
 });
 
 for (const vector of table.frames) {

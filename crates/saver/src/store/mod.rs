@@ -12,6 +12,7 @@ mod groups;
 pub mod owed;
 mod redis_sql;
 mod sql;
+mod tokens;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,7 @@ pub use groups::{
 pub use owed::{Owed, Withdrawal, Withdrawn};
 pub use redis_sql::RedisSqlStore;
 pub use sql::{GroupCommitConfig, SqlStore};
+pub use tokens::{MAX_TOKENS_PER_CALL, MAX_TOKENS_PER_USER, validate_token};
 
 use crate::error::StoreError;
 

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file client.proto.
  */
 export const file_client: GenFile = /*@__PURE__*/
-  fileDesc("CgxjbGllbnQucHJvdG8SD3B1c2hncmlkLmNsaWVudCI6CgRBdXRoEg0KBXRva2VuGAEgASgJEhEKCWRldmljZV9pZBgCIAEoCRIQCghwbGF0Zm9ybRgDIAEoCSJJCgZBdXRoT2sSDwoHY29ubl9pZBgBIAEoBBIWCg5oZWFydGJlYXRfc2VjcxgCIAEoDRIWCg5zZXJ2ZXJfdGltZV9tcxgDIAEoBCKSAQoEUHVzaBIOCgZtc2dfaWQYASABKAQSJwoEa2luZBgCIAEoDjIZLnB1c2hncmlkLmNsaWVudC5QdXNoS2luZBINCgV0b3BpYxgDIAEoCRIOCgZvZmZzZXQYBCABKAQSDQoFZXBvY2gYBSABKAQSDwoHcGF5bG9hZBgGIAEoDBISCgpjcmVhdGVkX21zGAcgASgEIhYKA0FjaxIPCgdtc2dfaWRzGAEgAygEIlEKCFVwc3RyZWFtEg8KB3Byb2R1Y3QYASABKAkSDAoEdHlwZRgCIAEoCRIVCg1jbGllbnRfbXNnX2lkGAMgASgJEg8KB3BheWxvYWQYBCABKAwiIwoKVXBzdHJlYW1PaxIVCg1jbGllbnRfbXNnX2lkGAEgASgJIjkKA1N1YhINCgV0b3BpYxgBIAEoCRIUCgxzaW5jZV9vZmZzZXQYAiABKAQSDQoFZXBvY2gYAyABKAQiSAoFU3ViT2sSDQoFdG9waWMYASABKAkSEQoJcmVjb3ZlcmVkGAIgASgIEg4KBm9mZnNldBgDIAEoBBINCgVlcG9jaBgEIAEoBCIWCgVVbnN1YhINCgV0b3BpYxgBIAEoCSJxCgRLaWNrEicKBGNvZGUYASABKA4yGS5wdXNoZ3JpZC5jbGllbnQuS2lja0NvZGUSDgoGcmVhc29uGAIgASgJEhoKEnJlY29ubmVjdF9hZnRlcl9tcxgDIAEoDRIUCgxyZWNvbm5lY3RfdG8YBCABKAkiQgoFRXJyb3ISKAoEY29kZRgBIAEoDjIaLnB1c2hncmlkLmNsaWVudC5FcnJvckNvZGUSDwoHbWVzc2FnZRgCIAEoCSpTCghQdXNoS2luZBIVChFQVVNIX0tJTkRfVU5JQ0FTVBAAEhcKE1BVU0hfS0lORF9NVUxUSUNBU1QQARIXChNQVVNIX0tJTkRfQlJPQURDQVNUEAIqwAEKCEtpY2tDb2RlEhkKFUtJQ0tfQ09ERV9VTlNQRUNJRklFRBAAEhYKEktJQ0tfQ09ERV9TSFVURE9XThABEhsKF0tJQ0tfQ09ERV9TTE9XX0NPTlNVTUVSEAISGgoWS0lDS19DT0RFX1NJTkdMRV9MT0dJThADEhQKEEtJQ0tfQ09ERV9CWV9BUEkQBBIXChNLSUNLX0NPREVfSEVBUlRCRUFUEAUSGQoVS0lDS19DT0RFX1VOQVZBSUxBQkxFEAYqnwMKCUVycm9yQ29kZRIaChZFUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASGgoWRVJST1JfQ09ERV9CQURfVkVSU0lPThABEhkKFUVSUk9SX0NPREVfVU5LTk9XTl9PUBACEh4KGkVSUk9SX0NPREVfRlJBTUVfVE9PX0xBUkdFEAMSFwoTRVJST1JfQ09ERV9CQURfQk9EWRAEEhwKGEVSUk9SX0NPREVfQVVUSF9SRVFVSVJFRBAFEhoKFkVSUk9SX0NPREVfQVVUSF9GQUlMRUQQBhIbChdFUlJPUl9DT0RFX0FVVEhfVElNRU9VVBAHEh4KGkVSUk9SX0NPREVfVVBTVFJFQU1fRkFJTEVEEAgSFwoTRVJST1JfQ09ERV9JTlRFUk5BTBAJEhoKFkVSUk9SX0NPREVfVU5BVkFJTEFCTEUQChIYChRFUlJPUl9DT0RFX0ZPUkJJRERFThALEhsKF0VSUk9SX0NPREVfUkFURV9MSU1JVEVEEAwSIwofRVJST1JfQ09ERV9UT09fTUFOWV9DT05ORUNUSU9OUxANYgZwcm90bzM");
+  fileDesc("CgxjbGllbnQucHJvdG8SD3B1c2hncmlkLmNsaWVudCI6CgRBdXRoEg0KBXRva2VuGAEgASgJEhEKCWRldmljZV9pZBgCIAEoCRIQCghwbGF0Zm9ybRgDIAEoCSJJCgZBdXRoT2sSDwoHY29ubl9pZBgBIAEoBBIWCg5oZWFydGJlYXRfc2VjcxgCIAEoDRIWCg5zZXJ2ZXJfdGltZV9tcxgDIAEoBCKSAQoEUHVzaBIOCgZtc2dfaWQYASABKAQSJwoEa2luZBgCIAEoDjIZLnB1c2hncmlkLmNsaWVudC5QdXNoS2luZBINCgV0b3BpYxgDIAEoCRIOCgZvZmZzZXQYBCABKAQSDQoFZXBvY2gYBSABKAQSDwoHcGF5bG9hZBgGIAEoDBISCgpjcmVhdGVkX21zGAcgASgEIhYKA0FjaxIPCgdtc2dfaWRzGAEgAygEIlEKCFVwc3RyZWFtEg8KB3Byb2R1Y3QYASABKAkSDAoEdHlwZRgCIAEoCRIVCg1jbGllbnRfbXNnX2lkGAMgASgJEg8KB3BheWxvYWQYBCABKAwiIwoKVXBzdHJlYW1PaxIVCg1jbGllbnRfbXNnX2lkGAEgASgJIjkKA1N1YhINCgV0b3BpYxgBIAEoCRIUCgxzaW5jZV9vZmZzZXQYAiABKAQSDQoFZXBvY2gYAyABKAQiSAoFU3ViT2sSDQoFdG9waWMYASABKAkSEQoJcmVjb3ZlcmVkGAIgASgIEg4KBm9mZnNldBgDIAEoBBINCgVlcG9jaBgEIAEoBCIWCgVVbnN1YhINCgV0b3BpYxgBIAEoCSJxCgRLaWNrEicKBGNvZGUYASABKA4yGS5wdXNoZ3JpZC5jbGllbnQuS2lja0NvZGUSDgoGcmVhc29uGAIgASgJEhoKEnJlY29ubmVjdF9hZnRlcl9tcxgDIAEoDRIUCgxyZWNvbm5lY3RfdG8YBCABKAkiQgoFRXJyb3ISKAoEY29kZRgBIAEoDjIaLnB1c2hncmlkLmNsaWVudC5FcnJvckNvZGUSDwoHbWVzc2FnZRgCIAEoCSI8CglQdXNoVG9rZW4SEAoIcHJvdmlkZXIYASABKAkSDQoFdG9rZW4YAiABKAkSDgoGYnVuZGxlGAMgASgJIi4KC1B1c2hUb2tlbk9rEhAKCHByb3ZpZGVyGAEgASgJEg0KBXRva2VuGAIgASgJKlMKCFB1c2hLaW5kEhUKEVBVU0hfS0lORF9VTklDQVNUEAASFwoTUFVTSF9LSU5EX01VTFRJQ0FTVBABEhcKE1BVU0hfS0lORF9CUk9BRENBU1QQAirAAQoIS2lja0NvZGUSGQoVS0lDS19DT0RFX1VOU1BFQ0lGSUVEEAASFgoSS0lDS19DT0RFX1NIVVRET1dOEAESGwoXS0lDS19DT0RFX1NMT1dfQ09OU1VNRVIQAhIaChZLSUNLX0NPREVfU0lOR0xFX0xPR0lOEAMSFAoQS0lDS19DT0RFX0JZX0FQSRAEEhcKE0tJQ0tfQ09ERV9IRUFSVEJFQVQQBRIZChVLSUNLX0NPREVfVU5BVkFJTEFCTEUQBiqfAwoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIaChZFUlJPUl9DT0RFX0JBRF9WRVJTSU9OEAESGQoVRVJST1JfQ09ERV9VTktOT1dOX09QEAISHgoaRVJST1JfQ09ERV9GUkFNRV9UT09fTEFSR0UQAxIXChNFUlJPUl9DT0RFX0JBRF9CT0RZEAQSHAoYRVJST1JfQ09ERV9BVVRIX1JFUVVJUkVEEAUSGgoWRVJST1JfQ09ERV9BVVRIX0ZBSUxFRBAGEhsKF0VSUk9SX0NPREVfQVVUSF9USU1FT1VUEAcSHgoaRVJST1JfQ09ERV9VUFNUUkVBTV9GQUlMRUQQCBIXChNFUlJPUl9DT0RFX0lOVEVSTkFMEAkSGgoWRVJST1JfQ09ERV9VTkFWQUlMQUJMRRAKEhgKFEVSUk9SX0NPREVfRk9SQklEREVOEAsSGwoXRVJST1JfQ09ERV9SQVRFX0xJTUlURUQQDBIjCh9FUlJPUl9DT0RFX1RPT19NQU5ZX0NPTk5FQ1RJT05TEA1iBnByb3RvMw");
 
 /**
  * op 1, device -> server. Must be the first frame, within the pre-auth deadline.
@@ -346,6 +346,69 @@ export type Error = Message<"pushgrid.client.Error"> & {
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
   messageDesc(file_client, 10);
+
+/**
+ * op 14, device -> server. Registers the device's platform notification token
+ * (issue 25) for the authenticated user and device; the SDK sends it again
+ * after every connect. A device keeps one token per provider: a new token
+ * replaces the device's previous one.
+ *
+ * @generated from message pushgrid.client.PushToken
+ */
+export type PushToken = Message<"pushgrid.client.PushToken"> & {
+  /**
+   * "apns", "fcm" or "hms"
+   *
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * APNs: the device token in hex; FCM/HMS: the registration token
+   *
+   * @generated from field: string token = 2;
+   */
+  token: string;
+
+  /**
+   * APNs: the app's bundle id (the apns-topic); FCM/HMS: the package name
+   *
+   * @generated from field: string bundle = 3;
+   */
+  bundle: string;
+};
+
+/**
+ * Describes the message pushgrid.client.PushToken.
+ * Use `create(PushTokenSchema)` to create a new message.
+ */
+export const PushTokenSchema: GenMessage<PushToken> = /*@__PURE__*/
+  messageDesc(file_client, 11);
+
+/**
+ * op 15, server -> device, carries the seq of the PUSH_TOKEN frame it answers,
+ * once the token is stored.
+ *
+ * @generated from message pushgrid.client.PushTokenOk
+ */
+export type PushTokenOk = Message<"pushgrid.client.PushTokenOk"> & {
+  /**
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * @generated from field: string token = 2;
+   */
+  token: string;
+};
+
+/**
+ * Describes the message pushgrid.client.PushTokenOk.
+ * Use `create(PushTokenOkSchema)` to create a new message.
+ */
+export const PushTokenOkSchema: GenMessage<PushTokenOk> = /*@__PURE__*/
+  messageDesc(file_client, 12);
 
 /**
  * @generated from enum pushgrid.client.PushKind
