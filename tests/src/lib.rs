@@ -488,18 +488,20 @@ impl TestCluster {
     /// Waits until the dispatcher knows `count` rooms (every role registered).
     async fn wait_for_rooms(&self, count: usize) -> anyhow::Result<()> {
         let url = format!("{}/v1/dispatch?user=probe", self.dispatcher_url());
-        for _ in 0..200 {
-            if let Ok(response) = self.http.get(&url).send().await
-                && response.status().is_success()
-            {
-                let body: serde_json::Value = response.json().await?;
-                if body["result"]["rooms"].as_array().map_or(0, Vec::len) >= count.min(3) {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let listed = eventually(Duration::from_secs(10), || async {
+            let Ok(response) = self.http.get(&url).send().await else {
+                return false;
+            };
+            let Ok(body) = response.json::<serde_json::Value>().await else {
+                return false;
+            };
+            body["result"]["rooms"].as_array().map_or(0, Vec::len) >= count.min(3)
+        })
+        .await;
+        if !listed {
+            bail!("dispatcher never listed {count} rooms");
         }
-        bail!("dispatcher never listed {count} rooms")
+        Ok(())
     }
 
     /// Starts another room process named `name` with extra `--set` settings
@@ -871,20 +873,64 @@ pub fn only_error(frames: &[pushgrid_client::Frame]) -> msg::Error {
     frames[0].decode::<msg::Error>().unwrap()
 }
 
-/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+/// The one way the tests wait: polls `check` every 50 ms until it returns
+/// true or `timeout` passes; says which. Never a fixed sleep in its place.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    wait_for(timeout, || {
+        let checked = check();
+        async move { checked.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// [`eventually`] for a condition that yields something (a connection, an
+/// id): polls `attempt` every 50 ms until it gives `Some`, or `timeout`
+/// passes (`None`). Always tried at least once.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut attempt: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
+    loop {
+        if let Some(found) = attempt().await {
+            return Some(found);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    false
+}
+
+/// Sends a PING and waits (at most `timeout`) for its PONG: the room has
+/// handled every frame the device sent before (it handles a connection's
+/// frames in order). Returns the other frames that came meanwhile.
+pub async fn round_trip(
+    connection: &mut Connection,
+    timeout: Duration,
+) -> anyhow::Result<Vec<pushgrid_client::Frame>> {
+    const SEQ: u32 = 0x5eed;
+    connection
+        .send_empty(pushgrid_client::Op::Ping, SEQ)
+        .await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut others = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let frame = next_frame(connection, left)
+            .await?
+            .context("the connection closed before the PONG")?;
+        if frame.op == pushgrid_client::Op::Pong && frame.seq == SEQ {
+            return Ok(others);
+        }
+        others.push(frame);
+    }
 }
 
 /// A role's `/metrics` page, as Prometheus text.

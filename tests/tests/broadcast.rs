@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use pushgrid_client::{Connection, Op, msg};
-use pushgrid_e2e::{ClusterOptions, TestCluster, next_frame, next_push};
+use pushgrid_e2e::{ClusterOptions, TestCluster, next_frame, next_push, round_trip};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -119,7 +119,9 @@ async fn a_topic_reaches_its_subscribers_on_every_room_and_no_one_else() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The room has handled the UNSUB once it answers a PING sent after it.
+    let meanwhile = round_trip(&mut first, WAIT).await.unwrap();
+    assert!(meanwhile.is_empty(), "{meanwhile:?}");
     broadcast(&cluster, "news", "second").await;
     assert_eq!(
         &next_push(&mut second, WAIT).await.unwrap().payload[..],

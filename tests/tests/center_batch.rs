@@ -216,6 +216,8 @@ async fn a_bad_batch_fails_whole_and_its_commands_count_against_the_rate() {
     .await;
     assert!(over_burst, "a batch larger than the burst was not refused");
     // The bucket refills in 5 s; then 4 commands pass and 2 more do not.
+    // The refill is time itself, and polling would take its tokens: this
+    // waits out the rate under test, it does not hope for a condition.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let four = json!({ "commands": vec![json!({ "method": "stats" }); 4] });
     let (status, answer) = cluster.call(&key, "batch", four).await;

@@ -34,6 +34,9 @@ use tokio::time::Instant;
 
 const DEVICES: usize = 12;
 const TOPIC: &str = "news";
+// The sleeps on STEADY and LOCKED_FOR time the load and the faults (how
+// long the load runs, how long MySQL stays locked); every wait for a
+// condition goes through `eventually`.
 /// Load between two faults, after the killed role is back.
 const STEADY: Duration = Duration::from_millis(800);
 /// Tables locked in the "MySQL locked" step (the cluster's own database).
@@ -177,10 +180,12 @@ async fn pusher(
             if done || !keyed {
                 break;
             }
+            // A keyed call's retry backs off, as a real caller's does.
             tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
         }
         ledger.calls.lock().unwrap().push(call);
         step += 1;
+        // Paces the load.
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
 }
@@ -442,7 +447,8 @@ async fn every_role_killed_redis_restarted_mysql_locked_and_the_answers_tell_the
         accounting.unicast_lost.is_empty() && accounting.broadcast_missing.is_empty()
     })
     .await;
-    // Refused calls get time to show up too, if they ever would.
+    // Refused calls get time to show up too, if they ever would: proving
+    // that nothing more arrives takes a window of time, not a condition.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let accounting = account(&ledger, &devices);
 

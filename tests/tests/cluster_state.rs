@@ -308,6 +308,7 @@ async fn pushes_keep_flowing_across_a_keeper_kill() {
             .await
             .unwrap();
         sent += 1;
+        // Paces the pushes over the 6 s window.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(sent >= 10);

@@ -20,6 +20,8 @@ use serde_json::json;
 
 const DEVICES: usize = 16;
 const TOPIC: &str = "news";
+// The sleeps on STEADY and DOWN time the load and the fault; every wait for
+// a condition goes through `eventually`.
 /// Pushes go on this long before the fault, and this long after the repair.
 const STEADY: Duration = Duration::from_millis(1500);
 /// How long a killed role stays down.
@@ -175,10 +177,12 @@ async fn pusher(
             // acknowledged, so not owed to anyone.
             _ => {
                 ledger.refused.fetch_add(1, Ordering::Relaxed);
+                // Backs off while the role is down, as a real caller does.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         step += 1;
+        // Paces the load.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -642,6 +642,8 @@ async fn a_silent_device_is_kicked_after_two_and_a_half_heartbeats() {
         pinging.send_empty(Op::Ping, seq).await.unwrap();
         let frame = next_frame(&mut pinging, WAIT).await.unwrap().unwrap();
         assert_eq!(frame.op, Op::Pong);
+        // Paces the pings: one per 800 ms keeps the device alive past the
+        // silence that closed the other one.
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
     cluster.cleanup().await;

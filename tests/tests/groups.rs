@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use pushgrid_client::{Connection, Op, msg};
-use pushgrid_e2e::{ClusterOptions, REDIS_URL, TestCluster, eventually, next_frame, next_push};
+use pushgrid_e2e::{
+    ClusterOptions, REDIS_URL, TestCluster, eventually, next_frame, next_push, wait_for,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -50,18 +52,16 @@ async fn status(cluster: &TestCluster, id: &str) -> Value {
 
 /// Waits until a group push's fan-out is done and its counts are `want`.
 async fn wait_for_counts(cluster: &TestCluster, id: &str, want: Value) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let reached = eventually(WAIT, || async {
         let now = status(cluster, id).await;
-        if now["counts"] == want && now["fanout_done"] == true {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "counts never became {want}: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        now["counts"] == want && now["fanout_done"] == true
+    })
+    .await;
+    assert!(
+        reached,
+        "counts never became {want}: {}",
+        status(cluster, id).await
+    );
 }
 
 async fn ack(device: &mut Connection, id: u64) {
@@ -443,16 +443,11 @@ async fn membership_survives_a_restart_of_every_role_and_a_lost_redis_copy() {
     // And a group push after all that reaches a member. The room may still
     // list the killed register until its lease ends (keeper restarted without
     // forgetting it): AUTH then says "retry", as a device would.
-    let mut connected = None;
-    for _ in 0..100 {
-        match cluster.device_at(0, "m0042", "phone").await {
-            Ok((device, _)) => {
-                connected = Some(device);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    let connected = wait_for(Duration::from_secs(10), || async {
+        let (device, _) = cluster.device_at(0, "m0042", "phone").await.ok()?;
+        Some(device)
+    })
+    .await;
     let mut member = connected.expect("the member connects within 10 s");
     let pushed = ok(
         &cluster,

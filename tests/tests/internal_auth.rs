@@ -1060,6 +1060,8 @@ async fn rotating_every_role_key_of_a_running_cluster_refuses_no_call() {
             if tokio::time::Instant::now() > deadline {
                 return false;
             }
+            // Polls every 500 ms, not with `eventually`'s 50: each refused
+            // probe is counted, and the counts are checked.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pushgrid_client::{Client, ClientConfig, Event};
 use pushgrid_e2e::{
-    ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, spawn,
+    ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, spawn, wait_for,
 };
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{Role, StoreRequest};
@@ -75,6 +75,7 @@ async fn pusher(load: Arc<Load>, users: Vec<String>, tag: &'static str) {
             }
         }
         step += 1;
+        // Paces the load: about 50 calls a second per pusher.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -162,14 +163,18 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
     for tag in ["a", "b", "c"] {
         pushers.push(tokio::spawn(pusher(load.clone(), users.clone(), tag)));
     }
+    // The load runs a second before the fault (pacing, not a wait).
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // keeper dies and comes back: nothing it knew is lost.
     cluster.restart_keeper().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (rows, now) = worker_ids(&cluster).await;
-    let (a_id, a_generation) = held_by(&rows, "saver", now).expect("saver A holds a worker id");
-    assert!(held_by(&rows, "saver-b", now).is_some());
+    let (a_id, a_generation) = wait_for(Duration::from_secs(10), || async {
+        let (rows, now) = worker_ids(&cluster).await;
+        held_by(&rows, "saver-b", now)?;
+        held_by(&rows, "saver", now)
+    })
+    .await
+    .expect("savers A and B hold worker ids after the keeper restart");
 
     // Pause A past its worker lease; a Store call waits in its socket.
     let a_pid = cluster.saver.pid();
@@ -209,6 +214,8 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
         Some((a_id, a_generation + 1)),
         "C was given A's worker id under the next generation: the race is on ({rows:?})"
     );
+    // C serves the load under the id for a while before A wakes (the race's
+    // second half: a duration of the scenario, not a wait for a condition).
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // A resumes: the call that waited is refused (its lease lapsed), or, when
@@ -261,6 +268,7 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
             .into_inner();
         direct.push((stored.messages[0].id, format!("direct-{index}")));
     }
+    // The load runs on a second under the new state (pacing, not a wait).
     tokio::time::sleep(Duration::from_secs(1)).await;
     load.stop.store(true, Ordering::Relaxed);
     for task in pushers {
@@ -353,6 +361,7 @@ async fn a_keeper_dies_then_every_keeper_is_away_and_devices_and_pushes_carry_on
     let first = start_device("kay", cluster.room_addr(0));
     let load = Load::new(&cluster);
     let pushing = tokio::spawn(pusher(load.clone(), vec!["kay".into()], "k"));
+    // The load runs a second before the fault (pacing, not a wait).
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // One keeper dies: a new room registers through the other one.
@@ -407,6 +416,8 @@ async fn a_keeper_dies_then_every_keeper_is_away_and_devices_and_pushes_carry_on
         reached,
         "a device that connected while no keeper ran is reached"
     );
+    // The outage goes on (the load with it) before the keepers come back:
+    // its length is the fault, not a wait for a condition.
     let away = Duration::from_secs(away_secs);
     tokio::time::sleep(away.saturating_sub(away_since.elapsed())).await;
     let away = away_since.elapsed();
@@ -420,6 +431,7 @@ async fn a_keeper_dies_then_every_keeper_is_away_and_devices_and_pushes_carry_on
     })
     .await;
     assert!(back, "every node and both keepers are listed again");
+    // The load runs a second on the recovered cluster (pacing, not a wait).
     tokio::time::sleep(Duration::from_secs(1)).await;
     load.stop.store(true, Ordering::Relaxed);
     pushing.await.unwrap();

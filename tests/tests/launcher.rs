@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pushgrid_client::{Connection, msg};
 use pushgrid_e2e::launcher::{Launcher, launcher_args, process_alive};
-use pushgrid_e2e::{MYSQL_SERVER, REDIS_URL, TestApp, metric, next_push, temp_dir};
+use pushgrid_e2e::{MYSQL_SERVER, REDIS_URL, TestApp, eventually, metric, next_push, temp_dir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_launcher_restarts_a_killed_role_on_its_address_and_stops_only_when_asked() {
@@ -141,18 +141,18 @@ async fn the_launcher_restarts_a_killed_role_on_its_address_and_stops_only_when_
     assert_eq!(others, 1.0, "no other role was restarted");
 
     // The restarted room serves devices at its old address.
-    let mut delivered = false;
-    for _ in 0..100 {
-        if let Ok((mut device, _)) = Connection::connect(&room, auth()).await {
-            let id = push("after the restart").await;
-            if let Ok(message) = next_push(&mut device, Duration::from_secs(10)).await {
-                assert_eq!(message.msg_id, id);
-                delivered = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let delivered = eventually(Duration::from_secs(60), || async {
+        let Ok((mut device, _)) = Connection::connect(&room, auth()).await else {
+            return false;
+        };
+        let id = push("after the restart").await;
+        let Ok(message) = next_push(&mut device, Duration::from_secs(10)).await else {
+            return false;
+        };
+        assert_eq!(message.msg_id, id);
+        true
+    })
+    .await;
     assert!(delivered, "a push reached a device on the restarted room");
 
     // Stopped only when asked: SIGTERM ends the launcher and every role.

@@ -810,7 +810,11 @@ async fn a_cpu_profile_and_the_log_level_on_demand() {
         let url = format!("{center_admin}/debug/pprof/profile?seconds=2");
         async move { http.get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap() }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let profiling = eventually(WAIT, || async {
+        cluster.center.log_text().contains("cpu profile started")
+    })
+    .await;
+    assert!(profiling, "the first profile started");
     let second = http
         .get(format!("{center_admin}/debug/pprof/profile?seconds=1"))
         .bearer_auth(ADMIN_TOKEN)

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pushgrid_client::{Client, ClientConfig, Event};
-use pushgrid_e2e::{ClusterOptions, TestCluster};
+use pushgrid_e2e::{ClusterOptions, TestCluster, eventually};
 use tokio::sync::mpsc;
 
 const DEVICES: usize = 24;
@@ -112,10 +112,12 @@ async fn drain_moves_every_device_to_the_other_room_and_loses_no_message() {
                         accepted_tx.send((user.clone(), id)).unwrap();
                     }
                 }
+                // Paces the load: a round every 100 ms.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
+    // The pushes run a while before the drain and on during it (pacing).
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // Drain room 0 through its admin port.
@@ -161,14 +163,12 @@ async fn drain_moves_every_device_to_the_other_room_and_loses_no_message() {
     }
 
     // Room 0 closed every connection, left keeper and exited.
-    let mut exited = false;
-    for _ in 0..200 {
-        if !cluster.rooms[0].is_running() {
-            exited = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let room = &mut cluster.rooms[0];
+    let exited = eventually(Duration::from_secs(20), || {
+        let running = room.is_running();
+        async move { !running }
+    })
+    .await;
     let log = cluster.rooms[0].log_text();
     assert!(exited, "room 0 is still running:\n{log}");
     assert!(log.contains("drained: no connection left"), "{log}");
@@ -231,14 +231,11 @@ async fn the_drain_endpoint_wants_the_admin_token_when_one_is_set() {
         .await
         .unwrap();
     assert_eq!(answer.status().as_u16(), 202);
-    let mut exited = false;
-    for _ in 0..200 {
-        if !room.is_running() {
-            exited = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let exited = eventually(Duration::from_secs(20), || {
+        let running = room.is_running();
+        async move { !running }
+    })
+    .await;
     assert!(exited, "the drained room (no devices) exits");
     cluster.cleanup().await;
 }

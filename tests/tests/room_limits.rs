@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use pushgrid_client::{Connection, msg};
-use pushgrid_e2e::{ClusterOptions, TestCluster, metric, next_frame};
+use pushgrid_e2e::{ClusterOptions, TestCluster, eventually, metric, next_frame, wait_for};
 use pushgrid_wire::{Op, encode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -78,32 +78,24 @@ async fn try_auth(mut stream: TcpStream, auth: msg::Auth) -> Result<TcpStream, m
     }
 }
 
-/// Retries `attempt` until it gives something: settings reach rooms through
-/// keeper's watch stream, a moment after the admin call.
-async fn until_some<T, F, Fut>(what: &str, mut attempt: F) -> T
+/// Retries `attempt` (10 s at most) until it gives something: settings reach
+/// rooms through keeper's watch stream, a moment after the admin call.
+async fn until_some<T, F, Fut>(what: &str, attempt: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    for _ in 0..100 {
-        if let Some(found) = attempt().await {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("never: {what}");
+    wait_for(WAIT, attempt)
+        .await
+        .unwrap_or_else(|| panic!("never: {what}"))
 }
 
-async fn until<F, Fut>(what: &str, mut check: F)
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    until_some(what, || {
-        let checked = check();
-        async move { checked.await.then_some(()) }
-    })
-    .await
+    assert!(eventually(WAIT, check).await, "never: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,6 +305,7 @@ async fn out_of_file_descriptors_does_not_spin_the_accept_loop() {
     )
     .await;
     let before = cpu_seconds(pid);
+    // A measuring window, not a wait: the CPU the room uses in 3 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let used = cpu_seconds(pid) - before;
     // A spinning accept loop burns a whole core: about 3 s here. A guard

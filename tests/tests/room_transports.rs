@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use pushgrid_client::msg;
-use pushgrid_e2e::{ClusterOptions, Proc, TestCert, TestCluster, spawn, test_cert};
+use pushgrid_e2e::{ClusterOptions, Proc, TestCert, TestCluster, spawn, test_cert, wait_for};
 use pushgrid_wire::{Decoded, Frame, Op, decode_frame, encode, encode_empty};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -216,28 +216,23 @@ async fn websocket_tls_and_wss_devices_each_receive_a_push() {
     assert!(refused.is_err(), "an untrusted certificate was accepted");
 
     // The dispatcher hands out the room's WebSocket and TLS addresses.
-    let mut listed = None;
-    for _ in 0..100 {
+    let listed = wait_for(Duration::from_secs(10), || async {
         let answer: serde_json::Value = cluster
             .http
             .get(format!("{}/v1/dispatch?user=u1", cluster.dispatcher_url()))
             .send()
             .await
-            .unwrap()
+            .ok()?
             .json()
             .await
-            .unwrap();
-        listed = answer["result"]["rooms"].as_array().and_then(|rooms| {
-            rooms
-                .iter()
-                .find(|room| room["node"] == "room-tls")
-                .cloned()
-        });
-        if listed.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .ok()?;
+        answer["result"]["rooms"]
+            .as_array()?
+            .iter()
+            .find(|room| room["node"] == "room-tls")
+            .cloned()
+    })
+    .await;
     let listed = listed.expect("the dispatcher lists the TLS room");
     assert_eq!(listed["ws"], ws_addr.to_string());
     assert_eq!(listed["tls"], room.addr("tls").to_string());

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pushgrid_e2e::faults::{MysqlProxy, OwnRedis};
-use pushgrid_e2e::{MYSQL_SERVER, REDIS_URL, TestCluster, next_push, spawn};
+use pushgrid_e2e::{MYSQL_SERVER, REDIS_URL, TestCluster, eventually, next_push, spawn, wait_for};
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
@@ -55,8 +55,8 @@ async fn push(
 /// Pushes until one is accepted (a saver may be starting or its lease expiring).
 async fn push_until_accepted(cluster: &TestCluster, user: &str, payload: &str) -> u64 {
     let users = vec![user.to_string()];
-    for _ in 0..200 {
-        if let Ok(ids) = push(
+    wait_for(Duration::from_secs(20), || async {
+        push(
             &cluster.http,
             &cluster.center_url(),
             &cluster.app.api_key,
@@ -65,12 +65,11 @@ async fn push_until_accepted(cluster: &TestCluster, user: &str, payload: &str) -
             None,
         )
         .await
-        {
-            return ids[0];
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no push accepted in 20 s");
+        .ok()
+        .map(|ids| ids[0])
+    })
+    .await
+    .expect("no push accepted in 20 s")
 }
 
 /// Connects `user` and reads pushes until every id in `expected` arrived.
@@ -85,6 +84,7 @@ async fn assert_delivered(cluster: &TestCluster, user: &str, expected: &HashSet<
             Ok((device, _)) => device,
             Err(error) => {
                 last_error = error.to_string();
+                // Backs off before it connects again (within the deadline).
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -96,6 +96,7 @@ async fn assert_delivered(cluster: &TestCluster, user: &str, expected: &HashSet<
                 }
                 Err(error) => {
                     last_error = error.to_string();
+                    // Backs off before it connects again (within the deadline).
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     break;
                 }
@@ -147,6 +148,7 @@ async fn every_acknowledged_push_is_delivered_after_saver_is_killed_mid_stream()
                     // Refused while saver is down: the caller knows, nothing is promised.
                     Err(_) => {
                         refused += 1;
+                        // Paces the load while saver is down.
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 }
@@ -155,11 +157,14 @@ async fn every_acknowledged_push_is_delivered_after_saver_is_killed_mid_stream()
     }
 
     // kill -9 once a good part of the stream is through, then start it again.
-    while next.load(std::sync::atomic::Ordering::Relaxed) < PUSHES / 3 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let through = eventually(Duration::from_secs(60), || async {
+        next.load(std::sync::atomic::Ordering::Relaxed) >= PUSHES / 3
+    })
+    .await;
+    assert!(through, "a third of the pushes went through");
     let pid = cluster.saver.pid();
     cluster.saver.kill().await;
+    // saver stays down a moment (the fault's length) before it starts again.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let args = cluster.saver_args(REDIS_URL, &database_url(&cluster));
     cluster.saver = spawn(&cluster.dir, "saver2", "saver", &args).await.unwrap();

@@ -11,7 +11,7 @@ use pushgrid_client::{Connection, Op, msg};
 use pushgrid_common::jwt::{Claims, TimeClaims, sign_with_times};
 use pushgrid_e2e::{
     ADMIN_TOKEN, ClusterOptions, TestCluster, eventually, frames_until_close, metric, metrics_text,
-    next_push, only_error, spawn,
+    next_push, only_error, spawn, wait_for,
 };
 use reqwest::Method;
 use serde_json::json;
@@ -445,14 +445,11 @@ async fn an_api_key_sees_only_its_own_app_in_stats_and_info() {
         device_id: "b".into(),
         platform: "t".into(),
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut device_b = None;
-    while device_b.is_none() && tokio::time::Instant::now() < deadline {
-        match Connection::connect(&room, auth_b.clone()).await {
-            Ok((connection, _)) => device_b = Some(connection),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let device_b = wait_for(WAIT, || async {
+        let (connection, _) = Connection::connect(&room, auth_b.clone()).await.ok()?;
+        Some(connection)
+    })
+    .await;
     let connected = device_b.is_some();
     assert!(connected, "app B's device never connected");
 

@@ -14,7 +14,8 @@ use pushgrid_client::{Op, msg};
 use pushgrid_common::rpc::Channel;
 use pushgrid_e2e::faults::{MysqlProxy, OwnRedis};
 use pushgrid_e2e::{
-    ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, next_frame, next_push,
+    ClusterOptions, MYSQL_SERVER, REDIS_URL, TestCluster, eventually, metric, next_frame,
+    next_push, wait_for,
 };
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{PendingRequest, Role, StoreRequest};
@@ -115,6 +116,8 @@ async fn a_store_call_whose_caller_gave_up_is_withdrawn() {
     let mut patient_client = saver_client(&cluster, Role::Center).await;
     let request = store("patient");
     let patient = tokio::spawn(async move { patient_client.store(request).await });
+    // The lock is held a while longer with the patient call in flight (the
+    // fault's length; the call is stored however the two race).
     tokio::time::sleep(Duration::from_millis(300)).await;
     sqlx::raw_sql("UNLOCK TABLES")
         .execute(&mut *lock)
@@ -183,22 +186,21 @@ async fn a_push_refused_while_redis_is_down_is_never_delivered_and_its_retry_del
     );
 
     redis.restart_empty().await;
-    let mut accepted = None;
-    for _ in 0..100 {
+    let accepted = wait_for(Duration::from_secs(10), || async {
         let (status, body) = push("refused with a key", Some("order-17")).await;
-        if status == 200 {
-            assert_eq!(body["result"]["replayed"], json!(false), "{body}");
-            accepted = Some(
-                body["result"]["messages"][0]["id"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap(),
-            );
-            break;
+        if status != 200 {
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        assert_eq!(body["result"]["replayed"], json!(false), "{body}");
+        Some(
+            body["result"]["messages"][0]["id"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+        )
+    })
+    .await;
     let accepted = accepted.expect("the retry is accepted once Redis is back");
     let (status, body) = push("refused with a key", Some("order-17")).await;
     assert_eq!(status, 200);
@@ -291,6 +293,7 @@ async fn acks_survive_redis_connections_killed_during_acks() {
                     .await
                     .unwrap_or(0);
                 killed.fetch_add(count, Ordering::Relaxed);
+                // Paces the fault: a CLIENT KILL every 25 ms.
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         })
