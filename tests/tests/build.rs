@@ -15,11 +15,22 @@ use std::process::Command;
 /// dependencies, host target). A crate used both at run time and by a build
 /// script or proc macro can be compiled twice, with two sets.
 fn features(packages: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
         .current_dir(workspace)
-        .args(["tree", "--locked", "-e", "normal,build", "--prefix", "none", "-f", "{p}|{f}"])
+        .args([
+            "tree",
+            "--locked",
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+            "-f",
+            "{p}|{f}",
+        ])
         .args(packages)
         .output()
         .expect("run cargo tree");
@@ -31,7 +42,9 @@ fn features(packages: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
     let mut crates = BTreeMap::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let line = line.trim_end_matches(" (*)");
-        let Some((package, enabled)) = line.split_once('|') else { continue };
+        let Some((package, enabled)) = line.split_once('|') else {
+            continue;
+        };
         // "name vX.Y.Z (/path)" for workspace members: keep name and version.
         let key: String = package.split(" (").next().unwrap_or(package).to_string();
         crates

@@ -98,8 +98,8 @@ async fn demo_push(State(demo): State<Arc<Demo>>, body: String) -> Response {
         .await;
     match answer {
         Ok(response) => {
-            let status = StatusCode::from_u16(response.status().as_u16())
-                .unwrap_or(StatusCode::BAD_GATEWAY);
+            let status =
+                StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let text = response.text().await.unwrap_or_default();
             (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
         }

@@ -303,9 +303,7 @@ impl TopicOrder {
         if self.pending.first_key_value().map(|(first, _)| *first) == Some(next) {
             self.release(&mut ready, now);
         }
-        if !recovered
-            && let Some((first, _)) = self.pending.first_key_value()
-        {
+        if !recovered && let Some((first, _)) = self.pending.first_key_value() {
             // The stream no longer holds the missing offsets: no use waiting.
             let first = *first;
             let next = self.next.unwrap_or(first);
@@ -432,10 +430,7 @@ mod tests {
         order.offer(message(1, 9), now);
         assert!(order.offer(message(4, 9), now).is_empty());
         assert!(order.waiting());
-        assert_eq!(
-            order.step(now, &CONFIG),
-            Step::Wait(now + CONFIG.gap_wait)
-        );
+        assert_eq!(order.step(now, &CONFIG), Step::Wait(now + CONFIG.gap_wait));
         let later = now + CONFIG.gap_wait;
         assert_eq!(
             order.step(later, &CONFIG),
@@ -495,10 +490,7 @@ mod tests {
         let mut order = TopicOrder::new(now);
         assert!(order.offer(message(12, 9), now).is_empty());
         assert!(order.offer(message(11, 9), now).is_empty());
-        assert_eq!(
-            order.step(now, &CONFIG),
-            Step::Wait(now + CONFIG.gap_wait)
-        );
+        assert_eq!(order.step(now, &CONFIG), Step::Wait(now + CONFIG.gap_wait));
         let Step::Deliver(ready) = order.step(now + CONFIG.gap_wait, &CONFIG) else {
             panic!("the start is taken after the wait");
         };

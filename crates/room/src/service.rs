@@ -6,8 +6,8 @@ use pushgrid_proto::client::KickCode;
 use pushgrid_proto::client::{Push, PushKind};
 use pushgrid_proto::cluster::room_server::Room as RoomRpc;
 use pushgrid_proto::cluster::{
-    BroadcastMessage, DeliverRequest, DeliverResponse, RoomBroadcastRequest, RoomBroadcastResponse, RoomKickRequest,
-    RoomKickResponse,
+    BroadcastMessage, DeliverRequest, DeliverResponse, RoomBroadcastRequest, RoomBroadcastResponse,
+    RoomKickRequest, RoomKickResponse,
 };
 use pushgrid_wire::{Op, encode};
 use tokio::time::Instant;
@@ -320,8 +320,7 @@ fn fan_out(room: &Arc<Room>, message: BroadcastMessage) -> u32 {
             targets,
         });
     }
-    metrics::counter!("pushgrid_room_broadcast_deliveries_total")
-        .increment(u64::from(queued_here));
+    metrics::counter!("pushgrid_room_broadcast_deliveries_total").increment(u64::from(queued_here));
     room.peers.broadcast_delivered(&app, id, queued_here);
     // Shards count and report their own deliveries as they queue them.
     handed
