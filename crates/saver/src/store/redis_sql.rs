@@ -935,7 +935,16 @@ impl MessageStore for RedisSqlStore {
             .query_async(&mut redis)
             .await?;
         if let Some(answer) = known {
-            return replayed(&answer);
+            let first = replayed(&answer)?;
+            // Under MySQL durability the answer Redis remembers is given only
+            // once SQL confirms the key: a withdrawal of the first call (its
+            // caller gave up) deletes the key in SQL before it forgets the
+            // answer in Redis, and a retry that read Redis in between would
+            // otherwise answer ids that were just deleted.
+            return match self.durability {
+                Durability::Mysql => self.replay(app, idempotency_key, first).await,
+                Durability::Redis => Ok(first),
+            };
         }
         let messages = self.sql.new_messages(app, users, &payload, ttl_secs)?;
         let stored = Stored {
