@@ -332,3 +332,66 @@ async fn the_sdk_registers_its_token_and_sends_it_again_after_a_reconnect() {
     client.close().await;
     cluster.cleanup().await;
 }
+
+/// A device that sends PUSH_TOKEN frames faster than saver answers them gets
+/// ERROR RATE_LIMITED for each one past its 16 unanswered calls, and an answer
+/// for every frame: the room does not grow a task per frame without bound,
+/// and the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_16_calls_unanswered_is_told_to_wait() {
+    const FRAMES: u32 = 2_000;
+    let cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
+    let (mut device, _) = cluster.device_at(0, "flood", "ios").await.unwrap();
+    let push_token = msg::PushToken {
+        provider: "apns".into(),
+        token: APNS_A.into(),
+        bundle: "com.example.chat".into(),
+    };
+    // Every frame in one write, so the room reads them far faster than one
+    // saver call takes.
+    let mut burst = Vec::new();
+    for seq in 1..=FRAMES {
+        burst.extend_from_slice(&pushgrid_wire::encode(Op::PushToken, seq, &push_token));
+    }
+    device.send_raw(&burst).await.unwrap();
+
+    let (mut stored, mut refused) = (0u32, 0u32);
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < FRAMES as usize {
+        let frame = next_frame(&mut device, WAIT)
+            .await
+            .unwrap()
+            .expect("the room closed the connection");
+        assert!(
+            answered.insert(frame.seq),
+            "seq {} answered twice",
+            frame.seq
+        );
+        match frame.op {
+            Op::PushTokenOk => stored += 1,
+            Op::Error => {
+                let error: msg::Error = frame.decode().unwrap();
+                assert_eq!(
+                    error.code(),
+                    msg::ErrorCode::RateLimited,
+                    "{}",
+                    error.message
+                );
+                assert!(error.message.contains("16 calls"), "{}", error.message);
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?} for seq {}", frame.seq),
+        }
+    }
+    assert!(refused > 0, "{FRAMES} frames in one write, none refused");
+    assert!(stored >= 16, "only {stored} of {FRAMES} stored");
+
+    // Once the answers are in, the device may call again.
+    device
+        .send_frame(Op::PushToken, FRAMES + 1, &push_token)
+        .await
+        .unwrap();
+    let answer = next_frame(&mut device, WAIT).await.unwrap().unwrap();
+    assert_eq!((answer.op, answer.seq), (Op::PushTokenOk, FRAMES + 1));
+    cluster.cleanup().await;
+}

@@ -33,7 +33,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::admission::{IpSlot, Refusal};
-use crate::outbox::{InboxOverlap, Outbound, Writer};
+use crate::outbox::{InboxOverlap, MAX_CALLS_IN_FLIGHT, Outbound, Writer};
 use crate::shard::Adoption;
 use crate::transport::{DeviceStream, Transport, shrink};
 use crate::{ConnHandle, Room, metrics, topics};
@@ -687,8 +687,12 @@ pub(crate) fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Fr
                 room: room.node_id.clone(),
                 conn_id: handle.id,
             };
+            let Some(slot) = handle.start_call() else {
+                return Next::Reply(too_many_calls(handle, frame.seq));
+            };
             let (room, handle, seq) = (room.clone(), handle.clone(), frame.seq);
             tokio::spawn(async move {
+                let _slot = slot;
                 let answer = match room.peers.upstream(request).await {
                     Ok(()) => encode(
                         Op::UpstreamOk,
@@ -732,6 +736,26 @@ pub(crate) fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Fr
             frame.seq,
         )),
     }
+}
+
+/// The answer to an UPSTREAM or PUSH_TOKEN frame sent while the device
+/// already has [`MAX_CALLS_IN_FLIGHT`] calls unanswered: ERROR RATE_LIMITED
+/// for that seq (the connection stays open; the SDK retries it).
+pub(crate) fn too_many_calls(handle: &ConnHandle, seq: u32) -> Bytes {
+    ::metrics::counter!("pushgrid_room_calls_refused_total").increment(1);
+    tracing::info!(
+        conn = handle.id,
+        user = handle.user(),
+        seq,
+        "refused a call: {MAX_CALLS_IN_FLIGHT} calls of this connection are still unanswered"
+    );
+    error_frame(
+        ErrorCode::RateLimited,
+        format!(
+            "{MAX_CALLS_IN_FLIGHT} calls of this connection are still unanswered; wait for their answers"
+        ),
+        seq,
+    )
 }
 
 /// What woke a task connection's loop.

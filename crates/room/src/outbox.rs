@@ -14,7 +14,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -151,6 +151,8 @@ pub struct ConnHandle {
     pub(crate) last_seen: AtomicU32,
     /// A pending kick (a `KickCode`), 0 for none.
     kick_code: AtomicI32,
+    /// The device's calls waiting on other roles (UPSTREAM, PUSH_TOKEN).
+    calls: AtomicU8,
     queue: Mutex<OutQueue>,
     writer: Writer,
     /// Shard connections: the slot in the shard, once adopted.
@@ -191,6 +193,21 @@ impl Drop for Wakes {
         for (shard, flushes) in std::mem::take(&mut self.flushes).into_groups() {
             shard.flush_many(flushes);
         }
+    }
+}
+
+/// Calls one device may have waiting on other roles at once (UPSTREAM and
+/// PUSH_TOKEN frames, each a task and a gRPC call): the next one is answered
+/// ERROR RATE_LIMITED for its seq, so a device that sends faster than the
+/// cluster answers cannot grow the room's tasks without bound.
+pub(crate) const MAX_CALLS_IN_FLIGHT: u8 = 16;
+
+/// One call slot of a connection, given back when dropped.
+pub(crate) struct CallSlot(Arc<ConnHandle>);
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -251,6 +268,7 @@ impl ConnHandle {
             transport,
             last_seen: AtomicU32::new(last_seen),
             kick_code: AtomicI32::new(0),
+            calls: AtomicU8::new(0),
             // Held from the start: the inbox replay comes first.
             queue: Mutex::new(OutQueue {
                 holds: 1,
@@ -259,6 +277,17 @@ impl ConnHandle {
             writer,
             token: AtomicU32::new(NOT_ADOPTED),
         }
+    }
+
+    /// Takes one of the connection's [`MAX_CALLS_IN_FLIGHT`] call slots, or
+    /// `None` when the device already has that many calls unanswered.
+    pub(crate) fn start_call(self: &Arc<Self>) -> Option<CallSlot> {
+        self.calls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |calls| {
+                (calls < MAX_CALLS_IN_FLIGHT).then_some(calls + 1)
+            })
+            .ok()
+            .map(|_| CallSlot(self.clone()))
     }
 
     pub fn user(&self) -> &str {

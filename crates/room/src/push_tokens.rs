@@ -4,6 +4,8 @@
 //! the SDK checks the same rules before sending), stored in saver beside the
 //! connection, and answered with PUSH_TOKEN_OK, or with ERROR UNAVAILABLE
 //! when saver cannot store it (the SDK sends it again after its next connect).
+//! A device has at most `MAX_CALLS_IN_FLIGHT` such calls (and UPSTREAMs)
+//! unanswered; one more is answered ERROR RATE_LIMITED.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use pushgrid_proto::client::{ErrorCode, PushToken, PushTokenOk};
 use pushgrid_proto::cluster::DevicePushToken;
 use pushgrid_wire::{Frame, Op, encode};
 
-use crate::conn::{Next, error_frame};
+use crate::conn::{Next, error_frame, too_many_calls};
 use crate::{ConnHandle, Room};
 
 /// Handles one PUSH_TOKEN frame; the store and the answer run beside the
@@ -27,6 +29,9 @@ pub(crate) fn handle_push_token(room: &Arc<Room>, handle: &Arc<ConnHandle>, fram
         ::metrics::counter!("pushgrid_room_push_tokens_total", "outcome" => "invalid").increment(1);
         return Next::Close(error_frame(ErrorCode::BadBody, problem, frame.seq));
     }
+    let Some(slot) = handle.start_call() else {
+        return Next::Reply(too_many_calls(handle, frame.seq));
+    };
     let token = DevicePushToken {
         user: handle.user().to_string(),
         device: handle.device().to_string(),
@@ -39,6 +44,7 @@ pub(crate) fn handle_push_token(room: &Arc<Room>, handle: &Arc<ConnHandle>, fram
     let (room, handle, seq) = (room.clone(), handle.clone(), frame.seq);
     let app = handle.app.to_string();
     room.tracker.clone().spawn(async move {
+        let _slot = slot;
         let answer = match room.peers.register_push_token(&app, token).await {
             Ok(()) => {
                 ::metrics::counter!("pushgrid_room_push_tokens_total", "outcome" => "stored")
