@@ -297,6 +297,19 @@ impl TopicStreams {
                     first_held.map_or(ok.offset, |first| ok.offset.min(first.saturating_sub(1)));
                 stream.position = Some((ok.epoch, start));
             }
+            Some((0, 0)) if ok.epoch != 0 => {
+                // The device saw the stream empty (no epoch yet) and it has
+                // begun since; a SUB from (0, 0) reads as a first
+                // subscription, so ask again from the start of its epoch:
+                // everything in it is what the device missed.
+                stream.position = Some((ok.epoch, 0));
+                stream.held.retain(|(epoch, _), _| *epoch == ok.epoch);
+                stream.release_next(&mut out);
+                if ok.offset > stream.position.map_or(0, |(_, last)| last) {
+                    out.resubscribe = Some(stream.sub(topic));
+                }
+                return out;
+            }
             Some((epoch, _)) if ok.recovered && ok.epoch == epoch => {}
             Some((epoch, last)) => {
                 // Not recoverable: the stream restarted or was trimmed past
@@ -390,6 +403,39 @@ mod tests {
         let out = streams.on_sub_ok(&sub_ok(topic, false, at, 7));
         assert!(!out.missed && out.deliveries.is_empty());
         streams
+    }
+
+    #[test]
+    fn a_stream_seen_empty_is_replayed_from_its_start_once_it_began() {
+        let mut streams = TopicStreams::default();
+        assert!(streams.subscribe("news"));
+        let sub = streams.sub("news");
+        // The stream has no message yet: no epoch either.
+        let out = streams.on_sub_ok(&sub_ok("news", true, 0, 0));
+        assert!(!out.missed && out.deliveries.is_empty() && out.resubscribe.is_none());
+        assert_eq!(streams.position("news"), Some((0, 0)));
+        assert_eq!((sub.since_offset, sub.epoch), (0, 0));
+
+        // Reconnected after offsets 1 to 3 of epoch 9 were published: the SUB
+        // from (0, 0) reads as a first one, so its SUB_OK is followed by a
+        // SUB from the start of epoch 9, not by a report of missed messages.
+        streams.session_ended();
+        let resubs = streams.resubscriptions();
+        assert_eq!(resubs.len(), 1);
+        let out = streams.on_sub_ok(&sub_ok("news", true, 3, 9));
+        assert!(!out.missed, "nothing is lost yet");
+        assert!(out.deliveries.is_empty());
+        let again = out.resubscribe.expect("a SUB from the start of epoch 9");
+        assert_eq!((again.since_offset, again.epoch), (0, 9));
+        for offset in 1..=3 {
+            assert_eq!(
+                shown(&streams.on_push(push("news", offset, 9))),
+                [offset as i64]
+            );
+        }
+        let out = streams.on_sub_ok(&sub_ok("news", true, 3, 9));
+        assert!(!out.missed && out.deliveries.is_empty() && out.resubscribe.is_none());
+        assert_eq!(streams.position("news"), Some((9, 3)));
     }
 
     #[test]

@@ -864,6 +864,16 @@ export class PushgridClient {
   private handleSubOk(ok: { topic: string; recovered: boolean; offset: bigint; epoch: bigint }): void {
     let missed = false;
     const position = this.topics.get(ok.topic);
+    if (position?.subscribed && position.epoch === 0n && position.offset === 0n && ok.epoch !== 0n) {
+      // The device saw the stream empty (no epoch yet) and it has begun
+      // since; a SUB from (0, 0) reads as a first one, so ask again from
+      // the start of its epoch: everything in it is what the device missed.
+      position.epoch = ok.epoch;
+      if (ok.offset > 0n) {
+        this.sendSub(ok.topic, position);
+        return;
+      }
+    }
     if (position) {
       if (!ok.recovered || position.epoch !== ok.epoch) {
         missed = position.subscribed && (position.epoch !== ok.epoch || ok.offset > position.offset);

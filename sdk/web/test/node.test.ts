@@ -145,3 +145,52 @@ test("in Node: ACK after the handler, upstream, a KICK's reconnect_to, topics re
   first.server.close();
   second.server.close();
 });
+
+test("in Node: a topic seen empty is replayed from the start of its epoch after a reconnect", { timeout: 15_000 }, async () => {
+  const second = await room(() => undefined);
+  const first = await room(() => undefined);
+  const client = new PushgridClient({
+    token: "t",
+    deviceId: "node-2",
+    platform: "node",
+    urls: [`ws://127.0.0.1:${first.port}/`],
+    WebSocket: WebSocket as unknown as WebSocketConstructor,
+    reconnectBackoffMinMs: 50,
+  });
+  const messages: PushMessage[] = [];
+  client.on("message", (message) => {
+    messages.push(message);
+  });
+  await client.connect();
+
+  // Nothing published yet: the stream has no epoch.
+  const subscribed = client.subscribe("quiet");
+  await first.next(Op.Sub);
+  first.send(encodeFrame(Op.SubOk, 0, pb.SubOkSchema, create(pb.SubOkSchema, { topic: "quiet", recovered: true })));
+  assert.equal((await subscribed).epoch, 0n);
+
+  // Offsets 1 to 2 of epoch 4 are published while the device moves rooms.
+  first.send(encodeFrame(Op.Kick, 0, pb.KickSchema, create(pb.KickSchema, {
+    code: pb.KickCode.SHUTDOWN, reconnectAfterMs: 10, reconnectTo: `127.0.0.1:${second.port}`,
+  })));
+  const resub = decodeBody(pb.SubSchema, await second.next(Op.Sub));
+  assert.deepEqual([resub.sinceOffset, resub.epoch], [0n, 0n]);
+  const events: boolean[] = [];
+  client.on("subscribed", (event) => events.push(event.missed));
+  second.send(encodeFrame(Op.SubOk, 0, pb.SubOkSchema, create(pb.SubOkSchema, { topic: "quiet", recovered: true, offset: 2n, epoch: 4n })));
+  const again = decodeBody(pb.SubSchema, await second.next(Op.Sub));
+  assert.deepEqual([again.topic, again.sinceOffset, again.epoch], ["quiet", 0n, 4n], "asked again from the start of epoch 4");
+  second.send(push(41n, { kind: pb.PushKind.BROADCAST, topic: "quiet", offset: 1n, epoch: 4n }));
+  second.send(push(42n, { kind: pb.PushKind.BROADCAST, topic: "quiet", offset: 2n, epoch: 4n }));
+  second.send(encodeFrame(Op.SubOk, 0, pb.SubOkSchema, create(pb.SubOkSchema, { topic: "quiet", recovered: true, offset: 2n, epoch: 4n })));
+  const deadline = Date.now() + 5000;
+  while ((events.length === 0 || messages.length < 2) && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  assert.deepEqual(messages.map((m) => m.text), ["m41", "m42"]);
+  assert.deepEqual(events, [false], "one subscribed event, nothing missed");
+
+  client.close();
+  first.server.close();
+  second.server.close();
+});
