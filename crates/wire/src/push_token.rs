@@ -18,7 +18,7 @@ pub fn check_push_token(provider: &str, token: &str, bundle: &str) -> Result<(),
     check_provider(provider)?;
     if provider == "apns" {
         if !APNS_TOKEN_HEX.contains(&token.len())
-            || token.len() % 2 != 0
+            || !token.len().is_multiple_of(2)
             || !token.bytes().all(|byte| byte.is_ascii_hexdigit())
         {
             return Err(format!(
@@ -73,6 +73,7 @@ pub fn check_bundle(bundle: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
