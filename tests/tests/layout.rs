@@ -314,7 +314,7 @@ mod tests {
 }
 ";
     let measured = measure(text);
-    assert_eq!(measured.lines, 20);
+    assert_eq!(measured.lines, 19);
     assert_eq!(
         measured.functions,
         vec![
