@@ -243,34 +243,19 @@ impl LeaseStore {
         {
             // The same holder, back under a new lease: nobody was granted
             // this id since (its generation is unchanged), so it continues.
-            let kept = sqlx::query(
-                "UPDATE worker_ids SET holder = ?, lease_id = ?, expires_ms = ? \
-                 WHERE worker_id = ? AND generation = ?",
-            )
-            .bind(holder.to_string())
-            .bind(lease_id)
-            .bind(expires)
-            .bind(i64::from(preferred))
-            .bind(ms(request.generation))
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-            if kept == 1 {
+            let lease = HolderLease {
+                holder,
+                lease_id,
+                expires,
+            };
+            if keep_worker_id(transaction, &lease, preferred, request.generation).await? {
                 return Ok(WorkerGrant {
                     id: preferred,
                     generation: request.generation,
                 });
             }
         }
-        let rows = sqlx::query("SELECT worker_id, generation, expires_ms FROM worker_ids")
-            .fetch_all(&mut *transaction)
-            .await?;
-        let mut known: HashMap<u32, (i64, i64)> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let id = u32::try_from(row.try_get::<i64, _>("worker_id")?)
-                .map_err(|_| LeaseError::Corrupt("negative worker id".into()))?;
-            known.insert(id, (row.try_get("generation")?, row.try_get("expires_ms")?));
-        }
+        let known = known_worker_ids(transaction).await?;
         let free_after = now - ms(self.policy.margin_ms);
         let is_free = |id: u32| match known.get(&id) {
             None => true,
@@ -288,32 +273,20 @@ impl LeaseStore {
             .filter(|id| *id <= MAX_WORKER_ID && is_free(*id))
             .or_else(|| (!free.is_empty()).then(|| free[rand::random_range(0..free.len())]))
             .ok_or(LeaseError::NoWorkerId)?;
-        let claimed = match known.get(&candidate) {
-            None => sqlx::query(
-                "INSERT INTO worker_ids (worker_id, holder, lease_id, generation, expires_ms) \
-                 VALUES (?, ?, ?, 1, ?)",
-            )
-            .bind(i64::from(candidate))
-            .bind(holder.to_string())
-            .bind(lease_id)
-            .bind(expires)
-            .execute(&mut *transaction)
-            .await
-            .map(|done| (done.rows_affected(), 1))?,
-            Some((generation, _)) => sqlx::query(
-                "UPDATE worker_ids SET holder = ?, lease_id = ?, generation = generation + 1, expires_ms = ? \
-                 WHERE worker_id = ? AND generation = ? AND expires_ms < ?",
-            )
-            .bind(holder.to_string())
-            .bind(lease_id)
-            .bind(expires)
-            .bind(i64::from(candidate))
-            .bind(*generation)
-            .bind(free_after)
-            .execute(&mut *transaction)
-            .await
-            .map(|done| (done.rows_affected(), generation + 1))?,
+        let lease = HolderLease {
+            holder,
+            lease_id,
+            expires,
         };
+        let previous_generation = known.get(&candidate).map(|(generation, _)| *generation);
+        let claimed = claim_worker_id(
+            transaction,
+            &lease,
+            candidate,
+            previous_generation,
+            free_after,
+        )
+        .await?;
         match claimed {
             (1, generation) => {
                 metrics::counter!("pushgrid_keeper_worker_grants_total").increment(1);
@@ -509,4 +482,91 @@ fn role_of_row(
 /// Milliseconds and ids as the BIGINT columns hold them.
 fn ms(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Who a worker id is granted to, and until when.
+struct HolderLease<'a> {
+    holder: &'a str,
+    lease_id: i64,
+    expires: i64,
+}
+
+/// Gives `worker_id` back to the holder under its new lease when its
+/// generation is still `generation` (nobody was granted it since); true when
+/// it did.
+async fn keep_worker_id(
+    transaction: &mut AnyConnection,
+    lease: &HolderLease<'_>,
+    worker_id: u32,
+    generation: u64,
+) -> Result<bool, LeaseError> {
+    let kept = sqlx::query(
+        "UPDATE worker_ids SET holder = ?, lease_id = ?, expires_ms = ? \
+         WHERE worker_id = ? AND generation = ?",
+    )
+    .bind(lease.holder.to_string())
+    .bind(lease.lease_id)
+    .bind(lease.expires)
+    .bind(i64::from(worker_id))
+    .bind(ms(generation))
+    .execute(&mut *transaction)
+    .await?
+    .rows_affected();
+    Ok(kept == 1)
+}
+
+/// Every worker id ever granted: its generation and when it expires (ms).
+async fn known_worker_ids(
+    transaction: &mut AnyConnection,
+) -> Result<HashMap<u32, (i64, i64)>, LeaseError> {
+    let rows = sqlx::query("SELECT worker_id, generation, expires_ms FROM worker_ids")
+        .fetch_all(&mut *transaction)
+        .await?;
+    let mut known: HashMap<u32, (i64, i64)> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id = u32::try_from(row.try_get::<i64, _>("worker_id")?)
+            .map_err(|_| LeaseError::Corrupt("negative worker id".into()))?;
+        known.insert(id, (row.try_get("generation")?, row.try_get("expires_ms")?));
+    }
+    Ok(known)
+}
+
+/// Claims `candidate` for the lease: a new row when it was never granted
+/// (`previous_generation` None), else the next generation when it is still
+/// free (expired before `free_after`). Returns the rows changed (1: claimed,
+/// 0: another keeper was faster) and the generation granted.
+async fn claim_worker_id(
+    transaction: &mut AnyConnection,
+    lease: &HolderLease<'_>,
+    candidate: u32,
+    previous_generation: Option<i64>,
+    free_after: i64,
+) -> Result<(u64, i64), LeaseError> {
+    let claimed = match previous_generation {
+        None => sqlx::query(
+            "INSERT INTO worker_ids (worker_id, holder, lease_id, generation, expires_ms) \
+             VALUES (?, ?, ?, 1, ?)",
+        )
+        .bind(i64::from(candidate))
+        .bind(lease.holder.to_string())
+        .bind(lease.lease_id)
+        .bind(lease.expires)
+        .execute(&mut *transaction)
+        .await
+        .map(|done| (done.rows_affected(), 1))?,
+        Some(generation) => sqlx::query(
+            "UPDATE worker_ids SET holder = ?, lease_id = ?, generation = generation + 1, expires_ms = ? \
+             WHERE worker_id = ? AND generation = ? AND expires_ms < ?",
+        )
+        .bind(lease.holder.to_string())
+        .bind(lease.lease_id)
+        .bind(lease.expires)
+        .bind(i64::from(candidate))
+        .bind(generation)
+        .bind(free_after)
+        .execute(&mut *transaction)
+        .await
+        .map(|done| (done.rows_affected(), generation + 1))?,
+    };
+    Ok(claimed)
 }

@@ -153,48 +153,8 @@ pub async fn run(
     ));
 
     let store = Arc::new(ConfigStore::connect(&config.database_url).await?);
-    store.put_apps(&config.apps).await?;
-    store.put_settings(&config.settings).await?;
-    store.put_routes(&config.routes).await?;
-    let cluster_config = store.load().await?;
-    tracing::info!(
-        apps = cluster_config.apps.len(),
-        routes = cluster_config.routes.len(),
-        database = %db::redact(&config.database_url),
-        "configuration loaded"
-    );
-
-    let policy = leases::WorkerPolicy {
-        // Renewed with every heartbeat (a third of the node's lease TTL):
-        // keep it above the savers' lease_ttl_secs.
-        ttl_ms: u64::from(config.worker_lease_secs.max(2)) * 1000,
-        margin_ms: config.worker_id_margin_ms,
-    };
-    let lease_store = leases::LeaseStore::new(
-        store.pool().clone(),
-        db::is_sqlite(&config.database_url),
-        policy,
-    );
-    let state = Arc::new(registry::KeeperState::new(
-        cluster_config,
-        lease_store,
-        config.max_lease_ttl_secs,
-    ));
-    let own = NodeInfo {
-        id: config.node.resolved_node_id(ROLE),
-        role: Role::Keeper as i32,
-        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
-        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
-        http_addr: net::advertised(http_addr, &config.node.advertise_host),
-        started_ms: pushgrid_common::now_ms(),
-        labels: config
-            .node
-            .labels
-            .iter()
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect(),
-        ..Default::default()
-    };
+    let state = load_state(&config, &store).await?;
+    let own = own_node_info(&config, grpc_addr, admin_addr, http_addr);
     // The first read before serving: a restarted keeper answers watchers
     // with the live nodes at once.
     if let Err(error) = state.refresh_nodes().await {
@@ -248,6 +208,66 @@ pub async fn run(
     store.close().await;
     tracing::info!("keeper stopped");
     served.map_err(Into::into)
+}
+
+/// Writes the apps, settings and routes of the config file into the config
+/// database, reads the whole cluster config back and builds the registry's
+/// state on it, with worker ids leased from the same database.
+async fn load_state(
+    config: &KeeperConfig,
+    store: &ConfigStore,
+) -> anyhow::Result<Arc<registry::KeeperState>> {
+    store.put_apps(&config.apps).await?;
+    store.put_settings(&config.settings).await?;
+    store.put_routes(&config.routes).await?;
+    let cluster_config = store.load().await?;
+    tracing::info!(
+        apps = cluster_config.apps.len(),
+        routes = cluster_config.routes.len(),
+        database = %db::redact(&config.database_url),
+        "configuration loaded"
+    );
+
+    let policy = leases::WorkerPolicy {
+        // Renewed with every heartbeat (a third of the node's lease TTL):
+        // keep it above the savers' lease_ttl_secs.
+        ttl_ms: u64::from(config.worker_lease_secs.max(2)) * 1000,
+        margin_ms: config.worker_id_margin_ms,
+    };
+    let lease_store = leases::LeaseStore::new(
+        store.pool().clone(),
+        db::is_sqlite(&config.database_url),
+        policy,
+    );
+    Ok(Arc::new(registry::KeeperState::new(
+        cluster_config,
+        lease_store,
+        config.max_lease_ttl_secs,
+    )))
+}
+
+/// This keeper as a node of the cluster, with the addresses it serves on.
+fn own_node_info(
+    config: &KeeperConfig,
+    grpc_addr: std::net::SocketAddr,
+    admin_addr: std::net::SocketAddr,
+    http_addr: std::net::SocketAddr,
+) -> NodeInfo {
+    NodeInfo {
+        id: config.node.resolved_node_id(ROLE),
+        role: Role::Keeper as i32,
+        grpc_addr: net::advertised(grpc_addr, &config.node.advertise_host),
+        admin_addr: net::advertised(admin_addr, &config.node.advertise_host),
+        http_addr: net::advertised(http_addr, &config.node.advertise_host),
+        started_ms: pushgrid_common::now_ms(),
+        labels: config
+            .node
+            .labels
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+        ..Default::default()
+    }
 }
 
 async fn poll_config(

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pushgrid_common::auth::{RefusalLog, caller_role, role_name, sees_app_secrets};
-use pushgrid_common::{CancellationToken, now_ms};
+use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::keeper_server::Keeper;
 use pushgrid_proto::cluster::{
     ClusterState, DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
@@ -38,6 +38,10 @@ use tonic::{Request, Response, Status};
 
 use crate::leases::{LeaseStore, WorkerRequest};
 use crate::store::ClusterConfig;
+
+mod upkeep;
+
+pub(crate) use self::upkeep::{maintain_leases, probe_store};
 
 /// What this keeper publishes: the live nodes and the configuration.
 struct Published {
@@ -211,6 +215,52 @@ impl KeeperService {
 }
 
 impl KeeperService {
+    /// A node registers only under its own role's key, never replaces a node
+    /// id held by another role, and names an id and an address.
+    async fn check_registration(
+        &self,
+        caller: Role,
+        peer: Option<std::net::SocketAddr>,
+        node: &NodeInfo,
+    ) -> Result<(), Status> {
+        if node.role() != caller {
+            return Err(refuse_registration(
+                peer,
+                caller,
+                format!(
+                    "a {} key cannot register a {} node",
+                    role_name(caller),
+                    role_name(node.role())
+                ),
+            ));
+        }
+        // Registering replaces the leases of the same node id: only its own role's.
+        let holder = self
+            .state
+            .leases
+            .role_of_node(&node.id)
+            .await
+            .map_err(|error| store_failed(&self.state, "register", error))?;
+        if let Some(holder) = holder.filter(|holder| *holder != caller) {
+            return Err(refuse_registration(
+                peer,
+                caller,
+                format!(
+                    "node id {:?} is held by a {} node; a {} key cannot replace it",
+                    node.id,
+                    role_name(holder),
+                    role_name(caller)
+                ),
+            ));
+        }
+        if node.id.is_empty() || (node.grpc_addr.is_empty() && node.http_addr.is_empty()) {
+            return Err(Status::invalid_argument(
+                "node id and an address (grpc or http) are required",
+            ));
+        }
+        Ok(())
+    }
+
     /// A lease is renewed or ended only by a caller of its node's role.
     async fn check_lease_role(
         &self,
@@ -291,41 +341,7 @@ impl Keeper for KeeperService {
         let Some(node) = request.node else {
             return Err(Status::invalid_argument("node is required"));
         };
-        if node.role() != caller {
-            return Err(refuse_registration(
-                peer,
-                caller,
-                format!(
-                    "a {} key cannot register a {} node",
-                    role_name(caller),
-                    role_name(node.role())
-                ),
-            ));
-        }
-        // Registering replaces the leases of the same node id: only its own role's.
-        let holder = self
-            .state
-            .leases
-            .role_of_node(&node.id)
-            .await
-            .map_err(|error| store_failed(&self.state, "register", error))?;
-        if let Some(holder) = holder.filter(|holder| *holder != caller) {
-            return Err(refuse_registration(
-                peer,
-                caller,
-                format!(
-                    "node id {:?} is held by a {} node; a {} key cannot replace it",
-                    node.id,
-                    role_name(holder),
-                    role_name(caller)
-                ),
-            ));
-        }
-        if node.id.is_empty() || (node.grpc_addr.is_empty() && node.http_addr.is_empty()) {
-            return Err(Status::invalid_argument(
-                "node id and an address (grpc or http) are required",
-            ));
-        }
+        self.check_registration(caller, peer, &node).await?;
         let ttl_secs = request.ttl_secs.clamp(2, self.state.max_ttl_secs);
         let worker = WorkerRequest {
             wanted: request.needs_worker_id,
@@ -429,133 +445,6 @@ impl Keeper for KeeperService {
         let stream = tokio_stream::wrappers::WatchStream::new(self.state.snapshots.subscribe())
             .map(move |snapshot| Ok(snapshot_for(caller, &snapshot)));
         Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-/// A store read slower than this means the lease store stalled.
-const STALL: Duration = Duration::from_secs(1);
-
-/// Watches the lease store: a cheap read every `every` that fails or takes
-/// longer than [`STALL`] starts (or extends) a recovery, while the store is
-/// still stalled, so no keeper publishes a list that lost live nodes when
-/// the store answers again.
-pub(crate) async fn probe_store(
-    state: Arc<KeeperState>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match tokio::time::timeout(STALL, state.leases.probe()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => state.store_trouble(),
-        }
-    }
-}
-
-/// Keeps this keeper's view of the leases current: every `every`, deletes
-/// expired leases, renews this keeper's own lease (registering it again when
-/// it was lost) and publishes the live nodes. A store that does not answer
-/// is logged and tried again at the next tick; the last snapshot stays.
-pub(crate) async fn maintain_leases(
-    state: Arc<KeeperState>,
-    own: NodeInfo,
-    own_ttl_secs: u32,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let own_ttl_ms = u64::from(own_ttl_secs.max(2)) * 1000;
-    let renew_every = Duration::from_millis(own_ttl_ms / 3);
-    let mut own_lease: Option<u64> = None;
-    let mut renewed_at: Option<tokio::time::Instant> = None;
-    let mut failing = false;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let started = tokio::time::Instant::now();
-        let mut healthy = true;
-        let reaped = if state.recovering() {
-            Ok(Vec::new())
-        } else {
-            state.leases.reap().await
-        };
-        match reaped {
-            Ok(ended) => {
-                for node in &ended {
-                    tracing::warn!(%node, "lease expired");
-                }
-                if !ended.is_empty() {
-                    metrics::counter!("pushgrid_keeper_leases_expired_total")
-                        .increment(ended.len() as u64);
-                }
-            }
-            Err(error) => {
-                healthy = false;
-                if !failing {
-                    tracing::warn!(%error, "cannot reap expired leases; keeping the last view");
-                }
-            }
-        }
-        if renewed_at.is_none_or(|at| at.elapsed() >= renew_every) {
-            let renewed = match own_lease {
-                Some(lease_id) => state
-                    .leases
-                    .heartbeat(lease_id, 0)
-                    .await
-                    .map(|renewed| renewed.is_some()),
-                None => Ok(false),
-            };
-            match renewed {
-                Ok(true) => renewed_at = Some(tokio::time::Instant::now()),
-                Ok(false) => match state
-                    .leases
-                    .register(&own, own_ttl_ms, WorkerRequest::default())
-                    .await
-                {
-                    Ok(registered) => {
-                        tracing::info!(lease_id = registered.lease_id, "keeper listed itself");
-                        own_lease = Some(registered.lease_id);
-                        renewed_at = Some(tokio::time::Instant::now());
-                    }
-                    Err(error) => {
-                        healthy = false;
-                        if !failing {
-                            tracing::warn!(%error, "cannot list this keeper");
-                        }
-                    }
-                },
-                Err(error) => {
-                    healthy = false;
-                    if !failing {
-                        tracing::warn!(%error, "cannot renew this keeper's lease");
-                    }
-                }
-            }
-        }
-        if state.refresh_nodes().await.is_err() {
-            healthy = false;
-        }
-        // A tick that took far longer than it should waited on the store:
-        // nodes' renewals waited too.
-        if !healthy || started.elapsed() > every + STALL {
-            state.store_trouble();
-        }
-        if healthy && failing {
-            tracing::info!("lease store answers again");
-        }
-        failing = !healthy;
-    }
-    if let Some(lease_id) = own_lease {
-        let _ = state.leases.deregister(lease_id).await;
     }
 }
 

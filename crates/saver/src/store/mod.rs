@@ -9,18 +9,19 @@
 //! a caller gets the same answer whichever is configured.
 
 mod groups;
+mod history;
+mod ids;
+mod limits;
 pub mod owed;
 mod redis_sql;
 mod sql;
 mod tokens;
+mod validate;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pushgrid_common::ids::{IdGenerator, MAX_WORKER_ID};
-use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{AckItem, BroadcastMessage, Message, StoreItem};
 
 pub use groups::{
@@ -30,6 +31,20 @@ pub use owed::{Owed, Withdrawal, Withdrawn};
 pub use redis_sql::RedisSqlStore;
 pub use sql::{GroupCommitConfig, SqlStore};
 pub use tokens::{MAX_TOKENS_PER_CALL, MAX_TOKENS_PER_USER, validate_token};
+
+use self::history::history_answer;
+pub use self::ids::{MessageIds, WorkerIdSource};
+use self::ids::{new_messages, new_messages_of_items};
+pub use self::limits::{
+    ALL_TOPIC, DEFAULT_HISTORY_LIMIT, Durability, IDEMPOTENCY_WINDOW_MS, MAX_HISTORY_LIMIT,
+    MAX_IDEMPOTENCY_KEY_BYTES, MAX_TOPIC_BYTES, StoreLimits,
+};
+pub(crate) use self::validate::validate_length;
+pub use self::validate::{
+    replay_mismatch, validate_ack, validate_history, validate_idempotency_key, validate_pending,
+    validate_publish, validate_store, validate_store_many, validate_topic,
+};
+use self::validate::{validate_app, validate_user};
 
 use crate::error::StoreError;
 
@@ -350,404 +365,12 @@ pub async fn settle_owed_until(
     }
 }
 
-/// An idempotency key is remembered this long.
-pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
-/// The longest idempotency key (the `idem_key` column is `VARCHAR(255)`).
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
-/// The longest topic (the `topic` column is `VARCHAR(255)`).
-pub const MAX_TOPIC_BYTES: usize = 255;
-/// The topic of a broadcast to everyone; an empty topic means it too.
-pub const ALL_TOPIC: &str = "all";
-pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
-pub const MAX_HISTORY_LIMIT: u32 = 1000;
-
-/// When a Store call answers (Redis + SQL stores).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// After the message is in Redis and committed in SQL (MySQL).
-    #[default]
-    Mysql,
-    /// After Redis alone; the SQL copy is written behind.
-    Redis,
-}
-
-/// Limits every store applies.
-#[derive(Debug, Clone, Copy)]
-pub struct StoreLimits {
-    /// Unacked messages kept per user; the oldest are dropped beyond it.
-    pub max_inbox: u32,
-    pub default_ttl_secs: u32,
-    pub max_ttl_secs: u32,
-    /// Deliveries without an ACK after which a message goes to the dead letters.
-    pub max_attempts: u32,
-    /// Entries a broadcast stream keeps (the oldest are trimmed).
-    pub stream_max_len: u32,
-    /// How long a broadcast stream keeps an entry.
-    pub stream_max_age_secs: u32,
-}
-
-impl Default for StoreLimits {
-    fn default() -> Self {
-        StoreLimits {
-            max_inbox: 1000,
-            default_ttl_secs: 7 * 24 * 3600,
-            max_ttl_secs: 30 * 24 * 3600,
-            max_attempts: 5,
-            stream_max_len: 10_000,
-            stream_max_age_secs: 24 * 3600,
-        }
-    }
-}
-
-/// Why a replayed idempotent answer does not belong to this call: the first
-/// call with the key stored other users, another payload or another TTL.
-/// `None`: the same body (same users in the same order, same payload, same
-/// effective TTL), so the first answer is this call's answer too.
-pub fn replay_mismatch(
-    first: &[Message],
-    users: &[String],
-    payload: &[u8],
-    ttl_secs: u32,
-    limits: &StoreLimits,
-) -> Option<&'static str> {
-    if first.len() != users.len()
-        || first
-            .iter()
-            .zip(users)
-            .any(|(message, user)| message.user != *user)
-    {
-        return Some("users");
-    }
-    if first.iter().any(|message| message.payload != payload) {
-        return Some("payload");
-    }
-    let ttl_ms = u64::from(limits.effective_ttl_secs(ttl_secs)) * 1000;
-    if first
-        .iter()
-        .any(|message| message.expires_ms.saturating_sub(message.created_ms) != ttl_ms)
-    {
-        return Some("ttl_secs");
-    }
-    None
-}
-
-impl StoreLimits {
-    /// The TTL a message stored with `requested` seconds gets.
-    pub fn effective_ttl_secs(&self, requested: u32) -> u32 {
-        let max = self.max_ttl_secs.max(1);
-        let ttl = if requested == 0 {
-            self.default_ttl_secs
-        } else {
-            requested
-        };
-        ttl.clamp(1, max)
-    }
-}
-
-/// Where a saver's worker id comes from: the fenced lease keeper granted
-/// (`Cluster::worker_lease`), read at every call; None while the lease may
-/// have lapsed.
-pub type WorkerIdSource = Arc<dyn Fn() -> Option<u32> + Send + Sync>;
-
-/// Message ids for the worker id keeper granted this node, which may change
-/// while the node runs (after a lost lease), and which may be missing: then
-/// no id is minted ([`StoreError::NoWorkerId`]), since another saver may
-/// hold the id by now.
-///
-/// One generator is kept per worker id ever used, never rebuilt: a fresh
-/// generator forgets the sequence state, and could repeat an id its
-/// predecessor made in the same millisecond.
-pub struct MessageIds {
-    worker_id: WorkerIdSource,
-    generators: Mutex<HashMap<u32, Arc<IdGenerator>>>,
-}
-
-impl MessageIds {
-    /// Follows `worker_id`, read at every call.
-    pub fn new(worker_id: WorkerIdSource) -> MessageIds {
-        MessageIds {
-            worker_id,
-            generators: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Follows a node's fenced worker id lease.
-    pub fn from_lease(lease: pushgrid_common::cluster::WorkerLease) -> MessageIds {
-        MessageIds::new(Arc::new(move || lease.current()))
-    }
-
-    /// A fixed worker id, for tests and single-node use.
-    pub fn fixed(worker_id: u32) -> MessageIds {
-        MessageIds::new(Arc::new(move || Some(worker_id)))
-    }
-
-    /// `count` new ids, increasing; an error while no worker id is held.
-    pub fn next_ids(&self, count: usize) -> Result<Vec<u64>, StoreError> {
-        let Some(worker_id) = (self.worker_id)() else {
-            crate::metrics::no_worker_id();
-            return Err(StoreError::NoWorkerId);
-        };
-        let worker_id = worker_id & MAX_WORKER_ID;
-        let generator = {
-            // Held only for the map lookup; never across an await.
-            let mut generators = self
-                .generators
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            generators
-                .entry(worker_id)
-                .or_insert_with(|| Arc::new(IdGenerator::new(worker_id)))
-                .clone()
-        };
-        Ok(generator.next_ids(count))
-    }
-}
-
-/// Checks that `value` is 1 to `max_bytes` bytes; errors name it `what`.
-pub(crate) fn validate_length(what: &str, value: &str, max_bytes: usize) -> Result<(), StoreError> {
-    if value.is_empty() {
-        return Err(StoreError::invalid(format!("{what} must not be empty")));
-    }
-    if value.len() > max_bytes {
-        return Err(StoreError::invalid(format!(
-            "{what} is {} bytes, at most {max_bytes} allowed",
-            value.len()
-        )));
-    }
-    Ok(())
-}
-
-fn validate_app(app: &str) -> Result<(), StoreError> {
-    validate_length("app", app, MAX_APP_BYTES)?;
-    // `<app>:<user>` names a user's Redis keys; a `:` in the app would make it ambiguous.
-    if app.contains(':') {
-        return Err(StoreError::invalid(format!(
-            "app {app:?} must not contain ':'"
-        )));
-    }
-    Ok(())
-}
-
-fn validate_user(user: &str) -> Result<(), StoreError> {
-    validate_length("user", user, MAX_USER_BYTES)
-}
-
-/// Checks a Store call's arguments.
-pub fn validate_store(app: &str, users: &[String], payload: &[u8]) -> Result<(), StoreError> {
-    validate_app(app)?;
-    if users.len() > MAX_USERS_PER_STORE {
-        return Err(StoreError::invalid(format!(
-            "{} users in one store call, at most {MAX_USERS_PER_STORE} allowed",
-            users.len()
-        )));
-    }
-    for user in users {
-        validate_user(user)?;
-    }
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(StoreError::invalid(format!(
-            "payload is {} bytes, at most {MAX_PAYLOAD_BYTES} allowed",
-            payload.len()
-        )));
-    }
-    Ok(())
-}
-
 /// `fragment` `count` times with `separator` between: the placeholder lists
 /// of multi-row SQL statements (every value stays a bound parameter).
 pub(crate) fn repeated(fragment: &str, separator: &str, count: usize) -> String {
     std::iter::repeat_n(fragment, count)
         .collect::<Vec<_>>()
         .join(separator)
-}
-
-/// Checks an idempotency key (empty: none).
-pub fn validate_idempotency_key(key: &str) -> Result<(), StoreError> {
-    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-        return Err(StoreError::invalid(format!(
-            "idempotency key is {} bytes, at most {MAX_IDEMPOTENCY_KEY_BYTES} allowed",
-            key.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a Publish call's arguments and returns the topic to use.
-pub fn validate_publish<'a>(
-    app: &str,
-    topic: &'a str,
-    payload: &[u8],
-) -> Result<&'a str, StoreError> {
-    validate_app(app)?;
-    let topic = validate_topic(topic)?;
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(StoreError::invalid(format!(
-            "payload is {} bytes, at most {MAX_PAYLOAD_BYTES} allowed",
-            payload.len()
-        )));
-    }
-    Ok(topic)
-}
-
-/// Checks a topic; "" means [`ALL_TOPIC`].
-pub fn validate_topic(topic: &str) -> Result<&str, StoreError> {
-    if topic.len() > MAX_TOPIC_BYTES {
-        return Err(StoreError::invalid(format!(
-            "topic is {} bytes, at most {MAX_TOPIC_BYTES} allowed",
-            topic.len()
-        )));
-    }
-    Ok(if topic.is_empty() { ALL_TOPIC } else { topic })
-}
-
-/// Checks a History call and returns it with its topic and limit settled.
-pub fn validate_history(mut query: HistoryQuery) -> Result<HistoryQuery, StoreError> {
-    validate_app(&query.app)?;
-    query.topic = validate_topic(&query.topic)?.to_string();
-    query.limit = if query.limit == 0 {
-        DEFAULT_HISTORY_LIMIT
-    } else {
-        query.limit.min(MAX_HISTORY_LIMIT)
-    };
-    Ok(query)
-}
-
-/// The History answer, given the topic's current epoch and offset (0, 0
-/// when it has no stream) and the entries it holds after `since_offset`
-/// (at most `limit`, oldest first, none older than `oldest_kept_ms`).
-fn history_answer(
-    query: &HistoryQuery,
-    current_epoch: u64,
-    current_offset: u64,
-    mut entries: Vec<BroadcastMessage>,
-    oldest_kept_ms: u64,
-) -> History {
-    let not_recovered = History {
-        messages: Vec::new(),
-        recovered: false,
-        offset: current_offset,
-        epoch: current_epoch,
-    };
-    // A first subscription: nothing to recover, start at the current offset.
-    if query.epoch == 0 {
-        return History {
-            recovered: true,
-            ..not_recovered
-        };
-    }
-    if query.epoch != current_epoch || query.since_offset > current_offset {
-        return not_recovered;
-    }
-    if query.since_offset == current_offset {
-        return History {
-            recovered: true,
-            ..not_recovered
-        };
-    }
-    entries.retain(|entry| entry.created_ms >= oldest_kept_ms);
-    let covers = entries
-        .first()
-        .is_some_and(|entry| entry.offset == query.since_offset + 1);
-    let contiguous = entries
-        .windows(2)
-        .all(|pair| pair[1].offset == pair[0].offset + 1);
-    if !covers || !contiguous {
-        return not_recovered;
-    }
-    History {
-        messages: entries,
-        recovered: true,
-        offset: current_offset,
-        epoch: current_epoch,
-    }
-}
-
-/// Checks a Pending call's arguments and returns the limit to apply.
-pub fn validate_pending(app: &str, user: &str, limit: u32) -> Result<u32, StoreError> {
-    validate_app(app)?;
-    validate_user(user)?;
-    Ok(if limit == 0 {
-        DEFAULT_PENDING_LIMIT
-    } else {
-        limit.min(MAX_PENDING_LIMIT)
-    })
-}
-
-/// Checks an Ack call's items.
-pub fn validate_ack(items: &[AckItem]) -> Result<(), StoreError> {
-    for item in items {
-        validate_app(&item.app)?;
-        validate_user(&item.user)?;
-    }
-    Ok(())
-}
-
-/// The messages a Store call creates, one per user in order, with fresh ids.
-fn new_messages(
-    ids: &MessageIds,
-    limits: &StoreLimits,
-    app: &str,
-    users: &[String],
-    payload: &Bytes,
-    ttl_secs: u32,
-    parent_id: u64,
-) -> Result<Vec<Message>, StoreError> {
-    let created_ms = now_ms();
-    let expires_ms = created_ms + u64::from(limits.effective_ttl_secs(ttl_secs)) * 1000;
-    Ok(ids
-        .next_ids(users.len())?
-        .into_iter()
-        .zip(users)
-        .map(|(id, user)| Message {
-            id,
-            app: app.to_string(),
-            user: user.clone(),
-            payload: payload.clone(),
-            created_ms,
-            expires_ms,
-            attempts: 0,
-            parent_id,
-        })
-        .collect())
-}
-
-/// Checks a StoreMany call's items (as [`validate_store`] does for each).
-pub fn validate_store_many(items: &[StoreItem]) -> Result<(), StoreError> {
-    if items.len() > MAX_USERS_PER_STORE {
-        return Err(StoreError::invalid(format!(
-            "{} items in one store call, at most {MAX_USERS_PER_STORE} allowed",
-            items.len()
-        )));
-    }
-    for item in items {
-        validate_store(&item.app, std::slice::from_ref(&item.user), &item.payload)?;
-    }
-    Ok(())
-}
-
-/// One new message per item, ids increasing in item order.
-fn new_messages_of_items(
-    ids: &MessageIds,
-    limits: &StoreLimits,
-    items: &[StoreItem],
-) -> Result<Vec<Message>, StoreError> {
-    let created_ms = now_ms();
-    Ok(ids
-        .next_ids(items.len())?
-        .into_iter()
-        .zip(items)
-        .map(|(id, item)| Message {
-            id,
-            app: item.app.clone(),
-            user: item.user.clone(),
-            payload: item.payload.clone(),
-            created_ms,
-            expires_ms: created_ms + u64::from(limits.effective_ttl_secs(item.ttl_secs)) * 1000,
-            attempts: 0,
-            ..Message::default()
-        })
-        .collect())
 }
 
 #[cfg(test)]
