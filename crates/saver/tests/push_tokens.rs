@@ -197,7 +197,35 @@ async fn a_users_tokens_are_capped_and_bad_input_is_refused(mysql: bool) {
     finish(store, cleanup).await;
 }
 
+/// One device registering its token several times at once (an SDK resending
+/// it after a reconnect while the first is still in flight): every call is
+/// stored, and the user holds the token once. In MySQL the concurrent
+/// DELETE + INSERT transactions deadlock; the victim is tried again.
+async fn concurrent_registrations_of_one_token_all_succeed(mysql: bool) {
+    let (store, cleanup) = store(mysql).await;
+    let app = random_name("app");
+    let calls = (0..8).map(|_| {
+        let (store, app) = (store.clone(), app.clone());
+        tokio::spawn(async move {
+            store
+                .register_tokens(&app, &[token("u", "phone", "apns", &apns(7))])
+                .await
+        })
+    });
+    for call in futures::future::join_all(calls).await {
+        assert_eq!(call.unwrap().unwrap(), 1);
+    }
+    let held = store.list_tokens(&app, "u").await.unwrap();
+    assert_eq!(values(&held), [apns(7)]);
+    finish(store, cleanup).await;
+}
+
 mod sqlite {
+    #[tokio::test]
+    async fn concurrent_registrations_of_one_token_all_succeed() {
+        super::concurrent_registrations_of_one_token_all_succeed(false).await;
+    }
+
     #[tokio::test]
     async fn registering_moves_and_replaces_tokens() {
         super::registering_moves_and_replaces_tokens(false).await;
@@ -210,6 +238,11 @@ mod sqlite {
 }
 
 mod mysql {
+    #[tokio::test]
+    async fn concurrent_registrations_of_one_token_all_succeed() {
+        super::concurrent_registrations_of_one_token_all_succeed(true).await;
+    }
+
     #[tokio::test]
     async fn registering_moves_and_replaces_tokens() {
         super::registering_moves_and_replaces_tokens(true).await;

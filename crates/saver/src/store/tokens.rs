@@ -63,6 +63,24 @@ impl SqlStore {
         check_count(tokens.len())?;
         tokens.iter().try_for_each(validate_token)?;
         let now = to_sql(now_ms());
+        // Two registrations of the same token or device at once can deadlock
+        // in InnoDB (each DELETE's gap lock blocks the other's INSERT); the
+        // victim applied nothing and is tried again.
+        crate::store::sql::retry_lock_conflicts(|| self.replace_tokens(app, tokens, now)).await?;
+        for user in distinct_users(tokens) {
+            self.trim_user_tokens(app, user).await?;
+        }
+        Ok(tokens.len() as u64)
+    }
+
+    /// One transaction: each token's previous holder and the device's
+    /// previous token of the same provider go, the token is inserted.
+    async fn replace_tokens(
+        &self,
+        app: &str,
+        tokens: &[DevicePushToken],
+        now: i64,
+    ) -> Result<(), StoreError> {
         let mut transaction = self.pool().begin().await?;
         for token in tokens {
             // The token's previous holder, and the device's previous token.
@@ -100,10 +118,7 @@ impl SqlStore {
             .await?;
         }
         transaction.commit().await?;
-        for user in distinct_users(tokens) {
-            self.trim_user_tokens(app, user).await?;
-        }
-        Ok(tokens.len() as u64)
+        Ok(())
     }
 
     /// Drops a user's least recently updated tokens beyond [`MAX_TOKENS_PER_USER`].
