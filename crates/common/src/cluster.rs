@@ -70,6 +70,21 @@ impl Inner {
         }
     }
 
+    /// Registers (again) with a keeper and takes its answer.
+    async fn register(&self) -> Result<RegisterNodeResponse, tonic::Status> {
+        let request = self.register_request();
+        let sent_at = tokio::time::Instant::now();
+        let response = self
+            .keepers
+            .call(|mut keeper| {
+                let request = request.clone();
+                async move { keeper.register(request).await }
+            })
+            .await?;
+        self.registered(&response, sent_at);
+        Ok(response)
+    }
+
     /// Takes a Register answer sent at `sent_at`.
     fn registered(&self, response: &RegisterNodeResponse, sent_at: tokio::time::Instant) {
         self.lease_id.store(response.lease_id, Ordering::Relaxed);
@@ -122,18 +137,8 @@ impl Cluster {
         });
         let mut backoff = Duration::from_millis(100);
         loop {
-            let request = inner.register_request();
-            let sent_at = tokio::time::Instant::now();
-            match inner
-                .keepers
-                .call(|mut keeper| {
-                    let request = request.clone();
-                    async move { keeper.register(request).await }
-                })
-                .await
-            {
+            match inner.register().await {
                 Ok(response) => {
-                    inner.registered(&response, sent_at);
                     tracing::info!(node = %inner.node.id, lease = response.lease_id, worker_id = response.worker_id, "joined cluster");
                     break;
                 }

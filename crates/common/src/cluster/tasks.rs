@@ -63,18 +63,8 @@ pub(super) async fn heartbeat_loop(inner: Arc<Inner>) {
             }
         };
         if register_again {
-            let request = inner.register_request();
-            let sent_at = tokio::time::Instant::now();
-            match inner
-                .keepers
-                .call(|mut keeper| {
-                    let request = request.clone();
-                    async move { keeper.register(request).await }
-                })
-                .await
-            {
+            match inner.register().await {
                 Ok(response) => {
-                    inner.registered(&response, sent_at);
                     tracing::info!(
                         lease = response.lease_id,
                         "lease expired at keeper; registered again"
