@@ -394,6 +394,8 @@ async fn a_keeper_dies_then_every_keeper_is_away_and_devices_and_pushes_carry_on
         .max(8);
     let away_since = std::time::Instant::now();
     cluster.kill_keeper(1).await;
+    // Half the outage passes first, so the device below connects in the
+    // middle of it: a point in the fault, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(away_secs / 2)).await;
     // A device connects (to the room that joined late) and is reached.
     let late = start_device("lou", room.addr("tcp").to_string());
