@@ -904,6 +904,43 @@ fn payloads_of(messages: &[pushgrid_proto::cluster::BroadcastMessage]) -> Vec<St
         .collect()
 }
 
+/// Statements are written for a power of two rows (the rest padded): a
+/// batch of every size is stored once per item, in SQL too, and acked once
+/// per message, whatever the padding repeats.
+async fn batches_of_every_size_are_stored_and_acked_once(
+    backend: Backend,
+) -> anyhow::Result<Harness> {
+    let harness = Harness::new(backend, limits()).await?;
+    for size in [1usize, 2, 3, 5, 7, 8, 9, 17] {
+        let user = format!("batch{size}");
+        let items: Vec<StoreItem> = (0..size)
+            .map(|index| StoreItem {
+                app: harness.app.clone(),
+                user: user.clone(),
+                payload: Bytes::from(format!("{size}-{index}")),
+                ttl_secs: 0,
+            })
+            .collect();
+        let stored = harness.store.store_many(&items).await?;
+        harness.settle().await;
+        assert_eq!(stored.len(), size);
+        assert_eq!(harness.pending(&user).await?.len(), size, "batch of {size}");
+        assert_eq!(
+            harness.live_rows_in_sql(&user).await?,
+            size as i64,
+            "batch of {size}"
+        );
+        assert_eq!(
+            harness.ack(&user, &ids(&stored)).await?,
+            size as u64,
+            "batch of {size}"
+        );
+        assert!(harness.pending(&user).await?.is_empty(), "batch of {size}");
+        assert_eq!(harness.live_rows_in_sql(&user).await?, 0, "batch of {size}");
+    }
+    Ok(harness)
+}
+
 /// One StoreMany call: each item keeps its own user, payload and TTL, ids
 /// increase in item order, every message is pending (and durable in SQL);
 /// one bad item fails the call and stores nothing.
@@ -1014,6 +1051,7 @@ mod backends {
         broadcast_history_recovers_or_says_not,
         concurrent_stores_are_all_durable,
         store_many_keeps_each_items_payload_and_ttl,
+        batches_of_every_size_are_stored_and_acked_once,
         many_inboxes_are_read_at_once,
     );
 }

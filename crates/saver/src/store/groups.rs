@@ -44,7 +44,7 @@ pub const STATUS_KEEP_AFTER_TTL_MS: u64 = 24 * 3600 * 1000;
 /// The most groups `user_groups` answers.
 const MAX_USER_GROUPS: i64 = 10_000;
 /// Rows per multi-row statement.
-const ROW_CHUNK: usize = 500;
+const ROW_CHUNK: usize = 512;
 /// Members copied from SQL to Redis per step of a rebuild.
 const REBUILD_PAGE: u32 = 10_000;
 /// A rebuild that takes longer than this lets another one start.

@@ -25,14 +25,15 @@ use self::group_commit::GroupCommit;
 pub use self::group_commit::GroupCommitConfig;
 pub(crate) use self::retry::{execute_retrying, retry_lock_conflicts};
 
-/// Rows per multi-row INSERT (6 parameters each; SQLite allows 32766).
-const INSERT_CHUNK_ROWS: usize = 1000;
+/// Rows per multi-row INSERT (7 parameters each; SQLite allows 32766).
+/// Chunk sizes are powers of two (see [`statement_rows`](crate::store::statement_rows)).
+const INSERT_CHUNK_ROWS: usize = 1024;
 /// Ids per `IN (...)` list.
-const ID_CHUNK: usize = 1000;
+const ID_CHUNK: usize = 1024;
 /// Users per query when many inboxes are read at once.
 const USER_CHUNK: usize = 500;
 /// (id, app, user) triples per batched ack UPDATE.
-const ACK_CHUNK: usize = 300;
+const ACK_CHUNK: usize = 256;
 /// The table recording applied migrations, apart from other roles' tables.
 const MIGRATIONS_TABLE: &str = "_pushgrid_saver_migrations";
 /// Store calls waiting for a group commit; a full queue makes callers wait.
@@ -59,7 +60,17 @@ impl SqlStore {
         SqlStore::connect_with(url, 16).await
     }
 
+    /// SQLite gets one connection whatever `max_connections` says: it has
+    /// one writer anyway, and in WAL mode a connection drops its whole page
+    /// cache whenever another one wrote, so with 16 connections most
+    /// statements read their pages again from the file (`pushgrid dev` at
+    /// 10,000 pushes/s spent about 8 % less CPU per message with one).
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<SqlStore, StoreError> {
+        let max_connections = if db::is_sqlite(url) {
+            1
+        } else {
+            max_connections
+        };
         let pool = db::connect(url, max_connections)
             .await
             .map_err(|error| StoreError::Connect(format!("{error:#}")))?;

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::error::StoreError;
 use crate::store::sql::execute_retrying;
-use crate::store::{SqlStore, repeated};
+use crate::store::{SqlStore, padded, repeated, statement_rows};
 
 /// One device's row of `message_deliveries`.
 pub(super) struct DeliveryRow<'a> {
@@ -75,12 +75,13 @@ impl SqlStore {
             let text = format!(
                 "{head} INTO message_deliveries (id, user_id, device, delivered_ms, acked_ms) \
                  VALUES {}{conflict}",
-                repeated("(?, ?, ?, ?, ?)", ", ", chunk.len())
+                repeated("(?, ?, ?, ?, ?)", ", ", statement_rows(chunk.len()))
             );
             execute_retrying(self.pool(), || {
-                // Built from fixed fragments; every value is bound.
+                // Built from fixed fragments; every value is bound. A row
+                // written twice in one statement is ignored or merged.
                 let mut query = sqlx::query(AssertSqlSafe(text.clone()));
-                for row in chunk {
+                for row in padded(chunk) {
                     query = query
                         .bind(row.id)
                         .bind(row.user.to_string())

@@ -13,7 +13,7 @@ use super::rows::{id_to_sql, ms_to_sql};
 use super::{COMMIT_QUEUE, INSERT_CHUNK_ROWS, SqlStore};
 use crate::error::StoreError;
 use crate::metrics;
-use crate::store::repeated;
+use crate::store::{repeated, statement_rows};
 
 /// How Store calls are written to SQL: many calls share one transaction
 /// with multi-row INSERTs (group commit), `workers` transactions at a time.
@@ -123,11 +123,26 @@ pub(super) async fn insert_rows(
     connection: &mut AnyConnection,
     messages: &[&Message],
 ) -> Result<(), StoreError> {
+    // On SQLite the statement is written for a power of two rows (see
+    // `statement_rows`): the rows past the chunk's are NULLs that `LIMIT`
+    // leaves out. MySQL has no `VALUES` table in every version, and its
+    // group commits are small enough for the statement cache.
+    let sqlite = connection.backend_name() == "SQLite";
     for chunk in messages.chunks(INSERT_CHUNK_ROWS) {
-        let sql = format!(
-            "INSERT INTO messages (id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts, parent_id) VALUES {}",
-            repeated("(?, ?, ?, ?, ?, ?, NULL, 0, ?)", ", ", chunk.len())
-        );
+        let row = "(?, ?, ?, ?, ?, ?, NULL, 0, ?)";
+        let columns =
+            "id, app, user_id, payload, created_ms, expires_ms, acked_ms, attempts, parent_id";
+        let sql = if sqlite {
+            format!(
+                "INSERT INTO messages ({columns}) SELECT * FROM (VALUES {}) LIMIT ?",
+                repeated(row, ", ", statement_rows(chunk.len()))
+            )
+        } else {
+            format!(
+                "INSERT INTO messages ({columns}) VALUES {}",
+                repeated(row, ", ", chunk.len())
+            )
+        };
         // Generated from a fixed fragment repeated; every value is a bound parameter.
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for message in chunk {
@@ -139,6 +154,14 @@ pub(super) async fn insert_rows(
                 .bind(ms_to_sql(message.created_ms))
                 .bind(ms_to_sql(message.expires_ms))
                 .bind((message.parent_id != 0).then(|| id_to_sql(message.parent_id)));
+        }
+        if sqlite {
+            for _ in chunk.len()..statement_rows(chunk.len()) {
+                for _ in 0..7 {
+                    query = query.bind(None::<i64>);
+                }
+            }
+            query = query.bind(chunk.len() as i64);
         }
         query.execute(&mut *connection).await?;
     }

@@ -11,7 +11,7 @@ use super::rows::{id_to_sql, message_from_row, ms_to_sql, placeholders};
 use super::{ACK_CHUNK, ID_CHUNK, INSERT_CHUNK_ROWS, SqlStore, USER_CHUNK};
 use crate::error::StoreError;
 use crate::metrics;
-use crate::store::{Withdrawal, Withdrawn, repeated};
+use crate::store::{Withdrawal, Withdrawn, padded, repeated, statement_rows};
 
 impl SqlStore {
     /// Deletes the rows of a failed Store call's messages (and their
@@ -254,10 +254,14 @@ impl SqlStore {
         for chunk in triples.chunks(ACK_CHUNK) {
             let sql = format!(
                 "UPDATE messages SET acked_ms = ? WHERE acked_ms IS NULL AND ({})",
-                repeated("(id = ? AND app = ? AND user_id = ?)", " OR ", chunk.len())
+                repeated(
+                    "(id = ? AND app = ? AND user_id = ?)",
+                    " OR ",
+                    statement_rows(chunk.len())
+                )
             );
             let mut query = sqlx::query(AssertSqlSafe(sql)).bind(acked_ms);
-            for (id, app, user) in chunk {
+            for (id, app, user) in padded(chunk) {
                 query = query.bind(*id).bind(app.to_string()).bind(user.to_string());
             }
             acked += query.execute(&self.pool).await?.rows_affected();
