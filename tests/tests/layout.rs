@@ -47,8 +47,6 @@ const FILES_OVER: &[(&str, usize)] = &[
 const FUNCTIONS_OVER: &[(&str, &str, usize)] = &[
     ("crates/center/examples/group_push_bench.rs", "main", 108),
     ("crates/common/examples/credential_check.rs", "main", 137),
-    ("crates/pushgrid/src/cluster.rs", "run", 210),
-    ("crates/pushgrid/src/dev.rs", "run", 208),
     ("crates/room/examples/room_fanout.rs", "main", 101),
 ];
 
