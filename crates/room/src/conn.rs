@@ -18,13 +18,14 @@
 //! socket, the loop of a task connection, forgetting a connection that
 //! ended); its parts are `open` (refusals at accept, handshake, AUTH,
 //! registration), `inbox` (the offline inbox after AUTH), `frames` (the
-//! device's frames), `subscribe` (SUB and the topic history replay) and
+//! device's frames), `push_tokens` (PUSH_TOKEN), `subscribe` (SUB and the topic history replay) and
 //! `kick` (KICK frames and the heartbeat sweeper).
 
 mod frames;
 mod inbox;
 mod kick;
 mod open;
+mod push_tokens;
 mod subscribe;
 
 use std::collections::HashSet;
@@ -44,7 +45,6 @@ use tokio::time::Instant;
 
 pub(crate) use frames::{Next, handle_frame, too_many_calls};
 pub(crate) use kick::{kick_frame, kick_reason_label, sweep_silent_connections};
-pub(crate) use subscribe::broadcast_push;
 
 use crate::admission::IpSlot;
 use crate::shard::Adoption;

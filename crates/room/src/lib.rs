@@ -21,7 +21,6 @@ mod metrics;
 mod ordering;
 mod outbox;
 mod peers;
-mod push_tokens;
 mod service;
 mod shard;
 mod topics;

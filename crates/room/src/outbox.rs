@@ -26,8 +26,6 @@ use pushgrid_proto::client::KickCode;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub(crate) use flush::Flushed;
-
 use crate::metrics;
 use crate::shard::{Flushes, ShardHandle};
 use crate::transport::Transport;
@@ -593,6 +591,7 @@ mod tests {
     use std::io;
 
     use super::*;
+    use crate::shard::Flushed;
 
     fn handle() -> ConnHandle {
         ConnHandle::new(

@@ -41,7 +41,6 @@ pub(crate) use handle::{Adoption, Broadcast, Flushes, ShardHandle, Shards};
 use handle::Command;
 
 use crate::conn::{self, LINGER, Lease, Next, room_clock};
-use crate::outbox::Flushed;
 use crate::transport::{DeviceStream, WRITE_TIMEOUT};
 use crate::{ConnHandle, Room, metrics};
 
@@ -79,6 +78,23 @@ struct Shard {
     unfinished: Vec<(usize, u64)>,
     /// Slots to flush at the end of a command batch (kept for its memory).
     dirty: Vec<usize>,
+}
+
+/// How a flush of a shard connection ended.
+pub(crate) enum Flushed {
+    /// Nothing is left to write (or the queue is held).
+    Done {
+        bytes: usize,
+        frames: usize,
+        writes: usize,
+    },
+    /// The socket is full; the writable event continues.
+    Blocked {
+        bytes: usize,
+        frames: usize,
+        writes: usize,
+    },
+    Failed,
 }
 
 /// How reading a connection's input ended.

@@ -52,7 +52,7 @@ pub(crate) fn handle_frame(room: &Arc<Room>, handle: &Arc<ConnHandle>, frame: Fr
             }
             Next::Continue
         }
-        Op::PushToken => crate::push_tokens::handle_push_token(room, handle, frame),
+        Op::PushToken => super::push_tokens::handle_push_token(room, handle, frame),
         other => Next::Close(error_frame(
             ErrorCode::UnknownOp,
             format!("{other:?} is not a device-to-server op"),

@@ -1,9 +1,9 @@
 //! SUB: a topic's subscription and the replay of the history the device
-//! missed; the PUSH body of a broadcast message.
+//! missed.
 
 use std::sync::Arc;
 
-use pushgrid_proto::client::{ErrorCode, Push, PushKind, Sub, SubOk};
+use pushgrid_proto::client::{ErrorCode, Sub, SubOk};
 use pushgrid_wire::{Op, encode};
 
 use super::error_frame;
@@ -135,7 +135,7 @@ async fn replay_history(
             let id = message.id;
             frames.push(Outbound::own(
                 id,
-                encode(Op::Push, 0, &broadcast_push(message)),
+                encode(Op::Push, 0, &topics::broadcast_push(message)),
             ));
         }
         if sub.epoch == 0 || !recovered || page == 0 || since >= history.offset {
@@ -146,17 +146,4 @@ async fn replay_history(
         recovered,
         position,
     })
-}
-
-/// The PUSH frame body of a broadcast message.
-pub(crate) fn broadcast_push(message: pushgrid_proto::cluster::BroadcastMessage) -> Push {
-    Push {
-        msg_id: message.id,
-        kind: PushKind::Broadcast as i32,
-        topic: message.topic,
-        offset: message.offset,
-        epoch: message.epoch,
-        payload: message.payload,
-        created_ms: message.created_ms,
-    }
 }

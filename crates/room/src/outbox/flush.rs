@@ -4,26 +4,10 @@
 use std::io::{self, IoSlice};
 
 use super::ConnHandle;
+use crate::shard::Flushed;
 
 /// Frames gathered into one vectored write.
 const MAX_IOVECS: usize = 64;
-
-/// How a flush of a shard connection ended.
-pub(crate) enum Flushed {
-    /// Nothing is left to write (or the queue is held).
-    Done {
-        bytes: usize,
-        frames: usize,
-        writes: usize,
-    },
-    /// The socket is full; the writable event continues.
-    Blocked {
-        bytes: usize,
-        frames: usize,
-        writes: usize,
-    },
-    Failed,
-}
 
 impl ConnHandle {
     /// Shard writers: writes queued frames with `write` (a vectored write
