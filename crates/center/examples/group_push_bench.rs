@@ -72,29 +72,30 @@ fn member(index: usize) -> String {
     format!("member{index:07}")
 }
 
-#[tokio::main]
-async fn main() {
-    let options = options();
-    let cluster_options = ClusterOptions {
-        // Devices that sit idle for the whole run must not be kicked for silence.
-        heartbeat_secs: 600,
-        ..ClusterOptions::default()
-    };
-    let cluster = TestCluster::start(cluster_options).await.unwrap();
-
+/// Binds `members` users to the group "bench", 10,000 per call: the seconds
+/// it took.
+async fn bind_members(cluster: &TestCluster, members: usize) -> f64 {
     let started = Instant::now();
-    for chunk in (0..options.members).collect::<Vec<_>>().chunks(10_000) {
+    for chunk in (0..members).collect::<Vec<_>>().chunks(10_000) {
         let users: Vec<String> = chunk.iter().map(|index| member(*index)).collect();
-        call(
-            &cluster,
-            "bind",
-            json!({ "group": "bench", "users": users }),
-        )
-        .await;
+        call(cluster, "bind", json!({ "group": "bench", "users": users })).await;
     }
     let bind_secs = started.elapsed().as_secs_f64();
-    eprintln!("bound {} members in {bind_secs:.2} s", options.members);
+    eprintln!("bound {members} members in {bind_secs:.2} s");
+    bind_secs
+}
 
+/// Connects the members that are online during the push (spread over the
+/// group's pages), 200 at a time, then starts a reader per device that
+/// counts its first push in `received` and its arrival (µs since the returned
+/// origin) in `last_arrival_us`.
+async fn connect_readers(
+    cluster: &TestCluster,
+    options: &Options,
+    received: &Arc<AtomicU64>,
+    last_arrival_us: &Arc<AtomicU64>,
+    timeout: Duration,
+) -> (Instant, tokio::task::JoinSet<impl Send + 'static>) {
     // Connected members: every 10th member (spread over the group's pages).
     let step = (options.members / options.connected.max(1)).max(1);
     let connected: Vec<usize> = (0..options.members)
@@ -103,24 +104,17 @@ async fn main() {
         .collect();
     let mut devices = Vec::with_capacity(connected.len());
     for chunk in connected.chunks(200) {
-        let connects = chunk.iter().map(|index| {
-            let cluster = &cluster;
-            async move {
-                cluster
-                    .device_at(0, &member(*index), "phone")
-                    .await
-                    .unwrap()
-                    .0
-            }
+        let connects = chunk.iter().map(|index| async move {
+            cluster
+                .device_at(0, &member(*index), "phone")
+                .await
+                .unwrap()
+                .0
         });
         devices.extend(futures::future::join_all(connects).await);
     }
     eprintln!("connected {} devices", devices.len());
-
-    let received = Arc::new(AtomicU64::new(0));
-    let last_arrival_us = Arc::new(AtomicU64::new(0));
     let origin = Instant::now();
-    let timeout = Duration::from_secs(options.timeout_secs);
     let mut readers = tokio::task::JoinSet::new();
     for mut device in devices {
         let (received, last_arrival_us) = (received.clone(), last_arrival_us.clone());
@@ -132,21 +126,23 @@ async fn main() {
             device
         });
     }
+    (origin, readers)
+}
 
-    let sent_at = origin.elapsed();
-    let pushed = call(
-        &cluster,
-        "push_group",
-        json!({ "group": "bench", "payload": "group bench" }),
-    )
-    .await;
-    let accepted_ms = (origin.elapsed() - sent_at).as_secs_f64() * 1000.0;
-    let id = pushed["id"].as_str().unwrap().to_string();
-
+/// Polls the message's status until its fan-out is done and every reader
+/// ended (or `timeout`): seconds from `sent_at` to the fan-out's end.
+async fn wait_for_fanout(
+    cluster: &TestCluster,
+    id: &str,
+    sent_at: Duration,
+    origin: Instant,
+    timeout: Duration,
+    readers: &mut tokio::task::JoinSet<impl Send + 'static>,
+) -> Option<f64> {
     let mut fanout_done_secs = None;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        let status = call(&cluster, "message_status", json!({ "id": id })).await;
+        let status = call(cluster, "message_status", json!({ "id": id })).await;
         if fanout_done_secs.is_none() && status["fanout_done"] == true {
             fanout_done_secs = Some((origin.elapsed() - sent_at).as_secs_f64());
         }
@@ -158,6 +154,39 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    fanout_done_secs
+}
+
+#[tokio::main]
+async fn main() {
+    let options = options();
+    let cluster_options = ClusterOptions {
+        // Devices that sit idle for the whole run must not be kicked for silence.
+        heartbeat_secs: 600,
+        ..ClusterOptions::default()
+    };
+    let cluster = TestCluster::start(cluster_options).await.unwrap();
+
+    let bind_secs = bind_members(&cluster, options.members).await;
+
+    let received = Arc::new(AtomicU64::new(0));
+    let last_arrival_us = Arc::new(AtomicU64::new(0));
+    let timeout = Duration::from_secs(options.timeout_secs);
+    let (origin, mut readers) =
+        connect_readers(&cluster, &options, &received, &last_arrival_us, timeout).await;
+
+    let sent_at = origin.elapsed();
+    let pushed = call(
+        &cluster,
+        "push_group",
+        json!({ "group": "bench", "payload": "group bench" }),
+    )
+    .await;
+    let accepted_ms = (origin.elapsed() - sent_at).as_secs_f64() * 1000.0;
+    let id = pushed["id"].as_str().unwrap().to_string();
+
+    let fanout_done_secs =
+        wait_for_fanout(&cluster, &id, sent_at, origin, timeout, &mut readers).await;
     let status_started = Instant::now();
     let status = call(&cluster, "message_status", json!({ "id": id })).await;
     let status_ms = status_started.elapsed().as_secs_f64() * 1000.0;

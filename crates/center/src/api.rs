@@ -118,6 +118,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A user id named in a request (field `field`): the wire's id rules, a bad
+/// one answered 400.
+pub(crate) fn check_user(field: &str, user: &str) -> Result<(), ApiError> {
+    pushgrid_wire::check_id("a user id", user)
+        .map_err(|problem| ApiError::bad_request(format!("{field}: {problem}")))
+}
+
 pub(crate) fn ok(result: serde_json::Value) -> Response {
     (StatusCode::OK, axum::Json(json!({ "result": result }))).into_response()
 }

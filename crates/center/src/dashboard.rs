@@ -255,35 +255,7 @@ async fn take_snapshot(cluster: &Cluster) -> Snapshot {
                 .insert((role, node.admin_addr.clone()), ())
                 .is_none()
         {
-            let samples = parse_metrics(&text);
-            let sum = |name: &str| samples.get(name).copied().unwrap_or(0.0);
-            match node.role() {
-                Role::Center => {
-                    totals.messages_in += sum("pushgrid_center_pushed_total");
-                    totals.route_queue_depth += sum("pushgrid_center_route_queue_depth");
-                    let max = |current: f64, name: &str| current.max(sum(name));
-                    totals.store_p50_seconds = max(
-                        totals.store_p50_seconds,
-                        "pushgrid_center_store_seconds{quantile=\"0.5\"}",
-                    );
-                    totals.store_p99_seconds = max(
-                        totals.store_p99_seconds,
-                        "pushgrid_center_store_seconds{quantile=\"0.99\"}",
-                    );
-                    totals.route_p99_seconds = max(
-                        totals.route_p99_seconds,
-                        "pushgrid_center_route_seconds{quantile=\"0.99\"}",
-                    );
-                }
-                Role::Room => {
-                    totals.messages_out += sum("pushgrid_room_delivered_total")
-                        + sum("pushgrid_room_inbox_pushed_total");
-                    totals.delivery_p99_seconds = totals.delivery_p99_seconds.max(sum(
-                        "pushgrid_room_delivery_latency_seconds{quantile=\"0.99\"}",
-                    ));
-                }
-                _ => {}
-            }
+            add_metrics(&mut totals, node.role(), &text);
         }
         nodes.push(NodeStatus {
             id: node.id.clone(),
@@ -302,6 +274,41 @@ async fn take_snapshot(cluster: &Cluster) -> Snapshot {
         nodes,
         rooms,
         totals,
+    }
+}
+
+/// Adds what one node's metrics (Prometheus text) tell to the totals: center's
+/// messages in, route queue and store/route latencies; a room's messages out
+/// and delivery latency.
+fn add_metrics(totals: &mut Totals, role: Role, text: &str) {
+    let samples = parse_metrics(text);
+    let sum = |name: &str| samples.get(name).copied().unwrap_or(0.0);
+    match role {
+        Role::Center => {
+            totals.messages_in += sum("pushgrid_center_pushed_total");
+            totals.route_queue_depth += sum("pushgrid_center_route_queue_depth");
+            let max = |current: f64, name: &str| current.max(sum(name));
+            totals.store_p50_seconds = max(
+                totals.store_p50_seconds,
+                "pushgrid_center_store_seconds{quantile=\"0.5\"}",
+            );
+            totals.store_p99_seconds = max(
+                totals.store_p99_seconds,
+                "pushgrid_center_store_seconds{quantile=\"0.99\"}",
+            );
+            totals.route_p99_seconds = max(
+                totals.route_p99_seconds,
+                "pushgrid_center_route_seconds{quantile=\"0.99\"}",
+            );
+        }
+        Role::Room => {
+            totals.messages_out +=
+                sum("pushgrid_room_delivered_total") + sum("pushgrid_room_inbox_pushed_total");
+            totals.delivery_p99_seconds = totals.delivery_p99_seconds.max(sum(
+                "pushgrid_room_delivery_latency_seconds{quantile=\"0.99\"}",
+            ));
+        }
+        _ => {}
     }
 }
 

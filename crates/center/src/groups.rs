@@ -277,7 +277,7 @@ pub(crate) async fn user_groups(
     app: &App,
     params: UserGroupsParams,
 ) -> Result<Value, ApiError> {
-    crate::methods::check_user("user", &params.user)?;
+    crate::api::check_user("user", &params.user)?;
     let request = UserGroupsRequest {
         app: app.id.clone(),
         user: params.user.clone(),

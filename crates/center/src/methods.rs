@@ -13,7 +13,7 @@ use pushgrid_proto::cluster::{App, AppStatsRequest, KickRequest, LookupRequest, 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, ApiState, Params, unavailable};
+use crate::api::{ApiError, ApiState, Params, check_user, unavailable};
 
 /// A `POST /api/<name>` method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,11 +127,6 @@ pub(crate) async fn call_command(
         Method::ListTokens => crate::tokens::list_tokens(state, app, params.parse()?).await,
         Method::RemoveToken => crate::tokens::remove_token(state, app, params.parse()?).await,
     }
-}
-
-pub(crate) fn check_user(field: &str, user: &str) -> Result<(), ApiError> {
-    pushgrid_wire::check_id("a user id", user)
-        .map_err(|problem| ApiError::bad_request(format!("{field}: {problem}")))
 }
 
 #[derive(Debug, Deserialize)]

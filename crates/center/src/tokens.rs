@@ -13,8 +13,7 @@ use pushgrid_proto::cluster::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, ApiState, unavailable};
-use crate::methods::check_user;
+use crate::api::{ApiError, ApiState, check_user, unavailable};
 
 /// A live saver's channel (any saver serves any app: they share storage).
 fn saver(state: &ApiState, app: &str, user: &str) -> Result<Channel, ApiError> {

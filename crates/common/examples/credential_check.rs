@@ -151,32 +151,25 @@ fn machine() -> serde_json::Value {
     })
 }
 
-fn main() {
-    let args = args();
-    let iterations = args.iterations;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime");
-    let machine = machine();
-
-    // The cluster's keys: one per role, every server holding all verifiers.
-    let roles = pushgrid_common::auth::ROLES;
-    let keys: Vec<RoleKey> = roles.iter().map(|role| RoleKey::generate(*role)).collect();
-    let center = keys[roles
+/// The key of `role` among the cluster's keys (one per role, in the order
+/// of `ROLES`).
+fn key_of(keys: &[RoleKey], role: Role) -> RoleKey {
+    keys[pushgrid_common::auth::ROLES
         .iter()
-        .position(|role| *role == Role::Center)
+        .position(|known| *known == role)
         .expect("every role has a key")]
-    .clone();
-    let verifiers = Verifiers::new(keys.iter().map(RoleKey::verifier).collect());
-    // Mid-rotation: two keys per role.
-    let rotating = Verifiers::new(
-        keys.iter()
-            .map(RoleKey::verifier)
-            .chain(roles.iter().map(|role| RoleKey::generate(*role).verifier()))
-            .collect(),
-    );
-    let stranger = RoleKey::generate(Role::Center);
+    .clone()
+}
 
+/// Median ns of one `Verifiers::check`: accepted among 7 verifiers,
+/// accepted among 14 (mid-rotation), refused (an unknown key).
+fn verifier_checks(
+    iterations: u64,
+    verifiers: &Verifiers,
+    rotating: &Verifiers,
+    center: &RoleKey,
+    stranger: &RoleKey,
+) -> (f64, f64, f64) {
     let check_7 = median_ns(iterations, |count| {
         for _ in 0..count {
             black_box(verifiers.check(black_box(center.expose())).ok());
@@ -192,16 +185,84 @@ fn main() {
             black_box(verifiers.check(black_box(stranger.expose())).err());
         }
     });
+    (check_7, check_14, check_refused)
+}
+
+/// Median ns of verifying a device token, done once per connection (AUTH),
+/// not per push.
+fn jwt_verify_ns(iterations: u64) -> f64 {
+    let now = pushgrid_common::now_ms() / 1000;
+    let token = jwt::sign_with_times(
+        &Claims {
+            sub: "alice".into(),
+            app: "demo".into(),
+            exp: now + 7 * 24 * 3600,
+            dev: "alice-phone".into(),
+        },
+        TimeClaims {
+            iat: Some(now),
+            nbf: None,
+        },
+        "demo-secret-of-32-bytes-or-more!",
+    );
+    let policy = TokenPolicy::default();
+    median_ns(iterations / 10 + 1, |count| {
+        for _ in 0..count {
+            black_box(
+                jwt::verify(
+                    black_box(&token),
+                    "demo-secret-of-32-bytes-or-more!",
+                    &policy,
+                )
+                .ok(),
+            );
+        }
+    })
+}
+
+/// What the checks cost of one push, given the push's CPU time.
+fn push_share(
+    push_cpu_us: Option<f64>,
+    per_push_ns: f64,
+    jwt_ns: f64,
+) -> Option<serde_json::Value> {
+    push_cpu_us.map(|push_us| {
+        json!({
+            "push_cpu_us": push_us,
+            "checks_per_push_ns": per_push_ns.round(),
+            "checks_share_of_push_percent": (per_push_ns / (push_us * 1000.0) * 100.0 * 1000.0).round() / 1000.0,
+            "jwt_verify_share_of_push_percent": (jwt_ns / (push_us * 1000.0) * 100.0 * 1000.0).round() / 1000.0,
+        })
+    })
+}
+
+fn main() {
+    let args = args();
+    let iterations = args.iterations;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let machine = machine();
+
+    // The cluster's keys: one per role, every server holding all verifiers.
+    let roles = pushgrid_common::auth::ROLES;
+    let keys: Vec<RoleKey> = roles.iter().map(|role| RoleKey::generate(*role)).collect();
+    let center = key_of(&keys, Role::Center);
+    let verifiers = Verifiers::new(keys.iter().map(RoleKey::verifier).collect());
+    // Mid-rotation: two keys per role.
+    let rotating = Verifiers::new(
+        keys.iter()
+            .map(RoleKey::verifier)
+            .chain(roles.iter().map(|role| RoleKey::generate(*role).verifier()))
+            .collect(),
+    );
+    let stranger = RoleKey::generate(Role::Center);
+
+    let (check_7, check_14, check_refused) =
+        verifier_checks(iterations, &verifiers, &rotating, &center, &stranger);
 
     // The server side: saver's layer in front of a service that answers at once.
-    let saver = Credentials::new(
-        keys[roles
-            .iter()
-            .position(|role| *role == Role::Saver)
-            .expect("every role has a key")]
-        .clone(),
-        verifiers.clone(),
-    );
+    let saver = Credentials::new(key_of(&keys, Role::Saver), verifiers.clone());
     let center_credentials = Credentials::new(center.clone(), verifiers.clone());
     let header = center_credentials.header();
     const STORE: &str = "/pushgrid.cluster.Saver/Store";
@@ -225,44 +286,10 @@ fn main() {
     let layer_ns = (checked - bare).max(0.0);
     let attach_ns = (keyed - bare_unkeyed).max(0.0);
 
-    // A device token, verified once per connection (AUTH), not per push.
-    let now = pushgrid_common::now_ms() / 1000;
-    let token = jwt::sign_with_times(
-        &Claims {
-            sub: "alice".into(),
-            app: "demo".into(),
-            exp: now + 7 * 24 * 3600,
-            dev: "alice-phone".into(),
-        },
-        TimeClaims {
-            iat: Some(now),
-            nbf: None,
-        },
-        "demo-secret-of-32-bytes-or-more!",
-    );
-    let policy = TokenPolicy::default();
-    let jwt_ns = median_ns(iterations / 10 + 1, |count| {
-        for _ in 0..count {
-            black_box(
-                jwt::verify(
-                    black_box(&token),
-                    "demo-secret-of-32-bytes-or-more!",
-                    &policy,
-                )
-                .ok(),
-            );
-        }
-    });
+    let jwt_ns = jwt_verify_ns(iterations);
 
     let per_push_ns = CHECKED_CALLS_PER_PUSH * (layer_ns + attach_ns);
-    let share = args.push_cpu_us.map(|push_us| {
-        json!({
-            "push_cpu_us": push_us,
-            "checks_per_push_ns": per_push_ns.round(),
-            "checks_share_of_push_percent": (per_push_ns / (push_us * 1000.0) * 100.0 * 1000.0).round() / 1000.0,
-            "jwt_verify_share_of_push_percent": (jwt_ns / (push_us * 1000.0) * 100.0 * 1000.0).round() / 1000.0,
-        })
-    });
+    let share = push_share(args.push_cpu_us, per_push_ns, jwt_ns);
     let report = json!({
         "iterations_per_round": iterations,
         "rounds": 7,

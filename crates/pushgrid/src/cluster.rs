@@ -249,15 +249,100 @@ fn setting_text(raw: &str) -> String {
         .unwrap_or_else(|| raw.to_string())
 }
 
+/// Starts keepers, then the other roles pointed at them, supervises every
+/// instance until SIGINT/SIGTERM, then stops rooms, the other roles and
+/// keepers in that order.
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     telemetry::init_tracing(false);
-    let bin_dir = match args.bin_dir.clone() {
+    let bin_dir = bin_dir(&args)?;
+    check_counts(&args)?;
+    std::fs::create_dir_all(&args.data_dir)?;
+    let credentials_dir = crate::dev::ensure_credentials(&args.data_dir.canonicalize()?)?;
+    check_credentials(&args.role_sets, &credentials_dir)?;
+    let plan = Plan {
+        args: &args,
+        bin_dir,
+        credentials_dir: &credentials_dir,
+    };
+
+    let admin = net::bind(&args.admin_listen).await?;
+    let admin_addr = admin.local_addr()?;
+    net::announce("cluster", "admin", admin_addr);
+    let shutdown = CancellationToken::new();
+    pushgrid_common::cli::spawn_signal_handler(shutdown.clone());
+
+    // Keepers first: the other roles are told their addresses.
+    let (lines, line_receiver) = mpsc::channel::<Line>(1024);
+    let printer = tokio::spawn(print_lines(line_receiver));
+    let starter = Starter::new(&args, lines, &shutdown);
+    let stop_keepers = CancellationToken::new();
+    let stop_roles = CancellationToken::new();
+    let stop_rooms = CancellationToken::new();
+    let mut keeper_tasks = JoinSet::new();
+    let mut keepers = Vec::new();
+    for index in 0..args.keepers {
+        let keeper = plan.instance(Kind::Keeper, format!("keeper-{index}"), index, None)?;
+        starter.start(&keeper, stop_keepers.clone(), &mut keeper_tasks);
+        keepers.push(keeper);
+    }
+    tokio::spawn(telemetry::serve_admin_with(
+        admin,
+        "launcher",
+        health(starter.all.clone()),
+        pushgrid_common::auth::read_admin_token(&credentials_dir),
+        shutdown.clone(),
+    ));
+    let Some(keeper_list) = keeper_addresses(&keepers, &shutdown).await? else {
+        stop_keepers.cancel();
+        while keeper_tasks.join_next().await.is_some() {}
+        return Ok(());
+    };
+
+    let mut role_tasks = JoinSet::new();
+    let mut room_tasks = JoinSet::new();
+    let mut others = Vec::new();
+    for (kind, name, index) in role_plan(&args) {
+        let role = plan.instance(kind, name, index, Some(&keeper_list))?;
+        let (tasks, stop) = if kind == Kind::Room {
+            (&mut room_tasks, stop_rooms.clone())
+        } else {
+            (&mut role_tasks, stop_roles.clone())
+        };
+        starter.start(&role, stop, tasks);
+        others.push(role);
+    }
+    drop(starter);
+    tokio::select! {
+        () = announce_when_ready(&others, &keeper_list, admin_addr, &credentials_dir) => {}
+        _ = shutdown.cancelled() => {}
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("stopping the cluster: rooms, then the other roles, then keepers");
+    stop_rooms.cancel();
+    while room_tasks.join_next().await.is_some() {}
+    stop_roles.cancel();
+    while role_tasks.join_next().await.is_some() {}
+    stop_keepers.cancel();
+    while keeper_tasks.join_next().await.is_some() {}
+    let _ = printer.await;
+    Ok(())
+}
+
+/// Where the role binaries are: `--bin-dir`, else beside this binary.
+fn bin_dir(args: &ClusterArgs) -> anyhow::Result<PathBuf> {
+    Ok(match args.bin_dir.clone() {
         Some(dir) => dir,
         None => std::env::current_exe()?
             .parent()
             .map(Path::to_path_buf)
             .ok_or_else(|| anyhow::anyhow!("cannot find the directory of this binary"))?,
-    };
+    })
+}
+
+/// The instance counts must be 1 to their fixed-port maximum (any number
+/// above 0 with `--ephemeral-ports`).
+fn check_counts(args: &ClusterArgs) -> anyhow::Result<()> {
     let counts = [
         ("keepers", args.keepers),
         ("registers", args.registers),
@@ -276,28 +361,37 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             "--rooms must be 1 to {MAX_ROOMS} (any number above 0 with --ephemeral-ports)"
         );
     }
-    std::fs::create_dir_all(&args.data_dir)?;
-    let credentials_dir = crate::dev::ensure_credentials(&args.data_dir.canonicalize()?)?;
-    check_credentials(&args.role_sets, &credentials_dir)?;
-    let host = args.host.clone();
-    let ports = |kind: Kind, index: u16| {
-        if args.ephemeral_ports {
-            kind.ephemeral_ports(&host)
+    Ok(())
+}
+
+/// How each instance is launched: its binary, its ports and its settings.
+struct Plan<'a> {
+    args: &'a ClusterArgs,
+    bin_dir: PathBuf,
+    credentials_dir: &'a Path,
+}
+
+impl Plan<'_> {
+    /// Instance `name` (the `index`th of its kind), pointed at `keepers`
+    /// (none for a keeper).
+    fn instance(
+        &self,
+        kind: Kind,
+        name: String,
+        index: u16,
+        keepers: Option<&str>,
+    ) -> anyhow::Result<Arc<Instance>> {
+        let args = self.args;
+        let ports = if args.ephemeral_ports {
+            kind.ephemeral_ports(&args.host)
         } else {
-            kind.fixed_ports(index, &host)
-        }
-    };
-    let instance = |kind: Kind,
-                    name: String,
-                    index: u16,
-                    keepers: Option<&str>|
-     -> anyhow::Result<Arc<Instance>> {
-        let ports = ports(kind, index);
+            kind.fixed_ports(index, &args.host)
+        };
         let mut settings = vec![
             format!("node_id={name}"),
             format!("listen={}", ports.grpc),
             format!("admin_listen={}", ports.admin),
-            format!("credentials_dir={}", credentials_dir.display()),
+            format!("credentials_dir={}", self.credentials_dir.display()),
         ];
         if let Some(keepers) = keepers {
             settings.push(format!("keeper={keepers}"));
@@ -322,74 +416,81 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             _ => {}
         }
         settings.extend(extra_settings(&args.role_sets, kind)?);
-        Ok(Instance::new(name, bin_dir.join(kind.binary()), settings))
-    };
+        Ok(Instance::new(
+            name,
+            self.bin_dir.join(kind.binary()),
+            settings,
+        ))
+    }
+}
 
-    let admin = net::bind(&args.admin_listen).await?;
-    let admin_addr = admin.local_addr()?;
-    net::announce("cluster", "admin", admin_addr);
-    let shutdown = CancellationToken::new();
-    pushgrid_common::cli::spawn_signal_handler(shutdown.clone());
+/// Starts instances under supervision, each remembered for the launcher's
+/// health.
+struct Starter {
+    backoff: Backoff,
+    grace: Duration,
+    lines: mpsc::Sender<Line>,
+    shutdown: CancellationToken,
+    all: Arc<std::sync::Mutex<Vec<Arc<Instance>>>>,
+}
 
-    // Keepers first: the other roles are told their addresses.
-    let (lines, line_receiver) = mpsc::channel::<Line>(1024);
-    let printer = tokio::spawn(print_lines(line_receiver));
-    let backoff = Backoff {
-        min: Duration::from_millis(args.restart_backoff_ms.max(1)),
-        max: Duration::from_millis(
-            args.restart_backoff_max_ms
-                .max(args.restart_backoff_ms.max(1)),
-        ),
-    };
-    let grace = Duration::from_secs(args.stop_grace_secs);
-    let stop_keepers = CancellationToken::new();
-    let stop_roles = CancellationToken::new();
-    let stop_rooms = CancellationToken::new();
-    let all: Arc<std::sync::Mutex<Vec<Arc<Instance>>>> = Arc::default();
-    let remember = |instance: &Arc<Instance>| {
-        all.lock()
+impl Starter {
+    /// With the restart back-off and stop grace of `args`; children's lines go
+    /// to `lines`.
+    fn new(args: &ClusterArgs, lines: mpsc::Sender<Line>, shutdown: &CancellationToken) -> Starter {
+        Starter {
+            backoff: Backoff {
+                min: Duration::from_millis(args.restart_backoff_ms.max(1)),
+                max: Duration::from_millis(
+                    args.restart_backoff_max_ms
+                        .max(args.restart_backoff_ms.max(1)),
+                ),
+            },
+            grace: Duration::from_secs(args.stop_grace_secs),
+            lines,
+            shutdown: shutdown.clone(),
+            all: Arc::default(),
+        }
+    }
+
+    fn start(&self, instance: &Arc<Instance>, stop: CancellationToken, tasks: &mut JoinSet<()>) {
+        tasks.spawn(supervise(
+            instance.clone(),
+            self.backoff,
+            self.grace,
+            self.lines.clone(),
+            stop,
+            self.shutdown.clone(),
+        ));
+        self.all
+            .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(instance.clone());
-    };
-    let mut keeper_tasks = JoinSet::new();
-    let mut keepers = Vec::new();
-    for index in 0..args.keepers {
-        let keeper = instance(Kind::Keeper, format!("keeper-{index}"), index, None)?;
-        keeper_tasks.spawn(supervise(
-            keeper.clone(),
-            backoff,
-            grace,
-            lines.clone(),
-            stop_keepers.clone(),
-            shutdown.clone(),
-        ));
-        remember(&keeper);
-        keepers.push(keeper);
     }
-    tokio::spawn(telemetry::serve_admin_with(
-        admin,
-        "launcher",
-        health(all.clone()),
-        pushgrid_common::auth::read_admin_token(&credentials_dir),
-        shutdown.clone(),
-    ));
+}
+
+/// The keepers' gRPC addresses, comma-separated, once each is ready; `None`
+/// when the launcher is stopped first.
+async fn keeper_addresses(
+    keepers: &[Arc<Instance>],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<String>> {
     let mut keeper_addrs = Vec::new();
-    for keeper in &keepers {
+    for keeper in keepers {
         tokio::select! {
             ready = keeper.wait_ready(1, Duration::from_secs(60)) => ready?,
-            _ = shutdown.cancelled() => {
-                stop_keepers.cancel();
-                while keeper_tasks.join_next().await.is_some() {}
-                return Ok(());
-            }
+            _ = shutdown.cancelled() => return Ok(None),
         }
         let addr = keeper
             .bound("grpc")
             .ok_or_else(|| anyhow::anyhow!("{} announced no gRPC address", keeper.name))?;
         keeper_addrs.push(addr);
     }
-    let keeper_list = keeper_addrs.join(",");
+    Ok(Some(keeper_addrs.join(",")))
+}
 
+/// The roles after keepers, in start order: (kind, instance name, index).
+fn role_plan(args: &ClusterArgs) -> Vec<(Kind, String, u16)> {
     let mut plan: Vec<(Kind, String, u16)> = Vec::new();
     let numbered = |kind: Kind, count: u16| {
         (0..count).map(move |index| (kind, format!("{}-{index}", kind.binary()), index))
@@ -400,64 +501,54 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     plan.extend(numbered(Kind::Center, args.centers));
     plan.push((Kind::Dispatcher, "dispatcher".into(), 0));
     plan.extend(numbered(Kind::Room, args.rooms));
-    let mut role_tasks = JoinSet::new();
-    let mut room_tasks = JoinSet::new();
-    let mut others = Vec::new();
-    for (kind, name, index) in plan {
-        let role = instance(kind, name, index, Some(&keeper_list))?;
-        let (tasks, stop) = if kind == Kind::Room {
-            (&mut room_tasks, stop_rooms.clone())
-        } else {
-            (&mut role_tasks, stop_roles.clone())
-        };
-        tasks.spawn(supervise(
-            role.clone(),
-            backoff,
-            grace,
-            lines.clone(),
-            stop,
-            shutdown.clone(),
-        ));
-        remember(&role);
-        others.push(role);
-    }
-    drop(lines);
+    plan
+}
+
+/// Waits until every role is ready, then announces the cluster and prints
+/// where its APIs and credentials are; a role not ready in time is logged
+/// (the launcher keeps supervising).
+async fn announce_when_ready(
+    others: &[Arc<Instance>],
+    keeper_list: &str,
+    admin_addr: std::net::SocketAddr,
+    credentials_dir: &Path,
+) {
     let ready = async {
-        for role in &others {
+        for role in others {
             role.wait_ready(1, Duration::from_secs(120)).await?;
         }
         anyhow::Ok(())
     };
-    tokio::select! {
-        result = ready => match result {
-            Ok(()) => {
-                net::announce("cluster", "ready", admin_addr);
-                let center = others.iter().find(|role| role.name == "center-0").and_then(|role| role.bound("http")).unwrap_or_default();
-                let dispatcher = others.iter().find(|role| role.name == "dispatcher").and_then(|role| role.bound("http")).unwrap_or_default();
-                let room = others.iter().find(|role| role.name == "room-0").and_then(|role| role.bound("tcp")).unwrap_or_default();
-                println!(
-                    "pushgrid cluster: push API http://{center}/api/push (API key {DEMO_API_KEY}), dispatcher http://{dispatcher}, rooms from {room}, keepers {keeper_list}, launcher metrics http://{admin_addr}/metrics"
-                );
-                println!(
-                    "pushgrid cluster: admin token in {dir}/admin-token (keeper admin API, dashboard, /debug/ on admin ports, stats/info of the whole cluster); cluster credentials in {dir} (docs/security.md)",
-                    dir = credentials_dir.display()
-                );
-            }
-            Err(error) => tracing::warn!(%error, "not every role was ready in time; the launcher keeps supervising"),
-        },
-        _ = shutdown.cancelled() => {}
+    match ready.await {
+        Ok(()) => {
+            net::announce("cluster", "ready", admin_addr);
+            let center = others
+                .iter()
+                .find(|role| role.name == "center-0")
+                .and_then(|role| role.bound("http"))
+                .unwrap_or_default();
+            let dispatcher = others
+                .iter()
+                .find(|role| role.name == "dispatcher")
+                .and_then(|role| role.bound("http"))
+                .unwrap_or_default();
+            let room = others
+                .iter()
+                .find(|role| role.name == "room-0")
+                .and_then(|role| role.bound("tcp"))
+                .unwrap_or_default();
+            println!(
+                "pushgrid cluster: push API http://{center}/api/push (API key {DEMO_API_KEY}), dispatcher http://{dispatcher}, rooms from {room}, keepers {keeper_list}, launcher metrics http://{admin_addr}/metrics"
+            );
+            println!(
+                "pushgrid cluster: admin token in {dir}/admin-token (keeper admin API, dashboard, /debug/ on admin ports, stats/info of the whole cluster); cluster credentials in {dir} (docs/security.md)",
+                dir = credentials_dir.display()
+            );
+        }
+        Err(error) => {
+            tracing::warn!(%error, "not every role was ready in time; the launcher keeps supervising")
+        }
     }
-
-    shutdown.cancelled().await;
-    tracing::info!("stopping the cluster: rooms, then the other roles, then keepers");
-    stop_rooms.cancel();
-    while room_tasks.join_next().await.is_some() {}
-    stop_roles.cancel();
-    while role_tasks.join_next().await.is_some() {}
-    stop_keepers.cancel();
-    while keeper_tasks.join_next().await.is_some() {}
-    let _ = printer.await;
-    Ok(())
 }
 
 /// The launcher is healthy while every instance's process runs.

@@ -76,6 +76,7 @@ pub fn ensure_credentials(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Runs every role in this process, with the demo page, until a stop signal.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let data_dir = args.data_dir.canonicalize()?;
@@ -87,162 +88,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     pushgrid_common::cli::spawn_signal_handler(shutdown.clone());
-    let sqlite = |name: &str| format!("sqlite://{}", data_dir.join(name).display());
     let credentials_dir = ensure_credentials(&data_dir)?;
 
-    let mut keeper = pushgrid_keeper::KeeperConfig {
-        node: internal_node(&credentials_dir),
-        ..Default::default()
-    };
-    keeper.database_url = sqlite("keeper.db");
-    keeper.apps = vec![AppSeed {
-        id: DEMO_APP.into(),
-        jwt_secret: DEMO_SECRET.into(),
-        api_key: DEMO_API_KEY.into(),
-        webhook_url: args.webhook_url.clone(),
-        ..Default::default()
-    }];
-    keeper.http_listen = "127.0.0.1:0".into();
-    let keeper_listeners = pushgrid_keeper::Listeners::bind(&keeper).await?;
-    let keeper_addr = keeper_listeners.grpc.local_addr()?.to_string();
-    let node = || NodeConfig {
-        keeper: keeper_addr.clone(),
-        ..internal_node(&credentials_dir)
-    };
-
-    let register = pushgrid_register::RegisterConfig {
-        node: node(),
-        ..Default::default()
-    };
-    let saver = pushgrid_saver::SaverConfig {
-        node: node(),
-        database_url: sqlite("saver.db"),
-        ..Default::default()
-    };
-    let coordinator = pushgrid_coordinator::CoordinatorConfig {
-        node: node(),
-        ..Default::default()
-    };
-    let center = pushgrid_center::CenterConfig {
-        node: node(),
-        http_listen: args.center_listen.clone(),
-        ..Default::default()
-    };
-    let dispatcher = pushgrid_dispatcher::DispatcherConfig {
-        node: node(),
-        http_listen: args.dispatcher_listen.clone(),
-        ..Default::default()
-    };
-    let room = pushgrid_room::RoomConfig {
-        node: node(),
-        tcp_listen: args.room_listen.clone(),
-        ws_listen: args.ws_listen.clone(),
-        heartbeat_secs: args.heartbeat_secs,
-        ..Default::default()
-    };
-
-    let register_listeners = pushgrid_register::Listeners::bind(&register).await?;
-    let saver_listeners = pushgrid_saver::Listeners::bind(&saver).await?;
-    let coordinator_listeners = pushgrid_coordinator::Listeners::bind(&coordinator).await?;
-    let center_listeners = pushgrid_center::Listeners::bind(&center).await?;
-    let dispatcher_listeners = pushgrid_dispatcher::Listeners::bind(&dispatcher).await?;
-    let room_listeners = pushgrid_room::Listeners::bind(&room).await?;
-    let center_addr = center_listeners.http.local_addr()?;
-    let dispatcher_addr = dispatcher_listeners.http.local_addr()?;
-    let room_addr = room_listeners.tcp.local_addr()?;
-    let room_ws = room_listeners
-        .ws
-        .as_ref()
-        .map(tokio::net::TcpListener::local_addr)
-        .transpose()?
-        .ok_or_else(|| anyhow::anyhow!("--ws-listen must not be empty"))?;
+    let mut roles = Roles::bind(&args, &data_dir, &credentials_dir).await?;
+    let addresses = roles.addresses()?;
     let demo_listener = net::bind(&args.demo_listen).await?;
     let demo_addr = demo_listener.local_addr()?;
     net::announce("dev", "demo", demo_addr);
-    let center_admin = center_listeners.admin.local_addr()?;
-    let dispatcher_admin = dispatcher_listeners.admin.local_addr()?;
-    let room_admin = room_listeners.admin.local_addr()?;
+    roles.pin(&addresses)?;
 
-    // A restarted role binds the addresses its first start bound.
-    keeper.node.listen = keeper_addr.clone();
-    keeper.node.admin_listen = keeper_listeners.admin.local_addr()?.to_string();
-    keeper.http_listen = keeper_listeners.http.local_addr()?.to_string();
-    let mut register = register;
-    pin_node(
-        &mut register.node,
-        register_listeners.grpc.local_addr()?,
-        register_listeners.admin.local_addr()?,
-    );
-    let mut saver = saver;
-    pin_node(
-        &mut saver.node,
-        saver_listeners.grpc.local_addr()?,
-        saver_listeners.admin.local_addr()?,
-    );
-    let mut coordinator = coordinator;
-    pin_node(
-        &mut coordinator.node,
-        coordinator_listeners.grpc.local_addr()?,
-        coordinator_listeners.admin.local_addr()?,
-    );
-    let mut center = center;
-    pin_node(
-        &mut center.node,
-        center_listeners.grpc.local_addr()?,
-        center_admin,
-    );
-    center.http_listen = center_addr.to_string();
-    let mut dispatcher = dispatcher;
-    dispatcher.node.admin_listen = dispatcher_admin.to_string();
-    dispatcher.http_listen = dispatcher_addr.to_string();
-    let mut room = room;
-    pin_node(
-        &mut room.node,
-        room_listeners.grpc.local_addr()?,
-        room_admin,
-    );
-    room.tcp_listen = room_addr.to_string();
-    room.ws_listen = room_ws.to_string();
-
-    // Each role runs under a supervisor that starts it again when it fails
-    // (an error or a panic), after a back-off; only a stop request ends them.
-    let mut roles = tokio::task::JoinSet::new();
-    macro_rules! supervised {
-        ($name:literal, $krate:ident, $config:expr, $listeners:expr) => {
-            roles.spawn(supervise_task(
-                $name,
-                $config,
-                $listeners,
-                |config| {
-                    let config = config.clone();
-                    async move { $krate::Listeners::bind(&config).await }
-                },
-                $krate::run,
-                shutdown.clone(),
-            ))
-        };
-    }
-    supervised!("keeper", pushgrid_keeper, keeper, keeper_listeners);
-    supervised!("register", pushgrid_register, register, register_listeners);
-    supervised!("saver", pushgrid_saver, saver, saver_listeners);
-    supervised!(
-        "coordinator",
-        pushgrid_coordinator,
-        coordinator,
-        coordinator_listeners
-    );
-    supervised!("center", pushgrid_center, center, center_listeners);
-    supervised!(
-        "dispatcher",
-        pushgrid_dispatcher,
-        dispatcher,
-        dispatcher_listeners
-    );
-    supervised!("room", pushgrid_room, room, room_listeners);
+    let mut roles = roles.spawn(&shutdown);
     let demo = std::sync::Arc::new(crate::demo::Demo {
-        center: center_addr,
-        dispatcher: dispatcher_addr,
-        room_ws,
+        center: addresses.center,
+        dispatcher: addresses.dispatcher,
+        room_ws: addresses.room_ws,
         app: DEMO_APP.into(),
         secret: DEMO_SECRET.into(),
         api_key: DEMO_API_KEY.into(),
@@ -256,7 +115,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         });
     }
 
-    let checks = [center_admin, dispatcher_admin, room_admin];
+    let checks = [
+        addresses.center_admin,
+        addresses.dispatcher_admin,
+        addresses.room_admin,
+    ];
     if tokio::time::timeout(
         Duration::from_secs(60),
         wait_until_healthy(&checks, &shutdown),
@@ -267,12 +130,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tracing::warn!("roles were not healthy within 60 s; see /healthz on their admin ports");
     }
     if !shutdown.is_cancelled() {
-        net::announce("dev", "ready", center_addr);
+        net::announce("dev", "ready", addresses.center);
         print_banner(&Banner {
-            center: center_addr,
-            dispatcher: dispatcher_addr,
-            room: room_addr,
-            room_ws,
+            center: addresses.center,
+            dispatcher: addresses.dispatcher,
+            room: addresses.room,
+            room_ws: addresses.room_ws,
             demo: demo_addr,
             data_dir: &data_dir,
             credentials: &credentials_dir,
@@ -283,6 +146,230 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // The supervisors return only once `shutdown` is cancelled.
     while roles.join_next().await.is_some() {}
     Ok(())
+}
+
+/// An embedded SQLite database in the data directory.
+fn sqlite(data_dir: &Path, name: &str) -> String {
+    format!("sqlite://{}", data_dir.join(name).display())
+}
+
+/// Every role's configuration and the listeners bound for its first start.
+struct Roles {
+    keeper: pushgrid_keeper::KeeperConfig,
+    keeper_listeners: pushgrid_keeper::Listeners,
+    register: pushgrid_register::RegisterConfig,
+    register_listeners: pushgrid_register::Listeners,
+    saver: pushgrid_saver::SaverConfig,
+    saver_listeners: pushgrid_saver::Listeners,
+    coordinator: pushgrid_coordinator::CoordinatorConfig,
+    coordinator_listeners: pushgrid_coordinator::Listeners,
+    center: pushgrid_center::CenterConfig,
+    center_listeners: pushgrid_center::Listeners,
+    dispatcher: pushgrid_dispatcher::DispatcherConfig,
+    dispatcher_listeners: pushgrid_dispatcher::Listeners,
+    room: pushgrid_room::RoomConfig,
+    room_listeners: pushgrid_room::Listeners,
+}
+
+/// The addresses of the roles' public and admin listeners.
+struct Addresses {
+    center: SocketAddr,
+    dispatcher: SocketAddr,
+    room: SocketAddr,
+    room_ws: SocketAddr,
+    center_admin: SocketAddr,
+    dispatcher_admin: SocketAddr,
+    room_admin: SocketAddr,
+}
+
+impl Roles {
+    /// Keeper (with the demo app) first, then the others pointed at it;
+    /// each role's listeners bound.
+    async fn bind(
+        args: &DevArgs,
+        data_dir: &Path,
+        credentials_dir: &Path,
+    ) -> anyhow::Result<Roles> {
+        let mut keeper = pushgrid_keeper::KeeperConfig {
+            node: internal_node(credentials_dir),
+            ..Default::default()
+        };
+        keeper.database_url = sqlite(data_dir, "keeper.db");
+        keeper.apps = vec![AppSeed {
+            id: DEMO_APP.into(),
+            jwt_secret: DEMO_SECRET.into(),
+            api_key: DEMO_API_KEY.into(),
+            webhook_url: args.webhook_url.clone(),
+            ..Default::default()
+        }];
+        keeper.http_listen = "127.0.0.1:0".into();
+        let keeper_listeners = pushgrid_keeper::Listeners::bind(&keeper).await?;
+        let keeper_addr = keeper_listeners.grpc.local_addr()?.to_string();
+        let node = || NodeConfig {
+            keeper: keeper_addr.clone(),
+            ..internal_node(credentials_dir)
+        };
+
+        let register = pushgrid_register::RegisterConfig {
+            node: node(),
+            ..Default::default()
+        };
+        let saver = pushgrid_saver::SaverConfig {
+            node: node(),
+            database_url: sqlite(data_dir, "saver.db"),
+            ..Default::default()
+        };
+        let coordinator = pushgrid_coordinator::CoordinatorConfig {
+            node: node(),
+            ..Default::default()
+        };
+        let center = pushgrid_center::CenterConfig {
+            node: node(),
+            http_listen: args.center_listen.clone(),
+            ..Default::default()
+        };
+        let dispatcher = pushgrid_dispatcher::DispatcherConfig {
+            node: node(),
+            http_listen: args.dispatcher_listen.clone(),
+            ..Default::default()
+        };
+        let room = pushgrid_room::RoomConfig {
+            node: node(),
+            tcp_listen: args.room_listen.clone(),
+            ws_listen: args.ws_listen.clone(),
+            heartbeat_secs: args.heartbeat_secs,
+            ..Default::default()
+        };
+
+        Ok(Roles {
+            register_listeners: pushgrid_register::Listeners::bind(&register).await?,
+            saver_listeners: pushgrid_saver::Listeners::bind(&saver).await?,
+            coordinator_listeners: pushgrid_coordinator::Listeners::bind(&coordinator).await?,
+            center_listeners: pushgrid_center::Listeners::bind(&center).await?,
+            dispatcher_listeners: pushgrid_dispatcher::Listeners::bind(&dispatcher).await?,
+            room_listeners: pushgrid_room::Listeners::bind(&room).await?,
+            keeper,
+            keeper_listeners,
+            register,
+            saver,
+            coordinator,
+            center,
+            dispatcher,
+            room,
+        })
+    }
+
+    fn addresses(&self) -> anyhow::Result<Addresses> {
+        Ok(Addresses {
+            center: self.center_listeners.http.local_addr()?,
+            dispatcher: self.dispatcher_listeners.http.local_addr()?,
+            room: self.room_listeners.tcp.local_addr()?,
+            room_ws: self
+                .room_listeners
+                .ws
+                .as_ref()
+                .map(tokio::net::TcpListener::local_addr)
+                .transpose()?
+                .ok_or_else(|| anyhow::anyhow!("--ws-listen must not be empty"))?,
+            center_admin: self.center_listeners.admin.local_addr()?,
+            dispatcher_admin: self.dispatcher_listeners.admin.local_addr()?,
+            room_admin: self.room_listeners.admin.local_addr()?,
+        })
+    }
+
+    /// A restarted role binds the addresses its first start bound.
+    fn pin(&mut self, addresses: &Addresses) -> anyhow::Result<()> {
+        let keeper = &mut self.keeper;
+        keeper.node.listen = self.keeper_listeners.grpc.local_addr()?.to_string();
+        keeper.node.admin_listen = self.keeper_listeners.admin.local_addr()?.to_string();
+        keeper.http_listen = self.keeper_listeners.http.local_addr()?.to_string();
+        pin_node(
+            &mut self.register.node,
+            self.register_listeners.grpc.local_addr()?,
+            self.register_listeners.admin.local_addr()?,
+        );
+        pin_node(
+            &mut self.saver.node,
+            self.saver_listeners.grpc.local_addr()?,
+            self.saver_listeners.admin.local_addr()?,
+        );
+        pin_node(
+            &mut self.coordinator.node,
+            self.coordinator_listeners.grpc.local_addr()?,
+            self.coordinator_listeners.admin.local_addr()?,
+        );
+        pin_node(
+            &mut self.center.node,
+            self.center_listeners.grpc.local_addr()?,
+            addresses.center_admin,
+        );
+        self.center.http_listen = addresses.center.to_string();
+        self.dispatcher.node.admin_listen = addresses.dispatcher_admin.to_string();
+        self.dispatcher.http_listen = addresses.dispatcher.to_string();
+        pin_node(
+            &mut self.room.node,
+            self.room_listeners.grpc.local_addr()?,
+            addresses.room_admin,
+        );
+        self.room.tcp_listen = addresses.room.to_string();
+        self.room.ws_listen = addresses.room_ws.to_string();
+        Ok(())
+    }
+
+    /// Each role runs under a supervisor that starts it again when it fails
+    /// (an error or a panic), after a back-off; only a stop request ends
+    /// them.
+    fn spawn(self, shutdown: &CancellationToken) -> tokio::task::JoinSet<()> {
+        let mut roles = tokio::task::JoinSet::new();
+        macro_rules! supervised {
+            ($name:literal, $krate:ident, $config:expr, $listeners:expr) => {
+                roles.spawn(supervise_task(
+                    $name,
+                    $config,
+                    $listeners,
+                    |config| {
+                        let config = config.clone();
+                        async move { $krate::Listeners::bind(&config).await }
+                    },
+                    $krate::run,
+                    shutdown.clone(),
+                ))
+            };
+        }
+        supervised!(
+            "keeper",
+            pushgrid_keeper,
+            self.keeper,
+            self.keeper_listeners
+        );
+        supervised!(
+            "register",
+            pushgrid_register,
+            self.register,
+            self.register_listeners
+        );
+        supervised!("saver", pushgrid_saver, self.saver, self.saver_listeners);
+        supervised!(
+            "coordinator",
+            pushgrid_coordinator,
+            self.coordinator,
+            self.coordinator_listeners
+        );
+        supervised!(
+            "center",
+            pushgrid_center,
+            self.center,
+            self.center_listeners
+        );
+        supervised!(
+            "dispatcher",
+            pushgrid_dispatcher,
+            self.dispatcher,
+            self.dispatcher_listeners
+        );
+        supervised!("room", pushgrid_room, self.room, self.room_listeners);
+        roles
+    }
 }
 
 /// Points a role's gRPC and admin listeners at the addresses bound for it.

@@ -162,9 +162,10 @@ async fn count_pushes(
     let _ = stream.read_u8().await;
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let options = parse_options()?;
+/// Connects and authenticates every subscriber (at most 256 connecting at
+/// once, spread over the source addresses), each then counting its pushes
+/// in a task: the number of devices, the pushes counted, the devices done.
+async fn subscribe_all(options: &Options) -> anyhow::Result<(u64, Arc<AtomicU64>, Arc<AtomicU64>)> {
     let permits = Arc::new(Semaphore::new(256));
     let mut connecting = Vec::with_capacity(options.subscribers);
     for index in 0..options.subscribers {
@@ -199,7 +200,13 @@ async fn main() -> anyhow::Result<()> {
             done.clone(),
         ));
     }
+    Ok((devices, counted, done))
+}
 
+/// Sends the broadcasts to the room over gRPC as center would, at most
+/// `in_flight` at once: when the first was sent, and how many connections
+/// the room handed them to.
+async fn broadcast_all(options: &Options) -> anyhow::Result<(Instant, u64)> {
     let credentials = pushgrid_common::auth::Credentials::for_node(
         pushgrid_proto::cluster::Role::Center,
         &options.credentials,
@@ -242,6 +249,14 @@ async fn main() -> anyhow::Result<()> {
     for call in sent {
         handed += u64::from(call.await??);
     }
+    Ok((started, handed))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = parse_options()?;
+    let (devices, counted, done) = subscribe_all(&options).await?;
+    let (started, handed) = broadcast_all(&options).await?;
     let expected = devices * options.messages;
     let deadline = started + options.timeout;
     while done.load(Ordering::Relaxed) < devices && Instant::now() < deadline {

@@ -12,13 +12,15 @@
 //! and another live room to go to, wait until every connection closed or
 //! `shutdown_grace_secs` passed, deregister from keeper, stop.
 
+mod accept;
 mod admission;
+mod background;
 mod conn;
+mod drain;
 mod metrics;
 mod ordering;
 mod outbox;
 mod peers;
-mod push_tokens;
 mod service;
 mod shard;
 mod topics;
@@ -29,11 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
 use dashmap::DashMap;
-use futures::StreamExt;
 use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
@@ -270,6 +268,79 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Metric handles cached by the connections must bind to the real recorder.
     telemetry::metrics();
+    let tls = load_tls(&config, &listeners)?;
+    let addresses = Addresses::of(&listeners)?;
+    let endpoints = node::Endpoints {
+        grpc: Some(addresses.grpc),
+        tcp: Some(addresses.tcp),
+        ws: addresses.ws,
+        ..Default::default()
+    };
+    let mut config = config;
+    label_for_dispatchers(&mut config, &addresses);
+    // The node (lease, view, admin port) lives until the drain is over, not
+    // just until the shutdown signal: a draining room stays routable.
+    let node_stop = CancellationToken::new();
+    let drain_asked = CancellationToken::new();
+    let cluster = join_cluster(
+        &config,
+        listeners.admin,
+        endpoints,
+        &node_stop,
+        &drain_asked,
+    )
+    .await;
+    let room = match cluster.and_then(|cluster| start_room(config, cluster, tls)) {
+        Ok(room) => room,
+        Err(error) => {
+            node_stop.cancel();
+            return Err(error);
+        }
+    };
+    let node_id = room.node_id.clone();
+    spawn_background_tasks(&room);
+
+    let stop_accepting = CancellationToken::new();
+    let listening = [
+        (Some(listeners.tcp), Transport::Tcp),
+        (listeners.ws, Transport::Ws),
+        (listeners.tls, Transport::Tls),
+        (listeners.wss, Transport::Wss),
+    ];
+    let accepts = start_accepting(&room, listening, &stop_accepting);
+
+    addresses.announce_serving(&node_id);
+    let grpc_stop = CancellationToken::new();
+    let mut served = serve_rpc(&room, listeners.grpc, &grpc_stop);
+    let early_end = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        _ = drain_asked.cancelled() => None,
+        result = &mut served => Some(result),
+    };
+    if let Some(result) = early_end {
+        // The RPC server failed: nothing can reach this room's devices.
+        stop_accepting.cancel();
+        room.background_stop.cancel();
+        room.shards.stop().await;
+        node_stop.cancel();
+        return result.map_err(anyhow::Error::from)?;
+    }
+
+    drain::drain(&room, stop_accepting, accepts).await;
+    room.shards.stop().await;
+    room.cluster.leave().await;
+    grpc_stop.cancel();
+    let served = served.await;
+    room.background_stop.cancel();
+    room.peers.flush().await;
+    node_stop.cancel();
+    tracing::info!(node = %node_id, "room stopped");
+    served.map_err(anyhow::Error::from)?
+}
+
+/// The TLS certificate and key, when a TLS or WebSocket-over-TLS listener is
+/// bound.
+fn load_tls(config: &RoomConfig, listeners: &Listeners) -> anyhow::Result<Option<transport::Tls>> {
     let tls = if listeners.tls.is_some() || listeners.wss.is_some() {
         Some(transport::Tls::load(
             &config.tls_cert_file,
@@ -278,37 +349,91 @@ pub async fn run(
     } else {
         None
     };
-    let grpc_addr = listeners.grpc.local_addr()?;
-    let tcp_addr = listeners.tcp.local_addr()?;
-    let ws_addr = listeners
-        .ws
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()?;
-    let tls_addr = listeners
-        .tls
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()?;
-    let wss_addr = listeners
-        .wss
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()?;
-    let endpoints = node::Endpoints {
-        grpc: Some(grpc_addr),
-        tcp: Some(tcp_addr),
-        ws: ws_addr,
-        ..Default::default()
-    };
+    Ok(tls)
+}
+
+/// Starts the room's node (lease, view, admin port with `POST /admin/drain`,
+/// which cancels `drain_asked`) under `node_stop`.
+async fn join_cluster(
+    config: &RoomConfig,
+    admin: TcpListener,
+    endpoints: node::Endpoints,
+    node_stop: &CancellationToken,
+    drain_asked: &CancellationToken,
+) -> anyhow::Result<Cluster> {
     const NEEDS: &[Role] = &[Role::Register, Role::Saver];
-    let mut config = config;
-    // The dispatcher weighs rooms by free capacity: capacity minus load, and
-    // hands out the TLS addresses it finds in labels.
+    let admin_routes = drain::drain_routes(drain_asked.clone(), config.node.admin_token());
+    node::start_with_admin_routes(
+        ROLE,
+        Role::Room,
+        &config.node,
+        admin,
+        endpoints,
+        NEEDS,
+        node_stop,
+        admin_routes,
+    )
+    .await
+}
+
+/// Serves the room's gRPC service (center's deliveries and kicks) on `grpc`
+/// until `grpc_stop`.
+fn serve_rpc(
+    room: &Arc<Room>,
+    grpc: TcpListener,
+    grpc_stop: &CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let router =
+        tonic::service::Routes::new(RoomServer::new(service::RoomService::new(room.clone())));
+    let grpc_stop = grpc_stop.clone();
+    let credentials = room.cluster.credentials().clone();
+    tokio::spawn(async move { node::serve_grpc(router, &credentials, grpc, &grpc_stop).await })
+}
+
+/// The addresses the room's listeners are bound to.
+struct Addresses {
+    grpc: SocketAddr,
+    tcp: SocketAddr,
+    ws: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
+}
+
+impl Addresses {
+    /// Logs and announces that the room serves.
+    fn announce_serving(&self, node_id: &str) {
+        let Addresses {
+            grpc: grpc_addr,
+            tcp: tcp_addr,
+            ws: ws_addr,
+            tls: tls_addr,
+            wss: wss_addr,
+        } = self;
+        tracing::info!(node = %node_id, %tcp_addr, ?ws_addr, ?tls_addr, ?wss_addr, %grpc_addr, "room serving");
+        net::announce(ROLE, "ready", *grpc_addr);
+    }
+
+    fn of(listeners: &Listeners) -> std::io::Result<Addresses> {
+        let optional = |listener: &Option<TcpListener>| {
+            listener.as_ref().map(TcpListener::local_addr).transpose()
+        };
+        Ok(Addresses {
+            grpc: listeners.grpc.local_addr()?,
+            tcp: listeners.tcp.local_addr()?,
+            ws: optional(&listeners.ws)?,
+            tls: optional(&listeners.tls)?,
+            wss: optional(&listeners.wss)?,
+        })
+    }
+}
+
+/// The labels dispatchers read: the room's capacity (they weigh rooms by
+/// capacity minus load) and its TLS addresses, which are announced too.
+fn label_for_dispatchers(config: &mut RoomConfig, addresses: &Addresses) {
     let capacity = config.max_connections.to_string();
     let labels = &mut config.node.labels;
     labels.entry("capacity".into()).or_insert(capacity);
-    for (name, addr) in [("tls", tls_addr), ("wss", wss_addr)] {
+    for (name, addr) in [("tls", addresses.tls), ("wss", addresses.wss)] {
         if let Some(addr) = addr {
             net::announce(ROLE, name, addr);
             labels.insert(
@@ -317,29 +442,14 @@ pub async fn run(
             );
         }
     }
-    // The node (lease, view, admin port) lives until the drain is over, not
-    // just until the shutdown signal: a draining room stays routable.
-    let node_stop = CancellationToken::new();
-    let drain_asked = CancellationToken::new();
-    let admin_routes = drain_routes(drain_asked.clone(), config.node.admin_token());
-    let cluster = node::start_with_admin_routes(
-        ROLE,
-        Role::Room,
-        &config.node,
-        listeners.admin,
-        endpoints,
-        NEEDS,
-        &node_stop,
-        admin_routes,
-    )
-    .await;
-    let cluster = match cluster {
-        Ok(cluster) => cluster,
-        Err(error) => {
-            node_stop.cancel();
-            return Err(error);
-        }
-    };
+}
+
+/// The room's shared state, with its shard threads running.
+fn start_room(
+    config: RoomConfig,
+    cluster: Cluster,
+    tls: Option<transport::Tls>,
+) -> anyhow::Result<Arc<Room>> {
     let node_id = cluster.node_id().to_string();
     let (limits, errors) = admission::Limits::resolve(&config, Some(&cluster.view()));
     for error in errors {
@@ -349,13 +459,8 @@ pub async fn run(
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         count => count,
     };
-    let shards = match shard::Shards::new(io_threads) {
-        Ok(shards) => shards,
-        Err(error) => {
-            node_stop.cancel();
-            return Err(anyhow::Error::from(error).context("cannot create the shard pollers"));
-        }
-    };
+    let shards = shard::Shards::new(io_threads)
+        .map_err(|error| anyhow::Error::from(error).context("cannot create the shard pollers"))?;
     let room = Arc::new(Room {
         peers: peers::Peers::new(cluster.clone()),
         admission: Arc::new(admission::Admission::new(limits)),
@@ -377,7 +482,7 @@ pub async fn run(
             ),
         },
         config,
-        node_id: node_id.clone(),
+        node_id,
         cluster,
         conns: DashMap::new(),
         kick_reasons: DashMap::new(),
@@ -388,27 +493,33 @@ pub async fn run(
         // same node id never reuses an id an old session still carries.
         next_conn_id: AtomicU64::new(now_ms() << 10),
     });
-    if let Err(error) = shard::Shards::start(&room) {
-        node_stop.cancel();
-        return Err(anyhow::Error::from(error).context("cannot start the shard threads"));
-    }
-    tokio::spawn(conn::sweep_silent_connections(room.clone()));
-    tokio::spawn(reflush_sessions_on_register_change(room.clone()));
-    tokio::spawn(follow_settings(room.clone()));
-    tokio::spawn(service::forget_idle_topics(room.clone()));
+    shard::Shards::start(&room)
+        .map_err(|error| anyhow::Error::from(error).context("cannot start the shard threads"))?;
+    Ok(room)
+}
 
-    let stop_accepting = CancellationToken::new();
+/// The room's background tasks: the heartbeat sweeper, the sessions re-sent
+/// to a changed register, the settings from keeper, idle topics forgotten.
+fn spawn_background_tasks(room: &Arc<Room>) {
+    tokio::spawn(conn::sweep_silent_connections(room.clone()));
+    tokio::spawn(background::reflush_sessions_on_register_change(
+        room.clone(),
+    ));
+    tokio::spawn(background::follow_settings(room.clone()));
+    tokio::spawn(service::forget_idle_topics(room.clone()));
+}
+
+/// One accept loop per device listener, under the room's connection cap.
+fn start_accepting(
+    room: &Arc<Room>,
+    listening: [(Option<TcpListener>, Transport); 4],
+    stop_accepting: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let permits = Arc::new(Semaphore::new(room.config.max_connections));
     let mut accepts = Vec::new();
-    let listening = [
-        (Some(listeners.tcp), Transport::Tcp),
-        (listeners.ws, Transport::Ws),
-        (listeners.tls, Transport::Tls),
-        (listeners.wss, Transport::Wss),
-    ];
     for (listener, transport) in listening {
         if let Some(listener) = listener {
-            accepts.push(tokio::spawn(accept_loop(
+            accepts.push(tokio::spawn(accept::accept_loop(
                 room.clone(),
                 listener,
                 transport,
@@ -417,262 +528,5 @@ pub async fn run(
             )));
         }
     }
-
-    tracing::info!(node = %node_id, %tcp_addr, ?ws_addr, ?tls_addr, ?wss_addr, %grpc_addr, "room serving");
-    net::announce(ROLE, "ready", grpc_addr);
-    let router =
-        tonic::service::Routes::new(RoomServer::new(service::RoomService::new(room.clone())));
-    let grpc_stop = CancellationToken::new();
-    let mut served = {
-        let grpc_stop = grpc_stop.clone();
-        let credentials = room.cluster.credentials().clone();
-        tokio::spawn(async move {
-            node::serve_grpc(router, &credentials, listeners.grpc, &grpc_stop).await
-        })
-    };
-    let early_end = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        _ = drain_asked.cancelled() => None,
-        result = &mut served => Some(result),
-    };
-    if let Some(result) = early_end {
-        // The RPC server failed: nothing can reach this room's devices.
-        stop_accepting.cancel();
-        room.background_stop.cancel();
-        room.shards.stop().await;
-        node_stop.cancel();
-        return result.map_err(anyhow::Error::from)?;
-    }
-
-    drain(&room, stop_accepting, accepts).await;
-    room.shards.stop().await;
-    room.cluster.leave().await;
-    grpc_stop.cancel();
-    let served = served.await;
-    room.background_stop.cancel();
-    room.peers.flush().await;
-    node_stop.cancel();
-    tracing::info!(node = %node_id, "room stopped");
-    served.map_err(anyhow::Error::from)?
-}
-
-/// Stops accepting, sends every device on (KICK with a reconnect delay and
-/// another room), and waits for the connections to close under the grace.
-async fn drain(
-    room: &Arc<Room>,
-    stop_accepting: CancellationToken,
-    accepts: Vec<tokio::task::JoinHandle<()>>,
-) {
-    stop_accepting.cancel();
-    for accept in accepts {
-        // Each loop drops its listener when it returns: new devices are
-        // refused at once and try their next room.
-        let _ = accept.await;
-    }
-    room.draining.store(true, Ordering::SeqCst);
-    let conns: Vec<Arc<ConnHandle>> = room
-        .conns
-        .iter()
-        .map(|entry| entry.value().clone())
-        .collect();
-    let window = room.admission.limits().drain_window;
-    tracing::info!(
-        connections = conns.len(),
-        window_secs = window.as_secs(),
-        "draining: every device is sent to another room"
-    );
-    for conn in &conns {
-        conn.kick(pushgrid_proto::client::KickCode::Shutdown);
-    }
-    drop(conns);
-    // Connections on shards are not tasks: wait for the table to empty, and
-    // for the tasks still opening or politely closing connections.
-    let grace = Duration::from_secs(room.config.shutdown_grace_secs);
-    let drained = async {
-        while !room.conns.is_empty() || !room.tracker.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    if tokio::time::timeout(grace, drained).await.is_err() {
-        tracing::warn!(
-            left = room.conns.len(),
-            "connections still open after the grace period"
-        );
-    } else {
-        tracing::info!("drained: no connection left");
-    }
-}
-
-/// `POST /admin/drain` on the admin port: needs the admin token (none
-/// configured: 403, the drain is off; SIGTERM still drains).
-fn drain_routes(drain_asked: CancellationToken, admin_token: Option<String>) -> axum::Router {
-    let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap| {
-        let drain_asked = drain_asked.clone();
-        let admin_token = admin_token.clone();
-        async move {
-            let refused = |status: StatusCode, message: &str| {
-                ::metrics::counter!("pushgrid_admin_refused_total", "endpoint" => "drain")
-                    .increment(1);
-                tracing::warn!(%peer, status = status.as_u16(), "drain request refused");
-                (
-                    status,
-                    axum::Json(
-                        serde_json::json!({"error": {"code": "unauthorized", "message": message}}),
-                    ),
-                )
-                    .into_response()
-            };
-            let Some(expected) = admin_token.as_deref() else {
-                return refused(
-                    StatusCode::FORBIDDEN,
-                    "the drain endpoint is off: no admin token is configured (admin_token, \
-                     PUSHGRID_ADMIN_TOKEN or the admin-token file of credentials_dir)",
-                );
-            };
-            let allowed = telemetry::bearer_token(&headers)
-                .is_some_and(|given| telemetry::token_matches(given, expected));
-            if !allowed {
-                return refused(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong admin token (Authorization: Bearer <admin token>)",
-                );
-            }
-            tracing::info!(%peer, "drain asked on the admin port");
-            drain_asked.cancel();
-            (
-                StatusCode::ACCEPTED,
-                axum::Json(serde_json::json!({"result": {"draining": true}})),
-            )
-                .into_response()
-        }
-    };
-    axum::Router::new().route("/admin/drain", axum::routing::post(handler))
-}
-
-async fn accept_loop(
-    room: Arc<Room>,
-    listener: TcpListener,
-    transport: Transport,
-    permits: Arc<Semaphore>,
-    stop: CancellationToken,
-) {
-    const FIRST_BACKOFF: Duration = Duration::from_millis(5);
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        // Take the permit before accepting: a full room leaves new devices in
-        // the kernel's backlog instead of accepting and dropping them.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = FIRST_BACKOFF;
-                ::metrics::counter!("pushgrid_room_accepted_total", "transport" => transport.as_str())
-                    .increment(1);
-                room.tracker
-                    .spawn(conn::serve(room.clone(), stream, peer, transport, permit));
-            }
-            Err(error) => {
-                // EMFILE/ENFILE (out of file descriptors) and friends: the
-                // pending connection stays in the backlog and accept would
-                // fail again at once, so back off instead of spinning.
-                drop(permit);
-                let kind = match error.raw_os_error() {
-                    Some(code) if code == 24 || code == 23 => "out_of_files",
-                    _ => "other",
-                };
-                ::metrics::counter!("pushgrid_room_accept_errors_total", "kind" => kind)
-                    .increment(1);
-                tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "accept failed");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
-}
-
-/// Puts keeper's `room.*` settings in force whenever the cluster view changes.
-async fn follow_settings(room: Arc<Room>) {
-    let mut views = room.cluster.subscribe();
-    loop {
-        tokio::select! {
-            _ = room.background_stop.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
-        }
-        let view = views.borrow_and_update().clone();
-        let (limits, errors) = admission::Limits::resolve(&room.config, Some(&view));
-        for error in errors {
-            tracing::warn!(%error, "room limit ignored");
-        }
-        let summary = format!("{limits:?}");
-        if room.admission.update(limits) {
-            tracing::info!(limits = %summary, "room limits changed");
-        }
-    }
-}
-
-/// Re-sends every session of this room when the set of register instances
-/// changes: a register that restarted (new epoch) has lost its table, and a
-/// register that joined or left moves users between instances. Sessions go in
-/// batches through the same Online batchers as new logins.
-async fn reflush_sessions_on_register_change(room: Arc<Room>) {
-    let signature = |view: &pushgrid_common::cluster::ClusterView| -> Vec<(String, u64)> {
-        view.nodes_of(Role::Register)
-            .map(|node| (node.id.clone(), node.started_ms))
-            .collect()
-    };
-    let mut views = room.cluster.subscribe();
-    let mut known = signature(&views.borrow_and_update());
-    loop {
-        tokio::select! {
-            _ = room.background_stop.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
-        }
-        let current = signature(&views.borrow_and_update());
-        if current == known || current.is_empty() {
-            continue;
-        }
-        known = current;
-        let sessions: Vec<pushgrid_proto::cluster::Session> = room
-            .conns
-            .iter()
-            .map(|entry| conn::session_of(&room, entry.value()))
-            .collect();
-        let started = tokio::time::Instant::now();
-        let total = sessions.len();
-        let failed = std::sync::atomic::AtomicUsize::new(0);
-        futures::stream::iter(sessions)
-            .for_each_concurrent(1024, |session| {
-                let (room, failed) = (&room, &failed);
-                async move {
-                    // A connection that closed meanwhile must not come back.
-                    if !room.conns.contains_key(&session.conn_id) {
-                        return;
-                    }
-                    if room.peers.online(session).await.is_err() {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-            .await;
-        let failed = failed.into_inner();
-        ::metrics::counter!("pushgrid_room_sessions_reflushed_total").increment(total as u64);
-        tracing::info!(
-            sessions = total,
-            failed,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "sessions re-sent to register"
-        );
-    }
+    accepts
 }

@@ -11,9 +11,12 @@
 //! see first (the offline inbox after AUTH, a topic's history after SUB):
 //! frames queued meanwhile are parked and follow the replay, so the device
 //! reads the replay, then what arrived live during it, in that order.
+//!
+//! A shard connection's flush to its socket is in `flush`.
+
+mod flush;
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -30,9 +33,6 @@ use crate::transport::Transport;
 /// How long after the inbox was replayed a live copy of one of its messages
 /// is still recognised and dropped.
 pub(crate) const INBOX_OVERLAP: Duration = Duration::from_secs(10);
-/// Frames gathered into one vectored write.
-const MAX_IOVECS: usize = 64;
-
 /// Bounds of one connection's outbound queue.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueLimits {
@@ -220,23 +220,6 @@ enum Wake {
     None,
     Notify,
     Flush(u32),
-}
-
-/// How a flush of a shard connection ended.
-pub(crate) enum Flushed {
-    /// Nothing is left to write (or the queue is held).
-    Done {
-        bytes: usize,
-        frames: usize,
-        writes: usize,
-    },
-    /// The socket is full; the writable event continues.
-    Blocked {
-        bytes: usize,
-        frames: usize,
-        writes: usize,
-    },
-    Failed,
 }
 
 impl ConnHandle {
@@ -517,67 +500,6 @@ impl ConnHandle {
         Some((self.shard()?, self.adopted_token()?))
     }
 
-    /// Shard writers: writes queued frames with `write` (a vectored write
-    /// that does not wait) until the queue is empty or the socket is full.
-    pub(crate) fn flush(
-        &self,
-        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
-    ) -> Flushed {
-        let mut queue = self.lock();
-        queue.flush_asked = false;
-        let (mut bytes, mut frames, mut writes) = (0, 0, 0);
-        loop {
-            if queue.holds > 0 || queue.frames.is_empty() || queue.closed {
-                queue.stalled = false;
-                return Flushed::Done {
-                    bytes,
-                    frames,
-                    writes,
-                };
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for (index, outbound) in queue.frames.iter().take(MAX_IOVECS).enumerate() {
-                let start = if index == 0 { queue.offset as usize } else { 0 };
-                slices[count] = IoSlice::new(&outbound.frame[start..]);
-                count += 1;
-            }
-            writes += 1;
-            let mut written = match write(&slices[..count]) {
-                Ok(0) => return Flushed::Failed,
-                Ok(written) => written,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    queue.stalled = true;
-                    return Flushed::Blocked {
-                        bytes,
-                        frames,
-                        writes,
-                    };
-                }
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Flushed::Failed,
-            };
-            bytes += written;
-            while written > 0 {
-                let Some(first) = queue.frames.front() else {
-                    break;
-                };
-                let left = first.frame.len() - queue.offset as usize;
-                if written >= left {
-                    written -= left;
-                    queue.offset = 0;
-                    if let Some(done) = queue.frames.pop_front() {
-                        queue.forget(&done);
-                        frames += 1;
-                    }
-                } else {
-                    queue.offset += written as u32;
-                    written = 0;
-                }
-            }
-        }
-    }
-
     /// Gives back the memory of an empty queue (the shard does this a while
     /// after writing, so a busy connection keeps its queue and an idle one
     /// holds none; freeing at once would cost a free and a malloc, across
@@ -666,7 +588,10 @@ impl ConnHandle {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::io;
+
     use super::*;
+    use crate::shard::Flushed;
 
     fn handle() -> ConnHandle {
         ConnHandle::new(

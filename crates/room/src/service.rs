@@ -283,7 +283,7 @@ fn fan_out(room: &Arc<Room>, message: BroadcastMessage) -> u32 {
         message.topic.clone(),
         message.id,
     );
-    let frame = encode(Op::Push, 0, &crate::conn::broadcast_push(message));
+    let frame = encode(Op::Push, 0, &crate::topics::broadcast_push(message));
     let limits = room.queue_limits;
     let mut per_shard = PerShard::default();
     let mut wakes = Wakes::default();

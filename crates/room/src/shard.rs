@@ -19,20 +19,28 @@
 //!
 //! The shard thread enters the tokio runtime, so what it starts (ACK
 //! batches, replays, polite closes) runs on the runtime's workers.
+//!
+//! This module is the shard thread itself; `handle` is the side other
+//! threads use (commands, [`ShardHandle`], [`Shards`]).
+
+mod handle;
 
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token};
 use pushgrid_wire::{Decoded, decode_frame};
 use slab::Slab;
 
+pub(crate) use handle::{Adoption, Broadcast, Flushes, ShardHandle, Shards};
+
+use handle::Command;
+
 use crate::conn::{self, LINGER, Lease, Next, room_clock};
-use crate::outbox::Flushed;
 use crate::transport::{DeviceStream, WRITE_TIMEOUT};
 use crate::{ConnHandle, Room, metrics};
 
@@ -41,174 +49,6 @@ const WAKE_TOKEN: Token = Token(usize::MAX);
 const READ_CHUNK: usize = 64 * 1024;
 /// Reads of one connection per turn before the others get theirs.
 const READS_PER_TURN: usize = 4;
-
-/// A connection handed to a shard after AUTH.
-pub(crate) struct Adoption {
-    pub conn: Arc<ConnHandle>,
-    pub stream: std::net::TcpStream,
-    /// Bytes the device sent right behind AUTH.
-    pub buffered: BytesMut,
-    pub lease: Lease,
-}
-
-/// Slots to flush: (token, connection id).
-pub(crate) type Flushes = Vec<(u32, u64)>;
-
-/// One broadcast for some of a shard's connections.
-pub(crate) struct Broadcast {
-    pub frame: Bytes,
-    pub msg_id: u64,
-    pub app: Arc<str>,
-    pub targets: Flushes,
-}
-
-enum Command {
-    Adopt(Box<Adoption>),
-    Broadcast(Box<Broadcast>),
-    Flush(Flushes),
-    Close { token: u32, conn_id: u64 },
-    Stop,
-}
-
-/// The side of a shard that other threads talk to.
-pub(crate) struct ShardHandle {
-    commands: Mutex<Vec<Command>>,
-    waker: Waker,
-    /// A wake-up is on its way: later commands need none of their own.
-    notified: AtomicBool,
-}
-
-impl ShardHandle {
-    fn push(&self, command: Command) {
-        self.commands
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(command);
-        if !self.notified.swap(true, Ordering::AcqRel)
-            && let Err(error) = self.waker.wake()
-        {
-            tracing::error!(%error, "cannot wake a shard");
-        }
-    }
-
-    pub fn adopt(&self, adoption: Adoption) {
-        self.push(Command::Adopt(Box::new(adoption)));
-    }
-
-    /// The connections in these slots (token, connection id) have frames
-    /// to write.
-    pub fn flush_many(&self, flushes: Flushes) {
-        self.push(Command::Flush(flushes));
-    }
-
-    /// Queues a broadcast frame for these connections and writes it: the
-    /// shard does the fan-out itself, so the frame's reference count and the
-    /// queues' locks stay on one thread, and broadcasts that arrive together
-    /// leave in one write per connection.
-    pub fn broadcast(&self, broadcast: Broadcast) {
-        self.push(Command::Broadcast(Box::new(broadcast)));
-    }
-
-    /// The connection in slot `token` has a kick pending.
-    pub fn close(&self, token: u32, conn_id: u64) {
-        self.push(Command::Close { token, conn_id });
-    }
-}
-
-/// Every shard of a room.
-pub(crate) struct Shards {
-    handles: Vec<Arc<ShardHandle>>,
-    polls: Mutex<Vec<Poll>>,
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-}
-
-impl Shards {
-    /// `count` shards, not yet running (see [`Shards::start`]).
-    pub fn new(count: usize) -> io::Result<Shards> {
-        let mut handles = Vec::new();
-        let mut polls = Vec::new();
-        for _ in 0..count.max(1) {
-            let poll = Poll::new()?;
-            let waker = Waker::new(poll.registry(), WAKE_TOKEN)?;
-            handles.push(Arc::new(ShardHandle {
-                commands: Mutex::new(Vec::new()),
-                waker,
-                notified: AtomicBool::new(false),
-            }));
-            polls.push(poll);
-        }
-        Ok(Shards {
-            handles,
-            polls: Mutex::new(polls),
-            threads: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// The shard of a new connection.
-    pub fn pick(&self, conn_id: u64) -> &Arc<ShardHandle> {
-        &self.handles[(conn_id % self.handles.len() as u64) as usize]
-    }
-
-    /// Starts one thread per shard, inside the current tokio runtime.
-    pub fn start(room: &Arc<Room>) -> io::Result<()> {
-        let runtime = tokio::runtime::Handle::current();
-        let polls = std::mem::take(
-            &mut *room
-                .shards
-                .polls
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        let mut threads = Vec::new();
-        for (index, poll) in polls.into_iter().enumerate() {
-            let shard = Shard {
-                room: room.clone(),
-                handle: room.shards.handles[index].clone(),
-                poll,
-                slots: Slab::new(),
-                read_buf: BytesMut::new(),
-                scratch: vec![0; READ_CHUNK],
-                unfinished: Vec::new(),
-                dirty: Vec::new(),
-            };
-            let runtime = runtime.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("room-shard-{index}"))
-                    .spawn(move || {
-                        let _runtime = runtime.enter();
-                        shard.run();
-                    })?,
-            );
-        }
-        *room
-            .shards
-            .threads
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = threads;
-        Ok(())
-    }
-
-    /// Stops every shard, closing the connections left, and waits for the
-    /// threads.
-    pub async fn stop(&self) {
-        for handle in &self.handles {
-            handle.push(Command::Stop);
-        }
-        let threads = std::mem::take(
-            &mut *self
-                .threads
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        let _ = tokio::task::spawn_blocking(move || {
-            for thread in threads {
-                let _ = thread.join();
-            }
-        })
-        .await;
-    }
-}
 
 /// One connection of a shard.
 struct Slot {
@@ -240,6 +80,23 @@ struct Shard {
     dirty: Vec<usize>,
 }
 
+/// How a flush of a shard connection ended.
+pub(crate) enum Flushed {
+    /// Nothing is left to write (or the queue is held).
+    Done {
+        bytes: usize,
+        frames: usize,
+        writes: usize,
+    },
+    /// The socket is full; the writable event continues.
+    Blocked {
+        bytes: usize,
+        frames: usize,
+        writes: usize,
+    },
+    Failed,
+}
+
 /// How reading a connection's input ended.
 enum ReadEnd {
     /// Everything available was read and handled.
@@ -255,6 +112,9 @@ enum ReadEnd {
 }
 
 impl Shard {
+    /// The shard thread's loop: socket events, then the commands that
+    /// arrived, then once a second the stalled connections and idle queues;
+    /// until [`Command::Stop`].
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let mut last_tick = room_clock();
@@ -271,68 +131,10 @@ impl Shard {
                 }
                 continue;
             }
-            for event in events.iter() {
-                if event.token() == WAKE_TOKEN {
-                    continue;
-                }
-                let key = event.token().0;
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    self.read(key, event.is_read_closed() || event.is_error());
-                }
-                if event.is_writable() && self.slots.contains(key) {
-                    self.flush(key);
-                }
+            self.handle_events(&events);
+            if self.run_commands() {
+                return;
             }
-            for (key, conn_id) in std::mem::take(&mut self.unfinished) {
-                if self.holds(key, conn_id) {
-                    self.read(key, false);
-                }
-            }
-            // Cleared before the commands are taken: a command pushed after
-            // the take wakes the poll again.
-            self.handle.notified.store(false, Ordering::Release);
-            let commands = std::mem::take(
-                &mut *self
-                    .handle
-                    .commands
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            );
-            // Flushes wait for the end of the batch: a connection asked for
-            // several times, or sent several broadcasts, is written once.
-            let mut dirty = std::mem::take(&mut self.dirty);
-            for command in commands {
-                match command {
-                    Command::Adopt(adoption) => self.adopt(*adoption),
-                    Command::Flush(flushes) => {
-                        for (token, conn_id) in flushes {
-                            if self.holds(token as usize, conn_id) {
-                                dirty.push(token as usize);
-                            }
-                        }
-                    }
-                    Command::Broadcast(broadcast) => self.fan_out(*broadcast, &mut dirty),
-                    Command::Close { token, conn_id } => {
-                        if self.holds(token as usize, conn_id) {
-                            self.kick(token as usize);
-                        }
-                    }
-                    Command::Stop => {
-                        self.stop();
-                        return;
-                    }
-                }
-            }
-            dirty.sort_unstable();
-            dirty.dedup();
-            for key in dirty.drain(..) {
-                // Closed meanwhile, or a new connection in a reused slot: a
-                // flush of a connection with nothing queued costs a lock.
-                if self.slots.contains(key) {
-                    self.flush(key);
-                }
-            }
-            self.dirty = dirty;
             let now = room_clock();
             if now != last_tick {
                 last_tick = now;
@@ -340,6 +142,80 @@ impl Shard {
                 self.shrink_idle_queues();
             }
         }
+    }
+
+    /// Reads and writes what the poll reported ready, then the connections
+    /// whose input was not all read in their last turn.
+    fn handle_events(&mut self, events: &Events) {
+        for event in events.iter() {
+            if event.token() == WAKE_TOKEN {
+                continue;
+            }
+            let key = event.token().0;
+            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                self.read(key, event.is_read_closed() || event.is_error());
+            }
+            if event.is_writable() && self.slots.contains(key) {
+                self.flush(key);
+            }
+        }
+        for (key, conn_id) in std::mem::take(&mut self.unfinished) {
+            if self.holds(key, conn_id) {
+                self.read(key, false);
+            }
+        }
+    }
+
+    /// Carries out the commands pushed since the last turn, then flushes
+    /// each connection they touched once. True when one was
+    /// [`Command::Stop`]: the shard has stopped.
+    fn run_commands(&mut self) -> bool {
+        // Cleared before the commands are taken: a command pushed after
+        // the take wakes the poll again.
+        self.handle.notified.store(false, Ordering::Release);
+        let commands = std::mem::take(
+            &mut *self
+                .handle
+                .commands
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        // Flushes wait for the end of the batch: a connection asked for
+        // several times, or sent several broadcasts, is written once.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for command in commands {
+            match command {
+                Command::Adopt(adoption) => self.adopt(*adoption),
+                Command::Flush(flushes) => {
+                    for (token, conn_id) in flushes {
+                        if self.holds(token as usize, conn_id) {
+                            dirty.push(token as usize);
+                        }
+                    }
+                }
+                Command::Broadcast(broadcast) => self.fan_out(*broadcast, &mut dirty),
+                Command::Close { token, conn_id } => {
+                    if self.holds(token as usize, conn_id) {
+                        self.kick(token as usize);
+                    }
+                }
+                Command::Stop => {
+                    self.stop();
+                    return true;
+                }
+            }
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        for key in dirty.drain(..) {
+            // Closed meanwhile, or a new connection in a reused slot: a
+            // flush of a connection with nothing queued costs a lock.
+            if self.slots.contains(key) {
+                self.flush(key);
+            }
+        }
+        self.dirty = dirty;
+        false
     }
 
     /// True when slot `key` holds connection `conn_id` (slots are reused).

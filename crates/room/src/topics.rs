@@ -1,10 +1,13 @@
 //! Topic subscriptions of this room's connections, for broadcast fan-out.
 //! The topic `all` needs no subscription: it reaches every connection of the
-//! app (a device may still SUB to it, to recover what it missed).
+//! app (a device may still SUB to it, to recover what it missed). Also the
+//! PUSH frame body of a broadcast message, which both the live fan-out and
+//! the history replay after SUB send.
 
 use std::collections::HashSet;
 
 use dashmap::DashMap;
+use pushgrid_proto::client::{Push, PushKind};
 
 pub(crate) use pushgrid_wire::{ALL_TOPIC as ALL, normalize_topic as normalize};
 
@@ -80,6 +83,19 @@ impl Topics {
             .get(&key(app, topic))
             .map(|set| set.iter().copied().collect())
             .unwrap_or_default()
+    }
+}
+
+/// The PUSH frame body of a broadcast message.
+pub(crate) fn broadcast_push(message: pushgrid_proto::cluster::BroadcastMessage) -> Push {
+    Push {
+        msg_id: message.id,
+        kind: PushKind::Broadcast as i32,
+        topic: message.topic,
+        offset: message.offset,
+        epoch: message.epoch,
+        payload: message.payload,
+        created_ms: message.created_ms,
     }
 }
 

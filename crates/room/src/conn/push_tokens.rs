@@ -13,7 +13,7 @@ use pushgrid_proto::client::{ErrorCode, PushToken, PushTokenOk};
 use pushgrid_proto::cluster::DevicePushToken;
 use pushgrid_wire::{Frame, Op, encode};
 
-use crate::conn::{Next, error_frame, too_many_calls};
+use super::{Next, error_frame, too_many_calls};
 use crate::{ConnHandle, Room};
 
 /// Handles one PUSH_TOKEN frame; the store and the answer run beside the
