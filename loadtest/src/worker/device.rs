@@ -206,9 +206,7 @@ pub(super) fn on_push(
     let latency = sent_us(&push.payload).map(|sent| now.saturating_sub(sent));
     if push.kind() == msg::PushKind::Broadcast {
         let mut records = shared.records();
-        let Some(topics) = records.broadcast.get_mut(index as usize) else {
-            return None;
-        };
+        let topics = records.broadcast.get_mut(index as usize)?;
         let receipts = match topics.iter().position(|(topic, _)| *topic == push.topic) {
             Some(at) => &mut topics[at].1,
             None => {
