@@ -63,8 +63,7 @@ pub struct SaverConfig {
     pub durability: Durability,
     /// The durable store: `mysql://...` or `sqlite://path`.
     pub database_url: String,
-    /// SQL pool size on MySQL. An SQLite store keeps one connection
-    /// whatever this says (see `SqlStore::connect_with`).
+    /// SQL pool size on MySQL; an SQLite store keeps one (`SqlStore::connect_with`).
     pub database_max_connections: u32,
     /// Unacked messages kept per user; beyond it the oldest are dropped.
     pub max_inbox: u32,
