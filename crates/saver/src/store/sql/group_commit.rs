@@ -157,7 +157,7 @@ pub(super) async fn insert_rows(
         }
         if sqlite {
             for _ in chunk.len()..statement_rows(chunk.len()) {
-                for _ in 0..7 {
+                for _ in 0..row.matches('?').count() {
                     query = query.bind(None::<i64>);
                 }
             }
