@@ -81,6 +81,38 @@ pub fn pids_named(names: &[&str]) -> Vec<u32> {
     pids
 }
 
+/// CPU seconds and context switches (voluntary and not) of a process's
+/// threads, summed by thread name (`tokio-rt-worker`, `room-shard-0`, ...).
+/// Threads that ended are not counted.
+pub fn threads(pid: u32) -> std::collections::BTreeMap<String, (f64, u64)> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let path = task.path();
+        let read = |file: &str| std::fs::read_to_string(path.join(file)).unwrap_or_default();
+        let (stat, status) = (read("stat"), read("status"));
+        let Some(after_name) = stat.rfind(')').map(|end| &stat[end + 2..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok());
+        let cpu_secs = (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / TICKS_PER_SEC;
+        let switches: u64 = status
+            .lines()
+            .filter(|line| line.contains("ctxt_switches:"))
+            .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        let entry = by_name
+            .entry(read("comm").trim().to_owned())
+            .or_insert((0.0, 0));
+        entry.0 += cpu_secs;
+        entry.1 += switches;
+    }
+    by_name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +122,23 @@ mod tests {
         let own = sample(std::process::id());
         assert!(own.alive && own.rss_bytes > 0 && own.peak_rss_bytes >= own.rss_bytes / 2);
         assert!(!sample(u32::MAX).alive);
+    }
+
+    #[test]
+    fn threads_are_summed_by_name_with_their_wake_ups() {
+        let sleeper = std::thread::Builder::new()
+            .name("pg-test-sleeper".into())
+            .spawn(|| {
+                for _ in 0..20 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                threads(std::process::id())
+            })
+            .expect("spawn a named thread");
+        let seen = sleeper.join().expect("the sleeper thread finishes");
+        let (cpu_secs, switches) = seen["pg-test-sleeper"];
+        assert!(switches >= 20, "20 sleeps, {switches} context switches");
+        assert!(cpu_secs >= 0.0);
+        assert!(threads(u32::MAX).is_empty());
     }
 }

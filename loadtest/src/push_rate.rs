@@ -101,7 +101,23 @@ pub fn discover_stores() -> Vec<Measured> {
 pub struct CpuWindow {
     processes: Vec<Measured>,
     start: Vec<Sample>,
+    /// Per thread name, for pushgrid processes only.
+    start_threads: Vec<ThreadTimes>,
     started: Instant,
+}
+
+type ThreadTimes = std::collections::BTreeMap<String, (f64, u64)>;
+
+/// One thread name of one pushgrid process over the window: where its CPU
+/// went and how often its threads slept and woke (each context switch is a
+/// wake-up paid for, which at low rates is most of a message's cost).
+#[derive(Debug, Default, Serialize)]
+pub struct ThreadRow {
+    pub pid: u32,
+    pub process: String,
+    pub thread: String,
+    pub cpu_secs: f64,
+    pub context_switches: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -115,14 +131,29 @@ pub struct CpuRow {
 impl CpuWindow {
     pub fn start(processes: Vec<Measured>) -> CpuWindow {
         let start = processes.iter().map(|p| procstat::sample(p.pid)).collect();
+        let start_threads = processes.iter().map(thread_times).collect();
         CpuWindow {
             processes,
             start,
+            start_threads,
             started: Instant::now(),
         }
     }
 
-    fn finish(self) -> (f64, Vec<CpuRow>) {
+    fn finish(self) -> (f64, Vec<CpuRow>, Vec<ThreadRow>) {
+        let mut threads = Vec::new();
+        for (process, start) in self.processes.iter().zip(&self.start_threads) {
+            for (thread, (cpu_end, switches_end)) in thread_times(process) {
+                let (cpu_start, switches_start) = start.get(&thread).copied().unwrap_or_default();
+                threads.push(ThreadRow {
+                    pid: process.pid,
+                    process: process.name.clone(),
+                    thread,
+                    cpu_secs: (cpu_end - cpu_start).max(0.0),
+                    context_switches: switches_end.saturating_sub(switches_start),
+                });
+            }
+        }
         let rows = self
             .processes
             .into_iter()
@@ -137,7 +168,15 @@ impl CpuWindow {
                 }
             })
             .collect();
-        (self.started.elapsed().as_secs_f64(), rows)
+        (self.started.elapsed().as_secs_f64(), rows, threads)
+    }
+}
+
+fn thread_times(process: &Measured) -> ThreadTimes {
+    if process.kind == "pushgrid" {
+        procstat::threads(process.pid)
+    } else {
+        ThreadTimes::new()
     }
 }
 
@@ -161,6 +200,8 @@ pub struct PushRate {
     pub answer_ms: Percentiles,
     /// CPU seconds of each measured process over the window.
     pub cpu: Vec<CpuRow>,
+    /// The pushgrid processes' CPU and context switches by thread name.
+    pub threads: Vec<ThreadRow>,
     pub pushgrid_cpu_secs: f64,
     /// All pushgrid processes together, per delivered (and acknowledged) message.
     pub pushgrid_cpu_us_per_message: f64,
@@ -182,7 +223,7 @@ impl PushRate {
         answers: &Histogram<u64>,
         window: CpuWindow,
     ) -> PushRate {
-        let (window_secs, cpu) = window.finish();
+        let (window_secs, cpu, threads) = window.finish();
         let sum = |kind: &str| -> f64 {
             cpu.iter()
                 .filter(|row| row.kind == kind)
@@ -215,6 +256,7 @@ impl PushRate {
             stores_cpu_us_per_message: per_message(stores),
             load_generator_cpu_secs: sum("load generator"),
             cpu,
+            threads,
         }
     }
 }

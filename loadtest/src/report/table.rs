@@ -374,6 +374,7 @@ mod tests {
             stores_cpu_secs: 0.5,
             stores_cpu_us_per_message: 100.25,
             load_generator_cpu_secs: 0.75,
+            threads: Vec::new(),
             cpu: vec![
                 CpuRow {
                     pid: 10,
