@@ -558,7 +558,8 @@ pub async fn run(
     let sql = SqlStore::connect_with(&config.database_url, config.database_max_connections)
         .await?
         .with_group_commit(config.group_commit());
-    let pool = sql.pool().clone();
+    // Shares the store's connections: the purge and the close at the end.
+    let sql_handle = sql.clone();
     tracing::info!(database = %db::redact(&config.database_url), "sql store ready");
     let redis = if config.redis_url.is_empty() {
         None
@@ -607,10 +608,7 @@ pub async fn run(
         None => Arc::new(sql.with_ids(ids()).with_limits(config.limits())),
     };
     let settle = tokio::spawn(store::settle_owed_until(store.clone(), shutdown.clone()));
-    let purge = tokio::spawn(purge_expired(
-        SqlStore::from_pool(pool.clone()),
-        shutdown.clone(),
-    ));
+    let purge = tokio::spawn(purge_expired(sql_handle.clone(), shutdown.clone()));
 
     tracing::info!(node = %node_id, %grpc_addr, "saver serving");
     net::announce(ROLE, "ready", grpc_addr);
@@ -623,7 +621,7 @@ pub async fn run(
     if let Some(watcher) = watcher {
         let _ = watcher.await;
     }
-    pool.close().await;
+    sql_handle.close().await;
     tracing::info!(node = %node_id, "saver stopped");
     served
 }

@@ -22,8 +22,8 @@ use std::collections::HashMap;
 
 use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{AckItem, BroadcastMessage, DeliveryReport, MessageStatusResponse};
-use sqlx::AnyPool;
 
+use super::sql::Connections;
 use super::{SqlStore, validate_app, validate_length, validate_user};
 use crate::error::StoreError;
 
@@ -180,7 +180,7 @@ pub trait GroupStore: Send + Sync {
         .bind(i64::from(done))
         .bind(to_sql(id))
         .bind(app.to_string())
-        .execute(self.durable().pool())
+        .execute(self.durable().connections())
         .await?;
         Ok(())
     }
@@ -233,7 +233,7 @@ pub trait GroupStore: Send + Sync {
             .bind(to_sql(count))
             .bind(to_sql(id))
             .bind(app.to_string())
-            .execute(sql.pool())
+            .execute(sql.connections())
             .await?;
         }
         Ok(())
@@ -292,7 +292,7 @@ pub trait GroupStore: Send + Sync {
         Ok(
             sqlx::query("DELETE FROM push_records WHERE keep_until_ms < ?")
                 .bind(to_sql(now_ms))
-                .execute(self.durable().pool())
+                .execute(self.durable().connections())
                 .await?
                 .rows_affected(),
         )
@@ -315,16 +315,13 @@ fn from_sql(value: Option<i64>) -> u64 {
         .unwrap_or(0)
 }
 
-fn is_sqlite(pool: &AnyPool) -> bool {
-    pool.connect_options()
-        .database_url
-        .scheme()
-        .starts_with("sqlite")
+fn is_sqlite(connections: &Connections) -> bool {
+    connections.is_sqlite()
 }
 
 /// `INSERT IGNORE` in MySQL's words or SQLite's.
-fn insert_ignore(pool: &AnyPool) -> &'static str {
-    if is_sqlite(pool) {
+fn insert_ignore(connections: &Connections) -> &'static str {
+    if is_sqlite(connections) {
         "INSERT OR IGNORE"
     } else {
         "INSERT IGNORE"

@@ -8,12 +8,15 @@ use std::sync::Arc;
 
 use pushgrid_common::db;
 use sqlx::AnyPool;
+
+pub(crate) use self::connections::Connections;
 use tokio::sync::Semaphore;
 
 use super::{MessageIds, Owed, StoreLimits};
 use crate::error::StoreError;
 
 mod broadcast;
+mod connections;
 mod group_commit;
 mod idempotency;
 mod inbox;
@@ -42,10 +45,10 @@ const COMMIT_QUEUE: usize = 4096;
 /// it the durable copy of a push is skipped (and counted), never queued forever.
 const MAX_BACKGROUND_WRITES: usize = 256;
 
-/// Cheap to clone: clones share the pool, ids and group commit.
+/// Cheap to clone: clones share the connections, ids and group commit.
 #[derive(Clone)]
 pub struct SqlStore {
-    pool: AnyPool,
+    connections: Connections,
     ids: Arc<MessageIds>,
     limits: StoreLimits,
     group_commit: Option<Arc<GroupCommit>>,
@@ -83,7 +86,7 @@ impl SqlStore {
     /// Wraps a pool whose migrations have already run.
     pub fn from_pool(pool: AnyPool) -> SqlStore {
         SqlStore {
-            pool,
+            connections: Connections::new(pool),
             ids: Arc::new(MessageIds::fixed(0)),
             limits: StoreLimits::default(),
             group_commit: None,
@@ -95,7 +98,7 @@ impl SqlStore {
     /// Writes Store calls through a group commit (a task on the current
     /// runtime) instead of one transaction per call.
     pub fn with_group_commit(mut self, config: GroupCommitConfig) -> SqlStore {
-        self.group_commit = Some(Arc::new(GroupCommit::start(self.pool.clone(), config)));
+        self.group_commit = Some(Arc::new(GroupCommit::start(self.connections.clone(), config)));
         self
     }
 
@@ -109,8 +112,14 @@ impl SqlStore {
         self
     }
 
+    /// The pool behind the store, for callers of their own (tests); the
+    /// store's statements go through [`connections`](Self::connections).
     pub fn pool(&self) -> &AnyPool {
-        &self.pool
+        self.connections.pool()
+    }
+
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.connections
     }
 
     pub fn limits(&self) -> StoreLimits {
@@ -122,8 +131,8 @@ impl SqlStore {
         &self.owed
     }
 
-    /// Closes the pool, waiting for connections in use to come back.
+    /// Closes the connections, waiting for those in use to come back.
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.connections.close().await;
     }
 }

@@ -10,7 +10,7 @@
 
 use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{DevicePushToken, TokenKey};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::{SqlStore, repeated, validate_app, validate_length, validate_user};
 use crate::error::StoreError;
@@ -81,7 +81,8 @@ impl SqlStore {
         tokens: &[DevicePushToken],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut transaction = self.pool().begin().await?;
+        let mut connection = self.connections().checkout().await?;
+        let mut transaction = connection.begin().await?;
         for token in tokens {
             // The token's previous holder, and the device's previous token.
             sqlx::query(
@@ -155,7 +156,7 @@ impl SqlStore {
         .bind(app.to_string())
         .bind(user.to_string())
         .bind(to_sql((MAX_TOKENS_PER_USER * 2) as u64))
-        .fetch_all(self.pool())
+        .fetch_all(self.connections())
         .await?;
         rows.iter()
             .map(|row| {
@@ -193,7 +194,7 @@ impl SqlStore {
             for key in chunk {
                 query = query.bind(key.provider.clone()).bind(key.token.clone());
             }
-            removed += query.execute(self.pool()).await?.rows_affected();
+            removed += query.execute(self.connections()).await?.rows_affected();
         }
         Ok(removed)
     }
@@ -206,7 +207,7 @@ impl SqlStore {
             sqlx::query("DELETE FROM push_tokens WHERE app = ? AND user_id = ?")
                 .bind(app.to_string())
                 .bind(user.to_string())
-                .execute(self.pool())
+                .execute(self.connections())
                 .await?
                 .rows_affected(),
         )

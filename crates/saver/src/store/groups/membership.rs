@@ -2,7 +2,7 @@
 //! members in byte order, the groups of a user.
 
 use pushgrid_common::now_ms;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::{MAX_USER_GROUPS, ROW_CHUNK, insert_ignore, to_sql};
 use crate::error::StoreError;
@@ -17,11 +17,12 @@ impl SqlStore {
     ) -> Result<u64, StoreError> {
         let now = to_sql(now_ms());
         let mut added = 0;
-        let mut transaction = self.pool().begin().await?;
+        let mut connection = self.connections().checkout().await?;
+        let mut transaction = connection.begin().await?;
         for chunk in users.chunks(ROW_CHUNK) {
             let text = format!(
                 "{} INTO group_members (app, grp, user_id, created_ms) VALUES {}",
-                insert_ignore(self.pool()),
+                insert_ignore(self.connections()),
                 repeated("(?, ?, ?, ?)", ", ", chunk.len())
             );
             let mut query = sqlx::query(AssertSqlSafe(text));
@@ -45,7 +46,8 @@ impl SqlStore {
         users: &[String],
     ) -> Result<u64, StoreError> {
         let mut removed = 0;
-        let mut transaction = self.pool().begin().await?;
+        let mut connection = self.connections().checkout().await?;
+        let mut transaction = connection.begin().await?;
         for chunk in users.chunks(ROW_CHUNK) {
             let text = format!(
                 "DELETE FROM group_members WHERE app = ? AND grp = ? AND user_id IN ({})",
@@ -80,7 +82,7 @@ impl SqlStore {
         .bind(group.to_string())
         .bind(after.to_string())
         .bind(i64::from(limit))
-        .fetch_all(self.pool())
+        .fetch_all(self.connections())
         .await?;
         rows.iter()
             .map(|row| row.try_get::<String, _>("member").map_err(Into::into))
@@ -99,7 +101,7 @@ impl SqlStore {
         .bind(app.to_string())
         .bind(user.to_string())
         .bind(MAX_USER_GROUPS)
-        .fetch_all(self.pool())
+        .fetch_all(self.connections())
         .await?;
         rows.iter()
             .map(|row| row.try_get::<String, _>("name").map_err(Into::into))

@@ -42,7 +42,7 @@ impl SqlStore {
         .bind(target.to_string())
         .bind(to_sql(created_ms))
         .bind(to_sql(keep_until_ms))
-        .execute(self.pool())
+        .execute(self.connections())
         .await?;
         Ok(())
     }
@@ -59,8 +59,8 @@ impl SqlStore {
         // In key order: concurrent batches then take their row locks in
         // the same order, which avoids most deadlocks.
         rows.sort_unstable_by(|a, b| (a.id, a.user, a.device).cmp(&(b.id, b.user, b.device)));
-        let (head, conflict) = match (acked, is_sqlite(self.pool())) {
-            (false, _) => (insert_ignore(self.pool()), ""),
+        let (head, conflict) = match (acked, is_sqlite(self.connections())) {
+            (false, _) => (insert_ignore(self.connections()), ""),
             (true, true) => (
                 "INSERT",
                 " ON CONFLICT (id, user_id, device) DO UPDATE SET \
@@ -77,7 +77,7 @@ impl SqlStore {
                  VALUES {}{conflict}",
                 repeated("(?, ?, ?, ?, ?)", ", ", statement_rows(chunk.len()))
             );
-            execute_retrying(self.pool(), || {
+            execute_retrying(self.connections(), || {
                 // Built from fixed fragments; every value is bound. A row
                 // written twice in one statement is ignored or merged.
                 let mut query = sqlx::query(AssertSqlSafe(text.clone()));
@@ -107,7 +107,7 @@ impl SqlStore {
             for id in chunk {
                 query = query.bind(*id);
             }
-            query.execute(self.pool()).await?;
+            query.execute(self.connections()).await?;
         }
         Ok(())
     }
@@ -123,7 +123,7 @@ impl SqlStore {
         )
         .bind(id)
         .bind(app.to_string())
-        .fetch_optional(self.pool())
+        .fetch_optional(self.connections())
         .await?;
         let Some(row) = row else {
             return Ok(None);
@@ -168,7 +168,7 @@ impl SqlStore {
         .bind(now)
         .bind(now)
         .bind(parent_id)
-        .fetch_one(self.pool())
+        .fetch_one(self.connections())
         .await?;
         let total = from_sql(row.try_get("total")?);
         let acked = from_sql(row.try_get("acked")?);
@@ -194,7 +194,7 @@ impl SqlStore {
         )
         .bind(id)
         .bind(app.to_string())
-        .fetch_optional(self.pool())
+        .fetch_optional(self.connections())
         .await?;
         let Some(row) = row else {
             return Ok(MessageStatusResponse::default());
@@ -204,7 +204,7 @@ impl SqlStore {
         let acked_ms = from_sql(row.try_get::<Option<i64>, _>("acked_ms")?);
         let dead = sqlx::query("SELECT dead_ms FROM dead_letters WHERE id = ?")
             .bind(id)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.connections())
             .await?
             .is_some();
         let devices = sqlx::query(
@@ -213,7 +213,7 @@ impl SqlStore {
         )
         .bind(id)
         .bind(user.clone())
-        .fetch_all(self.pool())
+        .fetch_all(self.connections())
         .await?;
         // The message's own end, when it was not acknowledged.
         let ended = if dead {

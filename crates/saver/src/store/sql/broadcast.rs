@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::BroadcastMessage;
-use sqlx::Row;
+use sqlx::{Connection as _, Row};
 
 use super::SqlStore;
 use super::group_commit::is_unique_violation;
@@ -25,7 +25,8 @@ impl SqlStore {
         let created_ms = now_ms();
         // A new topic's row may be inserted by two callers at once: retry the loser.
         for _ in 0..3 {
-            let mut transaction = self.pool.begin().await?;
+            let mut connection = self.connections.checkout().await?;
+            let mut transaction = connection.begin().await?;
             let bumped = sqlx::query(
                 "UPDATE broadcast_topics SET last_seq = last_seq + 1 WHERE app = ? AND topic = ?",
             )
@@ -101,7 +102,7 @@ impl SqlStore {
             sqlx::query("SELECT epoch, last_seq FROM broadcast_topics WHERE app = ? AND topic = ?")
                 .bind(query.app.clone())
                 .bind(query.topic.clone())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
         let (epoch, offset) = match row {
             Some(row) => (
@@ -120,7 +121,7 @@ impl SqlStore {
             .bind(query.topic.clone())
             .bind(i64::try_from(query.since_offset).unwrap_or(i64::MAX))
             .bind(i64::from(query.limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.connections)
             .await?;
             for row in &rows {
                 entries.push(BroadcastMessage {

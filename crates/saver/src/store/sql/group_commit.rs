@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pushgrid_proto::cluster::Message;
-use sqlx::{AnyConnection, AnyPool, AssertSqlSafe};
+use sqlx::{AnyConnection, AssertSqlSafe, Connection as _};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::rows::{id_to_sql, ms_to_sql};
-use super::{COMMIT_QUEUE, INSERT_CHUNK_ROWS, SqlStore};
+use super::{COMMIT_QUEUE, Connections, INSERT_CHUNK_ROWS, SqlStore};
 use crate::error::StoreError;
 use crate::metrics;
 use crate::store::{repeated, statement_rows};
@@ -48,9 +48,9 @@ pub(super) struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub(super) fn start(pool: AnyPool, config: GroupCommitConfig) -> GroupCommit {
+    pub(super) fn start(connections: Connections, config: GroupCommitConfig) -> GroupCommit {
         let (jobs, queue) = mpsc::channel(COMMIT_QUEUE);
-        tokio::spawn(run_group_commit(pool, config, queue));
+        tokio::spawn(run_group_commit(connections, config, queue));
         GroupCommit { jobs }
     }
 }
@@ -60,7 +60,7 @@ impl GroupCommit {
 /// busy, jobs pile up in the queue and the next batch grows: the busier the
 /// database, the larger its transactions. Ends when every sender is gone.
 async fn run_group_commit(
-    pool: AnyPool,
+    connections: Connections,
     config: GroupCommitConfig,
     mut queue: mpsc::Receiver<CommitJob>,
 ) {
@@ -84,12 +84,12 @@ async fn run_group_commit(
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let messages: Vec<&Message> = batch.iter().flat_map(|job| &job.messages).collect();
             let result =
-                match tokio::time::timeout(config.timeout, insert_all(&pool, &messages)).await {
+                match tokio::time::timeout(config.timeout, insert_all(&connections, &messages)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(error)) => Err(error.to_string()),
                     Err(_) => Err(format!("commit not done in {:?}", config.timeout)),
@@ -104,16 +104,17 @@ async fn run_group_commit(
 }
 
 /// Inserts `messages` in one transaction, a multi-row INSERT per chunk.
-async fn insert_all(pool: &AnyPool, messages: &[&Message]) -> Result<(), StoreError> {
+async fn insert_all(connections: &Connections, messages: &[&Message]) -> Result<(), StoreError> {
     if messages.is_empty() {
         return Ok(());
     }
     if messages.len() <= INSERT_CHUNK_ROWS {
         // One statement is atomic on its own: no BEGIN and COMMIT round trips.
-        let mut connection = pool.acquire().await?;
+        let mut connection = connections.checkout().await?;
         return insert_rows(&mut connection, messages).await;
     }
-    let mut transaction = pool.begin().await?;
+    let mut connection = connections.checkout().await?;
+    let mut transaction = connection.begin().await?;
     insert_rows(&mut transaction, messages).await?;
     transaction.commit().await?;
     Ok(())
@@ -181,7 +182,7 @@ impl SqlStore {
         }
         let Some(group_commit) = &self.group_commit else {
             let messages: Vec<&Message> = messages.iter().collect();
-            return insert_all(&self.pool, &messages).await;
+            return insert_all(&self.connections, &messages).await;
         };
         let (done, committed) = oneshot::channel();
         let job = CommitJob {

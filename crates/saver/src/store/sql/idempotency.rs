@@ -4,7 +4,7 @@
 use prost::Message as _;
 use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{Message, StoreResponse};
-use sqlx::Row;
+use sqlx::{Connection as _, Row};
 
 use super::SqlStore;
 use super::group_commit::{insert_rows, is_unique_violation};
@@ -23,7 +23,7 @@ impl SqlStore {
         .bind(app.to_string())
         .bind(key.to_string())
         .bind(ms_to_sql(now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS)))
-        .execute(&self.pool)
+        .execute(&self.connections)
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -42,7 +42,7 @@ impl SqlStore {
         .bind(app.to_string())
         .bind(key.to_string())
         .bind(ms_to_sql(now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS)))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         let Some(row) = row else {
             return Ok(None);
@@ -70,7 +70,8 @@ impl SqlStore {
             replayed: false,
         }
         .encode_to_vec();
-        let mut transaction = self.pool.begin().await?;
+        let mut connection = self.connections.checkout().await?;
+        let mut transaction = connection.begin().await?;
         sqlx::query("DELETE FROM idempotency WHERE app = ? AND idem_key = ? AND created_ms <= ?")
             .bind(app.to_string())
             .bind(key.to_string())
@@ -89,7 +90,10 @@ impl SqlStore {
         match claimed {
             Ok(_) => {}
             Err(error) if is_unique_violation(&error) => {
+                // Both: the connection is the only one on SQLite, and the
+                // answer is read through it.
                 drop(transaction);
+                drop(connection);
                 return self.idempotent_answer(app, key).await;
             }
             Err(error) => return Err(error.into()),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{AckItem, Message};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::rows::{id_to_sql, message_from_row, ms_to_sql, placeholders};
 use super::{ACK_CHUNK, ID_CHUNK, INSERT_CHUNK_ROWS, SqlStore, USER_CHUNK};
@@ -22,7 +22,8 @@ impl SqlStore {
         withdrawal: &Withdrawal,
     ) -> Result<Withdrawn, StoreError> {
         let ids: Vec<u64> = withdrawal.ids().collect();
-        let mut transaction = self.pool.begin().await?;
+        let mut connection = self.connections.checkout().await?;
+        let mut transaction = connection.begin().await?;
         if let Some((app, key)) = &withdrawal.key {
             let forgotten = sqlx::query(
                 "DELETE FROM idempotency WHERE app = ? AND idem_key = ? AND confirmed = 0",
@@ -78,7 +79,7 @@ impl SqlStore {
             for id in chunk {
                 query = query.bind(id_to_sql(*id));
             }
-            for row in query.fetch_all(&self.pool).await? {
+            for row in query.fetch_all(&self.connections).await? {
                 let app: String = row.try_get("app")?;
                 let user: String = row.try_get("user_id")?;
                 let mut message = message_from_row(&app, &user, &row)?;
@@ -107,7 +108,8 @@ impl SqlStore {
             return Ok(0);
         }
         let now = ms_to_sql(now_ms());
-        let mut transaction = self.pool.begin().await?;
+        let mut connection = self.connections.checkout().await?;
+        let mut transaction = connection.begin().await?;
         let mut moved = Vec::with_capacity(messages.len());
         for message in messages {
             let expired = sqlx::query(
@@ -175,7 +177,7 @@ impl SqlStore {
         .bind(user.to_string())
         .bind(ms_to_sql(now_ms()))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         rows.iter()
             .map(|row| message_from_row(app, user, row))
@@ -209,7 +211,7 @@ impl SqlStore {
             let rows = query
                 .bind(ms_to_sql(now_ms()))
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
             for row in &rows {
                 let user: String = row.try_get("user_id")?;
@@ -230,7 +232,7 @@ impl SqlStore {
             for id in chunk {
                 query = query.bind(id_to_sql(*id));
             }
-            query.execute(&self.pool).await?;
+            query.execute(&self.connections).await?;
         }
         Ok(())
     }
@@ -264,7 +266,7 @@ impl SqlStore {
             for (id, app, user) in padded(chunk) {
                 query = query.bind(*id).bind(app.to_string()).bind(user.to_string());
             }
-            acked += query.execute(&self.pool).await?.rows_affected();
+            acked += query.execute(&self.connections).await?.rows_affected();
         }
         Ok(acked)
     }
@@ -283,7 +285,7 @@ impl SqlStore {
             for id in chunk {
                 query = query.bind(id_to_sql(*id));
             }
-            expired += query.execute(&self.pool).await?.rows_affected();
+            expired += query.execute(&self.connections).await?.rows_affected();
         }
         Ok(expired)
     }
@@ -302,7 +304,7 @@ impl SqlStore {
         .bind(user.to_string())
         .bind(now)
         .bind(i64::from(self.limits.max_inbox))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         let Some(row) = newest_dropped else {
             return Ok(0);
@@ -317,7 +319,7 @@ impl SqlStore {
         .bind(user.to_string())
         .bind(now)
         .bind(newest_dropped)
-        .execute(&self.pool)
+        .execute(&self.connections)
         .await?;
         Ok(result.rows_affected())
     }
@@ -328,7 +330,7 @@ impl SqlStore {
         let rows = sqlx::query("SELECT id FROM messages WHERE expires_ms < ? LIMIT ?")
             .bind(ms_to_sql(before_ms))
             .bind(i64::from(max_rows))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.connections)
             .await?;
         let ids = rows
             .iter()
@@ -344,7 +346,7 @@ impl SqlStore {
             for id in chunk {
                 query = query.bind(*id);
             }
-            deleted += query.execute(&self.pool).await?.rows_affected();
+            deleted += query.execute(&self.connections).await?.rows_affected();
         }
         // Their per-device status goes with them.
         self.delete_deliveries(&ids).await?;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::AnyPool;
+use super::Connections;
 
 use crate::error::StoreError;
 
@@ -45,14 +45,14 @@ where
 /// Executes the statement `build` makes, built again for each attempt of
 /// [`retry_lock_conflicts`] (a query is used up by executing it).
 pub(crate) async fn execute_retrying<'q>(
-    pool: &AnyPool,
+    connections: &Connections,
     build: impl Fn() -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
 ) -> Result<(), StoreError> {
     retry_lock_conflicts(|| {
         let query = build();
         async move {
             query
-                .execute(pool)
+                .execute(connections)
                 .await
                 .map(drop)
                 .map_err(StoreError::from)
