@@ -98,7 +98,10 @@ impl SqlStore {
     /// Writes Store calls through a group commit (a task on the current
     /// runtime) instead of one transaction per call.
     pub fn with_group_commit(mut self, config: GroupCommitConfig) -> SqlStore {
-        self.group_commit = Some(Arc::new(GroupCommit::start(self.connections.clone(), config)));
+        self.group_commit = Some(Arc::new(GroupCommit::start(
+            self.connections.clone(),
+            config,
+        )));
         self
     }
 

@@ -89,7 +89,9 @@ async fn run_group_commit(
             let started = Instant::now();
             let messages: Vec<&Message> = batch.iter().flat_map(|job| &job.messages).collect();
             let result =
-                match tokio::time::timeout(config.timeout, insert_all(&connections, &messages)).await {
+                match tokio::time::timeout(config.timeout, insert_all(&connections, &messages))
+                    .await
+                {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(error)) => Err(error.to_string()),
                     Err(_) => Err(format!("commit not done in {:?}", config.timeout)),
