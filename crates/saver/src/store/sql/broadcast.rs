@@ -27,38 +27,11 @@ impl SqlStore {
         for _ in 0..3 {
             let mut connection = self.connections.checkout().await?;
             let mut transaction = connection.begin().await?;
-            let bumped = sqlx::query(
-                "UPDATE broadcast_topics SET last_seq = last_seq + 1 WHERE app = ? AND topic = ?",
-            )
-            .bind(app.to_string())
-            .bind(topic.to_string())
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-            if bumped == 0 {
-                let created = sqlx::query(
-                    "INSERT INTO broadcast_topics (app, topic, epoch, last_seq) VALUES (?, ?, ?, 1)",
-                )
-                .bind(app.to_string())
-                .bind(topic.to_string())
-                .bind(ms_to_sql(created_ms.max(1)))
-                .execute(&mut *transaction)
-                .await;
-                match created {
-                    Ok(_) => {}
-                    Err(error) if is_unique_violation(&error) => continue,
-                    Err(error) => return Err(error.into()),
-                }
-            }
-            let row = sqlx::query(
-                "SELECT epoch, last_seq FROM broadcast_topics WHERE app = ? AND topic = ?",
-            )
-            .bind(app.to_string())
-            .bind(topic.to_string())
-            .fetch_one(&mut *transaction)
-            .await?;
-            let epoch: i64 = row.try_get("epoch")?;
-            let offset: i64 = row.try_get("last_seq")?;
+            let Some((epoch, offset)) =
+                next_offset(&mut transaction, app, topic, created_ms).await?
+            else {
+                continue;
+            };
             sqlx::query(
                 "INSERT INTO broadcasts (app, topic, seq, id, payload, created_ms) VALUES (?, ?, ?, ?, ?, ?)",
             )
@@ -145,4 +118,45 @@ impl SqlStore {
             oldest_kept_ms,
         ))
     }
+}
+
+/// Takes the topic's next offset in `transaction`: its epoch and the offset,
+/// creating the topic (a new epoch) on its first message. None when another
+/// caller created the topic at the same moment: try again.
+async fn next_offset(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    app: &str,
+    topic: &str,
+    created_ms: u64,
+) -> Result<Option<(i64, i64)>, StoreError> {
+    let bumped = sqlx::query(
+        "UPDATE broadcast_topics SET last_seq = last_seq + 1 WHERE app = ? AND topic = ?",
+    )
+    .bind(app.to_string())
+    .bind(topic.to_string())
+    .execute(&mut **transaction)
+    .await?
+    .rows_affected();
+    if bumped == 0 {
+        let created = sqlx::query(
+            "INSERT INTO broadcast_topics (app, topic, epoch, last_seq) VALUES (?, ?, ?, 1)",
+        )
+        .bind(app.to_string())
+        .bind(topic.to_string())
+        .bind(ms_to_sql(created_ms.max(1)))
+        .execute(&mut **transaction)
+        .await;
+        match created {
+            Ok(_) => {}
+            Err(error) if is_unique_violation(&error) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let row =
+        sqlx::query("SELECT epoch, last_seq FROM broadcast_topics WHERE app = ? AND topic = ?")
+            .bind(app.to_string())
+            .bind(topic.to_string())
+            .fetch_one(&mut **transaction)
+            .await?;
+    Ok(Some((row.try_get("epoch")?, row.try_get("last_seq")?)))
 }
