@@ -195,3 +195,78 @@ impl<'c> Executor<'c> for &'c Connections {
         Box::pin(async move { self.checkout().await?.describe(sql).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_statements_run_on_the_held_connection_wait_for_a_checkout_and_fail_once_closed()
+    {
+        let dir =
+            std::env::temp_dir().join(format!("pg_connections_{:016x}", rand::random::<u64>()));
+        let url = format!("sqlite://{}", dir.join("saver.db").display());
+        let connections = Connections::new(pushgrid_common::db::connect(&url, 1).await.unwrap());
+        assert!(connections.is_sqlite());
+
+        // A temporary table exists in one connection only: every statement
+        // sees it, so they all ran on the same one.
+        sqlx::query("CREATE TEMP TABLE mine (v INTEGER)")
+            .execute(&connections)
+            .await
+            .unwrap();
+        for value in 0..3i64 {
+            sqlx::query("INSERT INTO mine (v) VALUES (?)")
+                .bind(value)
+                .execute(&connections)
+                .await
+                .unwrap();
+        }
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mine")
+            .fetch_one(&connections)
+            .await
+            .unwrap();
+        assert_eq!(count, 3);
+
+        // A transaction on a checkout that is dropped unfinished is rolled back.
+        {
+            let mut connection = connections.checkout().await.unwrap();
+            let mut transaction = connection.begin().await.unwrap();
+            sqlx::query("INSERT INTO mine (v) VALUES (99)")
+                .execute(&mut *transaction)
+                .await
+                .unwrap();
+        }
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mine")
+            .fetch_one(&connections)
+            .await
+            .unwrap();
+        assert_eq!(count, 3, "the dropped transaction's row is gone");
+
+        // While a checkout is held, other statements wait for it.
+        let held = connections.checkout().await.unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            sqlx::query("SELECT 1").execute(&connections),
+        )
+        .await;
+        assert!(waited.is_err(), "a statement ran beside a checkout");
+        drop(held);
+        sqlx::query("SELECT 1").execute(&connections).await.unwrap();
+
+        connections.close().await;
+        let closed = sqlx::query("SELECT 1").execute(&connections).await;
+        assert!(
+            matches!(closed, Err(sqlx::Error::PoolClosed)),
+            "after close: {closed:?}"
+        );
+        assert!(matches!(
+            connections.checkout().await.map(drop),
+            Err(sqlx::Error::PoolClosed)
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
