@@ -315,13 +315,9 @@ fn from_sql(value: Option<i64>) -> u64 {
         .unwrap_or(0)
 }
 
-fn is_sqlite(connections: &Connections) -> bool {
-    connections.is_sqlite()
-}
-
 /// `INSERT IGNORE` in MySQL's words or SQLite's.
 fn insert_ignore(connections: &Connections) -> &'static str {
-    if is_sqlite(connections) {
+    if connections.is_sqlite() {
         "INSERT OR IGNORE"
     } else {
         "INSERT IGNORE"

@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use pushgrid_common::db;
 use sqlx::AnyPool;
-
-pub(crate) use self::connections::Connections;
 use tokio::sync::Semaphore;
 
 use super::{MessageIds, Owed, StoreLimits};
@@ -24,6 +22,7 @@ mod message_store;
 mod retry;
 mod rows;
 
+pub(crate) use self::connections::Connections;
 use self::group_commit::GroupCommit;
 pub use self::group_commit::GroupCommitConfig;
 pub(crate) use self::retry::{execute_retrying, retry_lock_conflicts};

@@ -5,9 +5,7 @@ use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::{DeviceStatus, MessageStatusResponse, StatusCounts};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{
-    KIND_BROADCAST, ROW_CHUNK, STATUS_KEEP_AFTER_TTL_MS, from_sql, insert_ignore, is_sqlite, to_sql,
-};
+use super::{KIND_BROADCAST, ROW_CHUNK, STATUS_KEEP_AFTER_TTL_MS, from_sql, insert_ignore, to_sql};
 use crate::error::StoreError;
 use crate::store::sql::execute_retrying;
 use crate::store::{SqlStore, padded, repeated, statement_rows};
@@ -59,7 +57,7 @@ impl SqlStore {
         // In key order: concurrent batches then take their row locks in
         // the same order, which avoids most deadlocks.
         rows.sort_unstable_by(|a, b| (a.id, a.user, a.device).cmp(&(b.id, b.user, b.device)));
-        let (head, conflict) = match (acked, is_sqlite(self.connections())) {
+        let (head, conflict) = match (acked, self.connections().is_sqlite()) {
             (false, _) => (insert_ignore(self.connections()), ""),
             (true, true) => (
                 "INSERT",
