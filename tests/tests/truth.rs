@@ -241,7 +241,7 @@ async fn a_push_refused_while_redis_is_down_is_never_delivered_and_its_retry_del
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_survive_redis_connections_killed_during_acks() {
     const PUSHES: usize = 300;
-    const MAX_ROUNDS: usize = 4;
+    const MAX_ROUNDS: usize = 10;
     let mut cluster = TestCluster::start(ClusterOptions::default()).await.unwrap();
     let redis = OwnRedis::start().await;
     let database = format!("{MYSQL_SERVER}/{}", cluster.database);
