@@ -203,6 +203,13 @@ mod tests {
 
     use super::*;
 
+    async fn rows_in_mine(connections: &Connections) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM mine")
+            .fetch_one(connections)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn sqlite_statements_run_on_the_held_connection_wait_for_a_checkout_and_fail_once_closed()
     {
@@ -225,10 +232,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mine")
-            .fetch_one(&connections)
-            .await
-            .unwrap();
+        let count = rows_in_mine(&connections).await;
         assert_eq!(count, 3);
 
         // A transaction on a checkout that is dropped unfinished is rolled back.
@@ -240,10 +244,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mine")
-            .fetch_one(&connections)
-            .await
-            .unwrap();
+        let count = rows_in_mine(&connections).await;
         assert_eq!(count, 3, "the dropped transaction's row is gone");
 
         // While a checkout is held, other statements wait for it.
