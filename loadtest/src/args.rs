@@ -13,6 +13,8 @@ pub enum Scenario {
     Churn,
     Slow,
     PushRate,
+    /// Unicasts and broadcasts while faults are injected (`loadtest cluster-faults`).
+    UnderFaults,
 }
 
 /// Options shared by every scenario.
@@ -24,6 +26,10 @@ pub struct RunArgs {
     /// Base URL of the push API (center).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub api: String,
+    /// More push API base URLs (other centers): the under-faults load
+    /// spreads its calls over --api and these.
+    #[arg(long, value_delimiter = ',')]
+    pub more_apis: Vec<String>,
     #[arg(long, default_value = "demo-key")]
     pub api_key: String,
     #[arg(long, default_value = "demo")]

@@ -59,6 +59,26 @@ pub fn payload(send_unix_us: u64, size: usize) -> String {
 }
 
 /// Reads the send time back out of a payload.
+/// A payload that also names the call that pushed it: the send time, a
+/// space, `c<call>`, a space, and padding (`call_tag` reads it back).
+pub fn tagged_payload(send_unix_us: u64, call: u64, size: usize) -> String {
+    let mut text = format!("{send_unix_us} c{call} ");
+    while text.len() < size {
+        text.push('x');
+    }
+    text
+}
+
+/// The call named by a [`tagged_payload`], 0 for any other payload.
+pub fn call_tag(payload: &[u8]) -> u64 {
+    let mut words = payload.split(|byte| *byte == b' ');
+    words
+        .nth(1)
+        .and_then(|word| word.strip_prefix(b"c"))
+        .and_then(|digits| std::str::from_utf8(digits).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn sent_us(payload: &[u8]) -> Option<u64> {
     let end = payload
         .iter()
@@ -79,6 +99,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use pushgrid_wire::{encode, msg};
+
+    #[test]
+    fn a_tagged_payload_names_its_call_and_its_send_time() {
+        let tagged = tagged_payload(1_700_000_000_000_123, 42, 64);
+        assert_eq!(tagged.len(), 64);
+        assert_eq!(call_tag(tagged.as_bytes()), 42);
+        assert_eq!(sent_us(tagged.as_bytes()), Some(1_700_000_000_000_123));
+        assert_eq!(call_tag(payload(5, 64).as_bytes()), 0);
+        assert_eq!(call_tag(b"5 cx y"), 0);
+        assert_eq!(call_tag(b""), 0);
+    }
 
     #[test]
     fn frames_split_anywhere_are_reassembled() {

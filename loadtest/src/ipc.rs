@@ -102,6 +102,10 @@ pub struct WorkerReport {
     pub delivered_latency_us: Vec<u64>,
     /// The receiving device of each delivery (index relative to `first_user`).
     pub delivered_devices: Vec<u32>,
+    /// The call tag of each delivery's payload (`frames::call_tag`), 0 for
+    /// an untagged payload (same order).
+    #[serde(default)]
+    pub delivered_calls: Vec<u64>,
     /// Deliveries to slow devices (ids), kept apart from the loss ledger.
     pub slow_delivered_ids: Vec<u64>,
     /// Broadcast receipts per device and topic (lists, not maps: serde cannot
@@ -111,6 +115,11 @@ pub struct WorkerReport {
     /// Per topic and offset: devices of this worker that got it, and the
     /// latency to the last of them.
     pub broadcast_offsets: Vec<OffsetReceipts>,
+    /// Devices (index relative to `first_user`) told after a reconnect that
+    /// the run's topic lost messages they missed (SUB_OK `recovered =
+    /// false`), and how many times.
+    #[serde(default)]
+    pub broadcast_gaps: Vec<(u32, u32)>,
     /// First receipts of broadcasts, API call to receipt: base64 of an
     /// hdrhistogram V2 serialisation (us).
     pub broadcast_latency_histogram: String,

@@ -6,6 +6,7 @@
 //! loadtest push-rate --connections 5000 --rate 10000 --secs 10   # latency and CPU per message
 //! loadtest broadcast | churn | slow ...
 //! loadtest million   --connections 1000000     # starts and stops its own cluster
+//! loadtest cluster-faults --connections 50000  # issue 21's fault plan under load
 //! ```
 //!
 //! The coordinating process forks worker processes (`loadtest worker <spec>`) of
@@ -14,6 +15,7 @@
 //! every accepted message id to a delivery.
 
 mod args;
+mod cluster_faults;
 mod frames;
 mod histogram;
 mod ipc;
@@ -52,6 +54,10 @@ enum Cmd {
     Slow(RunArgs),
     /// Start a cluster sized for --connections, run --scenarios, clean up.
     Million(Box<million::MillionArgs>),
+    /// Start `pushgrid cluster` (two keepers, savers, centers), connect the
+    /// devices, and under unicast and broadcast load kill -9 every role
+    /// instance in turn, restart Redis empty and lock MySQL; account for every call.
+    ClusterFaults(Box<cluster_faults::ClusterFaultsArgs>),
     /// Internal: one worker process.
     #[command(hide = true)]
     Worker { spec: String },
@@ -62,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     let (scenario, args) = match cli.command {
         Cmd::Worker { spec } => return worker::main(&spec),
         Cmd::Million(args) => return runtime()?.block_on(million::run(*args)),
+        Cmd::ClusterFaults(args) => return runtime()?.block_on(cluster_faults::run(*args)),
         Cmd::Connect(args) => (Scenario::Connect, args),
         Cmd::Unicast(args) => (Scenario::Unicast, args),
         Cmd::Broadcast(args) => (Scenario::Broadcast, args),

@@ -98,6 +98,10 @@ pub struct DeviceReceipts {
     /// Index relative to the worker's `first_user`.
     pub device: u32,
     pub topic: String,
+    /// The stream's epoch these offsets belong to (a restarted stream
+    /// counts from 1 again in a new epoch).
+    #[serde(default)]
+    pub epoch: u64,
     pub receipts: TopicReceipts,
 }
 

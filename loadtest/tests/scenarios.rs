@@ -610,3 +610,64 @@ fn loadtest_million_register_kill_and_room_storm_at_50000_devices() {
     assert_eq!(report["messages"]["duplicated"], 0, "{report:#}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 21's fault plan through `loadtest cluster-faults`, at a small size:
+/// `pushgrid cluster` with two keepers, savers, centers and rooms on its own
+/// Redis and a MySQL database of its own; under unicast and broadcast load
+/// every role instance is killed -9 in turn, Redis is restarted empty and
+/// MySQL locked. The command itself fails when a check fails; the report
+/// says what each check counted.
+#[test]
+fn loadtest_cluster_faults_loses_nothing_and_the_answers_tell_the_truth() {
+    pushgrid_binary(); // builds `pushgrid` beside `loadtest`
+    let dir = std::env::temp_dir().join(format!("pushgrid-lt-cf-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("cluster-faults.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["cluster-faults", "--quiet", "--connections", "300"])
+        .args(["--per-room", "150", "--batch", "5", "--push-rate", "300"])
+        .args(["--push-concurrency", "16", "--broadcast-interval-ms", "250"])
+        .args(["--hold-secs", "1", "--lock-secs", "5", "--max-minutes", "8"])
+        .args(["--source-base", "127.0.18.2", "--work-dir"])
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success(),
+        "loadtest cluster-faults failed:\n{stdout}\n{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let accounting = &report["under_faults"];
+    assert_eq!(
+        accounting["failures"],
+        serde_json::json!([]),
+        "{accounting:#}"
+    );
+    // 11 kills (2 keepers, register, 2 savers, 2 centers, coordinator,
+    // dispatcher, 2 rooms), Redis restarted, MySQL locked.
+    assert_eq!(report["faults"].as_array().unwrap().len(), 13, "{report:#}");
+    assert_eq!(
+        report["cluster"]["launcher_restarts_total"], 11.0,
+        "{report:#}"
+    );
+    assert!(
+        report["messages"]["accepted"].as_u64().unwrap() > 300,
+        "{report:#}"
+    );
+    assert_eq!(report["messages"]["lost"], 0, "{report:#}");
+    assert!(
+        accounting["broadcasts_accepted"].as_u64().unwrap() > 20,
+        "{accounting:#}"
+    );
+    assert_eq!(
+        accounting["broadcast_missing_without_gap"], 0,
+        "{accounting:#}"
+    );
+    assert_eq!(accounting["refused_delivered"], 0, "{accounting:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -18,8 +18,10 @@
 //!   Counted in `pushgrid_room_broadcast_gaps_skipped_total`;
 //! * an offset below the next expected one (a copy already fetched, a late
 //!   duplicate) is dropped;
-//! * a new epoch (the stream restarted at offset 1) starts over at offset 1;
-//!   a message of an older epoch is dropped.
+//! * a new epoch (the stream restarted at offset 1) starts over at offset 1,
+//!   whether a message or a SUB's position shows it first (the connections
+//!   subscribed here are owed the new stream from its start); a message of
+//!   an older epoch is dropped.
 //!
 //! Where a topic starts: at the position a SUB read from saver (the device
 //! wants what comes after it), at offset 1 of a new stream, or, for a topic
@@ -205,10 +207,19 @@ impl TopicOrder {
             if epoch < self.epoch {
                 return ready;
             }
-            // A newer stream than the held messages belong to.
-            self.counts.dropped += self.pending.len() as u64;
-            self.pending.clear();
-            self.next = None;
+            // The stream restarted (Redis lost it) and a SUB read its
+            // position before this room saw any of it: it began at offset 1,
+            // and the connections already subscribed here are owed all of
+            // it, so the stage starts there, not after the SUB's position
+            // (the live copies of the first offsets may still be on their
+            // way; if not, the gap is fetched). What was held of the old
+            // stream goes out as it is, as when a message shows the new epoch.
+            ready.extend(std::mem::take(&mut self.pending).into_values());
+            self.epoch = epoch;
+            self.next = Some(1);
+            self.waiting_since = None;
+            self.last_fetch = None;
+            return ready;
         }
         if self.next.is_some() {
             return ready;
@@ -529,6 +540,25 @@ mod tests {
         assert_eq!(offsets(&order.offer(message(1, 10), now)), [1, 2]);
         assert!(order.offer(message(4, 9), now).is_empty());
         assert_eq!(order.counts.dropped, 1);
+    }
+
+    #[test]
+    fn a_sub_that_reads_a_restarted_stream_first_keeps_its_first_offsets_for_the_others() {
+        let now = Instant::now();
+        let mut order = known(now);
+        order.offer(message(1, 9), now);
+        order.offer(message(3, 9), now);
+        // Redis restarted (epoch 10, offsets 1 and 2 stored) and a device's
+        // SUB read that before the room got either: held 3 of the old
+        // stream goes out, and the new one starts at 1, not at 3.
+        assert_eq!(offsets(&order.learn(2, 10, now)), [3]);
+        assert_eq!(order.next(), Some(1));
+        assert_eq!(offsets(&order.offer(message(1, 10), now)), [1]);
+        assert_eq!(offsets(&order.offer(message(2, 10), now)), [2]);
+        assert_eq!(order.counts.dropped, 0);
+        // An older stream's position changes nothing.
+        assert!(order.learn(7, 9, now).is_empty());
+        assert_eq!(order.next(), Some(3));
     }
 
     #[test]

@@ -93,16 +93,16 @@ pub enum FaultKind {
     KillRooms,
 }
 
-/// The run's own app and database.
-struct Tenant {
-    app: String,
-    secret: String,
-    api_key: String,
-    database: String,
+/// The run's own app and database (also `loadtest cluster-faults`).
+pub(crate) struct Tenant {
+    pub app: String,
+    pub secret: String,
+    pub api_key: String,
+    pub database: String,
 }
 
 impl Tenant {
-    fn fresh() -> Tenant {
+    pub(crate) fn fresh() -> Tenant {
         let tag = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         Tenant {
             app: format!("lt{tag}"),

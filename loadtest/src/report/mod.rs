@@ -189,6 +189,8 @@ pub struct Report {
     /// What `loadtest million --faults` injected and how the cluster came
     /// back, one entry per fault.
     pub faults: Vec<Value>,
+    /// The under-faults scenario's accounting of every call (null otherwise).
+    pub under_faults: Value,
     pub notes: Vec<String>,
 }
 
@@ -223,6 +225,7 @@ impl Report {
             processes: Vec::new(),
             cluster: Value::Null,
             faults: Vec::new(),
+            under_faults: Value::Null,
             notes: Vec::new(),
         }
     }

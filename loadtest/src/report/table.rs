@@ -34,6 +34,9 @@ impl Report {
             storms(&mut out, &self.churn.storms);
         }
         faults(&mut out, &self.faults);
+        if !self.under_faults.is_null() {
+            under_faults(&mut out, &self.under_faults);
+        }
         memory(&mut out, &self.memory);
         processes(&mut out, &self.processes);
         for note in &self.notes {
@@ -227,6 +230,21 @@ fn storms(out: &mut String, storms: &[serde_json::Value]) {
 
 fn faults(out: &mut String, faults: &[serde_json::Value]) {
     for f in faults {
+        if f.get("detail").is_none() {
+            // An under-faults step: what it did and how long the role took to come back.
+            let _ = writeln!(
+                out,
+                "{:<34} {} (back after {:.1} s){}",
+                "fault",
+                f["fault"].as_str().unwrap_or("?"),
+                f["back_after_secs"].as_f64().unwrap_or(0.0),
+                f["error"]
+                    .as_str()
+                    .map(|error| format!(" FAILED: {error}"))
+                    .unwrap_or_default()
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "{:<34} {}",
@@ -251,6 +269,63 @@ fn faults(out: &mut String, faults: &[serde_json::Value]) {
             f["sessions_match_after_secs"].as_f64().unwrap_or(0.0),
             f["stale_or_missing_sessions"]
         );
+    }
+}
+
+fn under_faults(out: &mut String, accounting: &serde_json::Value) {
+    let a = accounting;
+    let lines = [
+        (
+            "unicast calls",
+            format!(
+                "{} ({} answered 2xx); answers by status {}",
+                a["unicast_calls"], a["unicast_calls_accepted"], a["answers_by_status"]
+            ),
+        ),
+        (
+            "refused calls / delivered",
+            format!("{} / {}", a["refused"], a["refused_delivered"]),
+        ),
+        (
+            "in doubt (saver kill) / delivered",
+            format!("{} / {}", a["in_doubt"], a["in_doubt_delivered"]),
+        ),
+        (
+            "unanswered calls / delivered",
+            format!("{} / {}", a["unanswered"], a["unanswered_delivered"]),
+        ),
+        (
+            "keyed calls / retried / given up",
+            format!(
+                "{} / {} / {}",
+                a["keyed_calls"], a["keyed_retried"], a["keyed_given_up"]
+            ),
+        ),
+        (
+            "ids answered to two calls",
+            a["ids_answered_twice"].to_string(),
+        ),
+        (
+            "broadcasts accepted",
+            format!(
+                "{} (answers {})",
+                a["broadcasts_accepted"], a["broadcast_answers"]
+            ),
+        ),
+        (
+            "broadcast deliveries",
+            format!(
+                "{} of {}, missing without a gap told {}; devices told of a gap {}",
+                a["broadcast_delivered"],
+                a["broadcast_expected"],
+                a["broadcast_missing_without_gap"],
+                a["devices_told_of_a_gap"]
+            ),
+        ),
+        ("failed checks", a["failures"].to_string()),
+    ];
+    for (label, value) in lines {
+        let _ = writeln!(out, "{label:<34} {value}");
     }
 }
 

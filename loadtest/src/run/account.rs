@@ -270,6 +270,7 @@ mod tests {
         crate::receipts::DeviceReceipts {
             device,
             topic: "t".into(),
+            epoch: 1,
             receipts,
         }
     }

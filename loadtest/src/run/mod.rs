@@ -11,6 +11,7 @@ mod account;
 mod api;
 mod meter;
 mod scenarios;
+mod under_faults;
 mod workers;
 
 use std::collections::BTreeMap;
@@ -62,6 +63,8 @@ struct Run<'a> {
     /// Devices connected at the end of the ramp (global user indices), by class.
     online: Vec<u64>,
     slow: Vec<u64>,
+    /// The calls of the under-faults scenario.
+    load: under_faults::Load,
 }
 
 impl Run<'_> {
@@ -108,21 +111,15 @@ pub async fn run(
         slow_ledger: Mutex::new(Ledger::default()),
         online: Vec::new(),
         slow: Vec::new(),
+        load: under_faults::Load::default(),
     };
     let infos = run.ramp().await;
     // Let the servers settle (sessions flushed, allocators quiet), then measure memory.
     tokio::time::sleep(Duration::from_secs(3)).await;
     meter.ramped(&run.workers.pids());
-    run.hold().await;
-    if let Some(fault) = fault {
-        run.set_phase("fault");
-        for step in 0..fault.count() {
-            let outcome = scenarios::inject_fault(&mut *fault, step, &run.workers, &args).await?;
-            run.report.faults.push(outcome);
-        }
-    }
+    let fault = run.hold_and_inject(fault).await?;
     (run.online, run.slow) = push_targets(&run.workers.specs, &infos);
-    let broadcast_started_us = run.drive(&meter).await;
+    let broadcast_started_us = run.drive(&meter, fault).await;
     let (collected, end) = run.collect(&meter).await;
     status_task.abort();
     run.workers.stop().await;
@@ -133,6 +130,11 @@ pub async fn run(
         &mut lock(&run.ledger),
         &mut lock(&run.slow_ledger),
     );
+    if scenario == Scenario::UnderFaults {
+        let ledger = lock(&run.ledger);
+        let accounting = under_faults::account(&run.load, &collected, &ledger, &run.online, &args);
+        report.under_faults = serde_json::to_value(accounting).unwrap_or(Value::Null);
+    }
     if scenario == Scenario::Broadcast {
         account::broadcasts(
             &mut report,
@@ -147,6 +149,27 @@ pub async fn run(
 }
 
 impl Run<'_> {
+    /// Holds the connections, then injects the faults one after the other;
+    /// under-faults runs keep the faults for the load instead (returned).
+    async fn hold_and_inject<'f>(
+        &mut self,
+        fault: Option<&'f mut dyn Fault>,
+    ) -> anyhow::Result<Option<&'f mut dyn Fault>> {
+        if self.scenario == Scenario::UnderFaults {
+            return Ok(fault);
+        }
+        self.hold().await;
+        if let Some(fault) = fault {
+            self.set_phase("fault");
+            for step in 0..fault.count() {
+                let outcome =
+                    scenarios::inject_fault(&mut *fault, step, &self.workers, self.args).await?;
+                self.report.faults.push(outcome);
+            }
+        }
+        Ok(None)
+    }
+
     /// Sends `go` and waits (at most --ramp-timeout-secs) until every worker
     /// has settled its initial connections; what each said then.
     async fn ramp(&mut self) -> Vec<Ramped> {
@@ -263,13 +286,14 @@ fn check_targets(args: &RunArgs) -> anyhow::Result<()> {
     for room in &args.rooms {
         check_loopback(room)?;
     }
-    let api_host = args
-        .api
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap_or("");
-    check_loopback(api_host)?;
+    for api in std::iter::once(&args.api).chain(&args.more_apis) {
+        let api_host = api
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        check_loopback(api_host)?;
+    }
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }

@@ -21,9 +21,10 @@ use crate::push_rate;
 impl Run<'_> {
     /// Runs the scenario's pushes; returns when the broadcasts started (unix
     /// µs, 0 for other scenarios).
-    pub(super) async fn drive(&mut self, meter: &Meter) -> u64 {
+    pub(super) async fn drive(&mut self, meter: &Meter, fault: Option<&mut dyn Fault>) -> u64 {
         match self.scenario {
             Scenario::Connect => {}
+            Scenario::UnderFaults => self.under_faults(fault).await,
             Scenario::PushRate => self.push_rate(meter).await,
             Scenario::Unicast | Scenario::Slow => self.unicast().await,
             Scenario::Broadcast => return self.broadcast().await,
@@ -297,7 +298,7 @@ impl Run<'_> {
 }
 
 /// Waits until `delivered(total) >= target`, `quiet` passes without progress, or `limit`.
-async fn drain(
+pub(super) async fn drain(
     workers: &Workers,
     args: &RunArgs,
     target: u64,

@@ -244,7 +244,7 @@ fn worker_spec(
         } else {
             0
         },
-        topic: if scenario == Scenario::Broadcast {
+        topic: if matches!(scenario, Scenario::Broadcast | Scenario::UnderFaults) {
             args.topic.clone()
         } else {
             String::new()

@@ -124,21 +124,31 @@ async fn authenticate(
     }
 }
 
-/// Sends SUB for the run's topic and reads until SUB_OK (acknowledging the
-/// unicast pushes that come first).
+/// Sends SUB for the run's topic, from the device's position after a
+/// reconnect (as the SDK does: the room replays what it missed), and reads
+/// until SUB_OK (recording the pushes that come first, the replay among
+/// them). A SUB_OK that says the missed messages are gone counts as a gap
+/// told to the device.
 async fn subscribe(
     shared: &Shared,
     index: u32,
     stream: &mut TcpStream,
     carry: &mut Vec<u8>,
 ) -> Result<(), String> {
+    let position = shared
+        .records()
+        .positions
+        .get(index as usize)
+        .copied()
+        .flatten();
+    let (epoch, since_offset) = position.unwrap_or((0, 0));
     let sub = encode(
         Op::Sub,
         1,
         &msg::Sub {
             topic: shared.spec.topic.clone(),
-            since_offset: 0,
-            epoch: 0,
+            since_offset,
+            epoch,
         },
     );
     stream
@@ -149,7 +159,23 @@ async fn subscribe(
         let (op, body) = read_frame(stream, carry, "sub").await?;
         match op {
             Op::SubOk => {
+                let ok: msg::SubOk = prost::Message::decode(&body[..]).unwrap_or_default();
                 shared.counters.subscribed.fetch_add(1, Ordering::Relaxed);
+                let mut records = shared.records();
+                if position.is_some()
+                    && !ok.recovered
+                    && let Some(gaps) = records.gaps.get_mut(index as usize)
+                {
+                    *gaps += 1;
+                }
+                if let Some(slot) = records.positions.get_mut(index as usize) {
+                    // The replay before SUB_OK moved the position already;
+                    // a new epoch, or a first SUB, starts at the stream's head.
+                    match *slot {
+                        Some((epoch, _)) if epoch == ok.epoch => {}
+                        _ => *slot = Some((ok.epoch, ok.offset)),
+                    }
+                }
                 return Ok(());
             }
             Op::Error => {

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::connect::{establish, io_reason};
 use super::{Ctl, MAX_BODY, Shared, is_slow};
-use crate::frames::{sent_us, take_frames, unix_us};
+use crate::frames::{call_tag, sent_us, take_frames, unix_us};
 use crate::receipts::{Receipt, TopicReceipts};
 
 /// Starts the connections at the configured rate and concurrency.
@@ -206,12 +206,25 @@ pub(super) fn on_push(
     let latency = sent_us(&push.payload).map(|sent| now.saturating_sub(sent));
     if push.kind() == msg::PushKind::Broadcast {
         let mut records = shared.records();
+        if push.topic == shared.spec.topic {
+            let position = records.positions.get_mut(index as usize)?;
+            *position = match *position {
+                Some((epoch, highest)) if epoch == push.epoch => {
+                    Some((epoch, highest.max(push.offset)))
+                }
+                Some((epoch, _)) if epoch > push.epoch => *position,
+                _ => Some((push.epoch, push.offset)),
+            };
+        }
         let topics = records.broadcast.get_mut(index as usize)?;
-        let receipts = match topics.iter().position(|(topic, _)| *topic == push.topic) {
-            Some(at) => &mut topics[at].1,
+        let at = topics
+            .iter()
+            .position(|(topic, epoch, _)| *topic == push.topic && *epoch == push.epoch);
+        let receipts = match at {
+            Some(at) => &mut topics[at].2,
             None => {
-                topics.push((push.topic.clone(), TopicReceipts::default()));
-                &mut topics.last_mut()?.1
+                topics.push((push.topic.clone(), push.epoch, TopicReceipts::default()));
+                &mut topics.last_mut()?.2
             }
         };
         if receipts.record(push.offset) == Receipt::Duplicate {
@@ -244,9 +257,10 @@ pub(super) fn on_push(
         if slow {
             records.slow_delivered.push(push.msg_id);
         } else {
+            let call = call_tag(&push.payload);
             records
                 .delivered
-                .push((push.msg_id, latency.unwrap_or(0), index));
+                .push((push.msg_id, latency.unwrap_or(0), index, call));
         }
     }
     Some(encode(

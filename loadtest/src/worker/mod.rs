@@ -60,14 +60,22 @@ struct Records {
     failures: BTreeMap<String, u64>,
     closes: BTreeMap<String, u64>,
     failed_users: Vec<u32>,
-    /// Unicast deliveries: (message id, latency µs, device index).
-    delivered: Vec<(u64, u64, u32)>,
+    /// Unicast deliveries: (message id, latency µs, device index, call tag
+    /// of the payload or 0).
+    delivered: Vec<(u64, u64, u32, u64)>,
     slow_delivered: Vec<u64>,
     /// Unicast ids received at least once: the `delivered` counter (which
     /// ends the drain) counts each message once, however often it arrives.
     seen: std::collections::HashSet<u64>,
-    /// Broadcast receipts: per device index, per topic.
-    broadcast: Vec<Vec<(String, TopicReceipts)>>,
+    /// Broadcast receipts: per device index, per topic and epoch.
+    broadcast: Vec<Vec<(String, u64, TopicReceipts)>>,
+    /// Per device: its position in the run's topic (epoch, highest offset
+    /// received in it), sent in the SUB after every reconnect; None before
+    /// the first SUB_OK.
+    positions: Vec<Option<(u64, u64)>>,
+    /// Per device: SUB_OKs after a reconnect that said the missed messages
+    /// could not be recovered (`recovered = false`).
+    gaps: Vec<u32>,
     /// (topic, offset) -> (devices, slowest latency µs).
     broadcast_offsets: std::collections::HashMap<(String, u64), (u64, u64)>,
     broadcast_latency_us: Option<Histogram<u64>>,
@@ -143,6 +151,8 @@ async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         records: Mutex::new(Records {
             connect_us: Some(connect_histogram()),
             broadcast: vec![Vec::new(); spec.count as usize],
+            positions: vec![None; spec.count as usize],
+            gaps: vec![0; spec.count as usize],
             broadcast_latency_us: Some(latency_histogram()),
             ..Default::default()
         }),
@@ -317,12 +327,25 @@ fn report_of(shared: &Shared, storm_settle_ms: Vec<u64>) -> WorkerReport {
         progress,
         failures: records.failures.clone(),
         closes: records.closes.clone(),
-        delivered_ids: records.delivered.iter().map(|(id, _, _)| *id).collect(),
-        delivered_latency_us: records.delivered.iter().map(|(_, us, _)| *us).collect(),
+        delivered_ids: records
+            .delivered
+            .iter()
+            .map(|delivery| delivery.0)
+            .collect(),
+        delivered_latency_us: records
+            .delivered
+            .iter()
+            .map(|delivery| delivery.1)
+            .collect(),
         delivered_devices: records
             .delivered
             .iter()
-            .map(|(_, _, device)| *device)
+            .map(|delivery| delivery.2)
+            .collect(),
+        delivered_calls: records
+            .delivered
+            .iter()
+            .map(|delivery| delivery.3)
             .collect(),
         slow_delivered_ids: records.slow_delivered.clone(),
         broadcast_devices: records
@@ -330,11 +353,14 @@ fn report_of(shared: &Shared, storm_settle_ms: Vec<u64>) -> WorkerReport {
             .iter()
             .enumerate()
             .flat_map(|(device, topics)| {
-                topics.iter().map(move |(topic, receipts)| DeviceReceipts {
-                    device: device as u32,
-                    topic: topic.clone(),
-                    receipts: receipts.clone(),
-                })
+                topics
+                    .iter()
+                    .map(move |(topic, epoch, receipts)| DeviceReceipts {
+                        device: device as u32,
+                        topic: topic.clone(),
+                        epoch: *epoch,
+                        receipts: receipts.clone(),
+                    })
             })
             .collect(),
         broadcast_offsets: records
@@ -352,6 +378,13 @@ fn report_of(shared: &Shared, storm_settle_ms: Vec<u64>) -> WorkerReport {
         broadcast_latency_histogram: histogram::to_base64(records.broadcast_latency_us.as_ref()),
         last_broadcast_receipt_unix_us: records.last_broadcast_receipt_unix_us,
         connect_histogram: histogram::to_base64(records.connect_us.as_ref()),
+        broadcast_gaps: records
+            .gaps
+            .iter()
+            .enumerate()
+            .filter(|(_, gaps)| **gaps > 0)
+            .map(|(device, gaps)| (device as u32, *gaps))
+            .collect(),
         storm_settle_ms,
         reconnected: shared.counters.reconnected.load(Ordering::Relaxed),
         offline_users: shared
