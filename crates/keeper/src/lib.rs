@@ -217,9 +217,9 @@ async fn load_state(
     config: &KeeperConfig,
     store: &ConfigStore,
 ) -> anyhow::Result<Arc<registry::KeeperState>> {
-    store.put_apps(&config.apps).await?;
-    store.put_settings(&config.settings).await?;
-    store.put_routes(&config.routes).await?;
+    store
+        .seed(&config.apps, &config.settings, &config.routes)
+        .await?;
     let cluster_config = store.load().await?;
     tracing::info!(
         apps = cluster_config.apps.len(),

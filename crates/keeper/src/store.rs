@@ -111,6 +111,16 @@ pub fn route_problems(route: &RouteSeed, prefix: &str) -> Vec<String> {
     problems
 }
 
+/// A statement MySQL chose as a deadlock victim (SQLSTATE 40001, error
+/// 1213) or that waited too long for a row lock (1205): it applied nothing.
+fn is_lock_conflict(error: &anyhow::Error) -> bool {
+    let Some(sqlx::Error::Database(database)) = error.downcast_ref::<sqlx::Error>() else {
+        return false;
+    };
+    database.code().as_deref() == Some("40001")
+        || database.message().contains("Lock wait timeout exceeded")
+}
+
 pub struct ConfigStore {
     pool: AnyPool,
 }
@@ -125,6 +135,37 @@ impl ConfigStore {
         )
         .await?;
         Ok(ConfigStore { pool })
+    }
+
+    /// Writes a config file's apps, settings and routes. Keepers started
+    /// together write the same rows at once, and MySQL may pick one of them
+    /// as a deadlock victim (the DELETE before each INSERT takes a gap lock):
+    /// a write that lost a lock conflict applied nothing and is tried again,
+    /// up to 8 times in all.
+    pub async fn seed(
+        &self,
+        apps: &[AppSeed],
+        settings: &BTreeMap<String, String>,
+        routes: &[RouteSeed],
+    ) -> anyhow::Result<()> {
+        let mut tries = 1u64;
+        loop {
+            let written = async {
+                self.put_apps(apps).await?;
+                self.put_settings(settings).await?;
+                self.put_routes(routes).await
+            }
+            .await;
+            match written {
+                Err(error) if tries < 8 && is_lock_conflict(&error) => {
+                    tracing::warn!(%error, tries, "writing the configuration lost a lock conflict; trying again");
+                    let pause = rand::random_range(10..50u64) * tries;
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Inserts or replaces apps by id.
