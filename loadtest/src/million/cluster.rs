@@ -105,11 +105,24 @@ pub(super) async fn start_cluster(
             }
             _ => {}
         }
-        let mut process = start(name, name, bin, &settings, log_dir).await?;
-        process
-            .wait_bound(&format!("{name} ready"), Duration::from_secs(60))
-            .await?;
-        processes.push(process);
+        // --centers: the first is `center` (the API the run calls), the
+        // others share the broadcasts' fan-out with it.
+        let instances = if *name == "center" {
+            args.centers.max(1)
+        } else {
+            1
+        };
+        for instance in 0..instances {
+            let process_name = match instance {
+                0 => name.to_string(),
+                _ => format!("{name}-{instance}"),
+            };
+            let mut process = start(&process_name, name, bin, &settings, log_dir).await?;
+            process
+                .wait_bound(&format!("{name} ready"), Duration::from_secs(60))
+                .await?;
+            processes.push(process);
+        }
     }
     let center = processes
         .iter()

@@ -80,6 +80,10 @@ pub struct MillionArgs {
     /// Extra `--set key=value` for the saver.
     #[arg(long = "saver-set")]
     pub saver_set: Vec<String>,
+    /// center processes: the run calls the first; every center takes a
+    /// share of each broadcast's fan-out to the rooms.
+    #[arg(long, default_value_t = 1)]
+    pub centers: u32,
     /// Extra `--set key=value` for center.
     #[arg(long = "center-set")]
     pub center_set: Vec<String>,
