@@ -5,7 +5,8 @@
 //! the device's own frames); one writer drains the queue: the connection's
 //! shard thread for plain TCP (see `shard.rs`), the connection's own task for
 //! TLS and WebSocket. The queue is bounded by frames and bytes; a device that
-//! keeps it full is a slow consumer and is kicked.
+//! keeps it full while its socket is full too is a slow consumer and is
+//! kicked (`limits`).
 //!
 //! A queue can be *held* while the room replays something the device must
 //! see first (the offline inbox after AUTH, a topic's history after SUB):
@@ -15,6 +16,9 @@
 //! A shard connection's flush to its socket is in `flush`.
 
 mod flush;
+mod limits;
+
+pub(crate) use limits::QueueLimits;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
@@ -33,12 +37,6 @@ use crate::transport::Transport;
 /// How long after the inbox was replayed a live copy of one of its messages
 /// is still recognised and dropped.
 pub(crate) const INBOX_OVERLAP: Duration = Duration::from_secs(10);
-/// Bounds of one connection's outbound queue.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QueueLimits {
-    pub frames: usize,
-    pub bytes: usize,
-}
 
 /// A frame waiting for the socket.
 pub(crate) struct Outbound {
@@ -376,16 +374,8 @@ impl ConnHandle {
         if queue.seen_in_inbox(msg_id) {
             return Some(Wake::None); // the inbox replay carried it
         }
-        let over = if queue.counted_frames as usize >= limits.frames {
-            Some("frames")
-        } else if queue.counted_bytes as usize + frame.len() > limits.bytes
-            && queue.counted_frames > 0
-        {
-            Some("bytes")
-        } else {
-            None
-        };
-        if let Some(limit) = over {
+        let (frames, bytes) = (queue.counted_frames, queue.counted_bytes);
+        if let Some(limit) = limits.broken(frames, bytes, frame.len(), queue.stalled) {
             drop(queue);
             metrics::queue_drop(limit);
             if self.kick(KickCode::SlowConsumer) {
@@ -636,10 +626,19 @@ mod tests {
         assert!(conn.take_queued().is_empty());
     }
 
+    /// The last write to the connection's socket would block.
+    fn stall(conn: &ConnHandle) {
+        let blocked = conn.flush(|_| Err(io::ErrorKind::WouldBlock.into()));
+        assert!(matches!(blocked, Flushed::Blocked { .. }));
+    }
+
     #[test]
     fn a_full_queue_kicks_the_slow_consumer_and_own_frames_do_not_count() {
         let conn = handle();
         conn.release(Vec::new(), None);
+        assert!(conn.send(LIMITS, 99, frame(1, 10), &mut Wakes::default()));
+        stall(&conn);
+        assert_eq!(conn.take_queued().len(), 1);
         for index in 0..3 {
             conn.reply(frame(0, 1), true);
             assert!(conn.send(LIMITS, index + 1, frame(1, 10), &mut Wakes::default()));
@@ -652,11 +651,15 @@ mod tests {
         assert_eq!(conn.take_queued().len(), 6);
         // Taking the frames gave their room back.
         assert!(conn.send(LIMITS, 10, frame(1, 10), &mut Wakes::default()));
-        // Bytes: one frame may exceed the bound alone, two may not.
+        // While the socket takes everything, the queue may hold four times
+        // its bounds (the room has not written yet), then the device goes.
         let conn = handle();
         conn.release(Vec::new(), None);
-        assert!(conn.send(LIMITS, 1, frame(1, 2000), &mut Wakes::default()));
-        assert!(!conn.send(LIMITS, 2, frame(1, 10), &mut Wakes::default()));
+        for index in 0..12 {
+            assert!(conn.send(LIMITS, index + 1, frame(1, 10), &mut Wakes::default()));
+        }
+        assert!(!conn.send(LIMITS, 13, frame(1, 10), &mut Wakes::default()));
+        assert_eq!(conn.pending_kick(), Some(KickCode::SlowConsumer));
     }
 
     #[test]
