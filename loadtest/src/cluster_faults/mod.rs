@@ -254,9 +254,10 @@ fn servers(launcher: &Launcher) -> Vec<ServerProc> {
         .collect()
 }
 
-/// The launcher brought every killed instance back exactly once: its
-/// restart counter and each instance's starts. Puts the cluster's figures
-/// into the report; every failed check of the run, in words.
+/// Every fault step was carried out, and the launcher brought every killed
+/// instance back exactly once (its restart counter and each instance's
+/// starts). Puts the cluster's figures into the report; every failed check
+/// of the run, in words.
 async fn launcher_checks(plan: &Plan<'_>, kills: &[String], report: &mut Report) -> Vec<Value> {
     let restarts = plan.restarts_metric().await;
     let mut failures: Vec<Value> = report.under_faults["failures"]
@@ -268,6 +269,11 @@ async fn launcher_checks(plan: &Plan<'_>, kills: &[String], report: &mut Report)
             "the launcher counted {restarts:?} restarts for {} kills",
             kills.len()
         )));
+    }
+    for step in &report.faults {
+        if let Some(error) = step["error"].as_str() {
+            failures.push(json!(format!("{}: {error}", step["fault"])));
+        }
     }
     for name in kills {
         let starts = plan.launcher().instance(name).starts;
