@@ -92,37 +92,8 @@ pub(super) async fn start_cluster(
     )
     .await?;
     for (name, bin) in role_bins.iter().skip(1) {
-        let mut settings = common.node(&keeper);
-        match *name {
-            "saver" => {
-                settings.push(format!("database_url={database_url}"));
-                settings.push(format!("redis_url={}", args.redis));
-                settings.extend(args.saver_set.iter().cloned());
-            }
-            "center" => {
-                settings.push("http_listen=127.0.0.1:0".into());
-                settings.extend(args.center_set.iter().cloned());
-            }
-            _ => {}
-        }
-        // --centers: the first is `center` (the API the run calls), the
-        // others share the broadcasts' fan-out with it.
-        let instances = if *name == "center" {
-            args.centers.max(1)
-        } else {
-            1
-        };
-        for instance in 0..instances {
-            let process_name = match instance {
-                0 => name.to_string(),
-                _ => format!("{name}-{instance}"),
-            };
-            let mut process = start(&process_name, name, bin, &settings, log_dir).await?;
-            process
-                .wait_bound(&format!("{name} ready"), Duration::from_secs(60))
-                .await?;
-            processes.push(process);
-        }
+        let settings = role_settings(args, &common, &keeper, name, &database_url);
+        start_role(args, name, bin, &settings, log_dir, processes).await?;
     }
     let center = processes
         .iter()
@@ -145,6 +116,60 @@ pub(super) async fn start_cluster(
         first_room,
         per_room,
     })
+}
+
+/// The settings of one role started before the rooms.
+fn role_settings(
+    args: &MillionArgs,
+    common: &Common,
+    keeper: &str,
+    name: &str,
+    database_url: &str,
+) -> Vec<String> {
+    let mut settings = common.node(keeper);
+    match name {
+        "saver" => {
+            settings.push(format!("database_url={database_url}"));
+            settings.push(format!("redis_url={}", args.redis));
+            settings.extend(args.saver_set.iter().cloned());
+        }
+        "center" => {
+            settings.push("http_listen=127.0.0.1:0".into());
+            settings.extend(args.center_set.iter().cloned());
+        }
+        _ => {}
+    }
+    settings
+}
+
+/// Starts role `name` (--centers instances of center: the first is
+/// `center`, the API the run calls; the others share the broadcasts'
+/// fan-out with it) into `processes`, each waited for until it is ready.
+async fn start_role(
+    args: &MillionArgs,
+    name: &str,
+    bin: &Path,
+    settings: &[String],
+    log_dir: &Path,
+    processes: &mut Vec<Started>,
+) -> anyhow::Result<()> {
+    let instances = if name == "center" {
+        args.centers.max(1)
+    } else {
+        1
+    };
+    for instance in 0..instances {
+        let process_name = match instance {
+            0 => name.to_string(),
+            _ => format!("{name}-{instance}"),
+        };
+        let mut process = start(&process_name, name, bin, settings, log_dir).await?;
+        process
+            .wait_bound(&format!("{name} ready"), Duration::from_secs(60))
+            .await?;
+        processes.push(process);
+    }
+    Ok(())
 }
 
 /// Starts keeper with the run's app and its own database into `processes`;

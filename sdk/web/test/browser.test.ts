@@ -350,6 +350,9 @@ test("the demo page connects a user and shows what its form pushes", async () =>
   await demo.fill("#payload", "hi from the form");
   await demo.click("#push button");
   await demo.waitForFunction(() => document.getElementById("messages")!.textContent!.includes("unicast: hi from the form"), null, { timeout: 15_000 });
+  // The push can reach the page over its WebSocket before the API's answer
+  // reaches the form: wait for the answer too.
+  await demo.waitForFunction(() => document.getElementById("push-result")!.textContent !== "", null, { timeout: 15_000 });
   assert.match(await demo.textContent("#push-result") ?? "", /^pushed, id \d+$/);
   await demo.close();
 });
