@@ -256,16 +256,27 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
     let mut a_client = SaverClient::new(cluster.grpc_as(a_grpc, Role::Center).await);
     let mut direct = Vec::new();
     for index in 0..20 {
-        let stored = a_client
-            .store(StoreRequest {
-                app: cluster.app.id.clone(),
-                users: vec!["race-direct".into()],
-                payload: format!("direct-{index}").into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let request = StoreRequest {
+            app: cluster.app.id.clone(),
+            users: vec!["race-direct".into()],
+            payload: format!("direct-{index}").into(),
+            ..Default::default()
+        };
+        // keeper's table shows A's new id before A has read the answer that
+        // grants it: until then A answers UNAVAILABLE ("retry"), as it must.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let stored = loop {
+            match a_client.store(request.clone()).await {
+                Ok(stored) => break stored.into_inner(),
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!("A refused a direct store: {status}"),
+            }
+        };
         direct.push((stored.messages[0].id, format!("direct-{index}")));
     }
     // The load runs on a second under the new state (pacing, not a wait).

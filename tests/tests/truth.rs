@@ -416,10 +416,12 @@ async fn an_ack_mysql_did_not_take_is_kept_until_it_is_applied() {
     })
     .await;
     assert!(applied, "the owed ack reached MySQL");
-    assert_eq!(
-        metric(admin, "pushgrid_saver_owed", "kind=\"ack\"").await,
-        0.0
-    );
+    // The gauge is set after the ack was applied: wait for it too.
+    let settled = eventually(Duration::from_secs(10), || async {
+        metric(admin, "pushgrid_saver_owed", "kind=\"ack\"").await == 0.0
+    })
+    .await;
+    assert!(settled, "nothing is owed once the ack was applied");
     assert!(nothing_arrives(&cluster, "vera", Duration::from_millis(1000)).await);
     println!("TRUTH ack while mysql cut: owed 1, delivered again 0, applied after restore 1");
     cluster.cleanup().await;
