@@ -253,7 +253,7 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
     })
     .await;
     assert!(regranted, "A was given another worker id");
-    let mut a_client = SaverClient::new(cluster.grpc_as(a_grpc, Role::Center).await);
+    let a_client = SaverClient::new(cluster.grpc_as(a_grpc, Role::Center).await);
     let mut direct = Vec::new();
     for index in 0..20 {
         let request = StoreRequest {
@@ -264,18 +264,20 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
         };
         // keeper's table shows A's new id before A has read the answer that
         // grants it: until then A answers UNAVAILABLE ("retry"), as it must.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let stored = loop {
-            match a_client.store(request.clone()).await {
-                Ok(stored) => break stored.into_inner(),
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        let answered = wait_for(Duration::from_secs(20), || {
+            let (mut client, request) = (a_client.clone(), request.clone());
+            async move {
+                match client.store(request).await {
+                    Err(status) if status.code() == tonic::Code::Unavailable => None,
+                    answer => Some(answer),
                 }
-                Err(status) => panic!("A refused a direct store: {status}"),
             }
+        })
+        .await;
+        let stored = match answered {
+            Some(Ok(stored)) => stored.into_inner(),
+            Some(Err(status)) => panic!("A refused a direct store: {status}"),
+            None => panic!("A still holds no worker id after 20 s"),
         };
         direct.push((stored.messages[0].id, format!("direct-{index}")));
     }
