@@ -19,7 +19,7 @@ mod plan;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::args::{RunArgs, Scenario, ServerProc};
@@ -60,14 +60,7 @@ pub struct ClusterFaultsArgs {
 }
 
 pub async fn run(args: ClusterFaultsArgs) -> anyhow::Result<()> {
-    let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary directory")?
-            .to_path_buf(),
-    };
-    let program = bin_dir.join("pushgrid");
+    let program = crate::million::bin_dir(args.bin_dir.as_deref())?.join("pushgrid");
     if !program.exists() {
         bail!(
             "{} not found: cargo build --release --workspace --bins (or pass --bin-dir)",
@@ -96,22 +89,11 @@ pub async fn run(args: ClusterFaultsArgs) -> anyhow::Result<()> {
     }
     if args.keep_data {
         eprintln!("kept database {}", tenant.database);
-    } else if let Err(error) = drop_database(&args.mysql_server, &tenant.database).await {
+    } else if let Err(error) = tenant.drop_database(&args.mysql_server).await {
         eprintln!("dropping database {} failed: {error:#}", tenant.database);
     }
     eprintln!("launcher log and data in {}", work_dir.display());
     outcome
-}
-
-async fn drop_database(server: &str, database: &str) -> anyhow::Result<()> {
-    let pool = pushgrid_common::db::connect(&format!("{server}/{database}"), 1).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS `{database}`"
-    )))
-    .execute(&pool)
-    .await?;
-    pool.close().await;
-    Ok(())
 }
 
 /// The `pushgrid cluster` arguments of the run.

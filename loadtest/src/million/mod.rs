@@ -115,16 +115,34 @@ impl Tenant {
             database: format!("pg_lt_{tag}"),
         }
     }
+
+    /// Drops the run's database on MySQL server `server`.
+    pub(crate) async fn drop_database(&self, server: &str) -> anyhow::Result<()> {
+        let database = &self.database;
+        let pool = pushgrid_common::db::connect(&format!("{server}/{database}"), 1).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS `{database}`"
+        )))
+        .execute(&pool)
+        .await?;
+        pool.close().await;
+        Ok(())
+    }
+}
+
+/// Where the role binaries are: `given`, or the directory of this binary.
+pub(crate) fn bin_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .to_path_buf()),
+    }
 }
 
 pub async fn run(args: MillionArgs) -> anyhow::Result<()> {
-    let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary directory")?
-            .to_path_buf(),
-    };
+    let bin_dir = bin_dir(args.bin_dir.as_deref())?;
     let work_dir = args.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("pushgrid-loadtest-{}", std::process::id()))
     });
@@ -167,17 +185,7 @@ pub async fn run(args: MillionArgs) -> anyhow::Result<()> {
 /// Drops the run's database and deletes its app's Redis keys (inboxes, topic
 /// streams, groups: `pg:{<app>:..}`, `pg:{bc:<app>:..}`, `pg:{g:<app>:..}`).
 async fn drop_data(args: &MillionArgs, tenant: &Tenant) -> anyhow::Result<u64> {
-    let pool =
-        pushgrid_common::db::connect(&format!("{}/{}", args.mysql_server, tenant.database), 1)
-            .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS `{}`",
-        tenant.database
-    )))
-    .execute(&pool)
-    .await?;
-    pool.close().await;
-
+    tenant.drop_database(&args.mysql_server).await?;
     let client = redis::Client::open(args.redis.as_str())?;
     let mut connection = client.get_multiplexed_async_connection().await?;
     let mut deleted = 0u64;
