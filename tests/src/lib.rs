@@ -508,6 +508,9 @@ impl TestCluster {
     /// (see [`all_transports_room_settings`]).
     pub async fn start_extra_room(&self, name: &str, sets: &[String]) -> anyhow::Result<Proc> {
         let mut args = self.node_args();
+        // Port 0 unless `sets` names a listener: the default (8090) may be
+        // held by another test's room at the same moment.
+        set(&mut args, "tcp_listen=127.0.0.1:0".into());
         for setting in sets {
             set(&mut args, setting.clone());
         }
