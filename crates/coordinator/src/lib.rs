@@ -18,7 +18,7 @@ use pushgrid_proto::cluster::coordinator_server::{Coordinator, CoordinatorServer
 use pushgrid_proto::cluster::register_client::RegisterClient;
 use pushgrid_proto::cluster::room_client::RoomClient;
 use pushgrid_proto::cluster::{
-    KickRequest, KickResponse, LookupRequest, Role, RoomKickRequest, StateBatch,
+    KickRequest, KickResponse, LookupRequest, Role, RoomKickRequest, Session, StateBatch,
     StateBatchResponse, StateEvent, UpstreamRequest, UpstreamResponse, UserKey,
 };
 use serde::{Deserialize, Serialize};
@@ -138,10 +138,9 @@ impl Coordinator for CoordinatorService {
             .sessions;
         let mut by_room: HashMap<String, Vec<u64>> = HashMap::new();
         for session in sessions {
-            let spared = session.room == kick.except_room && session.conn_id == kick.except_conn_id;
             let wanted = (kick.device.is_empty() || session.device == kick.device)
                 && (kick.platform.is_empty() || session.platform == kick.platform);
-            if wanted && !spared {
+            if wanted && began_before(&session, &kick) {
                 by_room
                     .entry(session.room)
                     .or_default()
@@ -171,6 +170,26 @@ impl Coordinator for CoordinatorService {
         metrics::counter!("pushgrid_coordinator_kicked_total").increment(u64::from(kicked));
         Ok(Response::new(KickResponse { kicked }))
     }
+}
+
+/// Whether `session` is older than the login that asked for `kick` (always,
+/// for a kick without a login: `since_ms` 0). The login itself is spared;
+/// two logins of the same millisecond are ordered by (room, conn_id), so of
+/// two kicks that cross, exactly one closes the other.
+fn began_before(session: &Session, kick: &KickRequest) -> bool {
+    let own = session.room == kick.except_room && session.conn_id == kick.except_conn_id;
+    if own {
+        return false;
+    }
+    if kick.since_ms == 0 {
+        return true;
+    }
+    (session.since_ms, session.room.as_str(), session.conn_id)
+        < (
+            kick.since_ms,
+            kick.except_room.as_str(),
+            kick.except_conn_id,
+        )
 }
 
 /// Collects state events and POSTs them per app in batches.
@@ -294,4 +313,51 @@ pub async fn run(
     cluster.leave().await;
     tracing::info!(node = %node_id, "coordinator stopped");
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(room: &str, conn_id: u64, since_ms: u64) -> Session {
+        Session {
+            room: room.into(),
+            conn_id,
+            since_ms,
+            ..Default::default()
+        }
+    }
+
+    fn login_kick(room: &str, conn_id: u64, since_ms: u64) -> KickRequest {
+        KickRequest {
+            except_room: room.into(),
+            except_conn_id: conn_id,
+            since_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_login_kicks_only_older_sessions_and_never_itself() {
+        let kick = login_kick("room-b", 7, 1_000);
+        assert!(began_before(&session("room-a", 1, 999), &kick));
+        assert!(!began_before(&session("room-b", 7, 1_000), &kick));
+        // A newer login than the one whose kick arrived late stays.
+        assert!(!began_before(&session("room-a", 2, 1_001), &kick));
+    }
+
+    #[test]
+    fn two_logins_of_one_millisecond_close_exactly_one() {
+        let a = session("room-a", 5, 1_000);
+        let b = session("room-b", 3, 1_000);
+        let kick_a = login_kick("room-a", 5, 1_000);
+        let kick_b = login_kick("room-b", 3, 1_000);
+        assert_ne!(began_before(&b, &kick_a), began_before(&a, &kick_b));
+    }
+
+    #[test]
+    fn a_kick_without_a_login_closes_every_session() {
+        let kick = KickRequest::default();
+        assert!(began_before(&session("room-a", 1, u64::MAX), &kick));
+    }
 }

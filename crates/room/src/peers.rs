@@ -432,6 +432,7 @@ impl Peers {
             except_conn_id: session.conn_id,
             code: KickCode::SingleLogin as i32,
             reason: "logged in on another device".into(),
+            since_ms: session.since_ms,
         };
         let Ok(channel) = self.pool.get(&addr) else {
             return;
