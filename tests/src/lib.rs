@@ -773,7 +773,7 @@ impl TestCluster {
 
     /// A SQL pool on this cluster's database.
     pub async fn mysql(&self) -> anyhow::Result<sqlx::AnyPool> {
-        pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{}", self.database), 2).await
+        Ok(pushgrid_common::db::connect(&format!("{MYSQL_SERVER}/{}", self.database), 2).await?)
     }
 
     /// Drops the cluster's database; call at the end of a test.

@@ -308,3 +308,38 @@ mod tests {
         ]
     );
 }
+
+/// The error rule of issue 24: role libraries (and `common`, `client`,
+/// `wire`) return their own error enums (`StartError` for starting a role,
+/// `ApiError`, `StoreError`, `DispatchError`, ...), so a caller can tell a
+/// refused call from a lost store; `anyhow` is left to binaries (`main.rs`,
+/// the launcher crate `crates/pushgrid`, examples and benches), `loadtest`
+/// and tests.
+#[test]
+fn anyhow_appears_only_in_binaries() {
+    let root = workspace_root();
+    let mut offenders = Vec::new();
+    for relative in source_files(&root) {
+        let in_binary = relative.file_name().is_some_and(|name| name == "main.rs")
+            || relative.starts_with("crates/pushgrid")
+            || relative.starts_with("loadtest")
+            || relative.components().any(|part| {
+                ["examples", "benches", "bin"].contains(&part.as_os_str().to_str().unwrap_or(""))
+            });
+        if in_binary {
+            continue;
+        }
+        let text = std::fs::read_to_string(root.join(&relative))
+            .unwrap_or_else(|error| panic!("{}: {error}", relative.display()));
+        let used = lines_before_tests(&text)
+            .iter()
+            .any(|line| !line.trim_start().starts_with("//") && line.contains("anyhow"));
+        if used {
+            offenders.push(relative.display().to_string());
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "library code uses anyhow (give it an error enum instead): {offenders:?}"
+    );
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::CenterConfig;
+use crate::error::ApiError;
 use crate::limits::OverLimit;
 use crate::methods::Method;
 use crate::push::StoreBatcher;
@@ -35,87 +36,6 @@ pub(crate) struct ApiState {
     pub groups: crate::groups::GroupFanout,
     /// The node's admin token: `stats` and `info` with it see the cluster.
     pub admin_token: Option<String>,
-}
-
-/// An API failure: the HTTP status, a stable machine-readable code and a
-/// message that says what was wrong.
-#[derive(Debug, Clone)]
-pub(crate) struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    retry_after_secs: Option<u32>,
-}
-
-impl ApiError {
-    pub(crate) fn new(
-        status: StatusCode,
-        code: &'static str,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            retry_after_secs: None,
-        }
-    }
-
-    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    pub(crate) fn from_status(status: tonic::Status) -> ApiError {
-        match status.code() {
-            tonic::Code::InvalidArgument => ApiError::bad_request(status.message()),
-            // An idempotency key reused with another body.
-            tonic::Code::AlreadyExists => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", status.message())
-            }
-            // The cluster's own credentials are wrong: an operator's problem.
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!(
-                    "a cluster role refused center's credential: {}",
-                    status.message()
-                ),
-            ),
-            _ => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("storage unavailable: {}", status.message()),
-            ),
-        }
-    }
-}
-
-impl ApiError {
-    /// `{"error": {"code", "message"}}`, counted by code: the answer of a
-    /// failed call, or of one failed command in a batch.
-    pub(crate) fn to_json(&self) -> serde_json::Value {
-        metrics::counter!("pushgrid_center_api_errors_total", "code" => self.code).increment(1);
-        json!({ "error": { "code": self.code, "message": self.message } })
-    }
-
-    /// The same error with `prefix` before its message (e.g. the batch command it belongs to).
-    pub(crate) fn within(mut self, prefix: &str) -> ApiError {
-        self.message = format!("{prefix}: {}", self.message);
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = self.to_json();
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if let Some(seconds) = self.retry_after_secs {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
-    }
 }
 
 /// A user id named in a request (field `field`): the wire's id rules, a bad
@@ -162,9 +82,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         );
     }
     router
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API method")
-        })
+        .fallback(|| async { ApiError::NotFound("no such API method".into()) })
         .with_state(state)
         .layer(pushgrid_common::http_stats::HttpStatsLayer::new("center"))
 }
@@ -173,13 +91,9 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
 /// refused without buffering it.
 async fn read_body(state: &ApiState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_request_bytes;
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("request body exceeds {limit} bytes"),
-        )
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("request body exceeds {limit} bytes")))
 }
 
 /// A method's parameters: the body of `POST /api/<method>`, or one command's
@@ -235,15 +149,11 @@ pub(crate) fn decode_payload(
         (None, None) => return Err(ApiError::bad_request("payload or payload_b64 is required")),
     };
     if payload.len() > state.config.max_payload_bytes {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "payload of {} bytes exceeds {} bytes",
-                payload.len(),
-                state.config.max_payload_bytes
-            ),
-        ));
+        return Err(ApiError::TooLarge(format!(
+            "payload of {} bytes exceeds {} bytes",
+            payload.len(),
+            state.config.max_payload_bytes
+        )));
     }
     Ok(payload)
 }
@@ -251,9 +161,10 @@ pub(crate) fn decode_payload(
 /// 503 with Retry-After: a bounded queue is full and nothing was stored.
 pub(crate) fn overloaded(state: &ApiState, message: &str) -> ApiError {
     metrics::counter!("pushgrid_center_overload_rejections_total").increment(1);
-    let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
-    error.retry_after_secs = Some(state.config.retry_after_secs);
-    error
+    ApiError::Overloaded {
+        message: message.to_string(),
+        retry_after_secs: state.config.retry_after_secs,
+    }
 }
 
 /// Who calls the API.
@@ -317,7 +228,7 @@ impl axum::extract::FromRequestParts<Arc<ApiState>> for Authenticated {
 /// refusals, and are logged where they happen.
 fn log_refusal(peer: Option<std::net::SocketAddr>, caller: &str, method: &str, error: &ApiError) {
     static REFUSALS: pushgrid_common::auth::RefusalLog = pushgrid_common::auth::RefusalLog::new(20);
-    if !error.status.is_client_error() {
+    if !error.status().is_client_error() {
         return;
     }
     if let Some(unlogged_before) = REFUSALS.admit() {
@@ -326,9 +237,9 @@ fn log_refusal(peer: Option<std::net::SocketAddr>, caller: &str, method: &str, e
             %peer,
             caller,
             method = %pushgrid_common::auth::printable(method),
-            status = error.status.as_u16(),
-            code = error.code,
-            message = %error.message,
+            status = error.status().as_u16(),
+            code = error.code(),
+            message = %error,
             unlogged_before,
             "api call refused"
         );
@@ -337,7 +248,7 @@ fn log_refusal(peer: Option<std::net::SocketAddr>, caller: &str, method: &str, e
 
 /// 503 for a missing peer role.
 pub(crate) fn unavailable(message: &str) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    ApiError::Unavailable(message.to_string())
 }
 
 /// 429 with Retry-After when the app is over its rate.
@@ -371,23 +282,19 @@ pub(crate) fn rate_limit_batch(state: &ApiState, app: &App, commands: u32) -> Re
 }
 
 fn over_rate(app: &App, wait: std::time::Duration) -> ApiError {
-    let mut error = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        format!(
+    ApiError::RateLimited {
+        message: format!(
             "app {} is over its rate of {} requests per second",
             app.id, app.rate_per_sec
         ),
-    );
-    error.retry_after_secs = Some(wait.as_secs_f64().ceil().max(1.0) as u32);
-    error
+        retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u32,
+    }
 }
 
 /// The caller an `Authorization: apikey <key>` (an app) or `Bearer <admin
 /// token>` (the operator) header names.
 fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let unauthorized =
-        |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let unauthorized = |message: &str| ApiError::Unauthorized(message.to_string());
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| unauthorized("missing Authorization header (expected: apikey <key>)"))?;

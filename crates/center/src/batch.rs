@@ -13,7 +13,8 @@ use pushgrid_proto::cluster::{App, StoreItem};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, ApiState, Params, rate_limit_batch};
+use crate::api::{ApiState, Params, rate_limit_batch};
+use crate::error::ApiError;
 use crate::methods::{Method, call_command};
 use crate::push;
 

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::StatusCode;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use pushgrid_common::rpc::Channel;
@@ -31,7 +30,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::api::{ApiError, ApiState, decode_payload, overloaded, unavailable};
+use crate::api::{ApiState, decode_payload, overloaded, unavailable};
+use crate::error::ApiError;
 
 /// The longest group name, as saver stores it.
 pub(crate) const MAX_GROUP_BYTES: usize = 128;
@@ -522,11 +522,9 @@ pub(crate) async fn message_status(
         .map_err(ApiError::from_status)?
         .into_inner();
     if !status.found {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("id: no message {id} in this app (unknown, or past its TTL plus a day)"),
-        ));
+        return Err(ApiError::NotFound(format!(
+            "id: no message {id} in this app (unknown, or past its TTL plus a day)"
+        )));
     }
     Ok(status_json(id, status))
 }

@@ -12,6 +12,7 @@ mod api;
 mod batch;
 mod broadcast;
 mod dashboard;
+mod error;
 mod groups;
 mod limits;
 mod methods;
@@ -19,6 +20,8 @@ mod openapi;
 mod push;
 mod route;
 mod tokens;
+
+pub use error::ApiError;
 
 use std::sync::Arc;
 
@@ -108,7 +111,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &CenterConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &CenterConfig) -> pushgrid_common::StartResult<Listeners> {
         Ok(Listeners {
             admin: net::bind(&config.node.admin_listen).await?,
             grpc: net::bind(&config.node.listen).await?,
@@ -122,7 +125,7 @@ pub async fn run(
     config: CenterConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> pushgrid_common::StartResult<()> {
     let http_addr = listeners.http.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
     let endpoints = node::Endpoints {

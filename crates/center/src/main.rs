@@ -2,9 +2,14 @@ use pushgrid_center::{CenterConfig, Listeners, ROLE, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    pushgrid_common::cli::role_main::<CenterConfig, _, _>(ROLE, |config, shutdown| async move {
-        let listeners = Listeners::bind(&config).await?;
-        run(config, listeners, shutdown).await
-    })
-    .await
+    Ok(
+        pushgrid_common::cli::role_main::<CenterConfig, _, _>(
+            ROLE,
+            |config, shutdown| async move {
+                let listeners = Listeners::bind(&config).await?;
+                run(config, listeners, shutdown).await
+            },
+        )
+        .await?,
+    )
 }

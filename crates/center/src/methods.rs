@@ -13,7 +13,8 @@ use pushgrid_proto::cluster::{App, AppStatsRequest, KickRequest, LookupRequest, 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, ApiState, Params, check_user, unavailable};
+use crate::api::{ApiState, Params, check_user, unavailable};
+use crate::error::ApiError;
 
 /// A `POST /api/<name>` method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,11 +92,10 @@ pub(crate) fn call_as_admin(
     match method {
         Method::Stats => stats(state, params.parse()?),
         Method::Info => info(state, params.parse()?),
-        _ => Err(ApiError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        _ => Err(ApiError::Unauthorized(
             "this method needs an app's API key (Authorization: apikey <key>); the admin token \
-             reads only stats and info",
+             reads only stats and info"
+                .into(),
         )),
     }
 }

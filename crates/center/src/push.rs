@@ -19,7 +19,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::CenterConfig;
-use crate::api::{ApiError, ApiState, decode_payload, overloaded, unavailable};
+use crate::api::{ApiState, decode_payload, overloaded, unavailable};
+use crate::error::ApiError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -286,11 +287,7 @@ impl StoreBatcher {
     /// Stores one item in the next StoreMany call to a saver.
     async fn store(&self, state: &ApiState, item: StoreItem) -> Result<Message, ApiError> {
         let Some(batchers) = &self.batchers else {
-            return Err(ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "store batching is off",
-            ));
+            return Err(ApiError::Internal("store batching is off".into()));
         };
         let saver = saver_address(state)?;
         batchers

@@ -30,11 +30,11 @@ pub trait RoleConfig: Serialize + DeserializeOwned + Default + Send + 'static {
 
 /// Parses flags, loads the config, starts logging, turns SIGINT/SIGTERM into a
 /// cancellation and runs `body` to completion.
-pub async fn role_main<C, F, Fut>(role: &'static str, body: F) -> anyhow::Result<()>
+pub async fn role_main<C, F, Fut>(role: &'static str, body: F) -> crate::StartResult<()>
 where
     C: RoleConfig,
     F: FnOnce(C, CancellationToken) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    Fut: Future<Output = crate::StartResult<()>>,
 {
     let args = RoleArgs::parse();
     let config: C = config::load(role, args.config.as_deref(), &args.overrides)?;

@@ -119,7 +119,7 @@ impl Cluster {
         ttl_secs: u32,
         credentials: Credentials,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Cluster> {
+    ) -> crate::StartResult<Cluster> {
         let keepers = Keepers::parse(keeper_addrs, credentials)?;
         let ttl_secs = ttl_secs.max(2);
         let (view_sender, view) = watch::channel(Arc::new(ClusterView::default()));
@@ -145,7 +145,9 @@ impl Cluster {
                 Err(status) => {
                     tracing::warn!(keepers = ?inner.keepers.known(), error = %status.message(), "no keeper answered, retrying");
                     tokio::select! {
-                        _ = inner.shutdown.cancelled() => anyhow::bail!("shut down before a keeper answered"),
+                        _ = inner.shutdown.cancelled() => {
+                            return Err(crate::StartError::Keeper("shut down before a keeper answered".into()));
+                        }
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));

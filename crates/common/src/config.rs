@@ -94,7 +94,7 @@ impl Default for NodeConfig {
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
-pub struct ConfigError(String);
+pub struct ConfigError(pub(crate) String);
 
 /// Loads a role's configuration: defaults, then `file`, then the environment,
 /// then `overrides` (`key=value`, the value parsed as TOML when it parses,

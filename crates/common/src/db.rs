@@ -8,6 +8,8 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 
+use crate::{StartError, StartResult};
+
 /// Set on every SQLite connection. In WAL mode `synchronous = NORMAL` syncs
 /// the log at checkpoints, not at each commit: a committed write survives
 /// the process being killed (kill -9), and only a power cut or kernel crash
@@ -23,7 +25,7 @@ pub fn is_sqlite(url: &str) -> bool {
 
 /// Connects a pool. For SQLite the file and its directory are created; for
 /// MySQL the database is created when it does not exist yet.
-pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool> {
+pub async fn connect(url: &str, max_connections: u32) -> StartResult<AnyPool> {
     sqlx::any::install_default_drivers();
     let mut url = url.to_string();
     let mut max_connections = max_connections.max(1);
@@ -67,10 +69,9 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<AnyPool>
                 })
             });
     }
-    let pool = options
-        .connect(&url)
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot connect to {}: {error}", redact(&url)))?;
+    let pool = options.connect(&url).await.map_err(|error| {
+        StartError::Database(format!("cannot connect to {}: {error}", redact(&url)))
+    })?;
     if is_sqlite(&url) && !url.contains(":memory:") {
         sqlx::query("PRAGMA journal_mode=WAL")
             .execute(&pool)
@@ -89,7 +90,7 @@ pub async fn migrate(
     pool: &AnyPool,
     mut migrator: Migrator,
     table: &'static str,
-) -> anyhow::Result<()> {
+) -> StartResult<()> {
     migrator.dangerous_set_table_name(table);
     let mut connection = pool.acquire().await?;
     let lock = if connection.backend_name() == "MySQL" {
@@ -103,9 +104,9 @@ pub async fn migrate(
             .fetch_one(&mut *connection)
             .await?;
         if granted != Some(1) {
-            anyhow::bail!(
+            return Err(StartError::Database(format!(
                 "migration failed: another process held the migration lock for {MIGRATION_LOCK_WAIT_SECS} s"
-            );
+            )));
         }
         Some(name)
     } else {
@@ -114,7 +115,7 @@ pub async fn migrate(
     let ran = migrator
         .run_direct(None, &mut *connection, false)
         .await
-        .map_err(|error| anyhow::anyhow!("migration failed: {error}"));
+        .map_err(|error| StartError::Database(format!("migration failed: {error}")));
     if let Some(name) = lock {
         let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
             .bind(name)
@@ -138,7 +139,7 @@ fn migration_lock_name(database: &str, table: &str) -> String {
     format!("pushgrid-migrate-{hash:016x}")
 }
 
-async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
+async fn create_mysql_database(url: &str) -> StartResult<()> {
     use sqlx::ConnectOptions;
     let options = sqlx::mysql::MySqlConnectOptions::from_str(url)?;
     let Some(database) = options.get_database().map(str::to_string) else {
@@ -148,7 +149,9 @@ async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
-        anyhow::bail!("database name {database:?} must be letters, digits and underscores");
+        return Err(StartError::Config(format!(
+            "database name {database:?} must be letters, digits and underscores"
+        )));
     }
     // The same URL without its path: the server, not the missing database.
     let host_start = url.find("://").map_or(0, |index| index + 3);
@@ -159,7 +162,9 @@ async fn create_mysql_database(url: &str) -> anyhow::Result<()> {
     let mut connection = sqlx::mysql::MySqlConnectOptions::from_str(server_url)?
         .connect()
         .await
-        .map_err(|error| anyhow::anyhow!("cannot connect to {}: {error}", redact(url)))?;
+        .map_err(|error| {
+            StartError::Database(format!("cannot connect to {}: {error}", redact(url)))
+        })?;
     // The name was checked above to be letters, digits and underscores.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE DATABASE IF NOT EXISTS `{database}`"

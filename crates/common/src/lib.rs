@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod db;
+pub mod error;
 pub mod http_stats;
 pub mod ids;
 pub mod jwt;
@@ -17,6 +18,7 @@ pub mod ring;
 pub mod rpc;
 pub mod telemetry;
 
+pub use error::{StartError, StartResult};
 pub use tokio_util::sync::CancellationToken;
 
 /// Every binary with a pushgrid role in it allocates with jemalloc: under load

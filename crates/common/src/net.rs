@@ -10,10 +10,13 @@ use tokio::net::TcpListener;
 pub const BOUND_LINE_PREFIX: &str = "PUSHGRID_BOUND";
 
 /// Binds a TCP listener, naming the address in the error.
-pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: &str) -> crate::StartResult<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|error| anyhow::anyhow!("cannot listen on {addr}: {error}"))
+        .map_err(|source| crate::StartError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// An HTTP listener whose accepted connections have TCP_NODELAY set: a

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Credentials;
 use crate::cluster::{Cluster, requires_roles};
 use crate::config::NodeConfig;
-use crate::{net, now_ms, telemetry};
+use crate::{StartResult, net, now_ms, telemetry};
 
 /// What a role exposes, besides its admin port.
 #[derive(Debug, Default, Clone, Copy)]
@@ -38,7 +38,7 @@ pub async fn start(
     endpoints: Endpoints,
     needs: &'static [Role],
     shutdown: &CancellationToken,
-) -> anyhow::Result<Cluster> {
+) -> StartResult<Cluster> {
     start_with_admin_routes(
         role_name,
         role,
@@ -64,7 +64,7 @@ pub async fn start_with_admin_routes(
     needs: &'static [Role],
     shutdown: &CancellationToken,
     admin_routes: axum::Router,
-) -> anyhow::Result<Cluster> {
+) -> StartResult<Cluster> {
     // Before anything is served: a role without credentials does not start.
     let credentials = Credentials::for_node(role, &config.credentials_dir)?;
     credentials.spawn_reload(shutdown.clone());
@@ -135,7 +135,7 @@ pub async fn serve_grpc(
     credentials: &Credentials,
     listener: TcpListener,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> StartResult<()> {
     let bound = listener.local_addr()?;
     let check = credentials.server_layer(credentials.role());
     let _local = crate::rpc::serve_locally(

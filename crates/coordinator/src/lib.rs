@@ -76,7 +76,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &CoordinatorConfig) -> pushgrid_common::StartResult<Listeners> {
         Ok(Listeners {
             grpc: net::bind(&config.node.listen).await?,
             admin: net::bind(&config.node.admin_listen).await?,
@@ -270,7 +270,7 @@ pub async fn run(
     config: CoordinatorConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> pushgrid_common::StartResult<()> {
     let grpc_addr = listeners.grpc.local_addr()?;
     let endpoints = node::Endpoints {
         grpc: Some(grpc_addr),
@@ -290,7 +290,10 @@ pub async fn run(
     // Timeouts are per request: upstream routes carry their own.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
-        .build()?;
+        .build()
+        .map_err(|error| {
+            pushgrid_common::StartError::Tls(format!("cannot build the HTTP client: {error}"))
+        })?;
     let (states, state_receiver) = mpsc::channel(config.state_queue.max(1));
     tokio::spawn(send_state_events(
         cluster.clone(),

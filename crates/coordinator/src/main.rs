@@ -2,12 +2,12 @@ use pushgrid_coordinator::{CoordinatorConfig, Listeners, ROLE, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    pushgrid_common::cli::role_main::<CoordinatorConfig, _, _>(
+    Ok(pushgrid_common::cli::role_main::<CoordinatorConfig, _, _>(
         ROLE,
         |config, shutdown| async move {
             let listeners = Listeners::bind(&config).await?;
             run(config, listeners, shutdown).await
         },
     )
-    .await
+    .await?)
 }

@@ -110,7 +110,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &DispatcherConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &DispatcherConfig) -> pushgrid_common::StartResult<Listeners> {
         Ok(Listeners {
             admin: net::bind(&config.node.admin_listen).await?,
             http: net::bind(&config.http_listen).await?,
@@ -184,11 +184,11 @@ impl Dispatch {
         config: DispatcherConfig,
         mut views: watch::Receiver<Arc<ClusterView>>,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Arc<Dispatch>> {
+    ) -> pushgrid_common::StartResult<Arc<Dispatch>> {
         let configured: BalancerKind = config
             .balancer
             .parse()
-            .map_err(|error| anyhow::anyhow!("invalid configuration: balancer: {error}"))?;
+            .map_err(|error| pushgrid_common::StartError::Config(format!("balancer: {error}")))?;
         let options = BalancerOptions {
             virtual_nodes: config.virtual_nodes.max(1),
         };
@@ -424,7 +424,7 @@ pub async fn run(
     config: DispatcherConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> pushgrid_common::StartResult<()> {
     let http_addr = listeners.http.local_addr()?;
     let endpoints = node::Endpoints {
         http: Some(http_addr),

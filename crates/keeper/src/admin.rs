@@ -62,8 +62,8 @@ impl AdminError {
     }
 }
 
-impl From<anyhow::Error> for AdminError {
-    fn from(error: anyhow::Error) -> AdminError {
+impl From<sqlx::Error> for AdminError {
+    fn from(error: sqlx::Error) -> AdminError {
         AdminError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

@@ -100,7 +100,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &KeeperConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &KeeperConfig) -> pushgrid_common::StartResult<Listeners> {
         Ok(Listeners {
             grpc: net::bind(&config.node.listen).await?,
             admin: net::bind(&config.node.admin_listen).await?,
@@ -109,7 +109,7 @@ impl Listeners {
     }
 }
 
-fn validate(config: &KeeperConfig) -> anyhow::Result<()> {
+fn validate(config: &KeeperConfig) -> pushgrid_common::StartResult<()> {
     let mut problems = Vec::new();
     let mut keys = HashSet::new();
     for (index, app) in config.apps.iter().enumerate() {
@@ -124,7 +124,7 @@ fn validate(config: &KeeperConfig) -> anyhow::Result<()> {
     if problems.is_empty() {
         Ok(())
     } else {
-        anyhow::bail!("invalid configuration: {}", problems.join("; "))
+        Err(pushgrid_common::StartError::Config(problems.join("; ")))
     }
 }
 
@@ -133,7 +133,7 @@ pub async fn run(
     config: KeeperConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> pushgrid_common::StartResult<()> {
     validate(&config)?;
     // Before anything is served: keeper checks every node's key.
     let credentials = Credentials::for_node(Role::Keeper, &config.node.credentials_dir)?;
@@ -216,7 +216,7 @@ pub async fn run(
 async fn load_state(
     config: &KeeperConfig,
     store: &ConfigStore,
-) -> anyhow::Result<Arc<registry::KeeperState>> {
+) -> pushgrid_common::StartResult<Arc<registry::KeeperState>> {
     store
         .seed(&config.apps, &config.settings, &config.routes)
         .await?;

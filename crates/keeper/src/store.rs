@@ -113,8 +113,8 @@ pub fn route_problems(route: &RouteSeed, prefix: &str) -> Vec<String> {
 
 /// A statement MySQL chose as a deadlock victim (SQLSTATE 40001, error
 /// 1213) or that waited too long for a row lock (1205): it applied nothing.
-fn is_lock_conflict(error: &anyhow::Error) -> bool {
-    let Some(sqlx::Error::Database(database)) = error.downcast_ref::<sqlx::Error>() else {
+fn is_lock_conflict(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(database) = error else {
         return false;
     };
     database.code().as_deref() == Some("40001")
@@ -126,7 +126,7 @@ pub struct ConfigStore {
 }
 
 impl ConfigStore {
-    pub async fn connect(url: &str) -> anyhow::Result<ConfigStore> {
+    pub async fn connect(url: &str) -> pushgrid_common::StartResult<ConfigStore> {
         let pool = db::connect(url, 8).await?;
         db::migrate(
             &pool,
@@ -147,7 +147,7 @@ impl ConfigStore {
         apps: &[AppSeed],
         settings: &BTreeMap<String, String>,
         routes: &[RouteSeed],
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), sqlx::Error> {
         let mut tries = 1u64;
         loop {
             let written = async {
@@ -169,7 +169,7 @@ impl ConfigStore {
     }
 
     /// Inserts or replaces apps by id.
-    pub async fn put_apps(&self, apps: &[AppSeed]) -> anyhow::Result<()> {
+    pub async fn put_apps(&self, apps: &[AppSeed]) -> Result<(), sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
         for app in apps {
             // The previous secret of a rotation survives a replace.
@@ -214,7 +214,7 @@ impl ConfigStore {
         app: &str,
         new_secret: &str,
         overlap_ms: u64,
-    ) -> anyhow::Result<bool> {
+    ) -> Result<bool, sqlx::Error> {
         let result = sqlx::query(
             "UPDATE apps SET previous_jwt_secret = jwt_secret, previous_secret_until_ms = ?, jwt_secret = ?, \
              updated_ms = ? WHERE id = ?",
@@ -228,7 +228,7 @@ impl ConfigStore {
         Ok(result.rows_affected() > 0)
     }
 
-    pub async fn delete_app(&self, app: &str) -> anyhow::Result<bool> {
+    pub async fn delete_app(&self, app: &str) -> Result<bool, sqlx::Error> {
         let result = sqlx::query("DELETE FROM apps WHERE id = ?")
             .bind(app)
             .execute(&self.pool)
@@ -237,7 +237,10 @@ impl ConfigStore {
     }
 
     /// Inserts or replaces settings by name.
-    pub async fn put_settings(&self, settings: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    pub async fn put_settings(
+        &self,
+        settings: &BTreeMap<String, String>,
+    ) -> Result<(), sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
         for (name, value) in settings {
             sqlx::query("DELETE FROM settings WHERE name = ?")
@@ -255,7 +258,7 @@ impl ConfigStore {
         Ok(())
     }
 
-    pub async fn delete_setting(&self, name: &str) -> anyhow::Result<bool> {
+    pub async fn delete_setting(&self, name: &str) -> Result<bool, sqlx::Error> {
         let result = sqlx::query("DELETE FROM settings WHERE name = ?")
             .bind(name)
             .execute(&self.pool)
@@ -264,7 +267,7 @@ impl ConfigStore {
     }
 
     /// Inserts or replaces routes by (app, product, type).
-    pub async fn put_routes(&self, routes: &[RouteSeed]) -> anyhow::Result<()> {
+    pub async fn put_routes(&self, routes: &[RouteSeed]) -> Result<(), sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
         for route in routes {
             sqlx::query("DELETE FROM routes WHERE app = ? AND product = ? AND type = ?")
@@ -292,7 +295,12 @@ impl ConfigStore {
         Ok(())
     }
 
-    pub async fn delete_route(&self, app: &str, product: &str, kind: &str) -> anyhow::Result<bool> {
+    pub async fn delete_route(
+        &self,
+        app: &str,
+        product: &str,
+        kind: &str,
+    ) -> Result<bool, sqlx::Error> {
         let result = sqlx::query("DELETE FROM routes WHERE app = ? AND product = ? AND type = ?")
             .bind(app)
             .bind(product)
@@ -303,7 +311,7 @@ impl ConfigStore {
     }
 
     /// Reads the whole configuration.
-    pub async fn load(&self) -> anyhow::Result<ClusterConfig> {
+    pub async fn load(&self) -> Result<ClusterConfig, sqlx::Error> {
         let mut config = ClusterConfig::default();
         let rows = sqlx::query(
             "SELECT id, jwt_secret, api_key, webhook_url, previous_jwt_secret, previous_secret_until_ms, \

@@ -395,9 +395,9 @@ async fn supervise_task<C, L, B, BF, R, RF>(
 ) where
     C: Clone,
     B: Fn(&C) -> BF,
-    BF: std::future::Future<Output = anyhow::Result<L>>,
+    BF: std::future::Future<Output = pushgrid_common::StartResult<L>>,
     R: Fn(C, L, CancellationToken) -> RF,
-    RF: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    RF: std::future::Future<Output = pushgrid_common::StartResult<()>> + Send + 'static,
 {
     const BACKOFF_MIN: Duration = Duration::from_millis(250);
     const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -592,10 +592,12 @@ mod tests {
                 async move {
                     let bound = listener.local_addr()?;
                     match run {
-                        1 => anyhow::bail!("the store is gone"),
+                        1 => Err(pushgrid_common::StartError::Database(
+                            "the store is gone".into(),
+                        )),
                         2 => panic!("a bug"),
                         _ => {
-                            running.send(bound).await?;
+                            running.send(bound).await.expect("the test listens");
                             token.cancelled().await;
                             Ok(())
                         }

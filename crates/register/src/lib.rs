@@ -62,7 +62,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &RegisterConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &RegisterConfig) -> pushgrid_common::StartResult<Listeners> {
         Ok(Listeners {
             grpc: net::bind(&config.node.listen).await?,
             admin: net::bind(&config.node.admin_listen).await?,
@@ -279,7 +279,7 @@ pub async fn run(
     config: RegisterConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> pushgrid_common::StartResult<()> {
     let grpc_addr = listeners.grpc.local_addr()?;
     let endpoints = node::Endpoints {
         grpc: Some(grpc_addr),

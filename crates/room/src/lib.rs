@@ -36,7 +36,7 @@ use pushgrid_common::cli::RoleConfig;
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
 use pushgrid_common::node;
-use pushgrid_common::{CancellationToken, net, now_ms, telemetry};
+use pushgrid_common::{CancellationToken, StartError, StartResult, net, now_ms, telemetry};
 use pushgrid_proto::cluster::Role;
 use pushgrid_proto::cluster::room_server::RoomServer;
 use serde::{Deserialize, Serialize};
@@ -169,17 +169,17 @@ pub struct Listeners {
 }
 
 /// A device listener; accepted sockets inherit its send buffer size.
-async fn bind_devices(addr: &str, send_buffer: usize) -> anyhow::Result<TcpListener> {
+async fn bind_devices(addr: &str, send_buffer: usize) -> StartResult<TcpListener> {
     let listener = net::bind(addr).await?;
     if send_buffer > 0 {
         socket2::SockRef::from(&listener)
             .set_send_buffer_size(send_buffer)
-            .map_err(|error| anyhow::anyhow!("{addr}: SO_SNDBUF {send_buffer}: {error}"))?;
+            .map_err(StartError::os(format!("{addr}: SO_SNDBUF {send_buffer}")))?;
     }
     Ok(listener)
 }
 
-async fn bind_optional(addr: &str, send_buffer: usize) -> anyhow::Result<Option<TcpListener>> {
+async fn bind_optional(addr: &str, send_buffer: usize) -> StartResult<Option<TcpListener>> {
     if addr.is_empty() {
         return Ok(None);
     }
@@ -187,7 +187,7 @@ async fn bind_optional(addr: &str, send_buffer: usize) -> anyhow::Result<Option<
 }
 
 impl Listeners {
-    pub async fn bind(config: &RoomConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &RoomConfig) -> StartResult<Listeners> {
         let send_buffer = config.tcp_send_buffer;
         Ok(Listeners {
             grpc: net::bind(&config.node.listen).await?,
@@ -265,7 +265,7 @@ pub async fn run(
     config: RoomConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> StartResult<()> {
     // Metric handles cached by the connections must bind to the real recorder.
     telemetry::metrics();
     let tls = load_tls(&config, &listeners)?;
@@ -323,7 +323,7 @@ pub async fn run(
         room.background_stop.cancel();
         room.shards.stop().await;
         node_stop.cancel();
-        return result.map_err(anyhow::Error::from)?;
+        return result.map_err(|_| StartError::Stopped("the room's gRPC server".into()))?;
     }
 
     drain::drain(&room, stop_accepting, accepts).await;
@@ -335,12 +335,12 @@ pub async fn run(
     room.peers.flush().await;
     node_stop.cancel();
     tracing::info!(node = %node_id, "room stopped");
-    served.map_err(anyhow::Error::from)?
+    served.map_err(|_| StartError::Stopped("the room's gRPC server".into()))?
 }
 
 /// The TLS certificate and key, when a TLS or WebSocket-over-TLS listener is
 /// bound.
-fn load_tls(config: &RoomConfig, listeners: &Listeners) -> anyhow::Result<Option<transport::Tls>> {
+fn load_tls(config: &RoomConfig, listeners: &Listeners) -> StartResult<Option<transport::Tls>> {
     let tls = if listeners.tls.is_some() || listeners.wss.is_some() {
         Some(transport::Tls::load(
             &config.tls_cert_file,
@@ -360,7 +360,7 @@ async fn join_cluster(
     endpoints: node::Endpoints,
     node_stop: &CancellationToken,
     drain_asked: &CancellationToken,
-) -> anyhow::Result<Cluster> {
+) -> StartResult<Cluster> {
     const NEEDS: &[Role] = &[Role::Register, Role::Saver];
     let admin_routes = drain::drain_routes(drain_asked.clone(), config.node.admin_token());
     node::start_with_admin_routes(
@@ -382,7 +382,7 @@ fn serve_rpc(
     room: &Arc<Room>,
     grpc: TcpListener,
     grpc_stop: &CancellationToken,
-) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+) -> tokio::task::JoinHandle<StartResult<()>> {
     let router =
         tonic::service::Routes::new(RoomServer::new(service::RoomService::new(room.clone())));
     let grpc_stop = grpc_stop.clone();
@@ -449,7 +449,7 @@ fn start_room(
     config: RoomConfig,
     cluster: Cluster,
     tls: Option<transport::Tls>,
-) -> anyhow::Result<Arc<Room>> {
+) -> StartResult<Arc<Room>> {
     let node_id = cluster.node_id().to_string();
     let (limits, errors) = admission::Limits::resolve(&config, Some(&cluster.view()));
     for error in errors {
@@ -460,7 +460,7 @@ fn start_room(
         count => count,
     };
     let shards = shard::Shards::new(io_threads)
-        .map_err(|error| anyhow::Error::from(error).context("cannot create the shard pollers"))?;
+        .map_err(StartError::os("cannot create the shard pollers"))?;
     let room = Arc::new(Room {
         peers: peers::Peers::new(cluster.clone()),
         admission: Arc::new(admission::Admission::new(limits)),
@@ -493,8 +493,7 @@ fn start_room(
         // same node id never reuses an id an old session still carries.
         next_conn_id: AtomicU64::new(now_ms() << 10),
     });
-    shard::Shards::start(&room)
-        .map_err(|error| anyhow::Error::from(error).context("cannot start the shard threads"))?;
+    shard::Shards::start(&room).map_err(StartError::os("cannot start the shard threads"))?;
     Ok(room)
 }
 

@@ -18,8 +18,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
+use pushgrid_common::{StartError, StartResult};
 use pushgrid_wire::ws::WsBytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -82,27 +82,37 @@ pub(crate) struct Tls {
 
 impl Tls {
     /// Reads a PEM certificate chain and private key.
-    pub fn load(cert_file: &str, key_file: &str) -> anyhow::Result<Tls> {
+    pub fn load(cert_file: &str, key_file: &str) -> StartResult<Tls> {
+        let tls = |message: String| StartError::Tls(message);
         if cert_file.is_empty() || key_file.is_empty() {
-            anyhow::bail!("a TLS listener needs tls_cert_file and tls_key_file");
+            return Err(tls(
+                "a TLS listener needs tls_cert_file and tls_key_file".into()
+            ));
         }
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_file_iter(Path::new(cert_file))
-                .with_context(|| format!("cannot read tls_cert_file {cert_file}"))?
+                .map_err(|error| tls(format!("cannot read tls_cert_file {cert_file}: {error}")))?
                 .collect::<Result<_, _>>()
-                .with_context(|| format!("bad certificate in {cert_file}"))?;
+                .map_err(|error| tls(format!("bad certificate in {cert_file}: {error}")))?;
         if certs.is_empty() {
-            anyhow::bail!("no certificate in tls_cert_file {cert_file}");
+            return Err(tls(format!("no certificate in tls_cert_file {cert_file}")));
         }
-        let key = PrivateKeyDer::from_pem_file(Path::new(key_file))
-            .with_context(|| format!("cannot read a private key from tls_key_file {key_file}"))?;
+        let key = PrivateKeyDer::from_pem_file(Path::new(key_file)).map_err(|error| {
+            tls(format!(
+                "cannot read a private key from tls_key_file {key_file}: {error}"
+            ))
+        })?;
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
+            .map_err(|error| tls(format!("TLS protocol versions: {error}")))?
             .with_no_client_auth()
             .with_single_cert(certs, key)
-            .context("the TLS certificate and key do not fit together")?;
+            .map_err(|error| {
+                tls(format!(
+                    "the TLS certificate and key do not fit together: {error}"
+                ))
+            })?;
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
         })

@@ -33,6 +33,16 @@ impl StoreError {
     }
 }
 
+/// A store that cannot be opened stops saver's start.
+impl From<StoreError> for pushgrid_common::StartError {
+    fn from(error: StoreError) -> pushgrid_common::StartError {
+        match error {
+            StoreError::Redis(_) => pushgrid_common::StartError::Redis(error.to_string()),
+            error => pushgrid_common::StartError::Database(error.to_string()),
+        }
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(error: StoreError) -> Status {
         match error {

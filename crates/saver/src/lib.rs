@@ -55,7 +55,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &SaverConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &SaverConfig) -> pushgrid_common::StartResult<Listeners> {
         Ok(Listeners {
             grpc: net::bind(&config.node.listen).await?,
             admin: net::bind(&config.node.admin_listen).await?,
@@ -461,7 +461,7 @@ pub async fn run(
     config: SaverConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> pushgrid_common::StartResult<()> {
     // Storage first: a saver that cannot store must not join the cluster.
     let sql = SqlStore::connect_with(&config.database_url, config.database_max_connections)
         .await?

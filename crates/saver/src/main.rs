@@ -2,9 +2,11 @@ use pushgrid_saver::{Listeners, ROLE, SaverConfig, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    pushgrid_common::cli::role_main::<SaverConfig, _, _>(ROLE, |config, shutdown| async move {
-        let listeners = Listeners::bind(&config).await?;
-        run(config, listeners, shutdown).await
-    })
-    .await
+    Ok(
+        pushgrid_common::cli::role_main::<SaverConfig, _, _>(ROLE, |config, shutdown| async move {
+            let listeners = Listeners::bind(&config).await?;
+            run(config, listeners, shutdown).await
+        })
+        .await?,
+    )
 }

@@ -42,7 +42,7 @@ fn keeper_failed(status: &tonic::Status) -> bool {
 
 impl Keepers {
     /// `list`: one address, or several separated by commas.
-    pub(super) fn parse(list: &str, credentials: Credentials) -> anyhow::Result<Keepers> {
+    pub(super) fn parse(list: &str, credentials: Credentials) -> crate::StartResult<Keepers> {
         let configured: Vec<String> = list
             .split(',')
             .map(str::trim)
@@ -50,9 +50,10 @@ impl Keepers {
             .map(str::to_string)
             .collect();
         if configured.is_empty() {
-            anyhow::bail!(
+            return Err(crate::StartError::Keeper(
                 "no keeper address configured (`keeper`: one address or a comma-separated list)"
-            );
+                    .into(),
+            ));
         }
         Ok(Keepers {
             known: std::sync::RwLock::new(configured.clone()),
