@@ -332,6 +332,12 @@ async fn a_full_routing_queue_answers_503_and_stores_nothing_more() {
             "the refused push was delivered: {id}"
         );
     }
+    // Their routing done, the places are free again and the gauge says so.
+    let drained = eventually(WAIT, || async {
+        metric(admin, "pushgrid_center_route_queue_depth", "").await == 0.0
+    })
+    .await;
+    assert!(drained, "the route queue depth went back to 0");
     cluster.cleanup().await;
 }
 

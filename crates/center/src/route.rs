@@ -335,8 +335,24 @@ pub(crate) struct WorkerPool {
 }
 
 /// A place taken before storing, so a full pool is answered before anything
-/// is written.
-pub(crate) struct Slot(OwnedSemaphorePermit);
+/// is written. Given back when dropped (after routing, or when the store
+/// failed), and `pushgrid_center_route_queue_depth` follows.
+pub(crate) struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    places: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        set_depth(self.capacity - self.places.available_permits());
+    }
+}
+
+fn set_depth(depth: usize) {
+    metrics::gauge!("pushgrid_center_route_queue_depth").set(depth as f64);
+}
 
 impl WorkerPool {
     pub fn start(router: Arc<Router>, capacity: usize) -> WorkerPool {
@@ -359,9 +375,13 @@ impl WorkerPool {
 
     /// A place, or None when every place is taken.
     pub fn reserve(&self) -> Option<Slot> {
-        let slot = self.places.clone().try_acquire_owned().ok().map(Slot);
-        metrics::gauge!("pushgrid_center_route_queue_depth").set(self.depth() as f64);
-        slot
+        let permit = self.places.clone().try_acquire_owned().ok();
+        set_depth(self.depth());
+        permit.map(|permit| Slot {
+            permit: Some(permit),
+            places: self.places.clone(),
+            capacity: self.capacity,
+        })
     }
 
     /// Pushes being stored or routed.
@@ -376,7 +396,7 @@ impl WorkerPool {
         let (done, routing) = tokio::sync::oneshot::channel();
         let (router, retries) = (self.router.clone(), self.retries.clone());
         self.tracker.spawn(async move {
-            let _place = slot.0;
+            let _place = slot;
             let started = Instant::now();
             futures::stream::iter(messages)
                 .for_each_concurrent(ROUTE_CONCURRENCY, |message| {

@@ -534,7 +534,9 @@ pub async fn run(
     served
 }
 
-/// Deletes rows an hour after they expired, in batches, every ten minutes.
+/// Deletes rows a day after they expired (`PURGE_GRACE_MS`, so message
+/// status still answers for a day past the TTL), in batches, every ten
+/// minutes.
 async fn purge_expired(sql: SqlStore, shutdown: CancellationToken) {
     loop {
         tokio::select! {
