@@ -32,13 +32,6 @@ const UPWARD_EDGES: &[(&str, &str, &str)] = &[
     // The shard thread handles its connections' frames and closes them with
     // conn's code, while conn hands a new connection to its shard.
     ("crates/room/src", "shard", "conn"),
-    // `ApiState` holds push's store batcher and groups' fan-out, which take
-    // it; api's router dispatches to methods, which take `ApiState`.
-    ("crates/center/src", "api", "groups"),
-    ("crates/center/src", "api", "methods"),
-    ("crates/center/src", "api", "push"),
-    // A batch calls the other methods.
-    ("crates/center/src", "batch", "methods"),
 ];
 
 type Graph = BTreeMap<String, BTreeSet<String>>;

@@ -9,41 +9,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine;
-use pushgrid_common::cluster::Cluster;
 use pushgrid_proto::cluster::App;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::CenterConfig;
 use crate::error::ApiError;
-use crate::limits::OverLimit;
 use crate::methods::Method;
-use crate::push::StoreBatcher;
-use crate::route::WorkerPool;
-
-pub(crate) struct ApiState {
-    pub config: CenterConfig,
-    pub cluster: Cluster,
-    pub workers: WorkerPool,
-    pub channels: pushgrid_common::rpc::ChannelPool,
-    pub limits: crate::limits::AppLimits,
-    /// Broadcast fan-outs in flight; none free answers 503.
-    pub broadcasts: Arc<tokio::sync::Semaphore>,
-    /// Single-user pushes coalesced into StoreMany calls, per saver.
-    pub stores: StoreBatcher,
-    /// Group push fan-outs waiting for a worker (issue 12, groups.rs).
-    pub groups: crate::groups::GroupFanout,
-    /// The node's admin token: `stats` and `info` with it see the cluster.
-    pub admin_token: Option<String>,
-}
-
-/// A user id named in a request (field `field`): the wire's id rules, a bad
-/// one answered 400.
-pub(crate) fn check_user(field: &str, user: &str) -> Result<(), ApiError> {
-    pushgrid_wire::check_id("a user id", user)
-        .map_err(|problem| ApiError::bad_request(format!("{field}: {problem}")))
-}
+use crate::state::{ApiState, Params, rate_limit};
 
 pub(crate) fn ok(result: serde_json::Value) -> Response {
     (StatusCode::OK, axum::Json(json!({ "result": result }))).into_response()
@@ -62,7 +33,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
                         let body = read_body(&state, body).await?;
                         match &caller.caller {
                             Caller::App(app) => {
-                                crate::methods::call(&state, app, method, Params::Body(body)).await
+                                call(&state, app, method, Params::Body(body)).await
                             }
                             Caller::Admin => {
                                 crate::methods::call_as_admin(&state, method, Params::Body(body))
@@ -87,6 +58,20 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .layer(pushgrid_common::http_stats::HttpStatsLayer::new("center"))
 }
 
+/// Runs one method for `app` with its parameters: `batch` here, the others
+/// in `methods` (a batch's commands run there too).
+async fn call(
+    state: &Arc<ApiState>,
+    app: &App,
+    method: Method,
+    params: Params,
+) -> Result<serde_json::Value, ApiError> {
+    match method {
+        Method::Batch => crate::batch::batch(state, app, params.parse()?).await,
+        other => crate::methods::call_command(state, app, other, params).await,
+    }
+}
+
 /// Reads a request body of at most `max_request_bytes`; a larger one is 413,
 /// refused without buffering it.
 async fn read_body(state: &ApiState, body: Body) -> Result<Bytes, ApiError> {
@@ -94,77 +79,6 @@ async fn read_body(state: &ApiState, body: Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::TooLarge(format!("request body exceeds {limit} bytes")))
-}
-
-/// A method's parameters: the body of `POST /api/<method>`, or one command's
-/// `params` inside a batch.
-pub(crate) enum Params {
-    Body(Bytes),
-    Value(serde_json::Value),
-}
-
-impl Params {
-    /// Parses strictly: unknown fields, missing fields and wrong types are
-    /// 400 errors that name the field (and, for a body, the position). An
-    /// empty body or absent params read as `{}`.
-    pub(crate) fn parse<T: DeserializeOwned>(self) -> Result<T, ApiError> {
-        match self {
-            Params::Body(body) => {
-                let json: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-                    b"{}"
-                } else {
-                    &body
-                };
-                serde_json::from_slice(json)
-                    .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
-            }
-            Params::Value(value) => {
-                let value = if value.is_null() { json!({}) } else { value };
-                serde_json::from_value(value)
-                    .map_err(|error| ApiError::bad_request(format!("invalid params: {error}")))
-            }
-        }
-    }
-}
-
-/// A payload given as text or as base64, within the size limit.
-pub(crate) fn decode_payload(
-    state: &ApiState,
-    text: Option<String>,
-    base64_text: Option<String>,
-) -> Result<Bytes, ApiError> {
-    let payload = match (text, base64_text) {
-        (Some(text), None) => Bytes::from(text),
-        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-            .decode(encoded.as_bytes())
-            .map(Bytes::from)
-            .map_err(|error| {
-                ApiError::bad_request(format!("payload_b64: not valid base64: {error}"))
-            })?,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "give payload or payload_b64, not both",
-            ));
-        }
-        (None, None) => return Err(ApiError::bad_request("payload or payload_b64 is required")),
-    };
-    if payload.len() > state.config.max_payload_bytes {
-        return Err(ApiError::TooLarge(format!(
-            "payload of {} bytes exceeds {} bytes",
-            payload.len(),
-            state.config.max_payload_bytes
-        )));
-    }
-    Ok(payload)
-}
-
-/// 503 with Retry-After: a bounded queue is full and nothing was stored.
-pub(crate) fn overloaded(state: &ApiState, message: &str) -> ApiError {
-    metrics::counter!("pushgrid_center_overload_rejections_total").increment(1);
-    ApiError::Overloaded {
-        message: message.to_string(),
-        retry_after_secs: state.config.retry_after_secs,
-    }
 }
 
 /// Who calls the API.
@@ -243,51 +157,6 @@ fn log_refusal(peer: Option<std::net::SocketAddr>, caller: &str, method: &str, e
             unlogged_before,
             "api call refused"
         );
-    }
-}
-
-/// 503 for a missing peer role.
-pub(crate) fn unavailable(message: &str) -> ApiError {
-    ApiError::Unavailable(message.to_string())
-}
-
-/// 429 with Retry-After when the app is over its rate.
-fn rate_limit(state: &ApiState, app: &App) -> Result<(), ApiError> {
-    state.limits.check(app).map_err(|wait| over_rate(app, wait))
-}
-
-/// Charges a batch of `commands` against the app's rate: the call took one
-/// token, the further commands take one each. 429 when they are not free now;
-/// 400 when the batch is larger than the app's burst and never can be.
-pub(crate) fn rate_limit_batch(state: &ApiState, app: &App, commands: u32) -> Result<(), ApiError> {
-    let burst = if app.rate_burst > 0 {
-        app.rate_burst
-    } else {
-        app.rate_per_sec
-    };
-    let over_burst = |burst: u32| {
-        ApiError::bad_request(format!(
-            "commands: {commands} commands exceed app {}'s burst of {burst} requests; send smaller batches",
-            app.id
-        ))
-    };
-    if app.rate_per_sec > 0 && commands > burst {
-        return Err(over_burst(burst));
-    }
-    match state.limits.check_n(app, commands.saturating_sub(1)) {
-        Ok(()) => Ok(()),
-        Err(OverLimit::Wait(wait)) => Err(over_rate(app, wait)),
-        Err(OverLimit::OverBurst(burst)) => Err(over_burst(burst)),
-    }
-}
-
-fn over_rate(app: &App, wait: std::time::Duration) -> ApiError {
-    ApiError::RateLimited {
-        message: format!(
-            "app {} is over its rate of {} requests per second",
-            app.id, app.rate_per_sec
-        ),
-        retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u32,
     }
 }
 

@@ -13,10 +13,10 @@ use pushgrid_proto::cluster::{App, StoreItem};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiState, Params, rate_limit_batch};
 use crate::error::ApiError;
 use crate::methods::{Method, call_command};
 use crate::push;
+use crate::state::{ApiState, Params, rate_limit_batch};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -25,8 +25,8 @@ use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
-use crate::api::{ApiState, decode_payload, overloaded, unavailable};
 use crate::error::ApiError;
+use crate::state::{ApiState, decode_payload, overloaded, unavailable};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

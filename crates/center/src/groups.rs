@@ -16,7 +16,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use pushgrid_common::rpc::Channel;
@@ -28,10 +27,10 @@ use pushgrid_proto::cluster::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
-use crate::api::{ApiState, decode_payload, overloaded, unavailable};
 use crate::error::ApiError;
+use crate::fanout::FanoutJob;
+use crate::state::{ApiState, decode_payload, overloaded, unavailable};
 
 /// The longest group name, as saver stores it.
 pub(crate) const MAX_GROUP_BYTES: usize = 128;
@@ -46,32 +45,6 @@ const FANOUT_ATTEMPTS: u32 = 6;
 /// How long a fan-out page waits for room in the routing queue before its
 /// messages are left to the inboxes (devices get them on their next connect).
 const ROUTE_QUEUE_WAIT: Duration = Duration::from_secs(60);
-
-/// The bounded queue of group fan-outs; its resident workers start with
-/// [`start_fanout_workers`] once the API state exists.
-pub(crate) struct GroupFanout {
-    queue: mpsc::Sender<FanoutJob>,
-    receiver: std::sync::Mutex<Option<mpsc::Receiver<FanoutJob>>>,
-}
-
-struct FanoutJob {
-    app: String,
-    group: String,
-    id: u64,
-    payload: Bytes,
-    ttl_secs: u32,
-}
-
-impl GroupFanout {
-    /// A queue of `capacity` fan-outs; a full one answers 503.
-    pub(crate) fn new(capacity: usize) -> GroupFanout {
-        let (queue, receiver) = mpsc::channel::<FanoutJob>(capacity.max(1));
-        GroupFanout {
-            queue,
-            receiver: std::sync::Mutex::new(Some(receiver)),
-        }
-    }
-}
 
 /// Starts `workers` fan-out workers on the state's queue (once). They hold
 /// the state weakly and end when it is dropped (its queue closes).
@@ -277,7 +250,7 @@ pub(crate) async fn user_groups(
     app: &App,
     params: UserGroupsParams,
 ) -> Result<Value, ApiError> {
-    crate::api::check_user("user", &params.user)?;
+    crate::state::check_user("user", &params.user)?;
     let request = UserGroupsRequest {
         app: app.id.clone(),
         user: params.user.clone(),

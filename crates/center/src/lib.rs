@@ -13,12 +13,15 @@ mod batch;
 mod broadcast;
 mod dashboard;
 mod error;
+mod fanout;
 mod groups;
 mod limits;
 mod methods;
 mod openapi;
 mod push;
 mod route;
+mod state;
+mod store;
 mod tokens;
 
 pub use error::ApiError;
@@ -147,7 +150,7 @@ pub async fn run(
     let node_id = cluster.node_id().to_string();
     let router = Arc::new(route::Router::new(cluster.clone()));
     let workers = route::WorkerPool::start(router.clone(), config.route_queue);
-    let state = Arc::new(api::ApiState {
+    let state = Arc::new(state::ApiState {
         config: config.clone(),
         cluster: cluster.clone(),
         workers: workers.clone(),
@@ -156,8 +159,8 @@ pub async fn run(
         broadcasts: Arc::new(tokio::sync::Semaphore::new(
             config.broadcast_in_flight.max(1),
         )),
-        stores: push::StoreBatcher::new(&config, cluster.credentials()),
-        groups: groups::GroupFanout::new(config.group_fanout_queue),
+        stores: store::StoreBatcher::new(&config, cluster.credentials()),
+        groups: fanout::GroupFanout::new(config.group_fanout_queue),
         admin_token: config.node.admin_token(),
     });
     let grpc_router = tonic::service::Routes::new(CenterServer::new(broadcast::CenterService {

@@ -13,8 +13,8 @@ use pushgrid_proto::cluster::{App, AppStatsRequest, KickRequest, LookupRequest, 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiState, Params, check_user, unavailable};
 use crate::error::ApiError;
+use crate::state::{ApiState, Params, check_user, unavailable};
 
 /// A `POST /api/<name>` method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,19 +66,6 @@ impl Method {
             .iter()
             .find(|(_, known)| *known == name)
             .map(|(method, _)| *method)
-    }
-}
-
-/// Runs one method for `app` with its parameters.
-pub(crate) async fn call(
-    state: &Arc<ApiState>,
-    app: &App,
-    method: Method,
-    params: Params,
-) -> Result<Value, ApiError> {
-    match method {
-        Method::Batch => crate::batch::batch(state, app, params.parse()?).await,
-        other => call_command(state, app, other, params).await,
     }
 }
 

@@ -1,26 +1,20 @@
 //! `push`: stores one message per user in saver, answers their ids, then
 //! routes them in the worker pool.
 //!
-//! Concurrent single-user pushes (the common unicast case) are coalesced:
-//! a [`StoreBatcher`] per saver sends a push at once when one of its
-//! `store_batch_in_flight` calls is free, and while all are busy gathers the
-//! pushes that arrive (up to `store_batch_max`) into the next StoreMany
-//! call, each caller getting its own message back. Multi-user pushes and pushes with an
-//! idempotency key keep their own Store call.
+//! Concurrent single-user pushes (the common unicast case) share StoreMany
+//! calls through the state's store batcher (`store.rs`). Multi-user pushes
+//! and pushes with an idempotency key keep their own Store call.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use pushgrid_common::batch::{BatchConfig, BatcherMap};
-use pushgrid_common::rpc::ChannelPool;
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{App, Message, Role, StoreItem, StoreManyRequest, StoreRequest};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::CenterConfig;
-use crate::api::{ApiState, decode_payload, overloaded, unavailable};
 use crate::error::ApiError;
+use crate::state::{ApiState, decode_payload, overloaded, unavailable};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,7 +144,7 @@ pub(crate) async fn push_valid(
     if let Some(item) = push.single_item(app)
         && state.stores.enabled()
     {
-        let message = state.stores.store(state, item).await?;
+        let message = state.stores.store(&saver_address(state)?, item).await?;
         record_stored(started, 1);
         let answer = answer(std::slice::from_ref(&message), false);
         crate::route::routed(submit(state, slot, vec![message])).await;
@@ -234,66 +228,4 @@ fn saver_address(state: &ApiState) -> Result<String, ApiError> {
 fn saver_channel(state: &ApiState) -> Result<pushgrid_common::rpc::Channel, ApiError> {
     let saver = saver_address(state)?;
     state.channels.get(&saver).map_err(ApiError::from_status)
-}
-
-/// Single-user pushes waiting to share a StoreMany call, per saver.
-pub(crate) struct StoreBatcher {
-    batchers: Option<BatcherMap<StoreItem, Message>>,
-}
-
-impl StoreBatcher {
-    /// Off when `store_batch_max` is 0 or 1: every push is its own Store call.
-    pub(crate) fn new(
-        config: &CenterConfig,
-        credentials: &pushgrid_common::auth::Credentials,
-    ) -> StoreBatcher {
-        if config.store_batch_max <= 1 {
-            return StoreBatcher { batchers: None };
-        }
-        let batch = BatchConfig {
-            // saver refuses StoreMany calls of more than 10,000 items.
-            max_items: config.store_batch_max.min(10_000),
-            queue: config.store_batch_max.max(4096),
-            in_flight: config.store_batch_in_flight.max(1),
-            linger: std::time::Duration::ZERO,
-        };
-        let pool = Arc::new(ChannelPool::new(2, credentials));
-        let batchers =
-            BatcherMap::per_peer(pool, batch, |channel, items: Vec<StoreItem>| async move {
-                let count = items.len();
-                metrics::histogram!("pushgrid_center_store_batch_items").record(count as f64);
-                let messages = SaverClient::new(channel)
-                    .store_many(StoreManyRequest { items })
-                    .await?
-                    .into_inner()
-                    .messages;
-                if messages.len() != count {
-                    return Err(tonic::Status::internal(format!(
-                        "saver answered {} messages for {count} items",
-                        messages.len()
-                    )));
-                }
-                Ok(messages)
-            });
-        StoreBatcher {
-            batchers: Some(batchers),
-        }
-    }
-
-    pub(crate) fn enabled(&self) -> bool {
-        self.batchers.is_some()
-    }
-
-    /// Stores one item in the next StoreMany call to a saver.
-    async fn store(&self, state: &ApiState, item: StoreItem) -> Result<Message, ApiError> {
-        let Some(batchers) = &self.batchers else {
-            return Err(ApiError::Internal("store batching is off".into()));
-        };
-        let saver = saver_address(state)?;
-        batchers
-            .get(&saver)
-            .call(item)
-            .await
-            .map_err(ApiError::from_status)
-    }
 }

@@ -13,8 +13,8 @@ use pushgrid_proto::cluster::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiState, check_user, unavailable};
 use crate::error::ApiError;
+use crate::state::{ApiState, check_user, unavailable};
 
 /// A live saver's channel (any saver serves any app: they share storage).
 fn saver(state: &ApiState, app: &str, user: &str) -> Result<Channel, ApiError> {
