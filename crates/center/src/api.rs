@@ -1,5 +1,8 @@
-//! The HTTP API: `POST /api/push`. Every answer is `{"result": ..}` or
-//! `{"error": {"code", "message"}}` with the matching HTTP status.
+//! The HTTP API's router: `POST /api/<method>` for every method of
+//! `Method::ALL`, the caller's authentication and rate limit before the body
+//! is read, and the refusal log. Every answer is `{"result": ..}` or
+//! `{"error": {"code", "message"}}` with the matching HTTP status
+//! (`error.rs`); the methods themselves are below, in their own modules.
 
 use std::sync::Arc;
 

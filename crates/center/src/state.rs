@@ -19,6 +19,9 @@ use crate::limits::OverLimit;
 use crate::route::WorkerPool;
 use crate::store::StoreBatcher;
 
+/// What every API call may use: configuration, the cluster view, the
+/// routing workers, channels to the other roles, the apps' rate limits and
+/// the bounded queues of broadcasts, stores and group fan-outs.
 pub(crate) struct ApiState {
     pub config: CenterConfig,
     pub cluster: Cluster,

@@ -2,7 +2,9 @@
 //! library's `Listeners::bind` and `run`, shared because every role starts
 //! the same way (bind, read its credentials, open its store, join keeper,
 //! serve). The binaries print it and exit non-zero; the message says what to
-//! fix.
+//! fix. Each variant's message already holds the failure it wraps, so none
+//! reports a `source()` (a binary's `Error: ... Caused by: ...` would say it
+//! twice).
 
 use std::io;
 
@@ -11,14 +13,14 @@ use crate::auth::CredentialError;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener's address is taken, not local, or not an address.
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: io::Error },
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: io::Error },
     /// A setting is missing or wrong; the message names it.
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The role's key or the verifiers cannot be read.
     #[error("credentials: {0}")]
-    Credentials(#[from] CredentialError),
+    Credentials(CredentialError),
     /// No keeper to join (none configured, or shut down before one answered).
     #[error("keeper: {0}")]
     Keeper(String),
@@ -33,13 +35,13 @@ pub enum StartError {
     Tls(String),
     /// The gRPC server stopped with an error.
     #[error("gRPC server: {0}")]
-    Grpc(#[from] tonic::transport::Error),
+    Grpc(tonic::transport::Error),
     /// An operating-system failure, with what was being done.
-    #[error("{context}: {source}")]
-    Os { context: String, source: io::Error },
+    #[error("{context}: {error}")]
+    Os { context: String, error: io::Error },
     /// Any other operating-system failure (a bound listener's address).
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// A task the role cannot serve without ended abnormally.
     #[error("{0} ended abnormally")]
     Stopped(String),
@@ -49,7 +51,25 @@ impl StartError {
     /// Wraps an OS error with what was being done: `.map_err(StartError::os("..."))`.
     pub fn os(context: impl Into<String>) -> impl FnOnce(io::Error) -> StartError {
         let context = context.into();
-        move |source| StartError::Os { context, source }
+        move |error| StartError::Os { context, error }
+    }
+}
+
+impl From<CredentialError> for StartError {
+    fn from(error: CredentialError) -> StartError {
+        StartError::Credentials(error)
+    }
+}
+
+impl From<tonic::transport::Error> for StartError {
+    fn from(error: tonic::transport::Error) -> StartError {
+        StartError::Grpc(error)
+    }
+}
+
+impl From<io::Error> for StartError {
+    fn from(error: io::Error) -> StartError {
+        StartError::Io(error)
     }
 }
 
@@ -76,8 +96,10 @@ mod tests {
     fn the_message_names_what_to_fix() {
         let taken = StartError::Listen {
             addr: "127.0.0.1:8090".into(),
-            source: io::Error::from(io::ErrorKind::AddrInUse),
+            error: io::Error::from(io::ErrorKind::AddrInUse),
         };
+        // The message carries the cause; nothing repeats it as a source.
+        assert!(std::error::Error::source(&taken).is_none());
         assert!(
             taken
                 .to_string()

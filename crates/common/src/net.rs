@@ -13,9 +13,9 @@ pub const BOUND_LINE_PREFIX: &str = "PUSHGRID_BOUND";
 pub async fn bind(addr: &str) -> crate::StartResult<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| crate::StartError::Listen {
+        .map_err(|error| crate::StartError::Listen {
             addr: addr.to_string(),
-            source,
+            error,
         })
 }
 

@@ -323,7 +323,7 @@ pub async fn run(
         room.background_stop.cancel();
         room.shards.stop().await;
         node_stop.cancel();
-        return result.map_err(|_| StartError::Stopped("the room's gRPC server".into()))?;
+        return result.map_err(grpc_task_ended)?;
     }
 
     drain::drain(&room, stop_accepting, accepts).await;
@@ -335,7 +335,12 @@ pub async fn run(
     room.peers.flush().await;
     node_stop.cancel();
     tracing::info!(node = %node_id, "room stopped");
-    served.map_err(|_| StartError::Stopped("the room's gRPC server".into()))?
+    served.map_err(grpc_task_ended)?
+}
+
+/// The gRPC server's task panicked or was cancelled (its message kept).
+fn grpc_task_ended(error: tokio::task::JoinError) -> StartError {
+    StartError::Stopped(format!("the room's gRPC server ({error})"))
 }
 
 /// The TLS certificate and key, when a TLS or WebSocket-over-TLS listener is
