@@ -317,6 +317,28 @@ fn set(args: &mut Vec<String>, setting: String) {
     args.push(setting);
 }
 
+/// The workspace's root directory (the tests crate lives inside it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace")
+        .to_path_buf()
+}
+
+/// Every `.rs` file under `dir`, at any depth, pushed onto `found`.
+pub fn rust_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|error| panic!("{}: {error}", dir.display()));
+    for entry in entries {
+        let path = entry.expect("a readable directory entry").path();
+        if path.is_dir() {
+            rust_files(&path, found);
+        } else if path.extension().is_some_and(|extension| extension == "rs") {
+            found.push(path);
+        }
+    }
+}
+
 pub fn temp_dir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("{prefix}-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();

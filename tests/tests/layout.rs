@@ -30,6 +30,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use pushgrid_e2e::workspace_root;
+
 /// The most lines a source file may have, its test module not counted.
 const FILE_LIMIT: usize = 600;
 /// The most lines a function may have, from its `fn` line to its `}`.
@@ -52,13 +54,6 @@ struct Measured {
     lines: usize,
     /// Each function's name (with `#n` for a repeated name) and line count.
     functions: Vec<(String, usize)>,
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate lives inside the workspace")
-        .to_path_buf()
 }
 
 /// Every source file the rule covers, as paths relative to `root`.

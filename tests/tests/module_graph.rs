@@ -21,6 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use pushgrid_e2e::{rust_files, workspace_root};
+
 /// The crates whose modules are checked, as source directories from the
 /// workspace root.
 const CRATES: &[&str] = &["crates/room/src", "crates/center/src", "loadtest/src"];
@@ -36,13 +38,6 @@ const UPWARD_EDGES: &[(&str, &str, &str)] = &[
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate lives inside the workspace")
-        .to_path_buf()
-}
-
 /// Each module of the crate in `src` and its files.
 fn modules(src: &Path) -> BTreeMap<String, Vec<PathBuf>> {
     let mut modules = BTreeMap::new();
@@ -57,26 +52,13 @@ fn modules(src: &Path) -> BTreeMap<String, Vec<PathBuf>> {
             .to_string();
         let files: &mut Vec<PathBuf> = modules.entry(name.clone()).or_default();
         if path.is_dir() {
-            collect_rust_files(&path, files);
+            rust_files(&path, files);
         } else if path.extension().is_some_and(|extension| extension == "rs") {
             files.push(path);
         }
     }
     modules.retain(|name, files| name != "lib" && name != "main" && !files.is_empty());
     modules
-}
-
-fn collect_rust_files(dir: &Path, found: &mut Vec<PathBuf>) {
-    let entries =
-        std::fs::read_dir(dir).unwrap_or_else(|error| panic!("{}: {error}", dir.display()));
-    for entry in entries {
-        let path = entry.expect("a readable directory entry").path();
-        if path.is_dir() {
-            collect_rust_files(&path, found);
-        } else if path.extension().is_some_and(|extension| extension == "rs") {
-            found.push(path);
-        }
-    }
 }
 
 /// The file's code lines: before its test module, without comment lines and

@@ -10,17 +10,11 @@ use std::time::Duration;
 
 use pushgrid_e2e::{
     ADMIN_TOKEN, ClusterOptions, Proc, TestCluster, binary, eventually, next_push, spawn,
+    workspace_root,
 };
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// `target/test-artifacts/`, kept after the test for humans and CI to look at.
 fn artifacts_dir() -> PathBuf {
