@@ -53,7 +53,9 @@ impl OwnRedis {
             .kill_on_drop(true)
             .spawn()
             .expect("redis-server is installed");
+        // Polls every 20 ms, 250 times: a 5 s deadline.
         for _ in 0..250 {
+            // The poll interval.
             tokio::time::sleep(Duration::from_millis(20)).await;
             if child.try_wait().ok().flatten().is_some() {
                 return None;
@@ -108,6 +110,7 @@ impl OwnRedis {
                 *self = redis;
                 return;
             }
+            // Retry back-off before the next start (at most 20 tries).
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("redis-server did not come back in {}", self.dir.display());
@@ -162,6 +165,7 @@ impl MysqlProxy {
                 self.task = Some(tokio::spawn(MysqlProxy::serve(listener)));
                 return;
             }
+            // Retry back-off until the port is free again (at most 100 tries).
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("cannot listen on {} again", self.addr);

@@ -929,6 +929,7 @@ where
         if tokio::time::Instant::now() >= deadline {
             return None;
         }
+        // The poll interval; the deadline above ends the wait.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -1003,6 +1004,8 @@ pub async fn webhook(status: u16, delay: Duration) -> (String, Received) {
             let store = store.clone();
             async move {
                 store.lock().unwrap().push(body);
+                // The backend's simulated response time (part of the
+                // scenario), not a wait for a condition.
                 tokio::time::sleep(delay).await;
                 axum::http::StatusCode::from_u16(status).unwrap()
             }

@@ -380,6 +380,7 @@ async fn every_role_killed_redis_restarted_mysql_locked_and_the_answers_tell_the
             )));
         }
     }
+    // The load's steady period before the first fault.
     tokio::time::sleep(STEADY).await;
 
     // kill -9 of every role process, one at a time; the launcher restarts each.
@@ -411,12 +412,14 @@ async fn every_role_killed_redis_restarted_mysql_locked_and_the_answers_tell_the
             "the launcher brought {name} back: {:?}",
             launcher.instance(name)
         );
+        // The load's steady period before the next fault.
         tokio::time::sleep(STEADY).await;
     }
     let kills_took = started.elapsed();
 
     // Redis restarted empty.
     redis.restart_empty().await;
+    // The load's steady period on the empty Redis before the next fault.
     tokio::time::sleep(STEADY * 2).await;
 
     // MySQL locked for 10 s (the tables of this cluster's database).
@@ -428,12 +431,14 @@ async fn every_role_killed_redis_restarted_mysql_locked_and_the_answers_tell_the
         .execute(&mut *lock)
         .await
         .unwrap();
+    // The fault's duration: the tables stay locked this long under load.
     tokio::time::sleep(LOCKED_FOR).await;
     sqlx::raw_sql("UNLOCK TABLES")
         .execute(&mut *lock)
         .await
         .unwrap();
     drop(lock);
+    // The load's steady period after the last fault, before it stops.
     tokio::time::sleep(STEADY * 3).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -447,8 +452,9 @@ async fn every_role_killed_redis_restarted_mysql_locked_and_the_answers_tell_the
         accounting.unicast_lost.is_empty() && accounting.broadcast_missing.is_empty()
     })
     .await;
-    // Refused calls get time to show up too, if they ever would: proving
-    // that nothing more arrives takes a window of time, not a condition.
+    // The window in which no refused call may show up: refused calls get
+    // time to arrive too, if they ever would; proving that nothing more
+    // arrives takes a window of time, not a condition.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let accounting = account(&ledger, &devices);
 

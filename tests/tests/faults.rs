@@ -266,29 +266,35 @@ async fn run(fault: Fault) {
         ledger.clone(),
         stop.clone(),
     ));
+    // The load's steady period before the fault.
     tokio::time::sleep(STEADY).await;
 
     match fault {
         Fault::Kill(role) => {
             cluster.kill_role(role).await;
+            // The fault's duration: the role stays down under load.
             tokio::time::sleep(DOWN).await;
             cluster.start_role_again(role).await.unwrap();
             *center.write().unwrap() = cluster.center_url();
         }
         Fault::KillRoom => {
             cluster.kill_role("room0").await;
+            // The fault's duration: the load runs on with room 0 gone.
             tokio::time::sleep(DOWN).await;
         }
         Fault::RedisEmpty => {
             own_redis.as_mut().unwrap().restart_empty().await;
+            // The fault's duration: the load runs on the empty Redis.
             tokio::time::sleep(DOWN).await;
         }
         Fault::MysqlOutage => {
             proxy.as_mut().unwrap().cut();
+            // The fault's duration: MySQL stays cut under load.
             tokio::time::sleep(DOWN).await;
             proxy.as_mut().unwrap().restore().await;
         }
     }
+    // The load's steady period after the repair, before it stops.
     tokio::time::sleep(STEADY).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();

@@ -163,7 +163,8 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
     for tag in ["a", "b", "c"] {
         pushers.push(tokio::spawn(pusher(load.clone(), users.clone(), tag)));
     }
-    // The load runs a second before the fault (pacing, not a wait).
+    // The load's steady period before the fault: time passing under load,
+    // not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // keeper dies and comes back: nothing it knew is lost.
@@ -281,7 +282,8 @@ async fn no_two_messages_share_an_id_across_a_keeper_restart_and_a_saver_paused_
         };
         direct.push((stored.messages[0].id, format!("direct-{index}")));
     }
-    // The load runs on a second under the new state (pacing, not a wait).
+    // The load's steady period under the new state, before it stops: time
+    // passing under load, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(1)).await;
     load.stop.store(true, Ordering::Relaxed);
     for task in pushers {
@@ -374,7 +376,8 @@ async fn a_keeper_dies_then_every_keeper_is_away_and_devices_and_pushes_carry_on
     let first = start_device("kay", cluster.room_addr(0));
     let load = Load::new(&cluster);
     let pushing = tokio::spawn(pusher(load.clone(), vec!["kay".into()], "k"));
-    // The load runs a second before the fault (pacing, not a wait).
+    // The load's steady period before the fault: time passing under load,
+    // not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // One keeper dies: a new room registers through the other one.
@@ -446,7 +449,8 @@ async fn a_keeper_dies_then_every_keeper_is_away_and_devices_and_pushes_carry_on
     })
     .await;
     assert!(back, "every node and both keepers are listed again");
-    // The load runs a second on the recovered cluster (pacing, not a wait).
+    // The load's steady period on the recovered cluster, before it stops:
+    // time passing under load, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(1)).await;
     load.stop.store(true, Ordering::Relaxed);
     pushing.await.unwrap();

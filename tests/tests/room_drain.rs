@@ -117,7 +117,8 @@ async fn drain_moves_every_device_to_the_other_room_and_loses_no_message() {
             }
         })
     };
-    // The pushes run a while before the drain and on during it (pacing).
+    // The load's steady period before the drain (it runs on during and after
+    // it): time passing under load, not a wait for a condition.
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // Drain room 0 through its admin port.

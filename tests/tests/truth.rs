@@ -116,8 +116,9 @@ async fn a_store_call_whose_caller_gave_up_is_withdrawn() {
     let mut patient_client = saver_client(&cluster, Role::Center).await;
     let request = store("patient");
     let patient = tokio::spawn(async move { patient_client.store(request).await });
-    // The lock is held a while longer with the patient call in flight (the
-    // fault's length; the call is stored however the two race).
+    // The lock is held a while longer with the patient call in flight: the
+    // fault's length, not a wait for a condition (the call is stored however
+    // the two race).
     tokio::time::sleep(Duration::from_millis(300)).await;
     sqlx::raw_sql("UNLOCK TABLES")
         .execute(&mut *lock)

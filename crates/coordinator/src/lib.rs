@@ -27,7 +27,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+mod error;
 mod upstream;
+
+pub use error::CoordinatorError;
 
 pub const ROLE: &str = "coordinator";
 
@@ -117,14 +120,23 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn kick(&self, request: Request<KickRequest>) -> Result<Response<KickResponse>, Status> {
-        let kick = request.into_inner();
+        let kicked = self.kick_sessions(request.into_inner()).await?;
+        metrics::counter!("pushgrid_coordinator_kicked_total").increment(u64::from(kicked));
+        Ok(Response::new(KickResponse { kicked }))
+    }
+}
+
+impl CoordinatorService {
+    /// Closes the user's sessions that `kick` names (and that began before
+    /// it); returns how many the rooms closed.
+    async fn kick_sessions(&self, kick: KickRequest) -> Result<u32, CoordinatorError> {
         if kick.app.is_empty() || kick.user.is_empty() {
-            return Err(Status::invalid_argument("app and user are required"));
+            return Err(CoordinatorError::MissingField("app and user are required"));
         }
         let view = self.cluster.view();
         let register = view
             .register_for(&kick.app, &kick.user)
-            .ok_or_else(|| Status::unavailable("no register is live"))?;
+            .ok_or(CoordinatorError::NoRegister)?;
         let lookup = LookupRequest {
             users: vec![UserKey {
                 app: kick.app.clone(),
@@ -167,8 +179,7 @@ impl Coordinator for CoordinatorService {
                 }
             }
         }
-        metrics::counter!("pushgrid_coordinator_kicked_total").increment(u64::from(kicked));
-        Ok(Response::new(KickResponse { kicked }))
+        Ok(kicked)
     }
 }
 

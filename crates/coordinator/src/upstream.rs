@@ -13,7 +13,8 @@ use pushgrid_common::now_ms;
 use pushgrid_proto::cluster::UpstreamRequest;
 use serde_json::json;
 use tokio::sync::Semaphore;
-use tonic::Status;
+
+use crate::CoordinatorError;
 
 use crate::CoordinatorConfig;
 
@@ -33,7 +34,7 @@ pub(crate) fn target(
     view: &ClusterView,
     config: &CoordinatorConfig,
     request: &UpstreamRequest,
-) -> Result<Target, Status> {
+) -> Result<Target, CoordinatorError> {
     if let Some(route) = view.route_for(&request.app, &request.product, &request.r#type) {
         return Ok(Target {
             key: format!("{}/{}/{}", route.app, route.product, route.r#type),
@@ -45,12 +46,12 @@ pub(crate) fn target(
     }
     let app = view
         .app(&request.app)
-        .ok_or_else(|| Status::not_found(format!("unknown app {:?}", request.app)))?;
+        .ok_or_else(|| CoordinatorError::UnknownApp(request.app.clone()))?;
     if app.webhook_url.is_empty() {
-        return Err(Status::failed_precondition(format!(
-            "no route for product {:?} type {:?} and the app has no webhook",
-            request.product, request.r#type
-        )));
+        return Err(CoordinatorError::NoRoute {
+            product: request.product.clone(),
+            kind: request.r#type.clone(),
+        });
     }
     Ok(Target {
         key: format!("{}/webhook", app.id),
@@ -120,17 +121,21 @@ impl Upstreams {
     }
 
     /// Delivers `request` to `target`; Ok once it answered 2xx.
-    pub async fn send(&self, target: &Target, request: &UpstreamRequest) -> Result<(), Status> {
+    pub async fn send(
+        &self,
+        target: &Target,
+        request: &UpstreamRequest,
+    ) -> Result<(), CoordinatorError> {
         let semaphore = self.semaphore(target);
         // Waiting for a place counts against the first attempt's time.
         let Ok(Ok(_permit)) = tokio::time::timeout(target.timeout, semaphore.acquire_owned()).await
         else {
             metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "busy")
                 .increment(1);
-            return Err(Status::resource_exhausted(format!(
-                "route {} has {} requests in flight",
-                target.key, target.concurrency
-            )));
+            return Err(CoordinatorError::RouteBusy {
+                route: target.key.clone(),
+                concurrency: target.concurrency,
+            });
         };
         let body = body(request);
         let mut last_error = String::new();
@@ -178,7 +183,7 @@ impl Upstreams {
             }
         }
         metrics::counter!("pushgrid_coordinator_upstream_total", "result" => "failed").increment(1);
-        Err(Status::unavailable(last_error))
+        Err(CoordinatorError::EndpointFailed(last_error))
     }
 }
 

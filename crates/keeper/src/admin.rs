@@ -37,45 +37,61 @@ pub(crate) struct AdminState {
     pub state: Arc<KeeperState>,
 }
 
-/// An admin API failure, answered as `{"error": {"code", "message"}}`.
-pub(crate) struct AdminError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+/// An admin API failure, answered as `{"error": {"code", "message"}}` with
+/// the status of [`AdminError::status`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AdminError {
+    #[error("the admin API is disabled: set admin_token")]
+    Disabled,
+    #[error("missing or wrong admin token (Authorization: Bearer <token>)")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(&'static str),
+    #[error("configuration store: {0}")]
+    Store(#[from] sqlx::Error),
 }
 
 impl AdminError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> AdminError {
-        AdminError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
     fn bad_request(message: impl Into<String>) -> AdminError {
-        AdminError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        AdminError::BadRequest(message.into())
     }
 
     fn not_found(message: impl Into<String>) -> AdminError {
-        AdminError::new(StatusCode::NOT_FOUND, "not_found", message)
+        AdminError::NotFound(message.into())
     }
-}
 
-impl From<sqlx::Error> for AdminError {
-    fn from(error: sqlx::Error) -> AdminError {
-        AdminError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("configuration store: {error}"),
-        )
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Disabled => StatusCode::FORBIDDEN,
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable machine-readable code.
+    fn code(&self) -> &'static str {
+        match self {
+            AdminError::Disabled => "disabled",
+            AdminError::Unauthorized => "unauthorized",
+            AdminError::BadRequest(_) => "bad_request",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::Conflict(_) => "conflict",
+            AdminError::Store(_) => "unavailable",
+        }
     }
 }
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, axum::Json(body)).into_response()
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        (self.status(), axum::Json(body)).into_response()
     }
 }
 
@@ -83,11 +99,7 @@ type Answer = Result<Response, AdminError>;
 
 fn authorize(admin: &AdminState, headers: &HeaderMap) -> Result<(), AdminError> {
     if admin.token.is_empty() {
-        return Err(AdminError::new(
-            StatusCode::FORBIDDEN,
-            "disabled",
-            "the admin API is disabled: set admin_token",
-        ));
+        return Err(AdminError::Disabled);
     }
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -96,11 +108,7 @@ fn authorize(admin: &AdminState, headers: &HeaderMap) -> Result<(), AdminError> 
         .unwrap_or("");
     if presented.is_empty() || !constant_time_eq(presented.as_bytes(), admin.token.as_bytes()) {
         metrics::counter!("pushgrid_keeper_admin_refused_total").increment(1);
-        return Err(AdminError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong admin token (Authorization: Bearer <token>)",
-        ));
+        return Err(AdminError::Unauthorized);
     }
     Ok(())
 }
@@ -173,11 +181,7 @@ async fn put_app(
         .iter()
         .any(|other| other.api_key == app.api_key && other.id != app.id)
     {
-        return Err(AdminError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            "api_key is used by another app",
-        ));
+        return Err(AdminError::Conflict("api_key is used by another app"));
     }
     admin.store.put_apps(&[app]).await?;
     publish(&admin).await
@@ -333,4 +337,49 @@ async fn log_refusals(request: axum::extract::Request, next: axum::middleware::N
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_status_and_code() {
+        let cases = [
+            (AdminError::Disabled, StatusCode::FORBIDDEN, "disabled"),
+            (
+                AdminError::Unauthorized,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            ),
+            (
+                AdminError::bad_request("x"),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                AdminError::not_found("no app \"a\""),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                AdminError::Conflict("taken"),
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                AdminError::from(sqlx::Error::PoolTimedOut),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+        ];
+        for (error, status, code) in cases {
+            assert_eq!((error.status(), error.code()), (status, code), "{error}");
+        }
+        assert!(
+            AdminError::from(sqlx::Error::PoolTimedOut)
+                .to_string()
+                .starts_with("configuration store: ")
+        );
+    }
 }

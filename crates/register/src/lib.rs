@@ -17,6 +17,9 @@ use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
 use pushgrid_common::node;
 use pushgrid_common::{CancellationToken, net};
+mod error;
+
+pub use error::RegisterError;
 use pushgrid_proto::cluster::register_server::{Register, RegisterServer};
 use pushgrid_proto::cluster::{
     AppStatsRequest, AppStatsResponse, LookupRequest, LookupResponse, Role, Session, SessionBatch,
@@ -224,6 +227,7 @@ impl Register for RegisterService {
         request: Request<SessionBatch>,
     ) -> Result<Response<SessionBatchResponse>, Status> {
         let sessions = request.into_inner().sessions;
+        check_sessions(&sessions)?;
         metrics::counter!("pushgrid_register_online_total").increment(sessions.len() as u64);
         for session in sessions {
             self.table.online(session);
@@ -237,6 +241,7 @@ impl Register for RegisterService {
         request: Request<SessionBatch>,
     ) -> Result<Response<SessionBatchResponse>, Status> {
         let sessions = request.into_inner().sessions;
+        check_sessions(&sessions)?;
         metrics::counter!("pushgrid_register_offline_total").increment(sessions.len() as u64);
         for session in &sessions {
             self.table.offline(session);
@@ -250,6 +255,16 @@ impl Register for RegisterService {
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupResponse>, Status> {
         let users = request.into_inner().users;
+        for (index, user) in users.iter().enumerate() {
+            let field = if user.app.is_empty() {
+                "app"
+            } else if user.user.is_empty() {
+                "user"
+            } else {
+                continue;
+            };
+            return Err(RegisterError::IncompleteUserKey { index, field }.into());
+        }
         metrics::counter!("pushgrid_register_lookups_total").increment(users.len() as u64);
         let mut sessions = Vec::with_capacity(users.len());
         for user in &users {
@@ -266,12 +281,33 @@ impl Register for RegisterService {
         &self,
         request: Request<AppStatsRequest>,
     ) -> Result<Response<AppStatsResponse>, Status> {
-        let counts = self.table.app_counts(&request.into_inner().app);
+        let app = request.into_inner().app;
+        if app.is_empty() {
+            return Err(RegisterError::MissingApp.into());
+        }
+        let counts = self.table.app_counts(&app);
         Ok(Response::new(AppStatsResponse {
             sessions: counts.sessions as u64,
             users: counts.users as u64,
         }))
     }
+}
+
+/// Refuses a batch with a session that lacks a field the table files it by.
+fn check_sessions(sessions: &[Session]) -> Result<(), RegisterError> {
+    for (index, session) in sessions.iter().enumerate() {
+        let field = if session.app.is_empty() {
+            "app"
+        } else if session.user.is_empty() {
+            "user"
+        } else if session.room.is_empty() {
+            "room"
+        } else {
+            continue;
+        };
+        return Err(RegisterError::IncompleteSession { index, field });
+    }
+    Ok(())
 }
 
 /// Runs register until `shutdown`.
@@ -393,6 +429,40 @@ async fn drop_stale_sessions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_with_a_session_missing_a_key_field_is_refused() {
+        let good = session("u", "room-1", 1);
+        assert_eq!(check_sessions(std::slice::from_ref(&good)), Ok(()));
+        for (field, broken) in [
+            (
+                "app",
+                Session {
+                    app: String::new(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "user",
+                Session {
+                    user: String::new(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "room",
+                Session {
+                    room: String::new(),
+                    ..good.clone()
+                },
+            ),
+        ] {
+            assert_eq!(
+                check_sessions(&[good.clone(), broken]),
+                Err(RegisterError::IncompleteSession { index: 1, field })
+            );
+        }
+    }
 
     fn session(user: &str, room: &str, conn_id: u64) -> Session {
         Session {

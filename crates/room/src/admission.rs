@@ -28,6 +28,7 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 use pushgrid_common::cluster::ClusterView;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::RoomConfig;
 
@@ -278,6 +279,22 @@ impl Admission {
         if let Some(rate) = rate {
             rate.retain_recent();
             rate.shrink_to_fit();
+        }
+    }
+}
+
+/// What an open connection holds of the room's limits: its place among the
+/// room's connections and among its source address's. Given back on drop.
+pub(crate) struct Lease {
+    _ip: IpSlot,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    pub fn new(ip: IpSlot, permit: OwnedSemaphorePermit) -> Self {
+        Lease {
+            _ip: ip,
+            _permit: permit,
         }
     }
 }

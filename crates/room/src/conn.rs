@@ -14,9 +14,9 @@
 //! inbox after AUTH, a topic's history after SUB) run in short tasks of their
 //! own that hold the connection's queue meanwhile (see `outbox.rs`).
 //!
-//! This module keeps what every connection goes through (serving an accepted
-//! socket, the loop of a task connection, forgetting a connection that
-//! ended); its parts are `open` (refusals at accept, handshake, AUTH,
+//! This module keeps what every connection goes through (the loop of a task
+//! connection, forgetting a connection that ended; `accept.rs` serves an
+//! accepted socket with them and hands plain TCP ones to their shard); its parts are `open` (refusals at accept, handshake, AUTH,
 //! registration), `inbox` (the offline inbox after AUTH), `frames` (the
 //! device's frames), `push_tokens` (PUSH_TOKEN), `subscribe` (SUB and the topic history replay) and
 //! `kick` (KICK frames and the heartbeat sweeper).
@@ -29,7 +29,6 @@ mod push_tokens;
 mod subscribe;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -39,27 +38,17 @@ use pushgrid_common::now_ms;
 use pushgrid_proto::client::ErrorCode;
 use pushgrid_proto::cluster::{Session, StateEvent};
 use pushgrid_wire::{Decoded, Frame, FrameError, Op, decode_frame, encode};
-use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 pub(crate) use frames::{Next, handle_frame, too_many_calls};
 pub(crate) use kick::{kick_frame, kick_reason_label, sweep_silent_connections};
+pub(crate) use open::{open, refuse_at_accept};
 
-use crate::admission::IpSlot;
-use crate::shard::Adoption;
-use crate::transport::{DeviceStream, Transport, shrink};
+use crate::transport::{DeviceStream, shrink};
 use crate::{ConnHandle, Room, metrics};
 
 /// After an ERROR or KICK, how long input is drained before the socket closes.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
-
-/// What an open connection holds of the room's limits: its place among the
-/// room's connections and among its source address's. Given back on drop.
-pub(crate) struct Lease {
-    _ip: IpSlot,
-    _permit: OwnedSemaphorePermit,
-}
 
 pub(crate) fn room_clock() -> u32 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -128,84 +117,12 @@ pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>, seq: u32)
     )
 }
 
-/// Serves one accepted socket: opens it, then hands a plain TCP connection
-/// to its shard, or runs a TLS/WebSocket connection's loop until it closes.
-pub(crate) async fn serve(
-    room: Arc<Room>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    transport: Transport,
-    permit: OwnedSemaphorePermit,
-) {
-    let ip_slot = match room.admission.admit(peer.ip()) {
-        Ok(slot) => slot,
-        Err(refusal) => {
-            drop(permit);
-            let message = refusal.message(&room.admission.limits());
-            return Box::pin(open::refuse_at_accept(
-                tcp, peer, transport, refusal, message,
-            ))
-            .await;
-        }
-    };
-    let lease = Lease {
-        _ip: ip_slot,
-        _permit: permit,
-    };
-    // Handshake, AUTH and the register call: large state, needed once, so boxed.
-    let Some(opened) = Box::pin(open::open(&room, tcp, peer, transport)).await else {
-        return;
-    };
-    let Opened {
-        mut stream,
-        handle,
-        mut buf,
-    } = opened;
-    if let Some(shard) = handle.shard().cloned() {
-        let DeviceStream::Tcp(tcp) = stream else {
-            unreachable!("shard connections are plain TCP");
-        };
-        match tcp.into_std() {
-            Ok(stream) => shard.adopt(Adoption {
-                conn: handle,
-                stream,
-                buffered: buf,
-                lease,
-            }),
-            Err(error) => {
-                tracing::warn!(%error, "cannot hand the connection to its shard");
-                handle.close_queue();
-                finish(&room, &handle);
-                metrics::closed("io");
-            }
-        }
-        return;
-    }
-    let last = Box::pin(task_loop(&room, &handle, &mut stream, &mut buf)).await;
-    let kick = handle.pending_kick();
-    // After a bad frame the answers to the frames before it go first; a
-    // kicked device gets the KICK without what was queued.
-    let mut frames = handle.close_queue_keeping(last.is_some() && kick.is_none());
-    finish(&room, &handle);
-    let reason = match (&last, kick) {
-        (Some(_), Some(code)) => kick_reason_label(code),
-        (Some(_), None) => "frame_error",
-        (None, _) => "client",
-    };
-    metrics::closed(reason);
-    if let Some(last_frame) = last {
-        frames.push(last_frame);
-        Box::pin(stream.close_politely(frames, LINGER)).await;
-    }
-    drop(lease);
-}
-
 /// An authenticated connection, ready for its loop.
-struct Opened {
-    stream: DeviceStream,
-    handle: Arc<ConnHandle>,
+pub(crate) struct Opened {
+    pub stream: DeviceStream,
+    pub handle: Arc<ConnHandle>,
     /// Bytes the device sent right behind AUTH.
-    buf: BytesMut,
+    pub buf: BytesMut,
 }
 
 /// The register session of a live connection.
@@ -247,7 +164,7 @@ enum Wake {
 /// The loop of a TLS or WebSocket connection: runs until the device leaves or
 /// must be closed; returns the last frame to send (ERROR or KICK) when the
 /// server is the one closing.
-async fn task_loop(
+pub(crate) async fn task_loop(
     room: &Arc<Room>,
     handle: &Arc<ConnHandle>,
     stream: &mut DeviceStream,

@@ -23,6 +23,7 @@ mod outbox;
 mod peers;
 mod service;
 mod shard;
+mod shard_handle;
 mod topics;
 mod transport;
 
@@ -218,7 +219,7 @@ pub(crate) struct Room {
     pub names: conn::Interner,
     pub tls: Option<transport::Tls>,
     /// The threads that serve authenticated plain TCP connections.
-    pub shards: shard::Shards,
+    pub shards: shard_handle::Shards,
     /// Tasks a drain waits for: connections being opened or closed, replays.
     pub tracker: TaskTracker,
     /// Stops the room's background tasks (sweeper, re-flush, settings).
@@ -464,7 +465,7 @@ fn start_room(
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         count => count,
     };
-    let shards = shard::Shards::new(io_threads)
+    let shards = shard_handle::Shards::new(io_threads)
         .map_err(StartError::os("cannot create the shard pollers"))?;
     let room = Arc::new(Room {
         peers: peers::Peers::new(cluster.clone()),
@@ -498,7 +499,7 @@ fn start_room(
         // same node id never reuses an id an old session still carries.
         next_conn_id: AtomicU64::new(now_ms() << 10),
     });
-    shard::Shards::start(&room).map_err(StartError::os("cannot start the shard threads"))?;
+    shard::start(&room).map_err(StartError::os("cannot start the shard threads"))?;
     Ok(room)
 }
 

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics;
-use crate::shard::{Flushes, ShardHandle};
+use crate::shard_handle::{Flushes, ShardHandle};
 use crate::transport::Transport;
 
 /// How long after the inbox was replayed a live copy of one of its messages
@@ -581,7 +581,7 @@ mod tests {
     use std::io;
 
     use super::*;
-    use crate::shard::Flushed;
+    use crate::shard_handle::Flushed;
 
     fn handle() -> ConnHandle {
         ConnHandle::new(

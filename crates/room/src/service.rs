@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ordering::{self, Step, TopicOrder};
 use crate::outbox::{PerShard, Wakes};
-use crate::shard::Broadcast;
+use crate::shard_handle::Broadcast;
 use crate::{ConnHandle, Room};
 
 pub(crate) struct RoomService {

@@ -20,10 +20,8 @@
 //! The shard thread enters the tokio runtime, so what it starts (ACK
 //! batches, replays, polite closes) runs on the runtime's workers.
 //!
-//! This module is the shard thread itself; `handle` is the side other
-//! threads use (commands, [`ShardHandle`], [`Shards`]).
-
-mod handle;
+//! This module is the shard thread itself; `shard_handle.rs` is the side
+//! other threads use (commands, [`ShardHandle`], `Shards`).
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -36,15 +34,12 @@ use mio::{Events, Interest, Poll, Token};
 use pushgrid_wire::{Decoded, decode_frame};
 use slab::Slab;
 
-pub(crate) use handle::{Adoption, Broadcast, Flushes, ShardHandle, Shards};
-
-use handle::Command;
-
-use crate::conn::{self, LINGER, Lease, Next, room_clock};
+use crate::admission::Lease;
+use crate::conn::{self, LINGER, Next, room_clock};
+use crate::shard_handle::{Adoption, Broadcast, Command, Flushed, ShardHandle, WAKE_TOKEN};
 use crate::transport::{DeviceStream, WRITE_TIMEOUT};
 use crate::{ConnHandle, Room, metrics};
 
-const WAKE_TOKEN: Token = Token(usize::MAX);
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Reads of one connection per turn before the others get theirs.
@@ -80,21 +75,34 @@ struct Shard {
     dirty: Vec<usize>,
 }
 
-/// How a flush of a shard connection ended.
-pub(crate) enum Flushed {
-    /// Nothing is left to write (or the queue is held).
-    Done {
-        bytes: usize,
-        frames: usize,
-        writes: usize,
-    },
-    /// The socket is full; the writable event continues.
-    Blocked {
-        bytes: usize,
-        frames: usize,
-        writes: usize,
-    },
-    Failed,
+/// Starts one thread per shard of the room, inside the current tokio runtime.
+pub(crate) fn start(room: &Arc<Room>) -> io::Result<()> {
+    let runtime = tokio::runtime::Handle::current();
+    let polls = room.shards.take_polls();
+    let mut threads = Vec::new();
+    for (index, poll) in polls.into_iter().enumerate() {
+        let shard = Shard {
+            room: room.clone(),
+            handle: room.shards.handle(index).clone(),
+            poll,
+            slots: Slab::new(),
+            read_buf: BytesMut::new(),
+            scratch: vec![0; READ_CHUNK],
+            unfinished: Vec::new(),
+            dirty: Vec::new(),
+        };
+        let runtime = runtime.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("room-shard-{index}"))
+                .spawn(move || {
+                    let _runtime = runtime.enter();
+                    shard.run();
+                })?,
+        );
+    }
+    room.shards.set_threads(threads);
+    Ok(())
 }
 
 /// How reading a connection's input ended.

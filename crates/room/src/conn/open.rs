@@ -84,7 +84,7 @@ fn authenticate(room: &Room, auth: &Auth) -> Result<Identity, String> {
 /// waiting); the per-address cap and rate answer with an ERROR frame and a
 /// polite close on plain TCP. TLS and WebSocket devices are closed without a
 /// frame: no handshake is spent on a refused address.
-pub(super) async fn refuse_at_accept(
+pub(crate) async fn refuse_at_accept(
     tcp: TcpStream,
     peer: SocketAddr,
     transport: Transport,
@@ -128,7 +128,7 @@ fn log_refused_before_auth(peer: SocketAddr, reason: &str, message: &str) {
 /// session's registration and AUTH_OK; the inbox replay starts beside it.
 /// `None` when the connection ended (answered and closed where there was
 /// something to say).
-pub(super) async fn open(
+pub(crate) async fn open(
     room: &Arc<Room>,
     tcp: TcpStream,
     peer: SocketAddr,

@@ -4,7 +4,7 @@
 use std::io::{self, IoSlice};
 
 use super::ConnHandle;
-use crate::shard::Flushed;
+use crate::shard_handle::Flushed;
 
 /// Frames gathered into one vectored write.
 const MAX_IOVECS: usize = 64;

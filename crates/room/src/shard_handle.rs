@@ -1,18 +1,21 @@
 //! The side of the shards that other threads use: the commands a shard
 //! takes (adoptions, flushes, broadcasts, closes, stop), each shard's handle,
-//! and the set of shards with their threads.
+//! and the set of shards with their threads. The shard thread itself is
+//! `shard.rs`, above this module: connections and outboxes reach their shard
+//! through here without depending on the thread's code.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use mio::{Poll, Waker};
-use slab::Slab;
+use mio::{Poll, Token, Waker};
 
-use super::{READ_CHUNK, Shard, WAKE_TOKEN};
-use crate::conn::Lease;
-use crate::{ConnHandle, Room};
+use crate::ConnHandle;
+use crate::admission::Lease;
+
+/// The token of a shard's waker in its epoll instance.
+pub(crate) const WAKE_TOKEN: Token = Token(usize::MAX);
 
 /// A connection handed to a shard after AUTH.
 pub(crate) struct Adoption {
@@ -34,7 +37,7 @@ pub(crate) struct Broadcast {
     pub targets: Flushes,
 }
 
-pub(super) enum Command {
+pub(crate) enum Command {
     Adopt(Box<Adoption>),
     Broadcast(Box<Broadcast>),
     Flush(Flushes),
@@ -44,10 +47,10 @@ pub(super) enum Command {
 
 /// The side of a shard that other threads talk to.
 pub(crate) struct ShardHandle {
-    pub(super) commands: Mutex<Vec<Command>>,
+    pub(crate) commands: Mutex<Vec<Command>>,
     waker: Waker,
     /// A wake-up is on its way: later commands need none of their own.
-    pub(super) notified: AtomicBool,
+    pub(crate) notified: AtomicBool,
 }
 
 impl ShardHandle {
@@ -95,7 +98,7 @@ pub(crate) struct Shards {
 }
 
 impl Shards {
-    /// `count` shards, not yet running (see [`Shards::start`]).
+    /// `count` shards, not yet running (`shard::start` starts them).
     pub fn new(count: usize) -> io::Result<Shards> {
         let mut handles = Vec::new();
         let mut polls = Vec::new();
@@ -121,44 +124,26 @@ impl Shards {
         &self.handles[(conn_id % self.handles.len() as u64) as usize]
     }
 
-    /// Starts one thread per shard, inside the current tokio runtime.
-    pub fn start(room: &Arc<Room>) -> io::Result<()> {
-        let runtime = tokio::runtime::Handle::current();
-        let polls = std::mem::take(
-            &mut *room
-                .shards
+    /// The shards' epoll instances, for their threads (once).
+    pub fn take_polls(&self) -> Vec<Poll> {
+        std::mem::take(
+            &mut *self
                 .polls
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        let mut threads = Vec::new();
-        for (index, poll) in polls.into_iter().enumerate() {
-            let shard = Shard {
-                room: room.clone(),
-                handle: room.shards.handles[index].clone(),
-                poll,
-                slots: Slab::new(),
-                read_buf: BytesMut::new(),
-                scratch: vec![0; READ_CHUNK],
-                unfinished: Vec::new(),
-                dirty: Vec::new(),
-            };
-            let runtime = runtime.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("room-shard-{index}"))
-                    .spawn(move || {
-                        let _runtime = runtime.enter();
-                        shard.run();
-                    })?,
-            );
-        }
-        *room
-            .shards
+        )
+    }
+
+    pub fn handle(&self, index: usize) -> &Arc<ShardHandle> {
+        &self.handles[index]
+    }
+
+    /// The threads [`Shards::stop`] waits for.
+    pub fn set_threads(&self, threads: Vec<std::thread::JoinHandle<()>>) {
+        *self
             .threads
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = threads;
-        Ok(())
     }
 
     /// Stops every shard, closing the connections left, and waits for the
@@ -180,4 +165,21 @@ impl Shards {
         })
         .await;
     }
+}
+
+/// How a flush of a shard connection ended.
+pub(crate) enum Flushed {
+    /// Nothing is left to write (or the queue is held).
+    Done {
+        bytes: usize,
+        frames: usize,
+        writes: usize,
+    },
+    /// The socket is full; the writable event continues.
+    Blocked {
+        bytes: usize,
+        frames: usize,
+        writes: usize,
+    },
+    Failed,
 }
