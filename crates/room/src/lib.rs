@@ -17,6 +17,7 @@ mod admission;
 mod background;
 mod conn;
 mod drain;
+mod error;
 mod metrics;
 mod ordering;
 mod outbox;
@@ -45,6 +46,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+pub use error::RoomError;
 pub use outbox::ConnHandle;
 use transport::Transport;
 

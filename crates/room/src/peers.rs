@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pushgrid_common::auth::role_name;
 use pushgrid_common::batch::{BatchConfig, BatcherMap, SinkMap};
 use pushgrid_common::cluster::Cluster;
 use pushgrid_common::ring;
@@ -20,6 +21,8 @@ use pushgrid_proto::cluster::{
 };
 use tokio_util::task::TaskTracker;
 use tonic::Status;
+
+use crate::RoomError;
 
 /// Most messages fetched from an inbox when a device connects.
 const PENDING_LIMIT: u32 = 1000;
@@ -272,14 +275,14 @@ impl Peers {
         let view = self.cluster.view();
         view.register_for(app, user)
             .map(|node| node.grpc_addr.clone())
-            .ok_or_else(|| Status::unavailable("no register is live"))
+            .ok_or_else(|| RoomError::NoPeer("register").into())
     }
 
     fn addr_of(&self, role: Role, app: &str, user: &str) -> Result<String, Status> {
         let view = self.cluster.view();
         view.pick(role, ring::user_key(app, user))
             .map(|node| node.grpc_addr.clone())
-            .ok_or_else(|| Status::unavailable(format!("no {} is live", role.as_str_name())))
+            .ok_or_else(|| RoomError::NoPeer(role_name(role)).into())
     }
 
     /// Reports a session; the device is routable once this returns Ok.
@@ -310,7 +313,7 @@ impl Peers {
         };
         let answer = self.inboxes.get(&addr).call(request).await?;
         if !answer.error.is_empty() {
-            return Err(Status::unavailable(answer.error));
+            return Err(RoomError::PeerFailed(answer.error).into());
         }
         Ok(answer.messages)
     }

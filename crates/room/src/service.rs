@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::ordering::{self, Step, TopicOrder};
 use crate::outbox::{PerShard, Wakes};
 use crate::shard_handle::Broadcast;
-use crate::{ConnHandle, Room};
+use crate::{ConnHandle, Room, RoomError};
 
 pub(crate) struct RoomService {
     room: Arc<Room>,
@@ -39,7 +39,7 @@ impl RoomRpc for RoomService {
         let mut wakes = Wakes::default();
         for delivery in request.into_inner().deliveries {
             let Some(message) = delivery.message else {
-                return Err(Status::invalid_argument("delivery without a message"));
+                return Err(RoomError::MissingMessage("delivery").into());
             };
             let conn = self
                 .room
@@ -91,7 +91,7 @@ impl RoomRpc for RoomService {
         let message = request
             .into_inner()
             .message
-            .ok_or_else(|| Status::invalid_argument("broadcast without a message"))?;
+            .ok_or(RoomError::MissingMessage("broadcast"))?;
         let handed = ordered_broadcast(&self.room, message);
         Ok(Response::new(RoomBroadcastResponse { delivered: handed }))
     }
