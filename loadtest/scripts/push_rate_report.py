@@ -2,7 +2,7 @@
 """Runs one `loadtest push-rate` against a fresh `pushgrid dev` or `pushgrid
 cluster` (the release binaries under target/release) and writes its JSON report
 with a meta block (command, commit, date, machine, load average) and each
-role's step histograms read from its /metrics before the server stops
+role's step histograms and counters read from its /metrics before the server stops
 (`server_step_metrics`). The reports under docs/bench/push-rate-*.json were
 made with it.
 
@@ -59,8 +59,8 @@ la0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 rc = subprocess.run(cmd).returncode
 la1 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-# Each role's step histograms (sum and count: the mean of each step), read
-# from its /metrics before the server stops.
+# Each role's step histograms (sum and count: the mean of each step) and
+# counters, read from its /metrics before the server stops.
 import urllib.request
 steps = {}
 log.flush()
@@ -74,7 +74,7 @@ for line in open(f"{tmp}/server.log", errors="replace"):
         steps[f"{role}@{addr}"] = f"unreadable: {error}"; continue
     mine = {}
     for metric in text.splitlines():
-        mm = re.match(r'(pushgrid_[a-z_]+_(?:seconds|items|calls|rows)(?:_sum|_count))(\{[^}]*\})? ([0-9.e+-]+)', metric)
+        mm = re.match(r'(pushgrid_[a-z_]+(?:_(?:seconds|items|calls|rows)(?:_sum|_count)|_total))(\{[^}]*\})? ([0-9.e+-]+)', metric)
         if mm and 'le=' not in (mm.group(2) or ''):
             mine[mm.group(1) + (mm.group(2) or '')] = float(mm.group(3))
     steps[f"{role}@{addr}"] = mine
