@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use pushgrid_common::net::LauncherLine;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -236,38 +237,39 @@ fn note(seen: &Mutex<Seen>, line: &str) {
     if !line.starts_with('[') {
         seen.own_lines.push(line.to_string());
     }
-    let parts: Vec<&str> = line.split_whitespace().collect();
-    match parts.as_slice() {
-        ["PUSHGRID_BOUND", "cluster", listener, addr] => {
+    match LauncherLine::parse(line) {
+        Some(LauncherLine::Own { listener, addr }) => {
             if let Ok(addr) = addr.parse() {
                 seen.launcher.insert(listener.to_string(), addr);
             }
         }
-        ["PUSHGRID_CHILD", name, "started", pid] => {
-            let state = seen.instances.entry(name.to_string()).or_default();
-            state.pid = pid.parse().unwrap_or(0);
+        Some(LauncherLine::Started { instance, pid }) => {
+            let state = seen.instances.entry(instance.to_string()).or_default();
+            state.pid = pid;
             state.starts += 1;
         }
-        ["PUSHGRID_CHILD", name, "exited", _] => {
-            let state = seen.instances.entry(name.to_string()).or_default();
+        Some(LauncherLine::Exited { instance }) => {
+            let state = seen.instances.entry(instance.to_string()).or_default();
             state.pid = 0;
             state.exits += 1;
         }
-        [name, "PUSHGRID_BOUND", _role, listener, addr] => {
-            let Some(name) = name
-                .strip_prefix('[')
-                .and_then(|name| name.strip_suffix(']'))
-            else {
-                return;
-            };
-            let state = seen.instances.entry(name.to_string()).or_default();
-            if *listener == "ready" {
-                state.ready += 1;
-            } else if let Ok(addr) = addr.parse() {
+        Some(LauncherLine::Bound {
+            instance,
+            listener,
+            addr,
+        }) => {
+            if let Ok(addr) = addr.parse() {
+                let state = seen.instances.entry(instance.to_string()).or_default();
                 state.bound.insert(listener.to_string(), addr);
             }
         }
-        _ => {}
+        Some(LauncherLine::Ready { instance }) => {
+            seen.instances
+                .entry(instance.to_string())
+                .or_default()
+                .ready += 1;
+        }
+        None => {}
     }
 }
 

@@ -9,6 +9,71 @@ use tokio::net::TcpListener;
 /// Prefix of the line a process prints on stdout for every listener it bound.
 pub const BOUND_LINE_PREFIX: &str = "PUSHGRID_BOUND";
 
+/// Prefix of the lines `pushgrid cluster` prints for its role processes:
+/// `PUSHGRID_CHILD <instance> started <pid>` and
+/// `PUSHGRID_CHILD <instance> exited <status>`.
+pub const CHILD_LINE_PREFIX: &str = "PUSHGRID_CHILD";
+
+/// One machine line of `pushgrid cluster`'s stdout, as its readers (the
+/// tests' and the load test's launcher handles) see it. The launcher copies
+/// each role's stdout lines prefixed by `[<instance>] `.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LauncherLine<'a> {
+    /// `PUSHGRID_BOUND cluster <listener> <addr>`: the launcher's own
+    /// listener, or `ready` once every role is up.
+    Own {
+        listener: &'a str,
+        addr: &'a str,
+    },
+    Started {
+        instance: &'a str,
+        pid: u32,
+    },
+    Exited {
+        instance: &'a str,
+    },
+    /// `[<instance>] PUSHGRID_BOUND <role> <listener> <addr>`.
+    Bound {
+        instance: &'a str,
+        listener: &'a str,
+        addr: &'a str,
+    },
+    /// `[<instance>] PUSHGRID_BOUND <role> ready ...`.
+    Ready {
+        instance: &'a str,
+    },
+}
+
+impl<'a> LauncherLine<'a> {
+    /// The machine line `line` is, if it is one.
+    pub fn parse(line: &'a str) -> Option<LauncherLine<'a>> {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            [BOUND_LINE_PREFIX, "cluster", listener, addr] => {
+                Some(LauncherLine::Own { listener, addr })
+            }
+            [CHILD_LINE_PREFIX, instance, "started", pid] => Some(LauncherLine::Started {
+                instance,
+                pid: pid.parse().ok()?,
+            }),
+            [CHILD_LINE_PREFIX, instance, "exited", ..] => Some(LauncherLine::Exited { instance }),
+            [tag, BOUND_LINE_PREFIX, _role, listener, addr] => {
+                let instance = tag.strip_prefix('[')?.strip_suffix(']')?;
+                Some(if *listener == "ready" {
+                    LauncherLine::Ready { instance }
+                } else {
+                    LauncherLine::Bound {
+                        instance,
+                        listener,
+                        addr,
+                    }
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Binds a TCP listener, naming the address in the error.
 pub async fn bind(addr: &str) -> crate::StartResult<TcpListener> {
     TcpListener::bind(addr)
@@ -84,5 +149,53 @@ pub fn grpc_uri(addr: &str) -> String {
         addr.to_string()
     } else {
         format!("http://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launcher_lines_are_read_and_other_lines_are_not() {
+        let cases = [
+            (
+                "PUSHGRID_BOUND cluster admin 127.0.0.1:9000",
+                Some(LauncherLine::Own {
+                    listener: "admin",
+                    addr: "127.0.0.1:9000",
+                }),
+            ),
+            (
+                "PUSHGRID_CHILD room-0 started 41",
+                Some(LauncherLine::Started {
+                    instance: "room-0",
+                    pid: 41,
+                }),
+            ),
+            ("PUSHGRID_CHILD room-0 started x", None),
+            (
+                "PUSHGRID_CHILD room-0 exited signal 9",
+                Some(LauncherLine::Exited { instance: "room-0" }),
+            ),
+            (
+                "[room-0] PUSHGRID_BOUND room tcp 127.0.0.1:8090",
+                Some(LauncherLine::Bound {
+                    instance: "room-0",
+                    listener: "tcp",
+                    addr: "127.0.0.1:8090",
+                }),
+            ),
+            (
+                "[room-0] PUSHGRID_BOUND room ready -",
+                Some(LauncherLine::Ready { instance: "room-0" }),
+            ),
+            ("room-0 PUSHGRID_BOUND room tcp 127.0.0.1:8090", None),
+            ("[room-0] something else", None),
+            ("", None),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(LauncherLine::parse(line), expected, "{line:?}");
+        }
     }
 }

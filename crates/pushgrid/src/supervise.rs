@@ -18,7 +18,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use pushgrid_common::CancellationToken;
-use pushgrid_common::net::BOUND_LINE_PREFIX;
+use pushgrid_common::net::{BOUND_LINE_PREFIX, CHILD_LINE_PREFIX};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
@@ -27,11 +27,6 @@ use tokio::time::Instant;
 /// A process that ran this long was healthy: its next restart waits the
 /// shortest back-off again.
 pub const STABLE_AFTER: Duration = Duration::from_secs(30);
-
-/// Prefix of the launcher's own machine-readable lines on stdout:
-/// `PUSHGRID_CHILD <instance> started <pid>` and
-/// `PUSHGRID_CHILD <instance> exited <status>`.
-pub const CHILD_LINE_PREFIX: &str = "PUSHGRID_CHILD";
 
 /// The setting a role listens on for each listener name it announces.
 const LISTEN_KEYS: &[(&str, &str)] = &[

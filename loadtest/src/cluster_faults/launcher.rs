@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use pushgrid_common::net::LauncherLine;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -173,34 +174,33 @@ fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
 
 /// One line of the launcher's stdout into what it says.
 fn note(seen: &mut Seen, line: &str) {
-    let parts: Vec<&str> = line.split_whitespace().collect();
-    match parts.as_slice() {
-        ["PUSHGRID_BOUND", "cluster", listener, addr] => {
+    match LauncherLine::parse(line) {
+        Some(LauncherLine::Own { listener, addr }) => {
             seen.own.insert(listener.to_string(), addr.to_string());
         }
-        ["PUSHGRID_CHILD", name, "started", pid] => {
-            let state = seen.instances.entry(name.to_string()).or_default();
-            state.pid = pid.parse().unwrap_or(0);
+        Some(LauncherLine::Started { instance, pid }) => {
+            let state = seen.instances.entry(instance.to_string()).or_default();
+            state.pid = pid;
             state.starts += 1;
         }
-        ["PUSHGRID_CHILD", name, "exited", _] => {
-            seen.instances.entry(name.to_string()).or_default().pid = 0;
+        Some(LauncherLine::Exited { instance }) => {
+            seen.instances.entry(instance.to_string()).or_default().pid = 0;
         }
-        [name, "PUSHGRID_BOUND", _role, listener, addr] => {
-            let Some(name) = name
-                .strip_prefix('[')
-                .and_then(|name| name.strip_suffix(']'))
-            else {
-                return;
-            };
-            let state = seen.instances.entry(name.to_string()).or_default();
-            if *listener == "ready" {
-                state.ready += 1;
-            } else {
-                state.bound.insert(listener.to_string(), addr.to_string());
-            }
+        Some(LauncherLine::Bound {
+            instance,
+            listener,
+            addr,
+        }) => {
+            let state = seen.instances.entry(instance.to_string()).or_default();
+            state.bound.insert(listener.to_string(), addr.to_string());
         }
-        _ => {}
+        Some(LauncherLine::Ready { instance }) => {
+            seen.instances
+                .entry(instance.to_string())
+                .or_default()
+                .ready += 1;
+        }
+        None => {}
     }
 }
 
