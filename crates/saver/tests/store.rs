@@ -1013,6 +1013,67 @@ async fn concurrent_stores_are_all_durable(backend: Backend) -> anyhow::Result<H
     Ok(harness)
 }
 
+/// Concurrent publishes to two topics (on SQL they share transactions):
+/// each topic's offsets are 1..=n, each given once, in one epoch, and the
+/// stream holds each answer's payload at its offset.
+async fn concurrent_publishes_get_every_offset_once(backend: Backend) -> anyhow::Result<Harness> {
+    let harness = Harness::new(backend, limits()).await?;
+    let calls = futures::future::join_all((0..120).map(|index| {
+        let topic = if index % 3 == 0 { "sport" } else { "news" };
+        let store = &harness.store;
+        let app = harness.app.clone();
+        async move {
+            store
+                .publish(&app, topic, Bytes::from(format!("{topic}-{index}")))
+                .await
+        }
+    }))
+    .await;
+    let mut answers: std::collections::BTreeMap<String, Vec<(u64, u64, String)>> =
+        Default::default();
+    for call in calls {
+        let message = call?;
+        let payload = String::from_utf8(message.payload.to_vec())?;
+        answers.entry(message.topic.clone()).or_default().push((
+            message.offset,
+            message.epoch,
+            payload,
+        ));
+    }
+    for (topic, count) in [("news", 80u64), ("sport", 40)] {
+        let mut got = answers.remove(topic).unwrap_or_default();
+        got.sort();
+        let offsets: Vec<u64> = got.iter().map(|(offset, _, _)| *offset).collect();
+        assert_eq!(offsets, (1..=count).collect::<Vec<_>>(), "{topic}");
+        assert!(
+            got.windows(2).all(|pair| pair[0].1 == pair[1].1),
+            "{topic}: one epoch"
+        );
+        let stream = harness
+            .store
+            .history(HistoryQuery {
+                app: harness.app.clone(),
+                topic: topic.into(),
+                since_offset: 0,
+                epoch: got[0].1,
+                limit: 0,
+            })
+            .await?;
+        assert!(stream.recovered, "{topic}");
+        let stored: Vec<(u64, String)> = stream
+            .messages
+            .iter()
+            .map(|m| (m.offset, String::from_utf8_lossy(&m.payload).into_owned()))
+            .collect();
+        let answered: Vec<(u64, String)> = got
+            .into_iter()
+            .map(|(offset, _, payload)| (offset, payload))
+            .collect();
+        assert_eq!(stored, answered, "{topic}");
+    }
+    Ok(harness)
+}
+
 /// One `#[tokio::test]` per test in `mod $module`, run against `$backend`.
 macro_rules! on_backend {
     ($module:ident, $backend:ident, $($test:ident),*) => {
@@ -1049,6 +1110,7 @@ mod backends {
         unacked_messages_end_in_dead_letters,
         an_idempotency_key_stores_once,
         broadcast_history_recovers_or_says_not,
+        concurrent_publishes_get_every_offset_once,
         concurrent_stores_are_all_durable,
         store_many_keeps_each_items_payload_and_ttl,
         batches_of_every_size_are_stored_and_acked_once,

@@ -4,7 +4,7 @@
 //! every statement runs unchanged on both. Ids are u64 snowflakes below 2^63,
 //! stored as BIGINT (i64).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use pushgrid_common::db;
 use sqlx::AnyPool;
@@ -22,6 +22,7 @@ mod message_store;
 mod retry;
 mod rows;
 
+use self::broadcast::Publisher;
 pub(crate) use self::connections::Connections;
 use self::group_commit::GroupCommit;
 pub use self::group_commit::GroupCommitConfig;
@@ -53,6 +54,8 @@ pub struct SqlStore {
     group_commit: Option<Arc<GroupCommit>>,
     background_writes: Arc<Semaphore>,
     owed: Arc<Owed>,
+    /// Started by the first publish (a task on the runtime).
+    publisher: Arc<OnceLock<Publisher>>,
 }
 impl SqlStore {
     /// Connects (creating the SQLite file or MySQL database when missing),
@@ -91,6 +94,7 @@ impl SqlStore {
             group_commit: None,
             background_writes: Arc::new(Semaphore::new(MAX_BACKGROUND_WRITES)),
             owed: Arc::new(Owed::default()),
+            publisher: Arc::new(OnceLock::new()),
         }
     }
 
