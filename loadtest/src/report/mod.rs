@@ -114,6 +114,9 @@ pub struct Broadcast {
     pub latency_ms: Percentiles,
     /// Per broadcast: API call to the receipt of the last device.
     pub last_device_ms: Percentiles,
+    /// offset -> API call to the receipt of its last device, ms (each
+    /// broadcast's own figure behind `last_device_ms`).
+    pub last_device_ms_by_offset: BTreeMap<u64, f64>,
     /// First broadcast call to the last receipt.
     pub delivery_secs: f64,
     /// `delivered` / `delivery_secs`.

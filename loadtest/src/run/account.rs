@@ -239,6 +239,9 @@ fn account_broadcasts(
     for offset in &accepted {
         if let Some(us) = last_device_us.get(offset) {
             let _ = last.record((*us).max(1));
+            broadcast
+                .last_device_ms_by_offset
+                .insert(*offset, *us as f64 / 1000.0);
         }
     }
     broadcast.last_device_ms = percentiles_ms(&last);
@@ -322,6 +325,10 @@ mod tests {
             (broadcast.last_device_ms.max - 9.0).abs() < 0.01,
             "{:?}",
             broadcast.last_device_ms
+        );
+        assert_eq!(
+            broadcast.last_device_ms_by_offset,
+            BTreeMap::from([(1, 5.0), (2, 9.0), (3, 7.0)])
         );
     }
 }
