@@ -17,17 +17,18 @@ use pushgrid_common::cluster::Cluster;
 use pushgrid_common::config::NodeConfig;
 use pushgrid_common::node;
 use pushgrid_common::{CancellationToken, net};
-mod error;
-
-pub use error::RegisterError;
 use pushgrid_proto::cluster::register_server::{Register, RegisterServer};
 use pushgrid_proto::cluster::{
     AppStatsRequest, AppStatsResponse, LookupRequest, LookupResponse, Role, Session, SessionBatch,
-    SessionBatchResponse,
+    SessionBatchResponse, UserKey,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
+
+mod error;
+
+pub use error::RegisterError;
 
 pub const ROLE: &str = "register";
 
@@ -255,16 +256,7 @@ impl Register for RegisterService {
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupResponse>, Status> {
         let users = request.into_inner().users;
-        for (index, user) in users.iter().enumerate() {
-            let field = if user.app.is_empty() {
-                "app"
-            } else if user.user.is_empty() {
-                "user"
-            } else {
-                continue;
-            };
-            return Err(RegisterError::IncompleteUserKey { index, field }.into());
-        }
+        check_user_keys(&users)?;
         metrics::counter!("pushgrid_register_lookups_total").increment(users.len() as u64);
         let mut sessions = Vec::with_capacity(users.len());
         for user in &users {
@@ -293,19 +285,36 @@ impl Register for RegisterService {
     }
 }
 
+/// The name of the first of `fields` that is empty.
+fn first_empty(fields: &[(&'static str, &str)]) -> Option<&'static str> {
+    fields
+        .iter()
+        .find(|(_, value)| value.is_empty())
+        .map(|(name, _)| *name)
+}
+
 /// Refuses a batch with a session that lacks a field the table files it by.
 fn check_sessions(sessions: &[Session]) -> Result<(), RegisterError> {
     for (index, session) in sessions.iter().enumerate() {
-        let field = if session.app.is_empty() {
-            "app"
-        } else if session.user.is_empty() {
-            "user"
-        } else if session.room.is_empty() {
-            "room"
-        } else {
-            continue;
-        };
-        return Err(RegisterError::IncompleteSession { index, field });
+        let key = [
+            ("app", session.app.as_str()),
+            ("user", session.user.as_str()),
+            ("room", session.room.as_str()),
+        ];
+        if let Some(field) = first_empty(&key) {
+            return Err(RegisterError::IncompleteSession { index, field });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a lookup with a user key that lacks its app or user.
+fn check_user_keys(users: &[UserKey]) -> Result<(), RegisterError> {
+    for (index, user) in users.iter().enumerate() {
+        let key = [("app", user.app.as_str()), ("user", user.user.as_str())];
+        if let Some(field) = first_empty(&key) {
+            return Err(RegisterError::IncompleteUserKey { index, field });
+        }
     }
     Ok(())
 }
@@ -429,6 +438,29 @@ async fn drop_stale_sessions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lookup_with_a_user_key_missing_its_app_or_user_is_refused() {
+        let key = |app: &str, user: &str| UserKey {
+            app: app.into(),
+            user: user.into(),
+        };
+        assert_eq!(check_user_keys(&[key("a", "u")]), Ok(()));
+        assert_eq!(
+            check_user_keys(&[key("a", "u"), key("", "u")]),
+            Err(RegisterError::IncompleteUserKey {
+                index: 1,
+                field: "app"
+            })
+        );
+        assert_eq!(
+            check_user_keys(&[key("a", "")]),
+            Err(RegisterError::IncompleteUserKey {
+                index: 0,
+                field: "user"
+            })
+        );
+    }
 
     #[test]
     fn a_batch_with_a_session_missing_a_key_field_is_refused() {
