@@ -2,7 +2,6 @@
 //! ports, its stdout read for the whole run (the addresses each instance
 //! bound, each start and exit of a role process, the ready lines).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,31 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use pushgrid_common::net::LauncherLine;
+use pushgrid_common::net::{LaunchedInstance, LauncherRecord};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::{TestApp, binary, eventually};
 
-/// What the launcher said about one instance (`keeper-0`, `room-1`, ...).
-#[derive(Debug, Default, Clone)]
-pub struct InstanceState {
-    /// The pid of the running process, 0 while it is down.
-    pub pid: u32,
-    /// Starts so far (the first start counts).
-    pub starts: u32,
-    pub exits: u32,
-    /// `ready` lines so far.
-    pub ready: u32,
-    /// Listener name -> address, as last announced.
-    pub bound: HashMap<String, SocketAddr>,
-}
-
 #[derive(Default)]
 struct Seen {
-    instances: HashMap<String, InstanceState>,
-    /// The launcher's own `PUSHGRID_BOUND cluster ...` lines.
-    launcher: HashMap<String, SocketAddr>,
+    record: LauncherRecord,
     /// The launcher's own stdout lines (not its children's `[name] ...`).
     own_lines: Vec<String>,
 }
@@ -123,7 +106,13 @@ impl Launcher {
             credentials: data.join("credentials"),
         };
         let ready = eventually(Duration::from_secs(120), || async {
-            launcher.seen.lock().unwrap().launcher.contains_key("ready")
+            launcher
+                .seen
+                .lock()
+                .unwrap()
+                .record
+                .own
+                .contains_key("ready")
         })
         .await;
         if !ready {
@@ -150,13 +139,16 @@ impl Launcher {
 
     /// The launcher's admin address (`/metrics`, `/healthz`).
     pub fn admin(&self) -> SocketAddr {
-        self.seen.lock().unwrap().launcher["admin"]
+        self.seen.lock().unwrap().record.own["admin"]
+            .parse()
+            .expect("the launcher announces socket addresses")
     }
 
-    pub fn instance(&self, name: &str) -> InstanceState {
+    pub fn instance(&self, name: &str) -> LaunchedInstance {
         self.seen
             .lock()
             .unwrap()
+            .record
             .instances
             .get(name)
             .cloned()
@@ -169,6 +161,7 @@ impl Launcher {
             .seen
             .lock()
             .unwrap()
+            .record
             .instances
             .keys()
             .cloned()
@@ -179,11 +172,12 @@ impl Launcher {
 
     /// The address `name` announced for `listener` (`grpc`, `http`, `tcp`, `admin`).
     pub fn addr(&self, name: &str, listener: &str) -> SocketAddr {
-        *self
-            .instance(name)
+        self.instance(name)
             .bound
             .get(listener)
             .unwrap_or_else(|| panic!("{name} announced no {listener} listener"))
+            .parse()
+            .expect("roles announce socket addresses")
     }
 
     /// kill -9 of instance `name`'s process; returns the pid killed.
@@ -237,40 +231,7 @@ fn note(seen: &Mutex<Seen>, line: &str) {
     if !line.starts_with('[') {
         seen.own_lines.push(line.to_string());
     }
-    match LauncherLine::parse(line) {
-        Some(LauncherLine::Own { listener, addr }) => {
-            if let Ok(addr) = addr.parse() {
-                seen.launcher.insert(listener.to_string(), addr);
-            }
-        }
-        Some(LauncherLine::Started { instance, pid }) => {
-            let state = seen.instances.entry(instance.to_string()).or_default();
-            state.pid = pid;
-            state.starts += 1;
-        }
-        Some(LauncherLine::Exited { instance }) => {
-            let state = seen.instances.entry(instance.to_string()).or_default();
-            state.pid = 0;
-            state.exits += 1;
-        }
-        Some(LauncherLine::Bound {
-            instance,
-            listener,
-            addr,
-        }) => {
-            if let Ok(addr) = addr.parse() {
-                let state = seen.instances.entry(instance.to_string()).or_default();
-                state.bound.insert(listener.to_string(), addr);
-            }
-        }
-        Some(LauncherLine::Ready { instance }) => {
-            seen.instances
-                .entry(instance.to_string())
-                .or_default()
-                .ready += 1;
-        }
-        None => {}
-    }
+    seen.record.note(line);
 }
 
 /// Whether process `pid` still exists.

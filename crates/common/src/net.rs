@@ -1,6 +1,7 @@
 //! Listener helpers: binding, advertised addresses and the bound-address line
 //! that test harnesses and the cluster launcher read from a role's stdout.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 
@@ -71,6 +72,63 @@ impl<'a> LauncherLine<'a> {
             }
             _ => None,
         }
+    }
+}
+
+/// What `pushgrid cluster`'s machine lines said so far about one instance.
+#[derive(Debug, Default, Clone)]
+pub struct LaunchedInstance {
+    /// The running process, 0 while it is down.
+    pub pid: u32,
+    /// Starts so far (the first start counts).
+    pub starts: u32,
+    pub exits: u32,
+    /// `ready` lines so far.
+    pub ready: u32,
+    /// Listener name -> address, as last announced.
+    pub bound: HashMap<String, String>,
+}
+
+/// Everything `pushgrid cluster`'s machine lines said so far: the launcher's
+/// own listeners (and `ready`) and each instance's state. Fed line by line.
+#[derive(Debug, Default)]
+pub struct LauncherRecord {
+    pub own: HashMap<String, String>,
+    pub instances: HashMap<String, LaunchedInstance>,
+}
+
+impl LauncherRecord {
+    /// Takes in one stdout line of the launcher; other lines change nothing.
+    pub fn note(&mut self, line: &str) {
+        match LauncherLine::parse(line) {
+            Some(LauncherLine::Own { listener, addr }) => {
+                self.own.insert(listener.to_string(), addr.to_string());
+            }
+            Some(LauncherLine::Started { instance, pid }) => {
+                let state = self.instance(instance);
+                state.pid = pid;
+                state.starts += 1;
+            }
+            Some(LauncherLine::Exited { instance }) => {
+                let state = self.instance(instance);
+                state.pid = 0;
+                state.exits += 1;
+            }
+            Some(LauncherLine::Bound {
+                instance,
+                listener,
+                addr,
+            }) => {
+                let state = self.instance(instance);
+                state.bound.insert(listener.to_string(), addr.to_string());
+            }
+            Some(LauncherLine::Ready { instance }) => self.instance(instance).ready += 1,
+            None => {}
+        }
+    }
+
+    fn instance(&mut self, name: &str) -> &mut LaunchedInstance {
+        self.instances.entry(name.to_string()).or_default()
     }
 }
 
@@ -155,6 +213,30 @@ pub fn grpc_uri(addr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_keeps_starts_exits_readiness_and_addresses() {
+        let mut record = LauncherRecord::default();
+        for line in [
+            "PUSHGRID_BOUND cluster admin 127.0.0.1:9000",
+            "PUSHGRID_CHILD room-0 started 41",
+            "[room-0] PUSHGRID_BOUND room tcp 127.0.0.1:8090",
+            "[room-0] PUSHGRID_BOUND room ready -",
+            "[room-0] something else",
+            "PUSHGRID_CHILD room-0 exited signal 9",
+            "PUSHGRID_CHILD room-0 started 42",
+        ] {
+            record.note(line);
+        }
+        assert_eq!(record.own["admin"], "127.0.0.1:9000");
+        let room = &record.instances["room-0"];
+        assert_eq!(
+            (room.pid, room.starts, room.exits, room.ready),
+            (42, 2, 1, 1)
+        );
+        assert_eq!(room.bound["tcp"], "127.0.0.1:8090");
+        assert_eq!(record.instances.len(), 1);
+    }
 
     #[test]
     fn launcher_lines_are_read_and_other_lines_are_not() {

@@ -3,7 +3,6 @@
 //! stdout read for the whole run: each role instance's starts, exits, ready
 //! lines and bound addresses, and the launcher's own addresses.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -12,32 +11,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use pushgrid_common::net::LauncherLine;
+use pushgrid_common::net::{LaunchedInstance, LauncherRecord};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// What the launcher said about one instance (`keeper-0`, `room-1`, ...).
-#[derive(Debug, Default, Clone)]
-pub(super) struct Instance {
-    /// The running process, 0 while it is down.
-    pub pid: u32,
-    pub starts: u32,
-    /// `ready` lines so far.
-    pub ready: u32,
-    /// Listener name -> address, as last announced.
-    pub bound: HashMap<String, String>,
-}
-
-#[derive(Default)]
-struct Seen {
-    instances: HashMap<String, Instance>,
-    /// The launcher's own `PUSHGRID_BOUND cluster <listener> <addr>` lines.
-    own: HashMap<String, String>,
-}
-
 pub(super) struct Launcher {
     child: Child,
-    seen: Arc<Mutex<Seen>>,
+    seen: Arc<Mutex<LauncherRecord>>,
 }
 
 impl Launcher {
@@ -59,12 +39,12 @@ impl Launcher {
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
         let stdout = child.stdout.take().context("stdout")?;
-        let seen = Arc::new(Mutex::new(Seen::default()));
+        let seen = Arc::new(Mutex::new(LauncherRecord::default()));
         let record = seen.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                note(&mut lock(&record), &line);
+                lock(&record).note(&line);
             }
         });
         let launcher = Launcher { child, seen };
@@ -87,7 +67,7 @@ impl Launcher {
         lock(&self.seen).own.get(listener).cloned()
     }
 
-    pub fn instance(&self, name: &str) -> Instance {
+    pub fn instance(&self, name: &str) -> LaunchedInstance {
         lock(&self.seen)
             .instances
             .get(name)
@@ -112,7 +92,7 @@ impl Launcher {
     }
 
     /// Waits until `check` holds for what the launcher said, or `timeout`.
-    async fn wait(&self, timeout: Duration, check: impl Fn(&Seen) -> bool) -> bool {
+    async fn wait(&self, timeout: Duration, check: impl Fn(&LauncherRecord) -> bool) -> bool {
         let until = tokio::time::Instant::now() + timeout;
         loop {
             if check(&lock(&self.seen)) {
@@ -167,64 +147,7 @@ impl Drop for Launcher {
     }
 }
 
-fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
+fn lock(seen: &Mutex<LauncherRecord>) -> std::sync::MutexGuard<'_, LauncherRecord> {
     seen.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// One line of the launcher's stdout into what it says.
-fn note(seen: &mut Seen, line: &str) {
-    match LauncherLine::parse(line) {
-        Some(LauncherLine::Own { listener, addr }) => {
-            seen.own.insert(listener.to_string(), addr.to_string());
-        }
-        Some(LauncherLine::Started { instance, pid }) => {
-            let state = seen.instances.entry(instance.to_string()).or_default();
-            state.pid = pid;
-            state.starts += 1;
-        }
-        Some(LauncherLine::Exited { instance }) => {
-            seen.instances.entry(instance.to_string()).or_default().pid = 0;
-        }
-        Some(LauncherLine::Bound {
-            instance,
-            listener,
-            addr,
-        }) => {
-            let state = seen.instances.entry(instance.to_string()).or_default();
-            state.bound.insert(listener.to_string(), addr.to_string());
-        }
-        Some(LauncherLine::Ready { instance }) => {
-            seen.instances
-                .entry(instance.to_string())
-                .or_default()
-                .ready += 1;
-        }
-        None => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_launchers_lines_say_starts_readiness_and_addresses() {
-        let mut seen = Seen::default();
-        for line in [
-            "PUSHGRID_BOUND cluster admin 127.0.0.1:9000",
-            "PUSHGRID_CHILD room-0 started 41",
-            "[room-0] PUSHGRID_BOUND room tcp 127.0.0.1:8090",
-            "[room-0] PUSHGRID_BOUND room ready -",
-            "[room-0] something else",
-            "PUSHGRID_CHILD room-0 exited signal 9",
-            "PUSHGRID_CHILD room-0 started 42",
-        ] {
-            note(&mut seen, line);
-        }
-        assert_eq!(seen.own["admin"], "127.0.0.1:9000");
-        let room = &seen.instances["room-0"];
-        assert_eq!((room.pid, room.starts, room.ready), (42, 2, 1));
-        assert_eq!(room.bound["tcp"], "127.0.0.1:8090");
-    }
 }
