@@ -1,8 +1,9 @@
 //! A worker process: up to ~18,000 device connections from one loopback source
 //! address, on a single-threaded runtime. Each connection is one small task: a
-//! socket, a carry buffer that is empty between frames, and a watch receiver for
-//! commands (ping, storm, resume, stop); the read buffer lives on the stack only
-//! while a read is being processed.
+//! socket, a carry buffer that is empty between frames, its ping timer (each
+//! device at its own phase) and a watch receiver for commands (storm, resume,
+//! stop); the read buffer lives on the stack only while a read is being
+//! processed.
 //!
 //! This module holds the worker's shared state and its conversation with the
 //! coordinator (commands on stdin, progress and the report on stdout);
@@ -33,7 +34,6 @@ const MAX_BODY: u32 = pushgrid_wire::DEFAULT_MAX_BODY;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Ctl {
-    ping_gen: u64,
     storm_gen: u64,
     resume: bool,
     stop: bool,
@@ -169,7 +169,6 @@ async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
     tokio::spawn(device::ramp(shared.clone(), ctl_rx));
     let mut progress_tick = tokio::time::interval(Duration::from_millis(250));
     let mut coordinator = Coordinator {
-        ping_due: Instant::now() + Duration::from_secs(u64::from(shared.spec.default_ping_secs)),
         shared,
         ctl: ctl_tx,
         ramped_sent: false,
@@ -217,7 +216,6 @@ async fn wait_for_go(lines: &mut Lines<BufReader<Stdin>>) -> anyhow::Result<bool
 struct Coordinator {
     shared: Arc<Shared>,
     ctl: watch::Sender<Ctl>,
-    ping_due: Instant,
     ramped_sent: bool,
     /// The storm under way: when it started and the devices open then.
     storm: Option<(Instant, u64)>,
@@ -225,7 +223,7 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    /// Every 250 ms: progress (and `ramped` once), storm settling, pings due.
+    /// Every 250 ms: progress (and `ramped` once), storm settling.
     fn tick(&mut self) {
         let shared = &self.shared;
         let progress = progress_of(shared);
@@ -252,16 +250,6 @@ impl Coordinator {
             self.storm = None;
         }
         emit(&Event::Progress(progress));
-        if Instant::now() >= self.ping_due {
-            let heartbeat = match shared.counters.heartbeat_secs.load(Ordering::Relaxed) {
-                0 => shared.spec.default_ping_secs,
-                secs => secs,
-            };
-            // Ping at 80 % of the heartbeat: well inside the server's 2.5x.
-            self.ping_due =
-                Instant::now() + Duration::from_millis(u64::from(heartbeat.max(1)) * 800);
-            self.ctl.send_modify(|ctl| ctl.ping_gen += 1);
-        }
     }
 
     /// Carries out a command; true when the worker is to exit.
