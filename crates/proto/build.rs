@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".")
+        // Its Debug (in lib.rs) leaves out the provider secrets.
+        .skip_debug(["pushgrid.cluster.NotifyProvider"])
         .compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -14,6 +14,11 @@
 //! | DELETE | /admin/settings/{name} | |
 //! | PUT | /admin/routes | a route (app, product, type, url, timeout_ms, retries, concurrency) |
 //! | DELETE | /admin/routes?app=&product=&type= | |
+//! | PUT | /admin/apps/{id}/notify/{provider} | the provider's credentials (see `pushgrid_notify::ProviderFields`) |
+//! | DELETE | /admin/apps/{id}/notify/{provider} | |
+//!
+//! The config answer shows notification credentials with their secrets as
+//! fingerprints only (`pushgrid_notify::redacted`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -26,6 +31,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::json;
+
+use pushgrid_notify::{Provider, ProviderFields};
 
 use crate::registry::KeeperState;
 use crate::store::{self, AppSeed, ConfigStore, RouteSeed};
@@ -153,7 +160,14 @@ fn config_answer(admin: &AdminState) -> Response {
         })
         .collect();
     let settings: BTreeMap<_, _> = snapshot.settings.iter().collect();
-    let body = json!({ "result": { "version": snapshot.version, "apps": apps, "settings": settings, "routes": routes } });
+    let notify: Vec<_> = snapshot
+        .notify_providers
+        .iter()
+        .map(pushgrid_notify::redacted)
+        .collect();
+    let body = json!({ "result": {
+        "version": snapshot.version, "apps": apps, "settings": settings, "routes": routes, "notify_providers": notify,
+    } });
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 
@@ -302,11 +316,72 @@ async fn delete_route(
     publish(&admin).await
 }
 
+/// The provider named in a path: `apns`, `fcm` or `hms`.
+fn provider_named(name: &str) -> Result<Provider, AdminError> {
+    Provider::parse(name).ok_or_else(|| {
+        AdminError::not_found(format!(
+            "no notification provider {:?} (apns, fcm or hms)",
+            pushgrid_common::auth::printable(name)
+        ))
+    })
+}
+
+/// Sets (or replaces: a rotation) an app's credentials for a provider;
+/// centers use the new ones from their next notification on.
+async fn put_provider(
+    State(admin): State<AdminState>,
+    headers: HeaderMap,
+    Path((id, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Answer {
+    authorize(&admin, &headers)?;
+    let provider = provider_named(&name)?;
+    let fields: ProviderFields = parse(&body)?;
+    let problems = fields.problems(provider);
+    if !problems.is_empty() {
+        return Err(AdminError::bad_request(problems.join("; ")));
+    }
+    if !admin.store.put_provider(&id, provider, &fields).await? {
+        return Err(AdminError::not_found(format!("no app {id:?}")));
+    }
+    tracing::info!(
+        app = id,
+        provider = provider.as_str(),
+        "notification credentials set"
+    );
+    publish(&admin).await
+}
+
+async fn delete_provider(
+    State(admin): State<AdminState>,
+    headers: HeaderMap,
+    Path((id, name)): Path<(String, String)>,
+) -> Answer {
+    authorize(&admin, &headers)?;
+    let provider = provider_named(&name)?;
+    if !admin.store.delete_provider(&id, provider).await? {
+        return Err(AdminError::not_found(format!(
+            "app {id:?} has no {} credentials",
+            provider.as_str()
+        )));
+    }
+    tracing::info!(
+        app = id,
+        provider = provider.as_str(),
+        "notification credentials removed"
+    );
+    publish(&admin).await
+}
+
 pub(crate) fn router(admin: AdminState) -> Router {
     Router::new()
         .route("/admin/config", get(get_config))
         .route("/admin/apps/{id}", put(put_app).delete(delete_app))
         .route("/admin/apps/{id}/rotate-secret", post(rotate_secret))
+        .route(
+            "/admin/apps/{id}/notify/{provider}",
+            put(put_provider).delete(delete_provider),
+        )
         .route(
             "/admin/settings/{name}",
             put(put_setting).delete(delete_setting),

@@ -62,6 +62,7 @@ impl Published {
                 .map(|(name, value)| (name.clone(), value.clone()))
                 .collect(),
             routes: self.config.routes.clone(),
+            notify_providers: self.config.notify_providers.clone(),
         }
     }
 }
@@ -317,6 +318,10 @@ fn snapshot_for(caller: Role, snapshot: &ClusterState) -> ClusterState {
             app.api_key.clear();
         }
     }
+    // Only centers send notifications.
+    if caller != Role::Center {
+        state.notify_providers.clear();
+    }
     state
 }
 
@@ -488,6 +493,28 @@ mod tests {
                     secrets.iter().all(|secret| secret.is_empty()),
                     "{role:?} sees a secret"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn only_centers_see_notification_credentials() {
+        let snapshot = ClusterState {
+            notify_providers: vec![pushgrid_proto::cluster::NotifyProvider {
+                app: "demo".into(),
+                provider: "hms".into(),
+                client_id: "1".into(),
+                client_secret: "s3cret".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for role in pushgrid_common::auth::ROLES {
+            let seen = snapshot_for(role, &snapshot).notify_providers;
+            if role == Role::Center {
+                assert_eq!(seen, snapshot.notify_providers);
+            } else {
+                assert!(seen.is_empty(), "{role:?} sees notification credentials");
             }
         }
     }

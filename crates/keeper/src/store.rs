@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use pushgrid_common::{db, now_ms};
-use pushgrid_proto::cluster::{App, UpstreamRoute};
+use pushgrid_notify::{Provider, ProviderFields};
+use pushgrid_proto::cluster::{App, NotifyProvider, UpstreamRoute};
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyPool, Row};
 
@@ -72,6 +73,8 @@ pub struct ClusterConfig {
     pub apps: BTreeMap<String, App>,
     pub settings: BTreeMap<String, String>,
     pub routes: Vec<UpstreamRoute>,
+    /// Notification provider credentials, by (app, provider).
+    pub notify_providers: Vec<NotifyProvider>,
 }
 
 /// Problems with apps, each naming the field; empty when all are valid.
@@ -228,12 +231,97 @@ impl ConfigStore {
         Ok(result.rows_affected() > 0)
     }
 
+    /// Deletes an app and its notification providers.
     pub async fn delete_app(&self, app: &str) -> Result<bool, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("DELETE FROM notify_providers WHERE app = ?")
+            .bind(app)
+            .execute(&mut *transaction)
+            .await?;
         let result = sqlx::query("DELETE FROM apps WHERE id = ?")
             .bind(app)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Sets an app's credentials for a provider, replacing what was set;
+    /// false when there is no such app.
+    pub async fn put_provider(
+        &self,
+        app: &str,
+        provider: Provider,
+        fields: &ProviderFields,
+    ) -> Result<bool, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        if sqlx::query("SELECT id FROM apps WHERE id = ?")
+            .bind(app)
+            .fetch_optional(&mut *transaction)
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM notify_providers WHERE app = ? AND provider = ?")
+            .bind(app)
+            .bind(provider.as_str())
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query(
+            "INSERT INTO notify_providers (app, provider, fields, updated_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind(app)
+        .bind(provider.as_str())
+        .bind(fields.to_json())
+        .bind(now_ms() as i64)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn delete_provider(
+        &self,
+        app: &str,
+        provider: Provider,
+    ) -> Result<bool, sqlx::Error> {
+        let result = sqlx::query("DELETE FROM notify_providers WHERE app = ? AND provider = ?")
+            .bind(app)
+            .bind(provider.as_str())
             .execute(&self.pool)
             .await?;
         Ok(result.rows_affected() > 0)
+    }
+
+    /// The notification providers, by app and provider. A row this version
+    /// cannot read (an unknown provider, fields it does not know) is left
+    /// out with a warning rather than failing the whole configuration.
+    async fn load_providers(&self) -> Result<Vec<NotifyProvider>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT app, provider, fields, updated_ms FROM notify_providers ORDER BY app, provider",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut providers = Vec::new();
+        for row in rows {
+            let app: String = row.try_get("app")?;
+            let name: String = row.try_get("provider")?;
+            let text: String = row.try_get("fields")?;
+            let updated_ms = row.try_get::<i64, _>("updated_ms")?.max(0) as u64;
+            let parsed = serde_json::from_str::<ProviderFields>(&text);
+            match (Provider::parse(&name), parsed) {
+                (Some(provider), Ok(fields)) => {
+                    providers.push(fields.to_proto(&app, provider, updated_ms));
+                }
+                _ => tracing::warn!(
+                    app,
+                    provider = name,
+                    "notification provider row not understood; left out"
+                ),
+            }
+        }
+        Ok(providers)
     }
 
     /// Inserts or replaces settings by name.
@@ -358,6 +446,7 @@ impl ConfigStore {
                 concurrency: row.try_get::<i64, _>("concurrency")?.max(0) as u32,
             });
         }
+        config.notify_providers = self.load_providers().await?;
         Ok(config)
     }
 
