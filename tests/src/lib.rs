@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 pub mod faults;
 pub mod launcher;
+pub mod provider;
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";

@@ -10,9 +10,17 @@
 //! - [`redacted`]: what the admin API shows of stored credentials: the
 //!   secrets only as a fingerprint;
 //! - [`token`]: the tokens signed with the credentials (APNs' ES256 provider
-//!   token, FCM's RS256 OAuth assertion).
+//!   token, FCM's RS256 OAuth assertion);
+//! - [`Sender`]: one notification to one device token through APNs, FCM or
+//!   HMS, with the provider's documented requests, retries after 429 and 5xx
+//!   (honouring `Retry-After`), and dead tokens told apart.
 
+mod apns;
+mod fcm;
 mod fields;
+mod hms;
+mod send;
 pub mod token;
 
 pub use fields::{Provider, ProviderFields, redacted};
+pub use send::{Device, MAX_ATTEMPTS, MAX_RETRY_WAIT, Notification, Outcome, Sender, SenderError};
