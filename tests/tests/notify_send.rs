@@ -29,7 +29,11 @@ const LIVE: &str = "00fc13adff785122b4ad28809a3420982341241421348097878e577c991d
 const DEAD: &str = "dead13adff785122b4ad28809a3420982341241421348097878e577c991de8f0";
 
 fn sender(stand_in: &StandIn) -> Sender {
-    Sender::new(std::slice::from_ref(&stand_in.ca_pem), Duration::from_secs(10)).unwrap()
+    Sender::new(
+        std::slice::from_ref(&stand_in.ca_pem),
+        Duration::from_secs(10),
+    )
+    .unwrap()
 }
 
 fn notification() -> Notification {
@@ -359,14 +363,13 @@ async fn fcm_exchanges_one_signed_assertion_and_sends_v1_messages() {
         ..Default::default()
     };
     let credentials = fields.to_proto("demo", Provider::Fcm, 1);
-    for _ in 0..3 {
-        assert_eq!(
-            sender
-                .send(&credentials, device("live-fcm-token"), &notification())
-                .await,
-            Outcome::Sent
-        );
-    }
+    // Three at once with no access token yet: one exchange serves them all.
+    let message = notification();
+    let sends = (0..3).map(|_| sender.send(&credentials, device("live-fcm-token"), &message));
+    assert_eq!(
+        futures::future::join_all(sends).await,
+        vec![Outcome::Sent; 3]
+    );
     match sender
         .send(&credentials, device("dead-fcm-token"), &notification())
         .await

@@ -104,6 +104,9 @@ pub struct Sender {
     /// By (app, provider, credentials' updated_ms): new credentials start
     /// with a new token.
     tokens: Mutex<HashMap<(String, Provider, u64), Cached>>,
+    /// Held while a token is signed or fetched, so that a burst of sends
+    /// with no token cached makes one token request, not one each.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl Sender {
@@ -121,6 +124,7 @@ impl Sender {
         Ok(Sender {
             http: builder.build()?,
             tokens: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -190,10 +194,13 @@ impl Sender {
         provider: Provider,
     ) -> Result<String, Attempt> {
         let key = (credentials.app.clone(), provider, credentials.updated_ms);
-        if let Some(cached) = self.lock_tokens().get(&key)
-            && cached.until > Instant::now()
-        {
-            return Ok(cached.token.clone());
+        if let Some(token) = self.cached(&key) {
+            return Ok(token);
+        }
+        let _fetching = self.fetching.lock().await;
+        // Another send may have fetched it while this one waited.
+        if let Some(token) = self.cached(&key) {
+            return Ok(token);
         }
         let (token, valid_for) = match provider {
             Provider::Apns => apns::provider_token(credentials, unix_now())?,
@@ -213,6 +220,13 @@ impl Sender {
             },
         );
         Ok(token)
+    }
+
+    fn cached(&self, key: &(String, Provider, u64)) -> Option<String> {
+        self.lock_tokens()
+            .get(key)
+            .filter(|cached| cached.until > Instant::now())
+            .map(|cached| cached.token.clone())
     }
 
     fn forget_token(&self, credentials: &NotifyProvider, provider: Provider) {
