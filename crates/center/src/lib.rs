@@ -17,6 +17,7 @@ mod fanout;
 mod groups;
 mod limits;
 mod methods;
+mod notify;
 mod openapi;
 mod push;
 mod route;
@@ -77,6 +78,17 @@ pub struct CenterConfig {
     pub group_fanout_queue: usize,
     /// Members read, stored and routed per step of a group fan-out.
     pub group_page_size: usize,
+    /// Notifications (one per user of a push with a `notification`)
+    /// waiting to be sent; beyond it they are dropped and counted, the
+    /// messages stay in the inbox (issue 25).
+    pub notify_queue: usize,
+    /// Provider requests in flight at once.
+    pub notify_concurrency: usize,
+    /// Time limit of one provider request, in milliseconds.
+    pub notify_timeout_ms: u64,
+    /// A PEM file of certificate authorities to trust besides the public
+    /// ones for provider connections (a private relay, a test stand-in).
+    pub notify_ca_file: String,
 }
 
 impl Default for CenterConfig {
@@ -97,6 +109,10 @@ impl Default for CenterConfig {
             group_fanout_workers: 4,
             group_fanout_queue: 1024,
             group_page_size: 1000,
+            notify_queue: 100_000,
+            notify_concurrency: 256,
+            notify_timeout_ms: 10_000,
+            notify_ca_file: String::new(),
         }
     }
 }
@@ -123,6 +139,38 @@ impl Listeners {
     }
 }
 
+/// The push API's state: the routing workers, the notifier and the queues.
+fn api_state(
+    config: &CenterConfig,
+    cluster: &pushgrid_common::cluster::Cluster,
+    provider_client: pushgrid_notify::Sender,
+) -> Arc<state::ApiState> {
+    let router = Arc::new(route::Router::new(cluster.clone()));
+    let workers = route::WorkerPool::start(router.clone(), config.route_queue);
+    let notifier = notify::Notifier::start(
+        config,
+        provider_client,
+        router,
+        // Its own channels to the savers: list and remove tokens.
+        pushgrid_common::rpc::ChannelPool::new(2, cluster.credentials()),
+        cluster.clone(),
+    );
+    Arc::new(state::ApiState {
+        config: config.clone(),
+        cluster: cluster.clone(),
+        workers,
+        channels: pushgrid_common::rpc::ChannelPool::new(2, cluster.credentials()),
+        limits: limits::AppLimits::default(),
+        broadcasts: Arc::new(tokio::sync::Semaphore::new(
+            config.broadcast_in_flight.max(1),
+        )),
+        stores: store::StoreBatcher::new(config, cluster.credentials()),
+        groups: fanout::GroupFanout::new(config.group_fanout_queue),
+        admin_token: config.node.admin_token(),
+        notifier,
+    })
+}
+
 /// Runs center until `shutdown`.
 pub async fn run(
     config: CenterConfig,
@@ -136,6 +184,8 @@ pub async fn run(
         grpc: Some(grpc_addr),
         ..Default::default()
     };
+    let provider_client =
+        notify::Notifier::sender(&config).map_err(pushgrid_common::StartError::Config)?;
     const NEEDS: &[Role] = &[Role::Saver, Role::Register];
     let cluster = node::start(
         ROLE,
@@ -148,21 +198,8 @@ pub async fn run(
     )
     .await?;
     let node_id = cluster.node_id().to_string();
-    let router = Arc::new(route::Router::new(cluster.clone()));
-    let workers = route::WorkerPool::start(router.clone(), config.route_queue);
-    let state = Arc::new(state::ApiState {
-        config: config.clone(),
-        cluster: cluster.clone(),
-        workers: workers.clone(),
-        channels: pushgrid_common::rpc::ChannelPool::new(2, cluster.credentials()),
-        limits: limits::AppLimits::default(),
-        broadcasts: Arc::new(tokio::sync::Semaphore::new(
-            config.broadcast_in_flight.max(1),
-        )),
-        stores: store::StoreBatcher::new(&config, cluster.credentials()),
-        groups: fanout::GroupFanout::new(config.group_fanout_queue),
-        admin_token: config.node.admin_token(),
-    });
+    let state = api_state(&config, &cluster, provider_client);
+    let workers = state.workers.clone();
     let grpc_router = tonic::service::Routes::new(CenterServer::new(broadcast::CenterService {
         state: state.clone(),
     }));

@@ -29,6 +29,9 @@ pub(crate) struct PushParams {
     /// The same key within 24 h answers the first push's ids, storing nothing new.
     #[serde(default)]
     idempotency_key: Option<String>,
+    /// A notification through APNs, FCM or HMS as well (issue 25, notify.rs).
+    #[serde(default)]
+    notification: Option<crate::notify::NotificationParams>,
 }
 
 /// A push whose parameters passed every check.
@@ -37,13 +40,14 @@ pub(crate) struct ValidPush {
     payload: Bytes,
     ttl_secs: u32,
     idempotency_key: String,
+    notice: Option<crate::notify::Notice>,
 }
 
 impl ValidPush {
     /// The push as one StoreMany item, when it can share a call with others:
-    /// one user and no idempotency key.
+    /// one user, no idempotency key and no notification.
     pub(crate) fn single_item(&self, app: &App) -> Option<StoreItem> {
-        if self.users.len() != 1 || !self.idempotency_key.is_empty() {
+        if self.users.len() != 1 || !self.idempotency_key.is_empty() || self.notice.is_some() {
             return None;
         }
         Some(StoreItem {
@@ -80,11 +84,16 @@ pub(crate) fn validate(state: &ApiState, params: PushParams) -> Result<ValidPush
         .map_err(ApiError::bad_request)?;
     let ttl_secs = check_ttl(state, params.ttl_secs)?;
     let payload = decode_payload(state, params.payload, params.payload_b64)?;
+    let notice = params
+        .notification
+        .map(crate::notify::validate)
+        .transpose()?;
     Ok(ValidPush {
         users: params.users,
         payload,
         ttl_secs,
         idempotency_key,
+        notice,
     })
 }
 
@@ -153,10 +162,10 @@ pub(crate) async fn push_valid(
     let channel = saver_channel(state)?;
     let store = StoreRequest {
         app: app.id.clone(),
-        users: push.users,
-        payload: push.payload,
+        users: push.users.clone(),
+        payload: push.payload.clone(),
         ttl_secs: push.ttl_secs,
-        idempotency_key: push.idempotency_key,
+        idempotency_key: push.idempotency_key.clone(),
     };
     let stored = SaverClient::new(channel)
         .store(store)
@@ -173,7 +182,15 @@ pub(crate) async fn push_valid(
     } else {
         record_stored(started, stored.messages.len());
     }
-    crate::route::routed(submit(state, slot, stored.messages)).await;
+    let messages = stored.messages;
+    // A replayed push was notified by its first call.
+    let notify = push.notice.filter(|_| !stored.replayed);
+    crate::route::routed(submit(state, slot, messages.clone())).await;
+    // After the first routing attempt: the sessions it found are the ones the
+    // offline policy looks at.
+    if let Some(notice) = notify {
+        state.notifier.submit(&messages, &notice);
+    }
     Ok(answer)
 }
 

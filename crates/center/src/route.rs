@@ -127,6 +127,24 @@ impl Router {
         }
     }
 
+    /// How many live sessions the user has, as its register knows them, and
+    /// whether that register is warming up (then none may not mean offline).
+    pub async fn sessions(&self, app: &str, user: &str) -> Result<(usize, bool), Status> {
+        let register = self
+            .cluster
+            .view()
+            .register_for(app, user)
+            .ok_or_else(|| Status::unavailable("no register is live"))?
+            .grpc_addr
+            .clone();
+        let key = UserKey {
+            app: app.to_string(),
+            user: user.to_string(),
+        };
+        let found = self.lookups.get(&register).call(key).await?;
+        Ok((found.sessions.len(), found.warming))
+    }
+
     /// Finds the user's live sessions and hands the message to their rooms.
     /// An error or [`Routed::Uncertain`] is worth another attempt.
     pub async fn route(&self, message: Message) -> Result<Routed, Status> {

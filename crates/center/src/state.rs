@@ -36,6 +36,8 @@ pub(crate) struct ApiState {
     pub groups: GroupFanout,
     /// The node's admin token: `stats` and `info` with it see the cluster.
     pub admin_token: Option<String>,
+    /// Notifications through APNs, FCM and HMS (issue 25, notify.rs).
+    pub notifier: crate::notify::Notifier,
 }
 
 /// A user id named in a request (field `field`): the wire's id rules, a bad

@@ -17,6 +17,8 @@ pub struct ClusterView {
     apps_by_api_key: HashMap<String, String>,
     settings: HashMap<String, String>,
     routes: Vec<pushgrid_proto::cluster::UpstreamRoute>,
+    /// Notification provider credentials by (app, provider); centers only.
+    notify_providers: HashMap<(String, String), pushgrid_proto::cluster::NotifyProvider>,
     register_ring: Ring,
 }
 
@@ -45,6 +47,11 @@ impl ClusterView {
             apps_by_api_key,
             settings: state.settings,
             routes: state.routes,
+            notify_providers: state
+                .notify_providers
+                .into_iter()
+                .map(|provider| ((provider.app.clone(), provider.provider.clone()), provider))
+                .collect(),
             register_ring,
         }
     }
@@ -82,6 +89,17 @@ impl ClusterView {
             })
         };
         matching(kind).or_else(|| matching(""))
+    }
+
+    /// The app's credentials for a notification provider (`apns`, `fcm`,
+    /// `hms`), as keeper published them to centers.
+    pub fn notify_provider(
+        &self,
+        app: &str,
+        provider: &str,
+    ) -> Option<&pushgrid_proto::cluster::NotifyProvider> {
+        self.notify_providers
+            .get(&(app.to_string(), provider.to_string()))
     }
 
     /// A cluster-wide setting from keeper, e.g. `dispatcher.balancer`.

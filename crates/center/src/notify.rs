@@ -1,0 +1,413 @@
+//! Notification fallback (issue 25): a push with a `notification` object
+//! also reaches its users' devices through APNs, FCM or HMS, by policy:
+//! `offline` (the default) only when the user had no live session when the
+//! message was stored and routed, `always` whatever the sessions. The message
+//! still goes to the inbox and to every live connection; a notification
+//! never replaces that guarantee.
+//!
+//! After a push is stored and answered, each of its users is one job on a
+//! bounded queue (a full queue drops the notification, counted; the message
+//! is stored all the same). A job looks up the user's sessions (the routing
+//! lookups, batched per register), lists the user's device tokens in saver,
+//! and sends one notification per token with the app's credentials for
+//! that token's provider, at most `notify_concurrency` provider requests at
+//! once. A token the provider calls dead is removed from saver.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pushgrid_notify::{Device, Notification, Outcome, Sender};
+use pushgrid_proto::cluster::saver_client::SaverClient;
+use pushgrid_proto::cluster::{
+    DevicePushToken, ListTokensRequest, Message, RemoveTokensRequest, Role, TokenKey,
+};
+use serde::Deserialize;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::CenterConfig;
+use crate::error::ApiError;
+use crate::route::Router;
+
+/// Longest collapse id: APNs' `apns-collapse-id` limit.
+const MAX_COLLAPSE_ID: usize = 64;
+/// Largest notification (title, body, sound and data as JSON): under the
+/// 4 KB APNs and FCM allow, with room for the fields around them.
+const MAX_NOTIFICATION_BYTES: usize = 3500;
+/// Data keys the providers keep for themselves.
+const RESERVED_DATA_KEYS: [&str; 4] = ["aps", "from", "message_type", "notification"];
+
+/// The push API's `notification` object.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NotificationParams {
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    badge: Option<u32>,
+    #[serde(default)]
+    sound: String,
+    #[serde(default)]
+    collapse_id: String,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    policy: Option<String>,
+}
+
+/// When a user of a push is notified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// Only a user with no live session.
+    Offline,
+    /// Every user, online or not.
+    Always,
+}
+
+impl Policy {
+    fn label(self) -> &'static str {
+        match self {
+            Policy::Offline => "offline",
+            Policy::Always => "always",
+        }
+    }
+}
+
+/// A checked `notification` object.
+#[derive(Debug, Clone)]
+pub(crate) struct Notice {
+    notification: Arc<Notification>,
+    policy: Policy,
+}
+
+/// Checks a push's `notification`; every refusal names its field.
+pub(crate) fn validate(params: NotificationParams) -> Result<Notice, ApiError> {
+    let bad = |message: String| ApiError::bad_request(format!("notification.{message}"));
+    let policy = match params.policy.as_deref() {
+        None | Some("offline") => Policy::Offline,
+        Some("always") => Policy::Always,
+        Some(other) => {
+            return Err(bad(format!(
+                "policy: must be offline or always, not {:?}",
+                pushgrid_common::auth::printable(other)
+            )));
+        }
+    };
+    if params.title.is_empty() && params.body.is_empty() {
+        return Err(bad("title: a notification needs a title or a body".into()));
+    }
+    if params.collapse_id.len() > MAX_COLLAPSE_ID {
+        return Err(bad(format!(
+            "collapse_id: {} bytes, at most {MAX_COLLAPSE_ID}",
+            params.collapse_id.len()
+        )));
+    }
+    for key in params.data.keys() {
+        if key.is_empty()
+            || RESERVED_DATA_KEYS.contains(&key.as_str())
+            || key.starts_with("google.")
+            || key.starts_with("gcm.")
+        {
+            return Err(bad(format!(
+                "data: key {:?} is empty or kept by the providers (aps, from, message_type, notification, google.*, gcm.*)",
+                pushgrid_common::auth::printable(key)
+            )));
+        }
+    }
+    let size = params.title.len()
+        + params.body.len()
+        + params.sound.len()
+        + params
+            .data
+            .iter()
+            .map(|(key, value)| key.len() + value.len() + 6)
+            .sum::<usize>();
+    if size > MAX_NOTIFICATION_BYTES {
+        return Err(bad(format!(
+            "title, body, sound and data: {size} bytes, at most {MAX_NOTIFICATION_BYTES}"
+        )));
+    }
+    Ok(Notice {
+        notification: Arc::new(Notification {
+            title: params.title,
+            body: params.body,
+            badge: params.badge,
+            sound: params.sound,
+            collapse_id: params.collapse_id,
+            data: params.data,
+        }),
+        policy,
+    })
+}
+
+/// One user of a push to notify.
+struct Job {
+    app: String,
+    user: String,
+    msg_id: u64,
+    notice: Notice,
+}
+
+/// The queue of notifications and what sends them.
+pub(crate) struct Notifier {
+    queue: mpsc::Sender<Job>,
+}
+
+/// Why a user of a push was not notified, for the metric's `reason`.
+fn skipped(reason: &'static str) {
+    metrics::counter!("pushgrid_center_notify_skipped_total", "reason" => reason).increment(1);
+}
+
+impl Notifier {
+    /// The HTTP client of the providers, trusting `notify_ca_file` too;
+    /// built before the center joins the cluster, so that an unreadable
+    /// file stops it at start with the file named.
+    pub(crate) fn sender(config: &CenterConfig) -> Result<Sender, String> {
+        let mut roots = Vec::new();
+        if !config.notify_ca_file.is_empty() {
+            let pem = std::fs::read(&config.notify_ca_file)
+                .map_err(|error| format!("notify_ca_file {}: {error}", config.notify_ca_file))?;
+            roots.push(pem);
+        }
+        let timeout = Duration::from_millis(config.notify_timeout_ms.max(1));
+        Sender::new(&roots, timeout)
+            .map_err(|error| format!("notify_ca_file {}: {error}", config.notify_ca_file))
+    }
+
+    /// Starts the notifier's task.
+    pub(crate) fn start(
+        config: &CenterConfig,
+        sender: Sender,
+        router: Arc<Router>,
+        channels: pushgrid_common::rpc::ChannelPool,
+        cluster: pushgrid_common::cluster::Cluster,
+    ) -> Notifier {
+        let (queue, jobs) = mpsc::channel(config.notify_queue.max(1));
+        let worker = Worker {
+            sender: Arc::new(sender),
+            router,
+            channels,
+            cluster,
+            permits: Arc::new(Semaphore::new(config.notify_concurrency.max(1))),
+        };
+        tokio::spawn(worker.run(jobs));
+        Notifier { queue }
+    }
+
+    /// Queues a notification for each stored message of a push (one per
+    /// user); a full queue drops it, counted and logged.
+    pub(crate) fn submit(&self, messages: &[Message], notice: &Notice) {
+        for message in messages {
+            let job = Job {
+                app: message.app.clone(),
+                user: message.user.clone(),
+                msg_id: message.id,
+                notice: notice.clone(),
+            };
+            if self.queue.try_send(job).is_err() {
+                skipped("queue_full");
+                tracing::warn!(
+                    app = %message.app,
+                    id = message.id,
+                    "notification queue full; the message waits in the inbox without a notification"
+                );
+            }
+        }
+    }
+}
+
+struct Worker {
+    sender: Arc<Sender>,
+    router: Arc<Router>,
+    channels: pushgrid_common::rpc::ChannelPool,
+    cluster: pushgrid_common::cluster::Cluster,
+    permits: Arc<Semaphore>,
+}
+
+impl Worker {
+    async fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        let worker = Arc::new(self);
+        while let Some(job) = jobs.recv().await {
+            let worker = worker.clone();
+            tokio::spawn(async move { worker.notify(job).await });
+        }
+    }
+
+    /// Notifies one user of a push, by its policy.
+    async fn notify(&self, job: Job) {
+        if job.notice.policy == Policy::Offline {
+            match self.router.sessions(&job.app, &job.user).await {
+                Ok((0, false)) => {}
+                Ok((0, true)) => return skipped("register_warming"),
+                Ok(_) => return skipped("online"),
+                Err(status) => {
+                    tracing::warn!(app = %job.app, id = job.msg_id, error = %status.message(), "notification skipped: session lookup failed");
+                    return skipped("lookup_failed");
+                }
+            }
+        }
+        let tokens = match self.tokens(&job.app, &job.user).await {
+            Ok(tokens) if tokens.is_empty() => return skipped("no_tokens"),
+            Ok(tokens) => tokens,
+            Err(status) => {
+                tracing::warn!(app = %job.app, id = job.msg_id, error = %status.message(), "notification skipped: tokens not readable");
+                return skipped("tokens_failed");
+            }
+        };
+        let sends = tokens.iter().map(|token| self.send_one(&job, token));
+        futures::future::join_all(sends).await;
+    }
+
+    /// One notification to one device token, counted by provider and outcome.
+    async fn send_one(&self, job: &Job, token: &DevicePushToken) {
+        let provider = token.provider.as_str();
+        let Some(credentials) = self
+            .cluster
+            .view()
+            .notify_provider(&job.app, provider)
+            .cloned()
+        else {
+            count(provider, "no_credentials", job.notice.policy);
+            return;
+        };
+        let Ok(_permit) = self.permits.acquire().await else {
+            return;
+        };
+        let started = tokio::time::Instant::now();
+        let device = Device {
+            token: &token.token,
+            bundle: &token.bundle,
+        };
+        let outcome = self
+            .sender
+            .send(&credentials, device, &job.notice.notification)
+            .await;
+        metrics::histogram!("pushgrid_center_notify_seconds", "provider" => provider.to_string())
+            .record(started.elapsed().as_secs_f64());
+        count(provider, outcome.label(), job.notice.policy);
+        match outcome {
+            Outcome::Sent => {}
+            Outcome::DeadToken(reason) => {
+                tracing::info!(app = %job.app, provider, %reason, "device token is dead; removing it");
+                self.remove(&job.app, token).await;
+            }
+            Outcome::Failed(reason) => {
+                tracing::warn!(app = %job.app, id = job.msg_id, provider, %reason, "notification failed");
+            }
+        }
+    }
+
+    async fn saver(&self) -> Result<SaverClient<pushgrid_common::rpc::Channel>, tonic::Status> {
+        let address = self
+            .cluster
+            .view()
+            .pick(Role::Saver, rand::random::<u64>())
+            .map(|node| node.grpc_addr.clone())
+            .ok_or_else(|| tonic::Status::unavailable("no saver is live"))?;
+        Ok(SaverClient::new(self.channels.get(&address)?))
+    }
+
+    async fn tokens(&self, app: &str, user: &str) -> Result<Vec<DevicePushToken>, tonic::Status> {
+        let request = ListTokensRequest {
+            app: app.to_string(),
+            user: user.to_string(),
+        };
+        Ok(self
+            .saver()
+            .await?
+            .list_tokens(request)
+            .await?
+            .into_inner()
+            .tokens)
+    }
+
+    async fn remove(&self, app: &str, token: &DevicePushToken) {
+        let request = RemoveTokensRequest {
+            app: app.to_string(),
+            tokens: vec![TokenKey {
+                provider: token.provider.clone(),
+                token: token.token.clone(),
+            }],
+            user: String::new(),
+        };
+        let removed = match self.saver().await {
+            Ok(mut saver) => saver.remove_tokens(request).await.map(drop),
+            Err(status) => Err(status),
+        };
+        if let Err(status) = removed {
+            tracing::warn!(app, error = %status.message(), "dead device token not removed");
+        }
+    }
+}
+
+fn count(provider: &str, outcome: &'static str, policy: Policy) {
+    metrics::counter!(
+        "pushgrid_center_notifications_total",
+        "provider" => provider.to_string(),
+        "outcome" => outcome,
+        "policy" => policy.label()
+    )
+    .increment(1);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn params(json: serde_json::Value) -> Result<Notice, String> {
+        let params: NotificationParams = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        validate(params).map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn a_notification_is_checked_field_by_field() {
+        let notice =
+            params(serde_json::json!({ "title": "Hi", "data": { "room": "42" } })).unwrap();
+        assert_eq!(notice.policy, Policy::Offline);
+        assert_eq!(notice.notification.data["room"], "42");
+        assert_eq!(
+            params(serde_json::json!({ "title": "Hi", "policy": "always" }))
+                .unwrap()
+                .policy,
+            Policy::Always
+        );
+        let refused = [
+            (
+                serde_json::json!({}),
+                "notification.title: a notification needs a title or a body",
+            ),
+            (
+                serde_json::json!({ "title": "t", "policy": "sometimes" }),
+                "notification.policy: must be offline or always, not \"sometimes\"",
+            ),
+            (
+                serde_json::json!({ "title": "t", "collapse_id": "c".repeat(65) }),
+                "notification.collapse_id: 65 bytes, at most 64",
+            ),
+            (
+                serde_json::json!({ "title": "t", "data": { "aps": "x" } }),
+                "notification.data: key \"aps\"",
+            ),
+            (
+                serde_json::json!({ "title": "t", "data": { "google.x": "x" } }),
+                "notification.data: key \"google.x\"",
+            ),
+            (
+                serde_json::json!({ "body": "b".repeat(3501) }),
+                "notification.title, body, sound and data: 3501 bytes, at most 3500",
+            ),
+        ];
+        for (json, expected) in refused {
+            let error = params(json.clone()).unwrap_err();
+            assert!(error.contains(expected), "{json}: {error}");
+        }
+        assert!(
+            params(serde_json::json!({ "title": "t", "colour": "red" }))
+                .unwrap_err()
+                .contains("colour")
+        );
+    }
+}
