@@ -227,11 +227,21 @@ struct Worker {
 }
 
 impl Worker {
+    /// Takes jobs off the queue, at most as many at once as provider
+    /// requests may be in flight: the rest wait on the bounded queue, so
+    /// memory stays bounded and a full queue is seen (and counted) at once.
     async fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        let running = Arc::new(Semaphore::new(self.permits.available_permits()));
         let worker = Arc::new(self);
         while let Some(job) = jobs.recv().await {
+            let Ok(place) = running.clone().acquire_owned().await else {
+                return;
+            };
             let worker = worker.clone();
-            tokio::spawn(async move { worker.notify(job).await });
+            tokio::spawn(async move {
+                worker.notify(job).await;
+                drop(place);
+            });
         }
     }
 
