@@ -459,6 +459,7 @@ async fn call(method: &str, rpc: Rpc, target: &Target) -> Result<(), tonic::Stat
                 .list_tokens(ListTokensRequest {
                     app,
                     user: "auth-probe".into(),
+                    users: Vec::new(),
                 })
                 .await
                 .map(|_| ()),

@@ -17,10 +17,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pushgrid_common::batch::{BatchConfig, BatcherMap};
+use pushgrid_common::rpc::ChannelPool;
 use pushgrid_notify::{Device, Notification, Outcome, Sender};
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
-    DevicePushToken, ListTokensRequest, Message, RemoveTokensRequest, Role, TokenKey,
+    DevicePushToken, ListTokensRequest, Message, RemoveTokensRequest, Role, TokenKey, UserKey,
 };
 use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc};
@@ -181,13 +183,15 @@ impl Notifier {
         config: &CenterConfig,
         sender: Sender,
         router: Arc<Router>,
-        channels: pushgrid_common::rpc::ChannelPool,
+        channels: ChannelPool,
         cluster: pushgrid_common::cluster::Cluster,
     ) -> Notifier {
         let (queue, jobs) = mpsc::channel(config.notify_queue.max(1));
+        let channels = Arc::new(channels);
         let worker = Worker {
             sender: Arc::new(sender),
             router,
+            token_lists: token_lists(channels.clone()),
             channels,
             cluster,
             permits: Arc::new(Semaphore::new(config.notify_concurrency.max(1))),
@@ -221,9 +225,61 @@ impl Notifier {
 struct Worker {
     sender: Arc<Sender>,
     router: Arc<Router>,
-    channels: pushgrid_common::rpc::ChannelPool,
+    /// Users' tokens, read from saver many users per call.
+    token_lists: BatcherMap<UserKey, Vec<DevicePushToken>>,
+    channels: Arc<ChannelPool>,
     cluster: pushgrid_common::cluster::Cluster,
     permits: Arc<Semaphore>,
+}
+
+/// Token lists per saver: one ListTokens call per app for as many users as
+/// are waiting (at most 512; saver takes 1000), two calls in flight per
+/// saver, so a burst of notifications costs saver and its database one
+/// query per batch rather than one per user.
+fn token_lists(pool: Arc<ChannelPool>) -> BatcherMap<UserKey, Vec<DevicePushToken>> {
+    let config = BatchConfig {
+        max_items: 512,
+        queue: 16_384,
+        in_flight: 2,
+        linger: Duration::ZERO,
+    };
+    BatcherMap::per_peer(pool, config, |channel, keys: Vec<UserKey>| async move {
+        let mut apps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for key in &keys {
+            let users = apps.entry(key.app.clone()).or_default();
+            if !users.contains(&key.user) {
+                users.push(key.user.clone());
+            }
+        }
+        let mut by_user: std::collections::HashMap<(String, String), Vec<DevicePushToken>> =
+            std::collections::HashMap::new();
+        for (app, users) in apps {
+            let request = ListTokensRequest {
+                app: app.clone(),
+                user: String::new(),
+                users,
+            };
+            let tokens = SaverClient::new(channel.clone())
+                .list_tokens(request)
+                .await?
+                .into_inner()
+                .tokens;
+            for token in tokens {
+                by_user
+                    .entry((app.clone(), token.user.clone()))
+                    .or_default()
+                    .push(token);
+            }
+        }
+        Ok(keys
+            .iter()
+            .map(|key| {
+                by_user
+                    .remove(&(key.app.clone(), key.user.clone()))
+                    .unwrap_or_default()
+            })
+            .collect())
+    })
 }
 
 impl Worker {
@@ -309,28 +365,21 @@ impl Worker {
         }
     }
 
-    async fn saver(&self) -> Result<SaverClient<pushgrid_common::rpc::Channel>, tonic::Status> {
-        let address = self
-            .cluster
+    /// Any live saver: every saver serves every app.
+    fn saver_address(&self) -> Result<String, tonic::Status> {
+        self.cluster
             .view()
             .pick(Role::Saver, rand::random::<u64>())
             .map(|node| node.grpc_addr.clone())
-            .ok_or_else(|| tonic::Status::unavailable("no saver is live"))?;
-        Ok(SaverClient::new(self.channels.get(&address)?))
+            .ok_or_else(|| tonic::Status::unavailable("no saver is live"))
     }
 
     async fn tokens(&self, app: &str, user: &str) -> Result<Vec<DevicePushToken>, tonic::Status> {
-        let request = ListTokensRequest {
+        let key = UserKey {
             app: app.to_string(),
             user: user.to_string(),
         };
-        Ok(self
-            .saver()
-            .await?
-            .list_tokens(request)
-            .await?
-            .into_inner()
-            .tokens)
+        self.token_lists.get(&self.saver_address()?).call(key).await
     }
 
     async fn remove(&self, app: &str, token: &DevicePushToken) {
@@ -342,10 +391,14 @@ impl Worker {
             }],
             user: String::new(),
         };
-        let removed = match self.saver().await {
-            Ok(mut saver) => saver.remove_tokens(request).await.map(drop),
-            Err(status) => Err(status),
-        };
+        let removed = async {
+            let channel = self.channels.get(&self.saver_address()?)?;
+            SaverClient::new(channel)
+                .remove_tokens(request)
+                .await
+                .map(drop)
+        }
+        .await;
         if let Err(status) = removed {
             tracing::warn!(app, error = %status.message(), "dead device token not removed");
         }

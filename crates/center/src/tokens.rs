@@ -103,6 +103,7 @@ pub(crate) async fn list_tokens(
     let request = ListTokensRequest {
         app: app.id.clone(),
         user: params.user.clone(),
+        users: Vec::new(),
     };
     let tokens = SaverClient::new(saver(state, &app.id, &params.user)?)
         .list_tokens(request)

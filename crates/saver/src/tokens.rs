@@ -31,12 +31,17 @@ impl SaverService {
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
         let request = request.into_inner();
-        let tokens = self
-            .store
-            .durable()
-            .list_tokens(&request.app, &request.user)
-            .await
-            .map_err(|error| to_status("list_tokens", error))?;
+        let durable = self.store.durable();
+        let tokens = if request.users.is_empty() {
+            durable.list_tokens(&request.app, &request.user).await
+        } else if request.user.is_empty() {
+            durable
+                .list_tokens_of_users(&request.app, &request.users)
+                .await
+        } else {
+            return Err(Status::invalid_argument("give user or users, not both"));
+        }
+        .map_err(|error| to_status("list_tokens", error))?;
         Ok(Response::new(ListTokensResponse { tokens }))
     }
 

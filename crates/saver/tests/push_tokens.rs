@@ -127,6 +127,27 @@ async fn registering_moves_and_replaces_tokens(mysql: bool) {
         values(&store.list_tokens(&app, "bob").await.unwrap()),
         vec!["fcm:first".to_string()]
     );
+    // Several users at once (what center's notifications read): each token
+    // with its user; a user with none adds nothing.
+    let users = ["ann".to_string(), "bob".to_string(), "nobody".to_string()];
+    let mut both: Vec<(String, String)> = store
+        .list_tokens_of_users(&app, &users)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|token| (token.user, token.token))
+        .collect();
+    both.sort();
+    assert_eq!(
+        both,
+        vec![
+            ("ann".to_string(), apns(2)),
+            ("ann".to_string(), "hms-first".to_string()),
+            ("bob".to_string(), "fcm:first".to_string()),
+        ]
+    );
+    let too_many = vec!["u".to_string(); MAX_TOKENS_PER_CALL + 1];
+    assert!(store.list_tokens_of_users(&app, &too_many).await.is_err());
 
     // Another app is another namespace.
     let other = random_name("app");

@@ -174,6 +174,53 @@ impl SqlStore {
             .collect()
     }
 
+    /// The tokens of several users of one app, with one query (at most
+    /// 1000 users), each carrying its user.
+    pub async fn list_tokens_of_users(
+        &self,
+        app: &str,
+        users: &[String],
+    ) -> Result<Vec<DevicePushToken>, StoreError> {
+        validate_app(app)?;
+        check_count(users.len())?;
+        for user in users {
+            validate_user(user)?;
+        }
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = vec!["?"; users.len()].join(", ");
+        let sql = format!(
+            "SELECT CAST(user_id AS CHAR) AS user_text, provider, CAST(token AS CHAR) AS token_text, \
+             CAST(device AS CHAR) AS device_text, platform, bundle, created_ms, updated_ms \
+             FROM push_tokens WHERE app = ? AND user_id IN ({placeholders}) \
+             ORDER BY updated_ms DESC, provider, token LIMIT ?"
+        );
+        // Only placeholders are formatted into the text; every value is bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(app.to_string());
+        for user in users {
+            query = query.bind(user.clone());
+        }
+        let rows = query
+            .bind(to_sql((MAX_TOKENS_PER_USER * 2 * users.len()) as u64))
+            .fetch_all(self.connections())
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DevicePushToken {
+                    user: row.try_get("user_text")?,
+                    device: row.try_get("device_text")?,
+                    platform: row.try_get("platform")?,
+                    provider: row.try_get("provider")?,
+                    token: row.try_get("token_text")?,
+                    bundle: row.try_get("bundle")?,
+                    created_ms: u64::try_from(row.try_get::<i64, _>("created_ms")?).unwrap_or(0),
+                    updated_ms: u64::try_from(row.try_get::<i64, _>("updated_ms")?).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     /// Removes tokens by (provider, token), whoever holds them; returns how
     /// many were stored. Saver calls this too when a provider says a token
     /// is dead.
