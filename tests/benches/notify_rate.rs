@@ -231,7 +231,11 @@ async fn main() {
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");
     if let Some(path) = &args.json {
-        std::fs::write(path, format!("{text}\n")).unwrap();
+        // cargo runs a bench in its package's directory: a relative path is
+        // taken from the workspace root, where the command was typed.
+        let path = pushgrid_e2e::workspace_root().join(path);
+        std::fs::write(&path, format!("{text}\n"))
+            .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     }
     cluster.cleanup().await;
 }
