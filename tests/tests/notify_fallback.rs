@@ -2,13 +2,15 @@
 //! sends through an HTTP/2 TLS stand-in of APNs and FCM (it checks each
 //! request's path, headers and bearer token as the providers document).
 //! An offline user's devices get exactly one notification per token; an
-//! online user's none under the `offline` policy and one under `always`; a
-//! token the provider calls dead is removed; the message reaches the inbox
-//! whatever happens to the notification.
+//! online user's none under the `offline` policy and one under `always`;
+//! under `unacked_after` a device that did not ACK in time gets one and one
+//! that did gets none; a token the provider calls dead is removed; the
+//! message reaches the inbox whatever happens to the notification.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
+use pushgrid_client::{Op, msg};
 use pushgrid_e2e::provider::{Reply, Request, StandIn};
 use pushgrid_e2e::{ClusterOptions, TestCluster, eventually, metric, next_push};
 use reqwest::Method;
@@ -227,6 +229,56 @@ async fn offline_users_get_one_notification_per_token_and_online_users_none() {
             admin,
             "pushgrid_center_notify_skipped_total",
             "reason=\"online\""
+        )
+        .await
+            >= 1.0
+    );
+
+    // unacked_after: a device that does not ACK within the time gets a
+    // notification; one that ACKs gets none.
+    let (ursa_apns, ulla_apns) = (apns_token("03"), apns_token("04"));
+    register(&cluster, "ursa", "apns", &ursa_apns).await;
+    register(&cluster, "ulla", "apns", &ulla_apns).await;
+    let (mut ursa, _) = cluster.device("ursa").await.unwrap();
+    let (mut ulla, _) = cluster.device("ulla").await.unwrap();
+    let mut unacked = notification.clone();
+    unacked["policy"] = json!("unacked_after");
+    unacked["unacked_after_secs"] = json!(1);
+    let pushed = std::time::Instant::now();
+    push(&cluster, "ursa", unacked.clone()).await;
+    push(&cluster, "ulla", unacked).await;
+    next_push(&mut ursa, WAIT).await.unwrap(); // and never ACKed
+    let ulla_push = next_push(&mut ulla, WAIT).await.unwrap();
+    ulla.send_frame(
+        Op::Ack,
+        0,
+        &msg::Ack {
+            msg_ids: vec![ulla_push.msg_id],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(WAIT, || async {
+            requests_for(&stand_in, &ursa_apns).len() == 1
+        })
+        .await
+    );
+    assert!(
+        pushed.elapsed() >= Duration::from_secs(1),
+        "notified before unacked_after_secs"
+    );
+    // Both jobs came due together; a window for ulla's, which must not come.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        requests_for(&stand_in, &ulla_apns).is_empty(),
+        "an acknowledged message was notified"
+    );
+    assert!(
+        metric(
+            admin,
+            "pushgrid_center_notify_skipped_total",
+            "reason=\"acked\""
         )
         .await
             >= 1.0

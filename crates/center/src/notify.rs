@@ -1,7 +1,8 @@
 //! Notification fallback (issue 25): a push with a `notification` object
 //! also reaches its users' devices through APNs, FCM or HMS, by policy:
-//! `offline` (the default) only when the user had no live session when the
-//! message was stored and routed, `always` whatever the sessions. The message
+//! `offline` (the default) only when the user had no live session just after
+//! the message was routed, `always` whatever the sessions, `unacked_after`
+//! when no device acknowledged the message within `unacked_after_secs`. The message
 //! still goes to the inbox and to every live connection; a notification
 //! never replaces that guarantee.
 //!
@@ -22,7 +23,8 @@ use pushgrid_common::rpc::ChannelPool;
 use pushgrid_notify::{Device, Notification, Outcome, Sender};
 use pushgrid_proto::cluster::saver_client::SaverClient;
 use pushgrid_proto::cluster::{
-    DevicePushToken, ListTokensRequest, Message, RemoveTokensRequest, Role, TokenKey, UserKey,
+    DevicePushToken, ListTokensRequest, Message, MessageStatusRequest, RemoveTokensRequest, Role,
+    TokenKey, UserKey,
 };
 use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc};
@@ -57,7 +59,13 @@ pub(crate) struct NotificationParams {
     data: BTreeMap<String, String>,
     #[serde(default)]
     policy: Option<String>,
+    /// Seconds the `unacked_after` policy waits for an ACK.
+    #[serde(default)]
+    unacked_after_secs: Option<u32>,
 }
+
+/// The longest `unacked_after_secs`: a day.
+const MAX_UNACKED_AFTER_SECS: u32 = 86_400;
 
 /// When a user of a push is notified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +74,8 @@ pub(crate) enum Policy {
     Offline,
     /// Every user, online or not.
     Always,
+    /// A user whose message no device acknowledged in this time.
+    UnackedAfter(Duration),
 }
 
 impl Policy {
@@ -73,6 +83,7 @@ impl Policy {
         match self {
             Policy::Offline => "offline",
             Policy::Always => "always",
+            Policy::UnackedAfter(_) => "unacked_after",
         }
     }
 }
@@ -87,12 +98,25 @@ pub(crate) struct Notice {
 /// Checks a push's `notification`; every refusal names its field.
 pub(crate) fn validate(params: NotificationParams) -> Result<Notice, ApiError> {
     let bad = |message: String| ApiError::bad_request(format!("notification.{message}"));
-    let policy = match params.policy.as_deref() {
-        None | Some("offline") => Policy::Offline,
-        Some("always") => Policy::Always,
-        Some(other) => {
+    let policy = match (params.policy.as_deref(), params.unacked_after_secs) {
+        (None | Some("offline"), None) => Policy::Offline,
+        (Some("always"), None) => Policy::Always,
+        (Some("unacked_after"), Some(secs)) if (1..=MAX_UNACKED_AFTER_SECS).contains(&secs) => {
+            Policy::UnackedAfter(Duration::from_secs(u64::from(secs)))
+        }
+        (Some("unacked_after"), secs) => {
             return Err(bad(format!(
-                "policy: must be offline or always, not {:?}",
+                "unacked_after_secs: the unacked_after policy needs 1 to {MAX_UNACKED_AFTER_SECS} seconds, not {secs:?}"
+            )));
+        }
+        (None | Some("offline" | "always"), Some(_)) => {
+            return Err(bad(
+                "unacked_after_secs: only with \"policy\": \"unacked_after\"".into(),
+            ));
+        }
+        (Some(other), _) => {
+            return Err(bad(format!(
+                "policy: must be offline, always or unacked_after, not {:?}",
                 pushgrid_common::auth::printable(other)
             )));
         }
@@ -155,6 +179,9 @@ struct Job {
 /// The queue of notifications and what sends them.
 pub(crate) struct Notifier {
     queue: mpsc::Sender<Job>,
+    /// Places for `unacked_after` jobs waiting out their time (as many as
+    /// the queue holds); none free drops the notification, counted.
+    waiting: Arc<Semaphore>,
 }
 
 /// Why a user of a push was not notified, for the metric's `reason`.
@@ -197,12 +224,16 @@ impl Notifier {
             permits: Arc::new(Semaphore::new(config.notify_concurrency.max(1))),
         };
         tokio::spawn(worker.run(jobs));
-        Notifier { queue }
+        Notifier {
+            queue,
+            waiting: Arc::new(Semaphore::new(config.notify_queue.max(1))),
+        }
     }
 
     /// Queues a notification for each stored message of a push (one per
-    /// user); a full queue drops it, counted and logged.
+    /// user); a full queue drops them, counted, with one log line per push.
     pub(crate) fn submit(&self, messages: &[Message], notice: &Notice) {
+        let mut dropped = 0u64;
         for message in messages {
             let job = Job {
                 app: message.app.clone(),
@@ -210,15 +241,42 @@ impl Notifier {
                 msg_id: message.id,
                 notice: notice.clone(),
             };
-            if self.queue.try_send(job).is_err() {
-                skipped("queue_full");
-                tracing::warn!(
-                    app = %message.app,
-                    id = message.id,
-                    "notification queue full; the message waits in the inbox without a notification"
-                );
+            let queued = match notice.policy {
+                Policy::UnackedAfter(wait) => self.after(wait, job),
+                Policy::Offline | Policy::Always => self.queue.try_send(job).is_ok(),
+            };
+            if !queued {
+                dropped += 1;
             }
         }
+        if dropped > 0 {
+            metrics::counter!("pushgrid_center_notify_skipped_total", "reason" => "queue_full")
+                .increment(dropped);
+            tracing::warn!(
+                app = %messages[0].app,
+                dropped,
+                "notification queue full (notify_queue): these users' messages wait in the inbox without a notification"
+            );
+        }
+    }
+}
+
+impl Notifier {
+    /// Queues `job` once `wait` has passed, holding one of the waiting
+    /// places until then; false when none is free.
+    fn after(&self, wait: Duration, job: Job) -> bool {
+        let Ok(place) = self.waiting.clone().try_acquire_owned() else {
+            return false;
+        };
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            // Waits for room on the bounded queue rather than dropping a
+            // notification that already waited its time.
+            let _ = queue.send(job).await;
+            drop(place);
+        });
+        true
     }
 }
 
@@ -303,8 +361,8 @@ impl Worker {
 
     /// Notifies one user of a push, by its policy.
     async fn notify(&self, job: Job) {
-        if job.notice.policy == Policy::Offline {
-            match self.router.sessions(&job.app, &job.user).await {
+        match job.notice.policy {
+            Policy::Offline => match self.router.sessions(&job.app, &job.user).await {
                 Ok((0, false)) => {}
                 Ok((0, true)) => return skipped("register_warming"),
                 Ok(_) => return skipped("online"),
@@ -312,7 +370,17 @@ impl Worker {
                     tracing::warn!(app = %job.app, id = job.msg_id, error = %status.message(), "notification skipped: session lookup failed");
                     return skipped("lookup_failed");
                 }
-            }
+            },
+            Policy::UnackedAfter(_) => match self.message_state(&job).await {
+                Ok(state) if state == "stored" || state == "delivered" => {}
+                Ok(state) if state == "acked" => return skipped("acked"),
+                Ok(_) => return skipped("expired"),
+                Err(status) => {
+                    tracing::warn!(app = %job.app, id = job.msg_id, error = %status.message(), "notification skipped: message status not readable");
+                    return skipped("status_failed");
+                }
+            },
+            Policy::Always => {}
         }
         let tokens = match self.tokens(&job.app, &job.user).await {
             Ok(tokens) if tokens.is_empty() => return skipped("no_tokens"),
@@ -372,6 +440,25 @@ impl Worker {
             .pick(Role::Saver, rand::random::<u64>())
             .map(|node| node.grpc_addr.clone())
             .ok_or_else(|| tonic::Status::unavailable("no saver is live"))
+    }
+
+    /// The message's state in saver: stored, delivered, acked, expired,
+    /// dead_lettered, or gone (past its TTL) when saver no longer has it.
+    async fn message_state(&self, job: &Job) -> Result<String, tonic::Status> {
+        let channel = self.channels.get(&self.saver_address()?)?;
+        let request = MessageStatusRequest {
+            app: job.app.clone(),
+            id: job.msg_id,
+        };
+        let status = SaverClient::new(channel)
+            .message_status(request)
+            .await?
+            .into_inner();
+        Ok(if status.found {
+            status.state
+        } else {
+            "gone".to_string()
+        })
     }
 
     async fn tokens(&self, app: &str, user: &str) -> Result<Vec<DevicePushToken>, tonic::Status> {
@@ -437,6 +524,30 @@ mod tests {
                 .policy,
             Policy::Always
         );
+        let waits = params(
+            serde_json::json!({ "title": "t", "policy": "unacked_after", "unacked_after_secs": 30 }),
+        );
+        assert_eq!(
+            waits.unwrap().policy,
+            Policy::UnackedAfter(Duration::from_secs(30))
+        );
+        for (json, expected) in [
+            (
+                serde_json::json!({ "title": "t", "policy": "unacked_after" }),
+                "notification.unacked_after_secs: the unacked_after policy needs 1 to 86400 seconds, not None",
+            ),
+            (
+                serde_json::json!({ "title": "t", "policy": "unacked_after", "unacked_after_secs": 0 }),
+                "not Some(0)",
+            ),
+            (
+                serde_json::json!({ "title": "t", "unacked_after_secs": 5 }),
+                "notification.unacked_after_secs: only with \"policy\": \"unacked_after\"",
+            ),
+        ] {
+            let error = params(json.clone()).unwrap_err();
+            assert!(error.contains(expected), "{json}: {error}");
+        }
         let refused = [
             (
                 serde_json::json!({}),
@@ -444,7 +555,7 @@ mod tests {
             ),
             (
                 serde_json::json!({ "title": "t", "policy": "sometimes" }),
-                "notification.policy: must be offline or always, not \"sometimes\"",
+                "notification.policy: must be offline, always or unacked_after, not \"sometimes\"",
             ),
             (
                 serde_json::json!({ "title": "t", "collapse_id": "c".repeat(65) }),

@@ -149,6 +149,15 @@ impl ProviderFields {
                 problems.push(format!("{name} is required for {}", provider.as_str()));
             } else if value.len() > limit {
                 problems.push(format!("{name} is longer than {limit} bytes"));
+            } else if ["key_id", "team_id", "project_id", "client_id"].contains(&name)
+                && !value
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+            {
+                // They go into request paths and JWT headers as they are.
+                problems.push(format!(
+                    "{name} may hold only letters, digits, '.', '-' and '_'"
+                ));
             } else if name.ends_with("_url")
                 && !value.is_empty()
                 && !value.starts_with("https://")
@@ -333,6 +342,12 @@ mod tests {
                 "project_id is not a field of apns",
                 "base_url must be an http(s) URL"
             ]
+        );
+        let mut slashed = fcm();
+        slashed.project_id = "p/../other".into();
+        assert_eq!(
+            slashed.problems(Provider::Fcm),
+            ["project_id may hold only letters, digits, '.', '-' and '_'"]
         );
         let mut long = fcm();
         long.client_email = "x".repeat(MAX_FIELD + 1);
