@@ -160,12 +160,13 @@ pub(crate) async fn push_valid(
         return Ok(answer);
     }
     let channel = saver_channel(state)?;
+    let notice = push.notice;
     let store = StoreRequest {
         app: app.id.clone(),
-        users: push.users.clone(),
-        payload: push.payload.clone(),
+        users: push.users,
+        payload: push.payload,
         ttl_secs: push.ttl_secs,
-        idempotency_key: push.idempotency_key.clone(),
+        idempotency_key: push.idempotency_key,
     };
     let stored = SaverClient::new(channel)
         .store(store)
@@ -184,7 +185,7 @@ pub(crate) async fn push_valid(
     }
     let messages = stored.messages;
     // A replayed push was notified by its first call.
-    let notify = push.notice.filter(|_| !stored.replayed);
+    let notify = notice.filter(|_| !stored.replayed);
     crate::route::routed(submit(state, slot, messages.clone())).await;
     // After the first routing attempt: the sessions it found are the ones the
     // offline policy looks at.
