@@ -99,9 +99,10 @@ fn apns_problem(request: &Request, key_id: &str) -> Option<String> {
     let Some(jwt) = request.header("authorization").strip_prefix("bearer ") else {
         return Some("authorization is not a bearer token".into());
     };
-    let header = jsonwebtoken::decode_header(jwt)
-        .map_err(|error| error.to_string())
-        .ok()?;
+    let header = match jsonwebtoken::decode_header(jwt) {
+        Ok(header) => header,
+        Err(error) => return Some(format!("jwt header: {error}")),
+    };
     if header.alg != Algorithm::ES256 || header.kid.as_deref() != Some(key_id) {
         return Some(format!("jwt header {header:?}"));
     }
@@ -451,4 +452,55 @@ async fn hms_uses_client_credentials_and_reads_the_answer_codes() {
     assert_eq!(message["android"]["notification"]["tag"], "chat-42");
     assert_eq!(message["data"], json!("{\"room\":\"42\"}"));
     assert_eq!(stand_in.requests_to("/oauth2/").len(), 1);
+}
+
+/// The stand-in's APNs check can fail: a wrong key id, a tampered signature,
+/// a missing header and an old token are each refused.
+#[test]
+fn the_apns_stand_in_refuses_what_apns_would() {
+    let jwt =
+        pushgrid_notify::token::apns_provider_token("KEY1234567", TEAM, EC_PRIVATE, unix_now())
+            .unwrap();
+    let request = |authorization: String, push_type: &str| Request {
+        method: "POST".into(),
+        path: format!("/3/device/{LIVE}"),
+        headers: BTreeMap::from([
+            ("authorization".to_string(), authorization),
+            ("apns-topic".to_string(), TOPIC.to_string()),
+            ("apns-push-type".to_string(), push_type.to_string()),
+            ("apns-priority".to_string(), "10".to_string()),
+        ]),
+        body: Vec::new(),
+    };
+    assert_eq!(
+        apns_problem(&request(format!("bearer {jwt}"), "alert"), "KEY1234567"),
+        None
+    );
+    assert!(apns_problem(&request(format!("bearer {jwt}"), "alert"), "OTHERKEY00").is_some());
+    assert!(
+        apns_problem(
+            &request(format!("bearer {jwt}"), "background"),
+            "KEY1234567"
+        )
+        .is_some()
+    );
+    let mut tampered = jwt.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    assert!(
+        apns_problem(
+            &request(format!("bearer {tampered}"), "alert"),
+            "KEY1234567"
+        )
+        .is_some()
+    );
+    assert!(apns_problem(&request("bearer not-a-jwt".into(), "alert"), "KEY1234567").is_some());
+    let old = pushgrid_notify::token::apns_provider_token(
+        "KEY1234567",
+        TEAM,
+        EC_PRIVATE,
+        unix_now() - 7200,
+    )
+    .unwrap();
+    assert!(apns_problem(&request(format!("bearer {old}"), "alert"), "KEY1234567").is_some());
 }
