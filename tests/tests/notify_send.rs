@@ -455,7 +455,8 @@ async fn hms_uses_client_credentials_and_reads_the_answer_codes() {
 }
 
 /// The stand-in's APNs check can fail: a wrong key id, a tampered signature,
-/// a missing header and an old token are each refused.
+/// a wrong push type, a header that is not a JWT and an old token are each
+/// refused.
 #[test]
 fn the_apns_stand_in_refuses_what_apns_would() {
     let jwt =
@@ -484,9 +485,11 @@ fn the_apns_stand_in_refuses_what_apns_would() {
         )
         .is_some()
     );
-    let mut tampered = jwt.clone();
-    let last = tampered.pop().unwrap();
-    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    // One character well inside the signature changed.
+    let mut tampered: Vec<char> = jwt.chars().collect();
+    let at = tampered.len() - 10;
+    tampered[at] = if tampered[at] == 'A' { 'B' } else { 'A' };
+    let tampered: String = tampered.into_iter().collect();
     assert!(
         apns_problem(
             &request(format!("bearer {tampered}"), "alert"),
