@@ -332,6 +332,12 @@ fn fcm_reply(request: &Request, base: &str, exchanges: &AtomicU32) -> Reply {
         );
     }
     let message = &request.json()["message"];
+    if message["token"] == "not-found-fcm-token" {
+        return Reply::json(
+            404,
+            json!({ "error": { "code": 404, "message": "Requested entity was not found.", "status": "NOT_FOUND" } }),
+        );
+    }
     if message["token"] == "dead-fcm-token" {
         return Reply::json(
             404,
@@ -378,13 +384,24 @@ async fn fcm_exchanges_one_signed_assertion_and_sends_v1_messages() {
         Outcome::DeadToken(reason) => assert_eq!(reason, "fcm 404 Not Found UNREGISTERED"),
         other => panic!("UNREGISTERED is a dead token, not {other:?}"),
     }
+    // A 404 that does not say UNREGISTERED keeps the token.
+    match sender
+        .send(&credentials, device("not-found-fcm-token"), &notification())
+        .await
+    {
+        Outcome::Failed(reason) => assert!(
+            reason.starts_with("fcm 404 Not Found NOT_FOUND"),
+            "{reason}"
+        ),
+        other => panic!("a bare 404 is a failure, not {other:?}"),
+    }
     assert_eq!(
         exchanges.load(Ordering::SeqCst),
         1,
         "the access token is cached"
     );
     let sent = stand_in.requests_to("/v1/");
-    assert_eq!(sent.len(), 4);
+    assert_eq!(sent.len(), 5);
     assert_eq!(
         sent[0].json(),
         json!({ "message": {

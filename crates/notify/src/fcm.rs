@@ -2,7 +2,8 @@
 //! assertion (cached until a minute before it expires), then
 //! `POST /v1/projects/{project}/messages:send` with the `message` object.
 //! `UNREGISTERED` (404) and `SENDER_ID_MISMATCH` mean the token is of no use
-//! to this app; a 401 asks for a new access token.
+//! to this app (a 404 without them is a failure, not a dead token); a 401
+//! asks for a new access token.
 
 use std::time::Duration;
 
@@ -75,9 +76,9 @@ pub(crate) async fn send(
     let code = error_code(&text);
     let described = format!("fcm {status} {code}");
     match (status.as_u16(), code.as_str()) {
-        (_, "UNREGISTERED" | "SENDER_ID_MISMATCH") | (404, _) => {
-            Attempt::Done(Outcome::DeadToken(described))
-        }
+        // Only FCM's own word on the token: a bare 404 (a wrong project or
+        // base URL) must not remove tokens that are fine.
+        (_, "UNREGISTERED" | "SENDER_ID_MISMATCH") => Attempt::Done(Outcome::DeadToken(described)),
         (401, _) => Attempt::Reauthorize(described),
         _ => by_status(status, &headers, format!("{described}: {}", excerpt(&text))),
     }
