@@ -11,7 +11,7 @@ use pushgrid_proto::cluster::NotifyProvider;
 use serde_json::{Map, Value, json};
 
 use crate::send::{
-    Attempt, Device, Notification, Outcome, Sender, by_status, excerpt, transport, url,
+    Answer, Attempt, Device, Notification, Outcome, Sender, by_status, excerpt, exchange, url,
 };
 use crate::token::{self, APNS_BASE_URL, APNS_TOKEN_REUSE_SECS};
 
@@ -58,16 +58,17 @@ pub(crate) async fn send(
     if !notification.collapse_id.is_empty() {
         request = request.header("apns-collapse-id", &notification.collapse_id);
     }
-    let response = match request.send().await {
-        Ok(response) => response,
-        Err(error) => return transport(&error),
+    let Answer {
+        status,
+        headers,
+        text,
+    } = match exchange(request).await {
+        Ok(answer) => answer,
+        Err(attempt) => return attempt,
     };
-    let status = response.status();
     if status.is_success() {
         return Attempt::Done(Outcome::Sent);
     }
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap_or_default();
     let reason = serde_json::from_str::<Value>(&text)
         .ok()
         .and_then(|body| body["reason"].as_str().map(str::to_string))

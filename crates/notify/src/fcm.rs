@@ -11,8 +11,8 @@ use pushgrid_proto::cluster::NotifyProvider;
 use serde_json::{Map, Value, json};
 
 use crate::send::{
-    Attempt, Device, Notification, Outcome, Sender, by_status, excerpt, fetch_access_token,
-    transport, url,
+    Answer, Attempt, Device, Notification, Outcome, Sender, by_status, excerpt, exchange,
+    fetch_access_token, or_default, url,
 };
 use crate::token::{self, FCM_BASE_URL, FCM_TOKEN_URL};
 
@@ -24,11 +24,7 @@ pub(crate) async fn access_token(
     credentials: &NotifyProvider,
     now: u64,
 ) -> Result<(String, Duration), Attempt> {
-    let token_url = if credentials.token_url.is_empty() {
-        FCM_TOKEN_URL
-    } else {
-        credentials.token_url.as_str()
-    };
+    let token_url = or_default(&credentials.token_url, FCM_TOKEN_URL);
     let assertion = token::fcm_assertion(
         &credentials.client_email,
         &credentials.private_key,
@@ -56,23 +52,22 @@ pub(crate) async fn send(
         FCM_BASE_URL,
         &format!("/v1/projects/{}/messages:send", credentials.project_id),
     );
-    let response = match sender
+    let request = sender
         .http
         .post(address)
         .bearer_auth(access_token)
-        .json(&json!({ "message": message(device, notification) }))
-        .send()
-        .await
-    {
-        Ok(response) => response,
-        Err(error) => return transport(&error),
+        .json(&json!({ "message": message(device, notification) }));
+    let Answer {
+        status,
+        headers,
+        text,
+    } = match exchange(request).await {
+        Ok(answer) => answer,
+        Err(attempt) => return attempt,
     };
-    let status = response.status();
     if status.is_success() {
         return Attempt::Done(Outcome::Sent);
     }
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap_or_default();
     let code = error_code(&text);
     let described = format!("fcm {status} {code}");
     match (status.as_u16(), code.as_str()) {

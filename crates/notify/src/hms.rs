@@ -9,8 +9,8 @@ use pushgrid_proto::cluster::NotifyProvider;
 use serde_json::{Map, Value, json};
 
 use crate::send::{
-    Attempt, Device, Notification, Outcome, Sender, by_status, excerpt, fetch_access_token,
-    transport, url,
+    Answer, Attempt, Device, Notification, Outcome, Sender, by_status, excerpt, exchange,
+    fetch_access_token, or_default, url,
 };
 use crate::token::{HMS_BASE_URL, HMS_TOKEN_URL};
 
@@ -18,14 +18,9 @@ pub(crate) async fn access_token(
     sender: &Sender,
     credentials: &NotifyProvider,
 ) -> Result<(String, Duration), Attempt> {
-    let token_url = if credentials.token_url.is_empty() {
-        HMS_TOKEN_URL
-    } else {
-        credentials.token_url.as_str()
-    };
     fetch_access_token(
         sender,
-        token_url,
+        or_default(&credentials.token_url, HMS_TOKEN_URL),
         &[
             ("grant_type", "client_credentials"),
             ("client_id", &credentials.client_id),
@@ -47,20 +42,19 @@ pub(crate) async fn send(
         HMS_BASE_URL,
         &format!("/v1/{}/messages:send", credentials.client_id),
     );
-    let response = match sender
+    let request = sender
         .http
         .post(address)
         .bearer_auth(access_token)
-        .json(&json!({ "validate_only": false, "message": message(device, notification) }))
-        .send()
-        .await
-    {
-        Ok(response) => response,
-        Err(error) => return transport(&error),
+        .json(&json!({ "validate_only": false, "message": message(device, notification) }));
+    let Answer {
+        status,
+        headers,
+        text,
+    } = match exchange(request).await {
+        Ok(answer) => answer,
+        Err(attempt) => return attempt,
     };
-    let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap_or_default();
     let code = serde_json::from_str::<Value>(&text)
         .ok()
         .and_then(|body| body["code"].as_str().map(str::to_string))

@@ -279,10 +279,39 @@ pub(crate) fn transport(error: &reqwest::Error) -> Attempt {
     Attempt::Retry(None, format!("transport: {error}"))
 }
 
+/// A configured address, or the provider's `default` when it is empty.
+pub(crate) fn or_default<'a>(configured: &'a str, default: &'a str) -> &'a str {
+    if configured.is_empty() {
+        default
+    } else {
+        configured
+    }
+}
+
 /// The address of `path` under `base`, or under `default` when `base` is empty.
 pub(crate) fn url(base: &str, default: &str, path: &str) -> String {
-    let base = if base.is_empty() { default } else { base };
-    format!("{}{path}", base.trim_end_matches('/'))
+    format!("{}{path}", or_default(base, default).trim_end_matches('/'))
+}
+
+/// A provider's answer, read whole.
+pub(crate) struct Answer {
+    pub status: reqwest::StatusCode,
+    pub headers: HeaderMap,
+    pub text: String,
+}
+
+/// Sends `request` and reads its answer; a transport error (connect, TLS,
+/// time-out) is an attempt to make again.
+pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Answer, Attempt> {
+    let response = request.send().await.map_err(|error| transport(&error))?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    Ok(Answer {
+        status,
+        headers,
+        text,
+    })
 }
 
 /// An OAuth2 token endpoint's answer (RFC 6749 section 5.1).
@@ -311,26 +340,16 @@ pub(crate) async fn fetch_access_token(
     token_url: &str,
     form: &[(&str, &str)],
 ) -> Result<(String, Duration), Attempt> {
-    let response = sender
-        .http
-        .post(token_url)
-        .form(form)
-        .send()
-        .await
-        .map_err(|error| transport(&error))?;
-    let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap_or_default();
+    let Answer {
+        status,
+        headers,
+        text,
+    } = exchange(sender.http.post(token_url).form(form)).await?;
     if !status.is_success() {
+        // 429 and 5xx are tried again; credentials the token endpoint
+        // refuses fail the notification.
         let reason = format!("token endpoint answered {status}: {}", excerpt(&text));
-        return Err(match by_status(status, &headers, reason) {
-            Attempt::Retry(after, reason) => Attempt::Retry(after, reason),
-            // Credentials the token endpoint refuses fail every notification.
-            _ => Attempt::Done(Outcome::Failed(format!(
-                "token endpoint answered {status}: {}",
-                excerpt(&text)
-            ))),
-        });
+        return Err(by_status(status, &headers, reason));
     }
     serde_json::from_str::<AccessToken>(&text)
         .map(AccessToken::cached)
