@@ -145,37 +145,11 @@ impl SqlStore {
         app: &str,
         user: &str,
     ) -> Result<Vec<DevicePushToken>, StoreError> {
-        validate_app(app)?;
-        validate_user(user)?;
-        let rows = sqlx::query(
-            "SELECT provider, CAST(token AS CHAR) AS token_text, \
-             CAST(device AS CHAR) AS device_text, platform, bundle, created_ms, updated_ms \
-             FROM push_tokens WHERE app = ? AND user_id = ? \
-             ORDER BY updated_ms DESC, provider, token LIMIT ?",
-        )
-        .bind(app.to_string())
-        .bind(user.to_string())
-        .bind(to_sql((MAX_TOKENS_PER_USER * 2) as u64))
-        .fetch_all(self.connections())
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DevicePushToken {
-                    user: user.to_string(),
-                    device: row.try_get("device_text")?,
-                    platform: row.try_get("platform")?,
-                    provider: row.try_get("provider")?,
-                    token: row.try_get("token_text")?,
-                    bundle: row.try_get("bundle")?,
-                    created_ms: u64::try_from(row.try_get::<i64, _>("created_ms")?).unwrap_or(0),
-                    updated_ms: u64::try_from(row.try_get::<i64, _>("updated_ms")?).unwrap_or(0),
-                })
-            })
-            .collect()
+        self.list_tokens_of_users(app, &[user.to_string()]).await
     }
 
     /// The tokens of several users of one app, with one query (at most
-    /// 1000 users), each carrying its user.
+    /// 1000 users), each carrying its user, most recently updated first.
     pub async fn list_tokens_of_users(
         &self,
         app: &str,
