@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pushgrid_e2e::provider::{Reply, StandIn};
-use pushgrid_e2e::{ClusterOptions, TestCluster, temp_dir};
+use pushgrid_e2e::{ClusterOptions, TestCluster, eventually, temp_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 const APNS_KEY: &str = include_str!("../../crates/notify/testdata/apns-test-key.p8");
+/// The warm-up user's token: not one of the bench users' (`token_of`).
+const WARM_TOKEN: &str = "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
 
 struct Args {
     users: usize,
@@ -130,11 +132,18 @@ async fn register_tokens(cluster: &TestCluster, users: usize) {
 async fn main() {
     let args = args();
     let arrivals = Arc::new(AtomicU64::new(0));
+    let warmed = Arc::new(AtomicU64::new(0));
     let last_arrival = Arc::new(Mutex::new(None::<Instant>));
-    let (counted, last) = (arrivals.clone(), last_arrival.clone());
-    let stand_in = StandIn::start(move |_request| {
-        counted.fetch_add(1, Ordering::Relaxed);
-        *last.lock().unwrap() = Some(Instant::now());
+    let (counted, warm_counted, last) = (arrivals.clone(), warmed.clone(), last_arrival.clone());
+    // The warm-up user's notifications are counted apart: the bench's count
+    // starts at zero whenever the warm-up's last one lands.
+    let stand_in = StandIn::start(move |request| {
+        if request.path.ends_with(WARM_TOKEN) {
+            warm_counted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counted.fetch_add(1, Ordering::Relaxed);
+            *last.lock().unwrap() = Some(Instant::now());
+        }
         Reply::empty(200)
     })
     .await;
@@ -154,25 +163,19 @@ async fn main() {
     register_tokens(&cluster, args.users).await;
     let notification =
         json!({ "title": "Bench", "body": "a notification", "collapse_id": "bench" });
-    // Warm up until center has the credentials: user u0, counted out below.
-    let warm = Instant::now();
-    while arrivals.load(Ordering::Relaxed) == 0 && warm.elapsed() < Duration::from_secs(30) {
-        let body = json!({ "users": ["u0"], "payload": "w", "notification": notification });
+    // Warm up until center has the credentials: a user of its own.
+    let body = json!({ "user": "warm", "provider": "apns", "token": WARM_TOKEN, "bundle": "com.example.app" });
+    let (status, answer) = cluster
+        .call(&cluster.app.api_key, "register_token", body)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let ready = eventually(Duration::from_secs(30), || async {
+        let body = json!({ "users": ["warm"], "payload": "w", "notification": notification });
         cluster.call(&cluster.app.api_key, "push", body).await;
-        tokio::time::sleep(Duration::from_millis(100)).await; // pacing the warm-up pushes
-    }
-    // Let the warm-up's notifications land before counting from zero.
-    let settled = Instant::now();
-    let mut seen = arrivals.load(Ordering::Relaxed);
-    while settled.elapsed() < Duration::from_secs(2) {
-        tokio::time::sleep(Duration::from_millis(200)).await; // polls until quiet
-        let now = arrivals.load(Ordering::Relaxed);
-        if now == seen {
-            break;
-        }
-        seen = now;
-    }
-    let before = arrivals.load(Ordering::Relaxed);
+        warmed.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert!(ready, "center never notified through the stand-in");
     let center_pid = cluster.center.pid();
     let cpu_before = cpu_secs(center_pid);
     let bench_cpu_before = cpu_secs(std::process::id());
@@ -193,12 +196,12 @@ async fn main() {
         .collect()
         .await;
     let calls_secs = started.elapsed().as_secs_f64();
-    let want = before + args.users as u64;
-    let deadline = started + Duration::from_secs(args.max_secs);
-    while arrivals.load(Ordering::Relaxed) < want && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await; // polls the count under a deadline
-    }
-    let received = arrivals.load(Ordering::Relaxed) - before;
+    let left = Duration::from_secs(args.max_secs).saturating_sub(started.elapsed());
+    eventually(left, || async {
+        arrivals.load(Ordering::Relaxed) >= args.users as u64
+    })
+    .await;
+    let received = arrivals.load(Ordering::Relaxed);
     let last = last_arrival.lock().unwrap().unwrap_or(started);
     let secs = last.duration_since(started).as_secs_f64();
     let center_cpu = cpu_secs(center_pid) - cpu_before;
